@@ -159,6 +159,15 @@ class GRPOConfig(TrainerConfig):
         super().__post_init__()
         if self.train.beta < 0:
             raise ConfigError("must be >= 0", key="train.beta")
+        if not self.train.cfg and self.sampling.guidance_scale != 1:
+            # Re-scoring without guidance what was sampled with it is off-policy from the first step (every ratio
+            # clipped, the policy collapses): the no-CFG recipe samples without guidance too.
+            raise ConfigError(
+                f"train.cfg: false re-scores samples without guidance, but sampling.guidance_scale is "
+                f"{self.sampling.guidance_scale}; set sampling.guidance_scale: 1 (the no-CFG recipe) "
+                "or train.cfg: true",
+                key=("train.cfg", "sampling.guidance_scale"),
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -270,3 +270,12 @@ def test_colour_reward_rises(family, lora_rank, lr, margin, tiny_pipeline_dir, t
     after = _held_out_redness(trainer.adapter, kernel)
     gain = (after - before).mean().item()
     assert gain > margin, f"held-out redness {before.mean():.4f} -> {after.mean():.4f}"
+
+
+def test_no_cfg_training_requires_sampling_without_guidance(tmp_path):
+    from diffalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sampling.guidance_scale: 1"):
+        make_config(tmp_path / "model", tmp_path, **{"train.cfg": False})
+    config = make_config(tmp_path / "model", tmp_path, **{"train.cfg": False, "sampling.guidance_scale": 1.0})
+    assert not config.train.cfg
