@@ -427,17 +427,20 @@ class GRPOTrainer:
             self.tracker.load_state_dict(state["tracker"])
         if start == 0:
             self.run.maybe_evaluate(0, self.evaluator)
+        # With a wall-clock budget the bar counts its seconds (the epoch count is what the budget allows).
+        minutes = self.config.max_minutes
         progress = tqdm(
-            range(start, self.config.max_steps),
-            initial=start,
-            total=self.config.max_steps,
+            initial=0 if minutes else start,
+            total=round(60 * minutes) if minutes else self.config.max_steps,
+            unit="s" if minutes else "epoch",
             desc="grpo",
             disable=not self.run.is_main_process,
         )
         metrics: dict[str, float] = {}
-        deadline = time.monotonic() + 60 * self.config.max_minutes if self.config.max_minutes else None
+        self.run.start_clock()
+        started = time.monotonic()
         last = self.config.max_steps
-        for epoch in progress:
+        for epoch in range(start, self.config.max_steps):
             began = time.perf_counter()
             trajectory, rewards, parts, group_ids = self.sample_epoch(epoch)
             sampled = time.perf_counter()
@@ -448,20 +451,19 @@ class GRPOTrainer:
             metrics["time/sample_s"] = sampled - began
             metrics["time/epoch_s"] = time.perf_counter() - began
             self.run.log(epoch + 1, metrics)
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('approx_kl', 0):.2e}")
+            progress.update(min(round(time.monotonic() - started), progress.total) - progress.n if minutes else 1)
+            progress.set_postfix(
+                epoch=epoch + 1, reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('approx_kl', 0):.2e}"
+            )
             self.run.maybe_save(epoch + 1, self.trainer_state())
             self.run.maybe_evaluate(epoch + 1, self.evaluator)
-            if deadline is not None and self._out_of_time(deadline):
+            if self.run.out_of_time():
                 last = epoch + 1
                 break
+        progress.close()
         self.run.finish(self.trainer_state(), last)
         self._scorer.shutdown()
         return metrics
-
-    def _out_of_time(self, deadline: float) -> bool:
-        """Every process stops together: the decision is the max over processes."""
-        flag = torch.tensor([float(time.monotonic() > deadline)], device=self.run.device)
-        return bool(self.run.accelerator.reduce(flag, reduction="max").item() > 0)
 
     def trainer_state(self) -> dict[str, Any]:
         return {"tracker": self.tracker.state_dict()}

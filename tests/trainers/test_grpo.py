@@ -279,3 +279,10 @@ def test_no_cfg_training_requires_sampling_without_guidance(tmp_path):
         make_config(tmp_path / "model", tmp_path, **{"train.cfg": False})
     config = make_config(tmp_path / "model", tmp_path, **{"train.cfg": False, "sampling.guidance_scale": 1.0})
     assert not config.train.cfg
+
+
+def test_max_minutes_stops_after_the_epoch_that_spends_the_budget(tiny_pipeline_dir, tmp_path):
+    config = make_config(tiny_pipeline_dir("sd3"), tmp_path, **{"max_steps": 50, "max_minutes": 1e-4})
+    GRPOTrainer(config).train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "reward" in line]
+    assert [r["step"] for r in records] == [1]  # 6 ms: the first epoch already spends it
