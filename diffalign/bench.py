@@ -18,6 +18,11 @@ Step time is the wall time of a second step (the first pays one-off allocations)
 
 Run: ``python -c "from diffalign.bench import bench_reward_backprop; bench_reward_backprop()"``
 (the CLI exposes it as ``diffalign bench backprop``).
+
+``bench_learn`` is the learning benchmark on the shapes world (``diffalign bench learn --method grpo|dpo|backprop``):
+it trains the shipped shapes base model with one method for a wall-clock budget and reports held-out strict
+accuracy and mean verifier reward before and after (:mod:`diffalign.shapes.learn`; GRPO is the demo,
+:func:`diffalign.shapes.demo.run_demo`).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 
-__all__ = ["bench_reward_backprop", "bench_rollout"]
+__all__ = ["LEARN_METHODS", "bench_grpo", "bench_learn", "bench_reward_backprop", "bench_rollout"]
 
 _RESULT_PREFIX = "BENCH_RESULT "
 
@@ -418,3 +423,55 @@ def bench_grpo(
             f"{record['epoch_s']:9.3f} {record['epoch_s'] / base['epoch_s']:7.2f}"
         )
     return records
+
+
+# --- learning on the shapes world -------------------------------------------------------------------------------
+
+LEARN_METHODS = ("grpo", "dpo", "backprop")
+"""Methods of :func:`bench_learn`."""
+
+
+def bench_learn(
+    method: str,
+    minutes: float = 10.0,
+    output: str | os.PathLike | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Train the shipped shapes model with ``method`` for ``minutes`` and measure held-out accuracy before and after.
+
+    Args:
+        method: ``"grpo"`` (Flow-GRPO, the demo), ``"dpo"`` (Diffusion-DPO on verifier-ranked pairs, pair
+            generation included in the budget) or ``"backprop"`` (DRaFT-K on the shapes CLIP score).
+        minutes: wall-clock training budget (evaluation not counted).
+        output: run folder (default ``runs/bench_learn/<method>``); ``metrics.json`` holds the results.
+        seed: training seed (the evaluation prompts and seeds are fixed).
+        threads: ``torch.set_num_threads`` for the run (restored after); default: leave it.
+
+    Returns:
+        The metrics: ``before``, ``after`` and ``gain``, each ``{"mean_reward", "strict_accuracy"}``, plus the
+        method's details. A summary is printed.
+
+    Raises:
+        ValueError: an unknown method.
+    """
+    if method not in LEARN_METHODS:
+        raise ValueError(f"unknown learning benchmark method {method!r}; choose from {', '.join(LEARN_METHODS)}")
+    import torch
+
+    output = output if output is not None else os.path.join("runs", "bench_learn", method)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        if method == "grpo":
+            from diffalign.shapes.demo import format_summary, run_demo
+
+            metrics = {"method": "grpo", **run_demo(minutes=minutes, output=output, seed=seed)}
+            print(format_summary(metrics, output))  # noqa: T201
+            return metrics
+        from diffalign.shapes.learn import learn_backprop, learn_dpo
+
+        runner = learn_dpo if method == "dpo" else learn_backprop
+        return runner(minutes=minutes, output=output, seed=seed)
+    finally:
+        torch.set_num_threads(previous)

@@ -144,6 +144,8 @@ def _add_pairs(sub, common) -> None:
 
 
 def _add_bench(sub, common) -> None:
+    from diffalign.bench import LEARN_METHODS  # light: the benchmarks import torch and the trainers lazily
+
     bench = sub.add_parser("bench", parents=[common], help="speed and memory benchmarks (printed)")
     kinds = bench.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=_Parser, required=True)
     p = kinds.add_parser("rollout", parents=[common], help="rollout() vs pipe() on the tiny pipelines")
@@ -169,12 +171,15 @@ def _add_bench(sub, common) -> None:
     p.add_argument("--epochs", type=int, default=4, help="epochs per plan (the first is a warm-up)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.set_defaults(handler=cmd_bench_grpo)
-    p = kinds.add_parser("learn", parents=[common], help="learning benchmark of a method on the shapes world")
-    p.add_argument("--method", required=True, help="trainer method, e.g. grpo")
-    p.add_argument("--family", default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.set_defaults(handler=cmd_bench_hook, hook="bench_learn")
+    p = kinds.add_parser(
+        "learn", parents=[common], help="learning benchmark on the shapes world: held-out accuracy before/after"
+    )
+    p.add_argument("--method", required=True, choices=LEARN_METHODS, help="the trainer to benchmark")
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget in minutes (default 10)")
+    p.add_argument("--output", default=None, help="output folder (default runs/bench_learn/<method>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.set_defaults(handler=cmd_bench_learn)
 
 
 def _add_demo(sub, common) -> None:
@@ -445,11 +450,12 @@ def cmd_bench_grpo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_hook(args: argparse.Namespace) -> int:
-    bench = _lazy("diffalign.bench", args.hook, f"diffalign bench {args.bench}")
-    options = {"method": getattr(args, "method", None), "family": args.family, "num_steps": args.steps}
-    options["device"] = args.device
-    bench(**{key: value for key, value in options.items() if value is not None})
+def cmd_bench_learn(args: argparse.Namespace) -> int:
+    if args.minutes <= 0:
+        raise UsageError(f"--minutes must be > 0, got {args.minutes}")
+    _check_positive(threads=args.threads)
+    bench = _lazy("diffalign.bench", "bench_learn", "diffalign bench learn")
+    bench(method=args.method, minutes=args.minutes, output=args.output, seed=args.seed, threads=args.threads)
     return 0
 
 

@@ -1,7 +1,6 @@
 """The ``diffalign`` command line, in process: sample, grid, score and train end to end on tiny pipelines, and one
 clean error line (no traceback without --debug) for every kind of bad input."""
 
-import importlib.util
 import json
 import textwrap
 
@@ -280,26 +279,6 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 
 
 # --- lazily wired commands -------------------------------------------------------------------------------------------
-
-
-def _module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-@pytest.mark.parametrize(
-    "argv, module",
-    [(["demo", "--steps", "1"], "diffalign.shapes.demo"), (["bench", "learn", "--method", "grpo"], None)],
-)
-def test_unwritten_hooks_fail_clearly(argv, module, capsys):
-    import diffalign.bench
-
-    if (module and _module_exists(module)) or (module is None and hasattr(diffalign.bench, "bench_learn")):
-        pytest.skip("the hook's module exists now")
-    assert main(argv) == 1
-    assert "not available yet" in _error_line(capsys)
 
 
 def test_bench_rollout_prints_the_ratio(tmp_path, capsys):

@@ -4,6 +4,7 @@ A trainer owns its loop (sampling, losses) and hands everything else to a :class
 
     run = TrainingRun(config)                     # loads the model, adds LoRA, builds optimizer/schedule/EMA
     start = run.resume(config.checkpoint.resume_from)  # full state, or 0
+    run.start_clock()                             # the max_minutes budget starts now (if set)
     for step in range(start, config.max_steps):
         with run.accumulate():
             loss = ...
@@ -12,6 +13,8 @@ A trainer owns its loop (sampling, losses) and hands everything else to a :class
         run.log(step, metrics)
         run.maybe_save(step, trainer_state)       # atomic; keeps the last N; exports the LoRA
         run.maybe_evaluate(step)                  # ODE grid + mean rewards on held-out prompts
+        if run.out_of_time():                     # max_minutes spent: stop after this step
+            break
     run.finish(trainer_state)
 
 Checkpoints are folders ``<output_dir>/checkpoints/checkpoint-<step>/`` holding ``trainable.safetensors`` (LoRA or
@@ -31,6 +34,7 @@ import math
 import os
 import random
 import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -245,6 +249,7 @@ class TrainingRun:
             run_config = {"method": getattr(config, "method", "train"), "seed": config.seed}
             self.accelerator.init_trackers(config.logging.project, config=run_config)
         self._metrics_file = self.output_dir / "metrics.jsonl"
+        self._deadline: float | None = None
 
     # --- setup ------------------------------------------------------------------------------------------------------
 
@@ -367,6 +372,23 @@ class TrainingRun:
             self.ema.step(self.optimizer_steps)
         metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
         return metrics
+
+    # --- wall-clock budget ------------------------------------------------------------------------------------------
+
+    def start_clock(self) -> None:
+        """Start the ``max_minutes`` budget now (a trainer calls it when its loop starts; no-op without a budget)."""
+        minutes = self.config.max_minutes
+        self._deadline = time.monotonic() + 60 * minutes if minutes else None
+
+    def out_of_time(self) -> bool:
+        """Whether the budget started by :meth:`start_clock` is spent; the same answer on every process (the max
+        over processes), so that all of them stop after the same step. False when there is no budget."""
+        if self._deadline is None:
+            return False
+        flag = torch.tensor([float(time.monotonic() > self._deadline)], device=self.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="max")
+        return bool(flag.item() > 0)
 
     # --- logging ----------------------------------------------------------------------------------------------------
 

@@ -378,7 +378,8 @@ class DiffusionDPOTrainer:
         return metrics
 
     def train(self) -> dict[str, float]:
-        """Run to ``max_steps`` optimizer steps (resuming when ``checkpoint.resume_from`` is set).
+        """Run to ``max_steps`` optimizer steps (resuming when ``checkpoint.resume_from`` is set), or until
+        ``max_minutes`` of wall-clock time are spent (the step running then completes and is saved).
 
         Returns:
             The metrics of the last step.
@@ -401,17 +402,24 @@ class DiffusionDPOTrainer:
         )
         metrics: dict[str, float] = {}
         window: list[dict[str, float]] = []
+        last = self.config.max_steps
+        self.run.start_clock()
         for step in progress:
             metrics = self.train_step(stream, step)
             window.append(metrics)
             done = step + 1
-            if done % self.config.logging.log_every == 0 or done == self.config.max_steps:
+            stop = self.run.out_of_time()  # max_minutes spent: this step is the last one
+            if done % self.config.logging.log_every == 0 or done == self.config.max_steps or stop:
                 self.run.log(done, _mean_metrics(window))
                 window = []
             progress.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "implicit_acc") if k in metrics})
             self.run.maybe_save(done, self.trainer_state())
             self.run.maybe_evaluate(done, self.evaluator)
-        self.run.finish(self.trainer_state(), self.config.max_steps)
+            if stop:
+                last = done
+                break
+        progress.close()
+        self.run.finish(self.trainer_state(), last)
         return metrics
 
     def trainer_state(self) -> dict[str, Any]:

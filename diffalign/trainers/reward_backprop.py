@@ -430,7 +430,8 @@ class RewardBackpropTrainer:
     # --- the loop ----------------------------------------------------------------------------------------------------
 
     def train(self) -> dict[str, float]:
-        """Run to ``max_steps`` optimizer steps (resuming when ``checkpoint.resume_from`` is set)."""
+        """Run to ``max_steps`` optimizer steps (resuming when ``checkpoint.resume_from`` is set), or until
+        ``max_minutes`` of wall-clock time are spent (the step running then completes and is saved)."""
         from tqdm.auto import tqdm
 
         start = int(self.run.resume()["step"])
@@ -444,17 +445,24 @@ class RewardBackpropTrainer:
             disable=not self.run.is_main_process,
         )
         metrics: dict[str, float] = {}
+        last = self.config.max_steps
+        self.run.start_clock()
         for step in progress:
             began = time.perf_counter()
             metrics = self.train_step(step)
             metrics["time/step_s"] = time.perf_counter() - began
             done = step + 1
-            if done % self.config.logging.log_every == 0 or done == self.config.max_steps:
+            stop = self.run.out_of_time()  # max_minutes spent: this step is the last one
+            if done % self.config.logging.log_every == 0 or done == self.config.max_steps or stop:
                 self.run.log(done, metrics)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.4f}", loss=f"{metrics['loss']:.4f}")
             self.run.maybe_save(done, self.trainer_state())
             self.run.maybe_evaluate(done, self.evaluator)
-        self.run.finish(self.trainer_state(), self.config.max_steps)
+            if stop:
+                last = done
+                break
+        progress.close()
+        self.run.finish(self.trainer_state(), last)
         return metrics
 
     def trainer_state(self) -> dict[str, Any]:

@@ -5,17 +5,42 @@ import json
 from PIL import Image
 
 from diffalign.cli import main as cli_main
-from diffalign.shapes.demo import compositional, demo_config, format_summary, run_demo
-from diffalign.shapes.scenes import heldout_prompts, parse_caption, train_prompts
+from diffalign.config import load_config
+from diffalign.shapes.demo import (
+    BASE_MODEL,
+    EVAL_SEEDS,
+    compositional,
+    demo_config,
+    demo_prompts,
+    format_summary,
+    run_demo,
+)
+from diffalign.shapes.scenes import heldout_prompts, parse_caption
+from diffalign.trainers.grpo import GRPOConfig
 
 
-def test_demo_trains_on_training_prompts_and_evaluates_held_out_ones(tmp_path):
-    config = demo_config(tmp_path / "model", tmp_path / "out", 1.0, 0, ["a red circle above a blue square"])
-    prompts = config["sampling"]["prompts"]
-    assert prompts and set(prompts) <= set(train_prompts())
-    assert all(parse_caption(p).kind != "single" for p in prompts)
-    assert not set(prompts) & set(heldout_prompts())
-    assert config["reward"] == "shapes" and config["max_minutes"] == 1.0
+def test_demo_trains_on_held_out_compositions_and_keeps_an_unseen_set():
+    aligned, unseen = demo_prompts(16)
+    assert len(aligned) == len(unseen) == 16 and not set(aligned) & set(unseen)
+    assert set(aligned + unseen) <= set(heldout_prompts())
+    assert all(parse_caption(p).kind != "single" for p in aligned + unseen)
+    assert demo_prompts(16) == (aligned, unseen)  # a fixed draw
+
+
+def test_demo_config_is_a_valid_grpo_config(tmp_path):
+    raw = demo_config(BASE_MODEL, tmp_path / "out", 1.0, 0, ["a red circle above a blue square"])
+    config = load_config(GRPOConfig, raw)
+    assert config.sampling.prompts == ["a red circle above a blue square"]
+    assert config.reward == "shapes" and config.max_minutes == 1.0
+    # One SDE step, the first, with one initial noise per group (the module docstring says why).
+    assert config.sampling.same_noise_per_prompt and config.sampling.window_range == (0, 1)
+    assert config.sampling.window_size == 1
+
+
+def test_evaluation_seeds_are_never_training_seeds():
+    images_per_epoch = 4 * 8
+    for seed in EVAL_SEEDS:
+        assert seed % 100_003 >= images_per_epoch
 
 
 def test_demo_writes_its_outputs(tiny_pipeline_dir, tmp_path):
@@ -26,8 +51,10 @@ def test_demo_writes_its_outputs(tiny_pipeline_dir, tmp_path):
         assert (output / name).exists(), name
     assert json.loads((output / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["epochs"] >= 1
-    for phase in ("before", "after"):
-        assert 0 <= metrics[phase]["strict_accuracy"] <= 1 and 0 <= metrics[phase]["mean_reward"] <= 1
+    for scores in (metrics, metrics["unseen"]):
+        for phase in ("before", "after"):
+            assert 0 <= scores[phase]["strict_accuracy"] <= 1 and 0 <= scores[phase]["mean_reward"] <= 1
+        assert scores["gain"]["mean_reward"] == scores["after"]["mean_reward"] - scores["before"]["mean_reward"]
     grid = Image.open(output / "before_after.png")
     assert grid.width > 2 * 96  # before and after columns
     assert "strict accuracy" in format_summary(metrics, output)

@@ -1,0 +1,144 @@
+"""The shapes learning benchmark (``diffalign bench learn``): tiny runs of the DPO and reward-backprop runners on the
+shipped base model; the calibrated learning itself is measured by the benchmark, not asserted here."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+import rewards
+from diffalign.cli import main as cli_main
+from diffalign.shapes.demo import compositional
+from diffalign.shapes.learn import evaluate_heldout, format_summary, heldout_eval_set, learn_backprop, learn_dpo
+from diffalign.shapes.scenes import heldout_prompts, train_prompts
+
+
+TINY_EVAL = {"eval_prompts": heldout_eval_set(2), "eval_seeds": (0,)}
+
+
+def _lora_moved(output) -> bool:
+    """Whether the saved LoRA's B matrices (zero at the start) are non-zero, i.e. training changed the model."""
+    weights = load_file(str(output / "lora" / "pytorch_lora_weights.safetensors"))
+    ups = [value for name, value in weights.items() if "lora_B" in name or "lora_up" in name]
+    return bool(ups) and any(value.abs().sum() > 0 for value in ups)
+
+
+def _check_metrics(output, metrics, method):
+    assert json.loads((output / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert metrics["method"] == method
+    for phase in ("before", "after", "gain"):
+        assert set(metrics[phase]) == {"mean_reward", "strict_accuracy"}
+    for phase in ("before", "after"):
+        assert 0 <= metrics[phase]["strict_accuracy"] <= 1 and 0 <= metrics[phase]["mean_reward"] <= 1
+    assert metrics["gain"]["mean_reward"] == pytest.approx(
+        metrics["after"]["mean_reward"] - metrics["before"]["mean_reward"]
+    )
+    assert metrics["eval"]["prompts"] == 2 and metrics["eval"]["seeds"] == [0]
+    assert (output / "config.yaml").is_file()
+    assert _lora_moved(output)
+    assert "strict accuracy" in format_summary(metrics, output)
+
+
+def test_heldout_eval_set_is_fixed_and_held_out():
+    prompts = heldout_eval_set()
+    assert prompts == heldout_eval_set() and len(prompts) == 48 == len(set(prompts))
+    assert set(prompts) <= set(compositional(heldout_prompts()))
+    assert not set(prompts) & set(train_prompts())
+
+
+def test_learn_dpo_tiny_run(tmp_path):
+    output = tmp_path / "dpo"
+    metrics = learn_dpo(
+        minutes=5.0,
+        output=output,
+        num_pair_prompts=3,
+        num_candidates=3,
+        pair_steps=4,
+        max_steps=3,
+        batch_size=2,
+        lr=1e-2,
+        **TINY_EVAL,
+    )
+    _check_metrics(output, metrics, "dpo")
+    assert metrics["pairs"]["prompts"] == 3 and 1 <= metrics["pairs"]["pairs"] <= 3
+    assert (output / "pairs" / "data.jsonl").is_file()
+    assert metrics["train"]["steps"] == 3
+    captions = [json.loads(line)["caption"] for line in (output / "pairs" / "data.jsonl").read_text().splitlines()]
+    assert set(captions) <= set(compositional(train_prompts()))
+
+
+def test_learn_dpo_stops_at_its_time_budget(tmp_path):
+    metrics = learn_dpo(
+        minutes=1e-4,  # spent by the pairs: training runs its one step and stops
+        output=tmp_path / "dpo",
+        num_pair_prompts=2,
+        num_candidates=2,
+        pair_steps=2,
+        batch_size=1,
+        **TINY_EVAL,
+    )
+    assert metrics["train"]["steps"] == 1
+
+
+def test_learn_backprop_tiny_run(tmp_path):
+    output = tmp_path / "backprop"
+    metrics = learn_backprop(
+        minutes=5.0, output=output, max_steps=2, num_steps=3, k=2, batch_size=2, lr=1e-2, **TINY_EVAL
+    )
+    _check_metrics(output, metrics, "backprop")
+    assert metrics["train"]["steps"] == 2 and metrics["train"]["reward"] == "shapes_clip"
+
+
+def test_learn_backprop_stops_at_its_time_budget(tmp_path):
+    metrics = learn_backprop(minutes=1e-4, output=tmp_path / "backprop", num_steps=2, k=1, batch_size=1, **TINY_EVAL)
+    assert metrics["train"]["steps"] == 1
+
+
+def test_evaluate_heldout_is_deterministic():
+    from diffalign.adapters import load_adapter
+    from diffalign.shapes.demo import BASE_MODEL
+
+    adapter = load_adapter(BASE_MODEL, height=32, width=32)
+    verifier = rewards.load("shapes")
+    prompts = heldout_eval_set(2)
+    first = evaluate_heldout(adapter, verifier, prompts, seeds=(0,))
+    assert first == evaluate_heldout(adapter, verifier, prompts, seeds=(0,))
+
+
+def test_shapes_clip_reward_is_differentiable_and_ranks_captions():
+    from diffalign.shapes.scenes import render, sample_scene
+
+    reward = rewards.load("shapes_clip")
+    assert reward.name == "shapes_clip" and reward.differentiable
+    scene, caption = sample_scene("binding", 0, "train")
+    image = render(scene, 32)[None].requires_grad_(True)
+    other = "a yellow square" if "yellow square" not in caption else "a red circle"
+    scores = reward.score(image.expand(2, -1, -1, -1), [caption, other])
+    assert scores[0] > scores[1]
+    scores[0].backward()
+    assert image.grad is not None and image.grad.abs().sum() > 0
+
+
+def test_bench_learn_rejects_an_unknown_method(capsys):
+    assert cli_main(["bench", "learn", "--method", "bogus"]) == 2
+    error = capsys.readouterr().err
+    assert "invalid choice: 'bogus'" in error and "dpo" in error and "backprop" in error
+
+
+def test_bench_learn_function_rejects_an_unknown_method():
+    from diffalign.bench import bench_learn
+
+    with pytest.raises(ValueError, match="unknown learning benchmark method 'bogus'"):
+        bench_learn("bogus")
+
+
+def test_bench_learn_cli_dispatches(monkeypatch, tmp_path):
+    import diffalign.bench
+
+    calls = []
+    monkeypatch.setattr(diffalign.bench, "bench_learn", lambda **kwargs: calls.append(kwargs) or {})
+    output = str(tmp_path / "out")
+    argv = ["bench", "learn", "--method", "dpo", "--minutes", "2.5", "--output", output, "--seed", "3"]
+    assert cli_main([*argv, "--threads", "1"]) == 0
+    assert calls == [{"method": "dpo", "minutes": 2.5, "output": output, "seed": 3, "threads": 1}]
+    assert cli_main(["bench", "learn", "--method", "dpo", "--minutes", "0"]) == 2
