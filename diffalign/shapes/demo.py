@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,7 @@ def run_demo(
             "python -m diffalign.shapes.train_base --out diffalign/shapes/assets/base_model"
         )
     output = Path(output)
+    _clear_previous_run(output)
     aligned, unseen = demo_prompts(num_eval_prompts)
     config = load_config(GRPOConfig, demo_config(model, output, minutes, seed, aligned))
     trainer = GRPOTrainer(config)
@@ -202,6 +204,17 @@ def run_demo(
     }
     _write_outputs(output, evaluators["aligned"], before["aligned"], after["aligned"], metrics)
     return metrics
+
+
+def _clear_previous_run(output: Path) -> None:
+    """Remove what an earlier demo wrote to ``output``: its metrics log would be appended to (wrong epoch count and
+    reward curve) and its checkpoints would block the new run's final save. Nothing else in the folder is touched."""
+    leftovers = [output / name for name in ("metrics.jsonl", "checkpoints", "lora", "metrics.json")]
+    leftovers = [path for path in leftovers if path.exists()]
+    if leftovers:
+        logger.info("replacing the previous demo run in %s", output)
+    for path in leftovers:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _comparison(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:

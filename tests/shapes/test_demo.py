@@ -55,6 +55,9 @@ def test_demo_writes_its_outputs(tiny_pipeline_dir, tmp_path):
         for phase in ("before", "after"):
             assert 0 <= scores[phase]["strict_accuracy"] <= 1 and 0 <= scores[phase]["mean_reward"] <= 1
         assert scores["gain"]["mean_reward"] == scores["after"]["mean_reward"] - scores["before"]["mean_reward"]
+    epochs = metrics["epochs"]
+    again = run_demo(minutes=0.01, output=output, model=model, num_eval_prompts=4, eval_seeds=(0,))
+    assert again["epochs"] == epochs  # a re-run replaces the previous one's log instead of appending to it
     grid = Image.open(output / "before_after.png")
     assert grid.width > 2 * 96  # before and after columns
     assert "strict accuracy" in format_summary(metrics, output)
