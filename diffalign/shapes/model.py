@@ -345,7 +345,17 @@ def repeated_context_sampling(adapter) -> Iterator[None]:
     processors = transformer.attn_processors
     transformer.set_attn_processor(RepeatedContextAttnProcessor(repeats))
     adapter.max_sequence_length = 1
-    # Every prompt is "truncated" to the one T5 token on purpose; the pipeline would warn about it per call.
+    try:
+        with one_t5_token_quietly(pipe):
+            yield
+    finally:
+        adapter.max_sequence_length = repeats
+        transformer.set_attn_processor(processors)
+
+
+@contextlib.contextmanager
+def one_t5_token_quietly(pipe) -> Iterator[None]:
+    """Silence the pipeline's per-call "truncated" warning: every prompt is cut to the one T5 token on purpose."""
     pipeline_logger = logging.getLogger(type(pipe).__module__)
     level = pipeline_logger.level
     pipeline_logger.setLevel(logging.ERROR)
@@ -353,8 +363,6 @@ def repeated_context_sampling(adapter) -> Iterator[None]:
         yield
     finally:
         pipeline_logger.setLevel(level)
-        adapter.max_sequence_length = repeats
-        transformer.set_attn_processor(processors)
 
 
 @torch.no_grad()

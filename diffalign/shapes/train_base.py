@@ -50,6 +50,7 @@ from diffalign.shapes.model import (
     build_base_pipeline,
     evaluate_base_model,
     log,
+    one_t5_token_quietly,
     save_base_pipeline,
     use_repeated_context,
     warmup_cosine_lr,
@@ -130,9 +131,10 @@ def vae_verifier_accuracy(vae, images: Tensor, captions: list[str]) -> float:
 @torch.no_grad()
 def encode_captions(pipe, captions: list[str]) -> tuple[Tensor, Tensor]:
     """Training conditioning of each caption: CLIP tokens + one stand-in T5 zero token ``[U, L, D]``, pooled."""
-    embeds, _, pooled, _ = pipe.encode_prompt(
-        prompt=captions, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, max_sequence_length=1
-    )
+    with one_t5_token_quietly(pipe):
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=captions, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, max_sequence_length=1
+        )
     return embeds, pooled
 
 
@@ -209,10 +211,19 @@ def prepare(args: argparse.Namespace, arch: BaseArch, ckpt: Path) -> tuple[Any, 
     kinds = parse_kinds(args.kinds)
     images, captions = render_dataset(args.images, random.Random(args.seed), kinds, arch.image_size)
     log(f"rendered {len(images)} scenes")
-    train_vae(pipe.vae, images, args, torch.Generator().manual_seed(args.seed + 1))
+    if args.init_from:
+        # A later stage keeps the earlier stage's VAE and latent scaling: its transformer was trained on them.
+        init = Path(args.init_from)
+        pipe.vae.load_state_dict(torch.load(init / "vae.pt", weights_only=True))
+        pipe.vae.register_to_config(**torch.load(init / "cache.pt", weights_only=False)["vae_scaling"])
+        pipe.vae.eval().requires_grad_(False)
+        log(f"took the VAE and its latent scaling from {init}")
+    else:
+        train_vae(pipe.vae, images, args, torch.Generator().manual_seed(args.seed + 1))
     atomic_save(pipe.vae.state_dict(), ckpt / "vae.pt")
     raw = encode_images(pipe.vae, images)
-    set_latent_scaling(pipe.vae, raw)
+    if not args.init_from:
+        set_latent_scaling(pipe.vae, raw)
     check_images, check_captions = render_dataset(args.vae_check, random.Random(args.seed + 7), kinds, arch.image_size)
     vae_acc = vae_verifier_accuracy(pipe.vae, check_images, check_captions)
     log(f"VAE reconstructions of fresh scenes: verifier strict accuracy {vae_acc:.3f}")
@@ -251,6 +262,11 @@ def train(args: argparse.Namespace) -> None:
     opt = torch.optim.AdamW(transformer.parameters(), lr=args.lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(args.seed + 2)
     step = 0
+    if args.init_from and not (args.resume and (ckpt / "state.pt").is_file()):
+        init = torch.load(Path(args.init_from) / "state.pt", weights_only=False)
+        transformer.load_state_dict(init["transformer"])
+        ema.load_state_dict(init["ema"])
+        log(f"started from the transformer and EMA of {args.init_from} (step {init['step']}); new optimiser")
     if args.resume and (ckpt / "state.pt").is_file():
         state = torch.load(ckpt / "state.pt", weights_only=False)
         transformer.load_state_dict(state["transformer"])
@@ -333,6 +349,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy shared CPU")
     p.add_argument("--images", type=int, default=20_000, help="rendered training scenes")
     p.add_argument("--kinds", default=DEFAULT_KINDS, help="prompt kinds and their weights")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="a later training stage: start from this checkpoint folder's transformer, EMA and VAE (new data from "
+        "--kinds, new optimiser and schedule)",
+    )
     p.add_argument("--vae-channels", type=lambda s: tuple(int(c) for c in s.split(",")), default=(16, 32))
     p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--vae-batch", type=int, default=32)

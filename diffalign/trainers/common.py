@@ -390,6 +390,67 @@ class TrainingRun:
             flag = self.accelerator.reduce(flag, reduction="max")
         return bool(flag.item() > 0)
 
+    # --- the step loop ----------------------------------------------------------------------------------------------
+
+    def run_steps(
+        self,
+        train_step: Callable[[int], dict[str, float]],
+        trainer_state: Callable[[], Mapping[str, Any]],
+        evaluate: Callable[[int], Mapping[str, float]] | None,
+        *,
+        desc: str,
+        postfix: tuple[str, ...],
+        log_mean: bool = False,
+        resumed: Mapping[str, Any] | None = None,
+    ) -> dict[str, float]:
+        """Drive a step-based trainer: resume, evaluate at step 0, then ``train_step(step)`` for every optimizer step
+        to ``max_steps`` or until ``max_minutes`` are spent (the step running then completes and is saved), with
+        logging, checkpoints, periodic evaluation and the final save.
+
+        Args:
+            train_step: one optimizer step, ``step`` 0-based; returns its metrics.
+            trainer_state: what resuming needs beyond the runtime's state (stored in every checkpoint).
+            evaluate: periodic evaluation (``eval.every``), or None.
+            desc: the progress bar's label.
+            postfix: metric names shown on the progress bar.
+            log_mean: log the mean of each metric over the steps since the last log (``data/*`` counters: the
+                latest value) instead of the logging step's own metrics.
+            resumed: what :meth:`resume` returned, when the trainer needed it before its loop (resumed here if None).
+
+        Returns:
+            The metrics of the last step.
+        """
+        from tqdm.auto import tqdm
+
+        start = int((resumed if resumed is not None else self.resume())["step"])
+        if start == 0:
+            self.maybe_evaluate(0, evaluate)
+        max_steps, log_every = self.config.max_steps, self.config.logging.log_every
+        progress = tqdm(
+            range(start, max_steps), initial=start, total=max_steps, desc=desc, disable=not self.is_main_process
+        )
+        metrics: dict[str, float] = {}
+        window: list[dict[str, float]] = []
+        last = max_steps
+        self.start_clock()
+        for step in progress:
+            metrics = train_step(step)
+            window.append(metrics)
+            done = step + 1
+            stop = self.out_of_time()  # max_minutes spent: this step is the last one
+            if done % log_every == 0 or done == max_steps or stop:
+                self.log(done, mean_metrics(window) if log_mean else metrics)
+                window = []
+            progress.set_postfix({key: f"{metrics[key]:.4g}" for key in postfix if key in metrics})
+            self.maybe_save(done, trainer_state())
+            self.maybe_evaluate(done, evaluate)
+            if stop:
+                last = done
+                break
+        progress.close()
+        self.finish(trainer_state(), last)
+        return metrics
+
     # --- logging ----------------------------------------------------------------------------------------------------
 
     def log(self, step: int, metrics: Mapping[str, float | Tensor]) -> None:
@@ -519,6 +580,16 @@ class TrainingRun:
             self.export_lora(self.output_dir / "lora")
         self.accelerator.end_training()
         return path
+
+
+def mean_metrics(window: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over a logging window (counters such as ``data/num_skipped``: the latest value)."""
+    keys = {key for metrics in window for key in metrics}
+    mean = {}
+    for key in keys:
+        values = [metrics[key] for metrics in window if key in metrics]
+        mean[key] = values[-1] if key.startswith("data/") else sum(values) / len(values)
+    return mean
 
 
 def _json_default(value: Any) -> Any:

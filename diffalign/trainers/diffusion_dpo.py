@@ -384,55 +384,21 @@ class DiffusionDPOTrainer:
         Returns:
             The metrics of the last step.
         """
-        from tqdm.auto import tqdm
-
         state = self.run.resume()
-        start = int(state["step"])
         self.position = (int(state.get("epoch", 0)), int(state.get("batch", 0)))
         self.num_skipped = int(state.get("num_skipped", 0))
-        if start == 0:
-            self.run.maybe_evaluate(0, self.evaluator)
         stream = self.batch_stream(*self.position)
-        progress = tqdm(
-            range(start, self.config.max_steps),
-            initial=start,
-            total=self.config.max_steps,
+        return self.run.run_steps(
+            lambda step: self.train_step(stream, step),
+            self.trainer_state,
+            self.evaluator,
             desc="diffusion_dpo",
-            disable=not self.run.is_main_process,
+            postfix=("loss", "implicit_acc"),
+            log_mean=True,
+            resumed=state,
         )
-        metrics: dict[str, float] = {}
-        window: list[dict[str, float]] = []
-        last = self.config.max_steps
-        self.run.start_clock()
-        for step in progress:
-            metrics = self.train_step(stream, step)
-            window.append(metrics)
-            done = step + 1
-            stop = self.run.out_of_time()  # max_minutes spent: this step is the last one
-            if done % self.config.logging.log_every == 0 or done == self.config.max_steps or stop:
-                self.run.log(done, _mean_metrics(window))
-                window = []
-            progress.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "implicit_acc") if k in metrics})
-            self.run.maybe_save(done, self.trainer_state())
-            self.run.maybe_evaluate(done, self.evaluator)
-            if stop:
-                last = done
-                break
-        progress.close()
-        self.run.finish(self.trainer_state(), last)
-        return metrics
 
     def trainer_state(self) -> dict[str, Any]:
         """What a checkpoint needs besides the runtime's state: the data position and the skip count."""
         epoch, batch = self.position
         return {"epoch": epoch, "batch": batch, "num_skipped": self.num_skipped}
-
-
-def _mean_metrics(window: list[dict[str, float]]) -> dict[str, float]:
-    """Mean of each metric over the logging window (counters such as ``data/num_skipped``: the latest value)."""
-    keys = {key for metrics in window for key in metrics}
-    mean = {}
-    for key in keys:
-        values = [metrics[key] for metrics in window if key in metrics]
-        mean[key] = values[-1] if key.startswith("data/") else sum(values) / len(values)
-    return mean

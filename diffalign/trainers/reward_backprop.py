@@ -432,37 +432,18 @@ class RewardBackpropTrainer:
     def train(self) -> dict[str, float]:
         """Run to ``max_steps`` optimizer steps (resuming when ``checkpoint.resume_from`` is set), or until
         ``max_minutes`` of wall-clock time are spent (the step running then completes and is saved)."""
-        from tqdm.auto import tqdm
-
-        start = int(self.run.resume()["step"])
-        if start == 0:
-            self.run.maybe_evaluate(0, self.evaluator)
-        progress = tqdm(
-            range(start, self.config.max_steps),
-            initial=start,
-            total=self.config.max_steps,
+        return self.run.run_steps(
+            self._timed_step,
+            self.trainer_state,
+            self.evaluator,
             desc=f"reward_backprop[{self.config.backprop.mode}]",
-            disable=not self.run.is_main_process,
+            postfix=("reward_mean", "loss"),
         )
-        metrics: dict[str, float] = {}
-        last = self.config.max_steps
-        self.run.start_clock()
-        for step in progress:
-            began = time.perf_counter()
-            metrics = self.train_step(step)
-            metrics["time/step_s"] = time.perf_counter() - began
-            done = step + 1
-            stop = self.run.out_of_time()  # max_minutes spent: this step is the last one
-            if done % self.config.logging.log_every == 0 or done == self.config.max_steps or stop:
-                self.run.log(done, metrics)
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.4f}", loss=f"{metrics['loss']:.4f}")
-            self.run.maybe_save(done, self.trainer_state())
-            self.run.maybe_evaluate(done, self.evaluator)
-            if stop:
-                last = done
-                break
-        progress.close()
-        self.run.finish(self.trainer_state(), last)
+
+    def _timed_step(self, step: int) -> dict[str, float]:
+        began = time.perf_counter()
+        metrics = self.train_step(step)
+        metrics["time/step_s"] = time.perf_counter() - began
         return metrics
 
     def trainer_state(self) -> dict[str, Any]:
