@@ -3,7 +3,7 @@
 What it does:
 
 1. loads the tiny SD3-style text-to-image model shipped in ``diffalign/shapes/assets/base_model``;
-2. draws two disjoint sets of held-out compositional prompts (combinations the base model never saw composed):
+2. draws two disjoint sets of held-out compositional prompts (compositions the base model never saw):
    the *aligned* prompts, which Flow-GRPO trains on, and the *unseen* prompts, which nothing trains on;
 3. measures both with the verifier (mean reward and strict all-correct accuracy) from ODE samples at evaluation
    seeds that training never draws (the protocol stored beside the weights in ``diffalign_eval.json``);

@@ -2,7 +2,7 @@
 
 Each runner starts from the shipped shapes base model (:data:`diffalign.shapes.demo.BASE_MODEL`), trains a LoRA
 within a wall-clock budget and measures the verifier on a *fixed* set of held-out compositional prompts
-(:func:`heldout_eval_set`, combinations the base model never saw composed) at fixed seeds, before and after, so
+(:func:`heldout_eval_set`, compositions the base model never saw) at fixed seeds, before and after, so
 that the two measurements are paired (same prompts, same initial noises, the evaluation protocol stored beside
 the weights: 20 Euler steps, CFG 4.5, 32 px). Evaluation time is not part of the budget.
 

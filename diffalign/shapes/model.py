@@ -190,13 +190,16 @@ def _word_tokenizer(max_length: int = T5_TOKENS):
     )
 
 
-def build_base_pipeline(arch: BaseArch, seed: int = 0, tokenizer_dir: str | os.PathLike | None = None):
+def build_base_pipeline(
+    arch: BaseArch, seed: int = 0, tokenizer_dir: str | os.PathLike | None = None, text_seed: int | None = None
+):
     """A randomly initialised shapes base pipeline (``StableDiffusion3Pipeline``, fp32, CPU).
 
     Args:
         arch: the sizes.
         seed: seeds every component's initialisation.
         tokenizer_dir: where the CLIP tokenizer files are written (a temporary folder by default).
+        text_seed: seeds the (frozen, random) CLIP text encoders instead of ``seed``.
     """
     import tempfile
 
@@ -211,9 +214,9 @@ def build_base_pipeline(arch: BaseArch, seed: int = 0, tokenizer_dir: str | os.P
         transformer=_transformer(arch, seed + 3),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=arch.shift),
         vae=_vae(arch, seed),
-        text_encoder=_text_encoder(arch, seed + 1),
+        text_encoder=_text_encoder(arch, (seed if text_seed is None else text_seed) + 1),
         tokenizer=tokenizer,
-        text_encoder_2=_text_encoder(arch, seed + 2),
+        text_encoder_2=_text_encoder(arch, (seed if text_seed is None else text_seed) + 2),
         tokenizer_2=tokenizer,
         text_encoder_3=_null_t5(arch, len(t5_tokenizer), seed + 4),
         tokenizer_3=t5_tokenizer,
@@ -294,7 +297,7 @@ class EvalProtocol:
     num_steps: int = 20
     guidance_scale: float = 4.5
     single_images_per_prompt: int = 20
-    heldout_images_per_prompt: int = 1
+    heldout_images_per_prompt: int = 4
     seed: int = 0
     chunk_size: int = 64
 

@@ -16,10 +16,15 @@ Prompt kinds: ``single`` ("a red circle"), ``count`` ("three blue squares"), ``b
 blue square") and ``relation`` ("a red circle to the left of a blue triangle").
 
 Split rule (``train_prompts`` / ``heldout_prompts``): every single-object prompt is a training prompt, so the
-base model learns every colour and every shape. One colour-shape combination per colour is held out of
-composition (``HELDOUT_COMBOS``): a compositional prompt (count, binding, relation) is held out iff it mentions
-a held-out combination, so those combinations appear in training only alone, and the held-out set measures
-compositional generalisation to bindings the model never saw composed.
+base model learns every colour and every shape. The held-out set is made of *compositions* the model never saw,
+of parts it did: one colour-shape combination per colour (``HELDOUT_COMBOS``) has half of its compositions held
+out, namely a fixed half of the pairs of combinations that include one of them (``HELDOUT_PAIRS``: their binding
+and relation prompts, in both orders and every relation) and one count of each (``HELDOUT_COUNTS``). Every part
+of a held-out prompt, and every combination in it, appears in training compositions, just never together; as in
+GenEval, the held-out set measures compositional generalisation.
+
+(The shipped base model was first trained with all compositions of ``HELDOUT_COMBOS`` held out, then on this
+split, so that it never saw a held-out prompt at either stage; see ``train_base``.)
 """
 
 from __future__ import annotations
@@ -50,10 +55,30 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COUNT_WORDS: tuple[str, ...] = ("one", "two", "three", "four")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 PROMPT_KINDS: tuple[str, ...] = ("single", "count", "binding", "relation")
-SPLITS: tuple[str, ...] = ("train", "heldout", "all")
+SPLITS: tuple[str, ...] = ("train", "heldout", "all", "pretrain")
+"""``pretrain``: the training prompts without any composition of ``HELDOUT_COMBOS`` (the base model's first stage)."""
 # One combination per colour, cycling through the shapes, so that every colour and every shape has some.
 HELDOUT_COMBOS: frozenset[tuple[str, str]] = frozenset(
     (colour, SHAPES[i % len(SHAPES)]) for i, colour in enumerate(COLOURS)
+)
+
+
+def _heldout_pairs() -> frozenset[frozenset[tuple[str, str]]]:
+    """Half of the unordered pairs of combinations that include a ``HELDOUT_COMBOS`` one, balanced and fixed:
+    for each held-out combination (in sorted order) 4 of its 8 partners outside ``HELDOUT_COMBOS``, and 3 of
+    the 6 pairs of two held-out combinations (a seeded draw)."""
+    rng = random.Random(0)
+    combos = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+    held = sorted(HELDOUT_COMBOS)
+    others = [combo for combo in combos if combo not in HELDOUT_COMBOS]
+    pairs = [frozenset((h, o)) for h in held for o in rng.sample(others, len(others) // 2)]
+    between = [frozenset((a, b)) for i, a in enumerate(held) for b in held[i + 1 :]]
+    return frozenset(pairs + rng.sample(between, len(between) // 2))
+
+
+HELDOUT_PAIRS: frozenset[frozenset[tuple[str, str]]] = _heldout_pairs()
+HELDOUT_COUNTS: frozenset[tuple[str, str, int]] = frozenset(
+    (colour, shape, 2 + i % 3) for i, (colour, shape) in enumerate(sorted(HELDOUT_COMBOS))
 )
 MAX_OBJECTS = 4
 
@@ -263,10 +288,14 @@ def _enumerate(kind: str) -> list[Constraints]:
 
 
 def is_heldout(constraints: Constraints) -> bool:
-    """The split rule: a compositional prompt mentioning a combination of ``HELDOUT_COMBOS`` is held out."""
-    if constraints.kind == "single":
-        return False
-    return any((spec.colour, spec.shape) in HELDOUT_COMBOS for spec in constraints.objects)
+    """The split rule: a count prompt in ``HELDOUT_COUNTS``, or a binding or relation prompt whose two combinations
+    form a pair of ``HELDOUT_PAIRS``."""
+    objects = constraints.objects
+    if constraints.kind == "count":
+        return (objects[0].colour, objects[0].shape, objects[0].count) in HELDOUT_COUNTS
+    if constraints.kind in ("binding", "relation"):
+        return frozenset((spec.colour, spec.shape) for spec in objects) in HELDOUT_PAIRS
+    return False
 
 
 @functools.lru_cache(maxsize=64)
@@ -276,21 +305,28 @@ def _prompt_specs(kind: str, split: str) -> tuple[Constraints, ...]:
     specs = _enumerate(kind)
     if split == "all":
         return tuple(specs)
+    if split == "pretrain":
+        return tuple(spec for spec in specs if spec.kind == "single" or not _mentions_heldout_combo(spec))
     return tuple(spec for spec in specs if is_heldout(spec) == (split == "heldout"))
 
 
+def _mentions_heldout_combo(constraints: Constraints) -> bool:
+    return any((spec.colour, spec.shape) in HELDOUT_COMBOS for spec in constraints.objects)
+
+
 def prompts(kind: str, split: str = "all") -> list[str]:
-    """Captions of one prompt kind in one split ("train", "heldout" or "all"), in a fixed order."""
+    """Captions of one prompt kind in one split (one of ``SPLITS``), in a fixed order."""
     return [make_caption(spec) for spec in _prompt_specs(kind, split)]
 
 
 def train_prompts() -> list[str]:
-    """All single-object prompts and the compositional prompts that avoid ``HELDOUT_COMBOS`` (316 captions)."""
+    """All single-object prompts and the compositional prompts outside the held-out set (514 captions)."""
     return [caption for kind in PROMPT_KINDS for caption in prompts(kind, "train")]
 
 
 def heldout_prompts() -> list[str]:
-    """Compositional prompts (count, binding, relation) mentioning a held-out combination (392 captions)."""
+    """Compositional prompts (count, binding, relation) never composed in training (194 captions: 4 count, 38 binding
+    and 152 relation prompts; see ``is_heldout``)."""
     return [caption for kind in PROMPT_KINDS[1:] for caption in prompts(kind, "heldout")]
 
 
@@ -355,7 +391,7 @@ def sample_scene(
         spec: a prompt kind (one of ``PROMPT_KINDS``: a caption of that kind is drawn from ``split``), a caption,
             or parsed ``Constraints``.
         rng: a ``random.Random`` (advanced in place), a seed, or None for a fresh unseeded one.
-        split: where a prompt kind draws its caption from: "train", "heldout" or "all".
+        split: where a prompt kind draws its caption from: one of ``SPLITS``.
 
     Returns:
         ``(scene, caption)``: non-overlapping objects with margins, in the order of the caption's phrases.

@@ -20,11 +20,28 @@ the RNG state every ``--ckpt-every`` steps; ``--resume`` continues from them and
 uninterrupted one (the data and caches are re-derived from the seed). The EMA pipeline is exported to ``--out``
 with ``save_pretrained`` at every checkpoint and at the end.
 
-Usage::
+Training stages: ``--init-from`` starts a later stage from an earlier stage's checkpoint folder (its transformer,
+EMA, VAE and latent scaling; new scenes from ``--kinds``/``--split``, a new optimiser and schedule); the exported
+``diffalign_train.json`` lists the ``earlier_stages``. The frozen text encoders are drawn from ``--text-seed``
+(default ``--seed``); the transformer re-adapts within a few hundred steps when a stage draws new ones.
 
-    python -m diffalign.shapes.train_base --out diffalign/shapes/assets/base_model --steps 12000 --seed 0
-    python -m diffalign.shapes.train_base --out diffalign/shapes/assets/base_model --resume   # continue
-    python -m diffalign.shapes.train_base --out diffalign/shapes/assets/base_model --eval     # accuracies
+The shipped model (single-object strict 0.988, held-out compositional strict 0.314; ~1 h on one CPU thread)::
+
+    # 1. everything but the compositions of HELDOUT_COMBOS (schedule of 10,000 steps, stopped at 8,000)
+    python -m diffalign.shapes.train_base --out runs/s1/model --ckpt runs/s1 --seed 0 --split pretrain \
+        --steps 10000 --stop-at 8000
+    # 2. relation-heavy, same split (schedule of 6,000 steps, stopped at 3,000)
+    python -m diffalign.shapes.train_base --out runs/s2/model --ckpt runs/s2 --init-from runs/s1 --seed 1 \
+        --split pretrain --kinds single:1,count:1,binding:2,relation:5 --lr 5e-4 --warmup 100 --steps 6000 \
+        --stop-at 3000
+    # 3. relation-heavy on the training split (half the compositions of HELDOUT_COMBOS join in)
+    python -m diffalign.shapes.train_base --out runs/s3/model --ckpt runs/s3 --init-from runs/s2 --seed 2 \
+        --kinds single:1,count:1,binding:2,relation:5 --lr 5e-4 --warmup 100 --steps 8000
+    python -m diffalign.shapes.train_base --out runs/s3/model --eval --write-eval   # accuracies
+
+Relations stay near chance (given both objects right, the relation holds in ~50% of samples for each of the four
+relations, and the first denoising steps place the objects independently of the relation words), as spatial
+relations are the hardest GenEval category for real models too: that is where alignment has most to gain.
 """
 
 from __future__ import annotations
@@ -56,7 +73,7 @@ from diffalign.shapes.model import (
     warmup_cosine_lr,
     write_eval,
 )
-from diffalign.shapes.scenes import render_dataset
+from diffalign.shapes.scenes import SPLITS, render_dataset
 
 
 DEFAULT_KINDS = "single:3,count:2,binding:2,relation:2"
@@ -188,10 +205,24 @@ def save_state(ckpt: Path, step: int, transformer, ema, opt, generator: torch.Ge
     atomic_save(state, ckpt / "state.pt")
 
 
-def export(pipe, out: Path, recipe: dict[str, Any]) -> None:
-    """Write the pipeline (holding the EMA transformer) and the training recipe to ``out``."""
+def export(pipe, out: Path, recipe: dict[str, Any], ckpt: Path) -> None:
+    """Write the pipeline (holding the EMA transformer) and the training recipe to ``out``, and the recipe beside
+    the checkpoint too (a later stage started ``--init-from`` it lists it among its ``earlier_stages``)."""
     save_base_pipeline(pipe, out)
-    (out / "diffalign_train.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    text = json.dumps(recipe, indent=2) + "\n"
+    (out / "diffalign_train.json").write_text(text)
+    (ckpt / "recipe.json").write_text(text)
+
+
+def earlier_stages(init_from: str | None) -> list[dict[str, Any]]:
+    """The recipes of the stages before one started ``--init-from`` a checkpoint folder, oldest first."""
+    if not init_from:
+        return []
+    path = Path(init_from) / "recipe.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: --init-from takes a checkpoint folder written by this script")
+    previous = json.loads(path.read_text())
+    return previous.pop("earlier_stages", []) + [{"args": previous["args"], "step": previous["step"]}]
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -199,7 +230,7 @@ def export(pipe, out: Path, recipe: dict[str, Any]) -> None:
 
 def prepare(args: argparse.Namespace, arch: BaseArch, ckpt: Path) -> tuple[Any, dict[str, Any]]:
     """Build the pipeline, train (or reload) the VAE, and build (or reload) the latent and caption caches."""
-    pipe = build_base_pipeline(arch, seed=args.seed, tokenizer_dir=ckpt / "tokenizer")
+    pipe = build_base_pipeline(arch, seed=args.seed, tokenizer_dir=ckpt / "tokenizer", text_seed=args.text_seed)
     cache_path = ckpt / "cache.pt"
     if cache_path.is_file():
         pipe.vae.load_state_dict(torch.load(ckpt / "vae.pt", weights_only=True))
@@ -209,8 +240,8 @@ def prepare(args: argparse.Namespace, arch: BaseArch, ckpt: Path) -> tuple[Any, 
         log(f"loaded the trained VAE and the cached latents of {len(cache['latents'])} scenes")
         return pipe, cache
     kinds = parse_kinds(args.kinds)
-    images, captions = render_dataset(args.images, random.Random(args.seed), kinds, arch.image_size)
-    log(f"rendered {len(images)} scenes")
+    images, captions = render_dataset(args.images, random.Random(args.seed), kinds, arch.image_size, args.split)
+    log(f"rendered {len(images)} scenes of the {args.split!r} split")
     if args.init_from:
         # A later stage keeps the earlier stage's VAE and latent scaling: its transformer was trained on them.
         init = Path(args.init_from)
@@ -224,7 +255,9 @@ def prepare(args: argparse.Namespace, arch: BaseArch, ckpt: Path) -> tuple[Any, 
     raw = encode_images(pipe.vae, images)
     if not args.init_from:
         set_latent_scaling(pipe.vae, raw)
-    check_images, check_captions = render_dataset(args.vae_check, random.Random(args.seed + 7), kinds, arch.image_size)
+    check_images, check_captions = render_dataset(
+        args.vae_check, random.Random(args.seed + 7), kinds, arch.image_size, args.split
+    )
     vae_acc = vae_verifier_accuracy(pipe.vae, check_images, check_captions)
     log(f"VAE reconstructions of fresh scenes: verifier strict accuracy {vae_acc:.3f}")
     unique = sorted(set(captions)) + [""]
@@ -253,6 +286,7 @@ def train(args: argparse.Namespace) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
     if not args.resume and (ckpt / "state.pt").exists():
         raise SystemExit(f"{ckpt} holds a checkpoint: pass --resume to continue it, or another --ckpt")
+    stages = earlier_stages(args.init_from)  # before any work: a wrong --init-from fails here
     torch.manual_seed(args.seed)
     pipe, cache = prepare(args, arch, ckpt)
     latents, caption_ids, embeds, pooled = (cache[k] for k in ("latents", "caption_ids", "embeds", "pooled"))
@@ -280,10 +314,12 @@ def train(args: argparse.Namespace) -> None:
         "arch": arch_dict(arch),
         "args": vars(args),
         "vae_reconstruction_strict": cache["vae_reconstruction_strict"],
+        "earlier_stages": stages,
     }
     empty = len(embeds) - 1
     started, running = time.time(), None
-    while step < args.steps:
+    last = min(args.steps, args.stop_at or args.steps)
+    while step < last:
         idx = torch.randint(len(latents), (args.batch,), generator=generator)
         ids = caption_ids[idx].clone()
         ids[torch.rand(args.batch, generator=generator) < args.cfg_dropout] = empty
@@ -301,11 +337,11 @@ def train(args: argparse.Namespace) -> None:
             rate = (time.time() - started) / args.log_every
             started = time.time()
             log(f"step {step}/{args.steps} loss {running:.4f} lr {lr_at(step, args):.2e} {rate:.2f} s/step")
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if step % args.ckpt_every == 0 or step == last:
             save_state(ckpt, step, transformer, ema, opt, generator)
-            export(pipe, out, recipe | {"step": step})
+            export(pipe, out, recipe | {"step": step}, ckpt)
             log(f"checkpoint + export at step {step}")
-    export(pipe, out, recipe | {"step": step})
+    export(pipe, out, recipe | {"step": step}, ckpt)
     if args.eval_after:
         evaluate(args)
 
@@ -346,9 +382,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt", default=None, help="checkpoint folder (default: <out>.ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --ckpt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--text-seed",
+        type=int,
+        default=None,
+        help="seed of the frozen random text encoders (default: --seed); a later stage keeps the earlier stage's "
+        "text features by passing its seed",
+    )
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy shared CPU")
     p.add_argument("--images", type=int, default=20_000, help="rendered training scenes")
     p.add_argument("--kinds", default=DEFAULT_KINDS, help="prompt kinds and their weights")
+    p.add_argument("--split", default="train", choices=SPLITS, help="prompt pool of the rendered scenes")
     p.add_argument(
         "--init-from",
         default=None,
@@ -364,7 +408,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--steps", type=int, default=8000)
+    p.add_argument("--steps", type=int, default=8000, help="length of the learning-rate schedule")
+    p.add_argument("--stop-at", type=int, default=None, help="end this stage at this step (default: --steps)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)

@@ -71,8 +71,8 @@ def test_learn_dpo_stops_at_its_time_budget(tmp_path):
     metrics = learn_dpo(
         minutes=1e-4,  # spent by the pairs: training runs its one step and stops
         output=tmp_path / "dpo",
-        num_pair_prompts=2,
-        num_candidates=2,
+        num_pair_prompts=4,  # enough candidates that some prompt gets two different verifier scores
+        num_candidates=4,
         pair_steps=2,
         batch_size=1,
         **TINY_EVAL,

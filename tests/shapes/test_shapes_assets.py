@@ -81,8 +81,9 @@ def test_eval_json_records_protocol_and_accuracies():
         assert 0.0 <= results[key] <= 1.0
     assert results["single_strict"] >= 0.8  # the base model follows simple prompts
     assert results["heldout_strict"] < results["single_strict"]  # and fails more compositions, leaving room
-    assert results["num_single"] >= 200 and results["num_heldout"] == len(heldout_prompts())
     protocol = results["protocol"]
+    per_prompt = protocol["heldout_images_per_prompt"]
+    assert results["num_single"] >= 200 and results["num_heldout"] == len(heldout_prompts()) * per_prompt
     assert protocol["num_steps"] > 0 and protocol["guidance_scale"] > 1
     assert {"seed", "heldout_seed", "single_images_per_prompt"} <= set(protocol)
 
@@ -158,6 +159,46 @@ def test_train_base_smoke_resume_matches_uninterrupted(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+
+
+def test_train_base_later_stage_starts_from_the_earlier_one(tmp_path):
+    from safetensors.torch import load_file
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    train_base.main(["--out", str(first), "--steps", "2", "--split", "pretrain", *_TINY_BASE])
+    with pytest.raises(SystemExit, match="recipe.json"):
+        train_base.main(["--out", str(second), "--init-from", str(tmp_path), "--steps", "3", *_TINY_BASE])
+    stage = [
+        "--out",
+        str(second),
+        "--ckpt",
+        str(tmp_path / "second.ckpt"),
+        "--init-from",
+        str(tmp_path / "first.ckpt"),
+    ]
+    train_base.main([*stage, "--steps", "4", "--stop-at", "1", "--kinds", "relation:1", "--seed", "5", *_TINY_BASE])
+    # The frozen text encoders follow --seed unless --text-seed names the earlier stage's.
+    third = tmp_path / "third"
+    init = ["--init-from", str(tmp_path / "first.ckpt"), "--seed", "5", "--text-seed", "0"]
+    train_base.main(["--out", str(third), *init, "--steps", "1", *_TINY_BASE])
+    for name in ("text_encoder", "text_encoder_2"):
+        weights = [load_file(folder / name / "model.safetensors") for folder in (first, second, third)]
+        assert not all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0]), name
+        assert all(torch.equal(weights[0][key], weights[2][key]) for key in weights[0]), name
+    # The VAE (and its latent scaling) is the first stage's; the transformer moved on from the first stage's.
+    vae_first = torch.load(tmp_path / "first.ckpt" / "vae.pt", weights_only=True)
+    vae_second = torch.load(tmp_path / "second.ckpt" / "vae.pt", weights_only=True)
+    for key in vae_first:
+        torch.testing.assert_close(vae_first[key], vae_second[key], atol=0, rtol=0)
+    configs = [json.loads((folder / "vae" / "config.json").read_text()) for folder in (first, second)]
+    assert configs[0]["scaling_factor"] == configs[1]["scaling_factor"]
+    ema_first = torch.load(tmp_path / "first.ckpt" / "state.pt", weights_only=False)["ema"]
+    ema_second = torch.load(tmp_path / "second.ckpt" / "state.pt", weights_only=False)["ema"]
+    gaps = [(ema_second[k] - ema_first[k]).abs().max().item() for k in ema_first]
+    assert 0 < max(gaps) < 0.1  # one step away from the first stage, not from a fresh initialisation
+    recipe = json.loads((second / "diffalign_train.json").read_text())
+    assert recipe["step"] == 1 and recipe["args"]["stop_at"] == 1
+    assert [(s["args"]["split"], s["step"]) for s in recipe["earlier_stages"]] == [("pretrain", 2)]
 
 
 _TINY_CLIP = [

@@ -11,6 +11,8 @@ from diffalign.shapes.scenes import (
     BACKGROUND,
     COLOURS,
     HELDOUT_COMBOS,
+    HELDOUT_COUNTS,
+    HELDOUT_PAIRS,
     MAX_OBJECTS,
     PALETTE,
     PROMPT_KINDS,
@@ -187,8 +189,8 @@ def test_sample_scene_respects_split() -> None:
 
 def test_prompt_sets_are_deterministic_and_sized() -> None:
     assert train_prompts() == train_prompts() and heldout_prompts() == heldout_prompts()
-    assert len(train_prompts()) == len(set(train_prompts())) == 316
-    assert len(heldout_prompts()) == len(set(heldout_prompts())) == 392
+    assert len(train_prompts()) == len(set(train_prompts())) == 514
+    assert len(heldout_prompts()) == len(set(heldout_prompts())) == 194
 
 
 def test_split_rule() -> None:
@@ -196,20 +198,50 @@ def test_split_rule() -> None:
     assert not set(train) & set(heldout)
     everything = {caption for kind in PROMPT_KINDS for caption in prompts(kind)}
     assert set(train) | set(heldout) == everything
-    # Every colour-shape combination, held-out ones included, is trained alone.
+    # Every colour-shape combination is trained alone and in compositions.
     assert {caption for caption in train if parse_caption(caption).kind == "single"} == set(prompts("single"))
-    for caption in train:
-        constraints = parse_caption(caption)
-        if constraints.kind != "single":
-            assert not any((s.colour, s.shape) in HELDOUT_COMBOS for s in constraints.objects), caption
+    composed = {
+        (s.colour, s.shape) for c in train if parse_caption(c).kind != "single" for s in parse_caption(c).objects
+    }
+    assert composed == {(colour, shape) for colour in COLOURS for shape in SHAPES}
+    pairs_in = {
+        kind: {frozenset((s.colour, s.shape) for s in parse_caption(c).objects) for c in captions}
+        for kind, captions in (("train", train), ("heldout", heldout))
+    }
     for caption in heldout:
         constraints = parse_caption(caption)
         assert constraints.kind != "single" and is_heldout(constraints)
+        # Every held-out prompt mentions a held-out combination (so the first training stage never saw it) ...
         assert any((s.colour, s.shape) in HELDOUT_COMBOS for s in constraints.objects), caption
+        # ... and its pair of combinations is never composed in training, in any order, kind or relation.
+        if len(constraints.objects) == 2:
+            assert frozenset((s.colour, s.shape) for s in constraints.objects) not in pairs_in["train"], caption
+    assert pairs_in["heldout"] - {frozenset([combo]) for combo in HELDOUT_COMBOS} == set(HELDOUT_PAIRS)
+    # Each held-out combination keeps training partners and held-out partners, and trained and held-out counts.
+    for combo in HELDOUT_COMBOS:
+        assert any(combo in pair for pair in pairs_in["train"] if len(pair) == 2)
+        assert any(combo in pair for pair in HELDOUT_PAIRS)
+        counts = {
+            parse_caption(c).objects[0].count
+            for c in train
+            if parse_caption(c).kind == "count"
+            and (parse_caption(c).objects[0].colour, parse_caption(c).objects[0].shape) == combo
+        }
+        assert counts and len(counts) == 2, (combo, counts)
     # The held-out set covers every compositional kind and every colour and shape.
     assert {parse_caption(c).kind for c in heldout} == {"count", "binding", "relation"}
     assert {c for c, _ in HELDOUT_COMBOS} == set(COLOURS)
     assert {s for _, s in HELDOUT_COMBOS} == set(SHAPES)
+    assert len(HELDOUT_PAIRS) == 19 and len(HELDOUT_COUNTS) == 4
+
+
+def test_pretrain_split_leaves_out_every_composition_of_the_heldout_combos() -> None:
+    pretrain = [caption for kind in PROMPT_KINDS for caption in prompts(kind, "pretrain")]
+    assert len(pretrain) == 316 and set(pretrain) < set(train_prompts())
+    for caption in pretrain:
+        constraints = parse_caption(caption)
+        mentions = any((s.colour, s.shape) in HELDOUT_COMBOS for s in constraints.objects)
+        assert constraints.kind == "single" or not mentions, caption
 
 
 def test_counts_stay_within_scene_capacity() -> None:
