@@ -13,15 +13,28 @@ What it does:
    ``gain`` on the aligned prompts, the same under ``unseen``), the LoRA (``lora/``, loadable with
    ``pipe.load_lora_weights``), the run's ``config.yaml``, ``metrics.jsonl`` and checkpoints.
 
-The recipe (:func:`demo_config`) is chosen for the signal-to-noise ratio of the policy gradient, which is what
-limits GRPO at CPU batch sizes. Measured on this model (cosine between the policy gradients of two halves of one
-epoch, 8 prompts x 16 images, full weights): ~0.0 (-0.06..0.02) with independent initial noises and a 1-3 step SDE
-window anywhere in the first six steps, versus 0.19 when each group shares its initial noise (DanceGRPO) and the
-one SDE step is the first: every difference within a group then comes from that one noise draw, so the advantages
-credit the right transition. With the former, 2-6 minute runs drifted the reward down; with the latter, 8 trained
-prompts (full weights, lr 1e-4, 46 epochs) went from strict 0.30 to 0.59 at fresh seeds. On the demo's 32 prompts a
-4-minute run (163 epochs) has not moved them yet (0.519 -> 0.498 reward): more epochs per prompt are needed than a
-few CPU minutes give, and compositions not trained on do not improve (``diffalign bench learn --method grpo``).
+The recipe (:func:`demo_config`), and what it rests on (measured on this model, 1 CPU thread unless said):
+
+- *One initial noise per group* (DanceGRPO, Flow-GRPO's ``same_latent``) with the SDE at the start only: the
+  layout is decided in the first steps, and every difference within a group then comes from the SDE noise there,
+  so the advantages credit the right transitions. Cosine between the policy gradients of two halves of one epoch:
+  0.19, against ~0.0 (-0.06..0.02) with independent initial noises and a 1-3 step window in the first six steps.
+- *The SDE window is the first two steps*, not the first one. Trained on the first step alone, the LoRA learns
+  there but drifts at the untrained steps right after it (t = 0.6-0.9), which share its weights: a 10-minute run
+  scored strict 0.39 -> 0.63 with its LoRA applied at t >= 0.925 only, 0.36 with it everywhere, and its training
+  reward fell. On the 8 demo prompts, 12-minute runs: window of one step 0.43 -> 0.50, two steps 0.43 -> 0.62,
+  three 0.43 -> 0.55. A velocity anchor to the reference at the untrained steps instead (DPOK's trajectory KL,
+  sampled) held the model at the base: no change in 100 epochs at weights 1 and 10.
+- *Few prompts*: a prompt needs ~100-300 groups of 8 images to be learnt (a single relation prompt: strict
+  0.44 -> 0.66 -> 0.91 -> 1.0 after 80, 160, 320 groups); 32 prompts did not move in 15 minutes. Hence 8 prompts
+  by default (``--prompts``), and an unseen set that measures what carries over to compositions not trained on.
+- LoRA r16 at Flow-GRPO's lr 3e-4 with its GenEval KL coefficient 0.04. lr 1e-3, two inner epochs per batch, or
+  8-16 groups per optimizer step at lr 1e-3 all collapsed the reward within 150-250 epochs; full fine-tuning at
+  lr 1e-4 lowered it.
+
+Measured with the defaults (``diffalign demo``, 2 threads, quiet machine): 251 epochs in 10 minutes; aligned
+prompts (8 x 16 fresh seeds) strict 0.430 -> 0.594, reward 0.772 -> 0.822; unseen prompts (32 x 4) strict
+0.336 -> 0.391, reward 0.665 -> 0.699.
 
 Launch: ``diffalign demo [--minutes 10] [--output runs/demo]``.
 """
@@ -65,22 +78,25 @@ def compositional(prompts: list[str]) -> list[str]:
     return [p for p in prompts if parse_caption(p).kind != "single"]
 
 
-EVAL_SEEDS: tuple[int, ...] = (90_001, 90_002)
+EVAL_SEEDS: tuple[int, ...] = tuple(range(90_001, 90_017))
 """Evaluation seeds: training draws seeds ``epoch * 100_003 + i`` (``i`` < images per epoch), never these."""
+UNSEEN_SEEDS: tuple[int, ...] = EVAL_SEEDS[:4]
+"""Evaluation seeds of the unseen prompts (more prompts, fewer seeds each)."""
+GRID_SEEDS = 4
+"""Seeds per prompt shown in ``before_after.png`` (before and after each)."""
 
 
-def demo_prompts(num_prompts: int = 32, seed: int = 1234) -> tuple[list[str], list[str]]:
-    """Two disjoint random sets of ``num_prompts`` held-out compositional prompts: ``(aligned, unseen)``."""
-    drawn = random.Random(seed).sample(compositional(heldout_prompts()), 2 * num_prompts)
-    return drawn[:num_prompts], drawn[num_prompts:]
+def demo_prompts(num_aligned: int = 8, num_unseen: int = 32, seed: int = 1234) -> tuple[list[str], list[str]]:
+    """Two disjoint seeded draws of held-out compositional prompts: ``(aligned, unseen)``."""
+    drawn = random.Random(seed).sample(compositional(heldout_prompts()), num_aligned + num_unseen)
+    return drawn[:num_aligned], drawn[num_aligned:]
 
 
 def demo_config(model: Path, output: Path, minutes: float, seed: int, prompts: list[str]) -> dict[str, Any]:
     """The demo's GRPO config on ``prompts``, a mapping (validated by :class:`~diffalign.trainers.grpo.GRPOConfig`).
 
-    Flow-GRPO with the SDE on the first of 10 steps only and one initial noise per group (see the module
-    docstring for why), LoRA r16 at Flow-GRPO's lr 3e-4 with its GenEval KL coefficient 0.04: without the KL term,
-    lr 1e-3 collapsed the reward after ~40 epochs on a quiet CPU (0.50 -> 0.28 by epoch 190).
+    Flow-GRPO with the SDE on the first two of 10 steps and one initial noise per group, LoRA r16 at Flow-GRPO's
+    lr 3e-4 with its GenEval KL coefficient 0.04, 4 groups of 8 images per epoch (the module docstring says why).
     """
     protocol = load_protocol(model)
     return {
@@ -99,8 +115,8 @@ def demo_config(model: Path, output: Path, minutes: float, seed: int, prompts: l
             "guidance_scale": protocol["guidance_scale"],
             "noise_level": 0.7,
             "plan": "window",
-            "window_size": 1,
-            "window_range": [0, 1],
+            "window_size": 2,
+            "window_range": [0, 2],
             "same_noise_per_prompt": True,
             "images_per_prompt": 8,
             "prompts_per_epoch": 4,
@@ -130,17 +146,19 @@ def _train_records(output: Path) -> list[dict[str, Any]]:
 def _write_outputs(output: Path, evaluator: Evaluator, before, after, metrics: dict[str, Any]) -> None:
     (images_b, scores_b), (images_a, scores_a) = before, after
     seeds = len(evaluator.seeds)
+    shown = min(seeds, GRID_SEEDS)
     rows = min(len(evaluator.prompts), 12)
     cells, captions = [], []
     for row in range(rows):
-        part = slice(row * seeds, (row + 1) * seeds)
+        part = slice(row * seeds, row * seeds + shown)
         cells += [images_b[part], images_a[part]]
         captions += [f"{v:.2f}" for v in scores_b["reward"][part].tolist()]
         captions += [f"{v:.2f}" for v in scores_a["reward"][part].tolist()]
-    column_labels = [f"before s{s}" for s in evaluator.seeds] + [f"after s{s}" for s in evaluator.seeds]
+    labels = [f"s{seed}" for seed in evaluator.seeds[:shown]]
+    column_labels = [f"before {label}" for label in labels] + [f"after {label}" for label in labels]
     grid = image_grid(
         torch.cat(cells),
-        2 * seeds,
+        2 * shown,
         captions=captions,
         row_labels=evaluator.prompts[:rows],
         column_labels=column_labels,
@@ -158,10 +176,23 @@ def run_demo(
     output: str | Path = "runs/demo",
     model: str | Path | None = None,
     seed: int = 0,
-    num_eval_prompts: int = 32,
+    num_prompts: int = 8,
+    num_unseen: int = 32,
     eval_seeds: tuple[int, ...] = EVAL_SEEDS,
+    unseen_seeds: tuple[int, ...] = UNSEEN_SEEDS,
 ) -> dict[str, Any]:
-    """Run the demo and return its metrics (also written to ``<output>/metrics.json``)."""
+    """Run the demo and return its metrics (also written to ``<output>/metrics.json``).
+
+    Args:
+        minutes: wall-clock budget of training (evaluation not counted).
+        output: run folder.
+        model: base model folder (default: the shipped one).
+        seed: training seed.
+        num_prompts: held-out prompts to align (each needs ~100-300 groups of 8 images to be learnt).
+        num_unseen: held-out prompts nothing trains on (the transfer measurement).
+        eval_seeds: one ODE image per aligned prompt and seed, before and after.
+        unseen_seeds: the same for the unseen prompts.
+    """
     from diffalign.trainers.grpo import GRPOConfig, GRPOTrainer
 
     model = Path(model) if model is not None else BASE_MODEL
@@ -172,16 +203,16 @@ def run_demo(
         )
     output = Path(output)
     _clear_previous_run(output)
-    aligned, unseen = demo_prompts(num_eval_prompts)
+    aligned, unseen = demo_prompts(num_prompts, num_unseen)
     config = load_config(GRPOConfig, demo_config(model, output, minutes, seed, aligned))
     trainer = GRPOTrainer(config)
     protocol = load_protocol(model)
 
-    def evaluator(prompts: list[str]) -> Evaluator:
+    def evaluator(prompts: list[str], seeds: tuple[int, ...]) -> Evaluator:
         steps, guidance = protocol["num_steps"], protocol["guidance_scale"]
-        return Evaluator(trainer.adapter, trainer.reward, prompts, list(eval_seeds), steps, guidance, batch_size=32)
+        return Evaluator(trainer.adapter, trainer.reward, prompts, list(seeds), steps, guidance, batch_size=64)
 
-    evaluators = {"aligned": evaluator(aligned), "unseen": evaluator(unseen)}
+    evaluators = {"aligned": evaluator(aligned, eval_seeds), "unseen": evaluator(unseen, unseen_seeds)}
     started = time.monotonic()
     # The shipped model's T5 slot outputs zeros: attend to one zero token standing for all of them (exact, and
     # several times cheaper than 256 copies). Sampling, re-scoring and evaluation all run inside it.
@@ -191,7 +222,7 @@ def run_demo(
         context = trainer.run.ema.swapped_in() if trainer.run.ema is not None else torch.no_grad()
         with context:
             after = {name: _evaluate(e) for name, e in evaluators.items()}
-    results = {name: _comparison(before[name][1], after[name][1]) for name in evaluators}
+    results = {name: compare(_summary(before[name][1]), _summary(after[name][1])) for name in evaluators}
     metrics = {
         **results["aligned"],
         "unseen": results["unseen"],
@@ -200,6 +231,8 @@ def run_demo(
         "eval": {
             "prompts": len(aligned),
             "seeds": list(eval_seeds),
+            "unseen_prompts": len(unseen),
+            "unseen_seeds": list(unseen_seeds),
             **protocol,
             "split": "held-out compositions; 'unseen': held-out prompts not trained on",
         },
@@ -219,10 +252,9 @@ def _clear_previous_run(output: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def _comparison(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    summary = {"before": _summary(before), "after": _summary(after)}
-    summary["gain"] = {key: summary["after"][key] - summary["before"][key] for key in summary["before"]}
-    return summary
+def compare(before: dict[str, float], after: dict[str, float]) -> dict[str, dict[str, float]]:
+    """``{"before", "after", "gain"}`` of two summaries (``mean_reward``, ``strict_accuracy``)."""
+    return {"before": before, "after": after, "gain": {key: after[key] - before[key] for key in before}}
 
 
 def format_summary(metrics: dict[str, Any], output: str | Path) -> str:
@@ -251,7 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--model", default=None, help="base model folder (default: the shipped shapes model)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--prompts", type=int, default=8, help="held-out prompts to align (default 8; more need more --minutes)"
+    )
     args = parser.parse_args(argv)
-    metrics = run_demo(minutes=args.minutes, output=args.output, model=args.model, seed=args.seed)
+    if args.prompts < 1:
+        parser.error(f"--prompts must be >= 1, got {args.prompts}")
+    metrics = run_demo(
+        minutes=args.minutes, output=args.output, model=args.model, seed=args.seed, num_prompts=args.prompts
+    )
     print(format_summary(metrics, args.output))  # noqa: T201
     return 0

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,9 +49,8 @@ import torch
 
 from diffalign.adapters import DiffusionAdapter, load_adapter
 from diffalign.config import load_config
-from diffalign.shapes.demo import BASE_MODEL, compositional, load_protocol
+from diffalign.shapes.demo import BASE_MODEL, EVAL_SEEDS, UNSEEN_SEEDS, compare, demo_prompts, load_protocol
 from diffalign.shapes.model import repeated_context_sampling
-from diffalign.shapes.scenes import heldout_prompts, train_prompts
 from diffalign.trainers.common import build_reward
 from diffalign.trainers.evaluation import Evaluator, score_with_parts
 
@@ -60,25 +58,12 @@ from diffalign.trainers.evaluation import Evaluator, score_with_parts
 __all__ = [
     "evaluate_heldout",
     "format_summary",
-    "heldout_eval_set",
+    "grpo_prompt_gains",
     "learn_backprop",
     "learn_dpo",
 ]
 
 logger = logging.getLogger(__name__)
-
-EVAL_PROMPTS = 48
-"""Held-out compositional prompts in the benchmark's evaluation set."""
-EVAL_SEEDS: tuple[int, ...] = (0, 1, 2)
-"""Seeds of every evaluation prompt (one image each)."""
-EVAL_SELECTION_SEED = 1234
-"""Seed of the draw of the evaluation prompts (the demo's)."""
-
-
-def heldout_eval_set(num_prompts: int = EVAL_PROMPTS, seed: int = EVAL_SELECTION_SEED) -> list[str]:
-    """A fixed random subset of the held-out compositional prompts (the same list for the same arguments)."""
-    pool = compositional(heldout_prompts())
-    return random.Random(seed).sample(pool, min(num_prompts, len(pool)))
 
 
 def evaluate_heldout(
@@ -87,7 +72,7 @@ def evaluate_heldout(
     prompts: Sequence[str] | None = None,
     seeds: Sequence[int] = EVAL_SEEDS,
     protocol: dict[str, Any] | None = None,
-    batch_size: int = 48,
+    batch_size: int = 64,
 ) -> dict[str, float]:
     """Sample every prompt at every seed with the evaluation protocol and score the images with the verifier.
 
@@ -95,7 +80,7 @@ def evaluate_heldout(
         adapter: the model (as it is: call inside an EMA swap to measure EMA weights).
         reward: the ``"shapes"`` verifier reward (anything :func:`score_with_parts` takes; ``strict`` needs
             ``evaluate``).
-        prompts: evaluation prompts (default :func:`heldout_eval_set`).
+        prompts: evaluation prompts (default: the demo's aligned prompts).
         seeds: one image per prompt and seed.
         protocol: ``num_steps`` and ``guidance_scale`` (default: the one stored beside the shipped model).
         batch_size: images per denoiser batch.
@@ -103,7 +88,7 @@ def evaluate_heldout(
     Returns:
         ``{"mean_reward", "strict_accuracy"}`` over all ``len(prompts) * len(seeds)`` images.
     """
-    prompts = list(prompts) if prompts is not None else heldout_eval_set()
+    prompts = list(prompts) if prompts is not None else demo_prompts()[0]
     protocol = protocol or load_protocol(BASE_MODEL)
     evaluator = Evaluator(
         adapter,
@@ -127,9 +112,18 @@ def evaluate_heldout(
 
 
 class _Bench:
-    """The parts every runner shares: the model folder, the verifier, the evaluation set and the timings."""
+    """The parts every runner shares: the model folder, the verifier, the two evaluation sets and the timings."""
 
-    def __init__(self, method: str, model: str | Path | None, output: str | Path, eval_prompts, eval_seeds) -> None:
+    def __init__(
+        self,
+        method: str,
+        model: str | Path | None,
+        output: str | Path,
+        prompts: Sequence[str] | None,
+        unseen_prompts: Sequence[str] | None,
+        eval_seeds: Sequence[int],
+        unseen_seeds: Sequence[int],
+    ) -> None:
         self.method = method
         self.model = Path(model) if model is not None else BASE_MODEL
         if not (self.model / "model_index.json").is_file():
@@ -141,8 +135,10 @@ class _Bench:
         self.output.mkdir(parents=True, exist_ok=True)
         self.protocol = load_protocol(self.model)
         self.verifier = build_reward("shapes")
-        self.eval_prompts = list(eval_prompts)
-        self.eval_seeds = tuple(eval_seeds)
+        aligned, unseen = demo_prompts()
+        self.prompts = list(prompts) if prompts is not None else aligned
+        self.unseen_prompts = list(unseen_prompts) if unseen_prompts is not None else unseen
+        self.eval_seeds, self.unseen_seeds = tuple(eval_seeds), tuple(unseen_seeds)
         self.started = time.monotonic()
         self.eval_seconds = 0.0
 
@@ -151,31 +147,34 @@ class _Bench:
         size = self.protocol["resolution"]
         return load_adapter(self.model, height=size, width=size)
 
-    def evaluate(self, adapter: DiffusionAdapter, ema: Any = None) -> dict[str, float]:
-        """:func:`evaluate_heldout` on the fixed set (with the EMA weights swapped in when ``ema`` is given)."""
+    def evaluate(self, adapter: DiffusionAdapter, ema: Any = None) -> dict[str, dict[str, float]]:
+        """:func:`evaluate_heldout` of the aligned and the unseen prompts (EMA weights swapped in when given)."""
         began = time.monotonic()
+        sets = {"aligned": (self.prompts, self.eval_seeds), "unseen": (self.unseen_prompts, self.unseen_seeds)}
         with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-            result = evaluate_heldout(adapter, self.verifier, self.eval_prompts, self.eval_seeds, self.protocol)
+            result = {
+                name: evaluate_heldout(adapter, self.verifier, prompts, seeds, self.protocol)
+                for name, (prompts, seeds) in sets.items()
+                if prompts
+            }
         self.eval_seconds += time.monotonic() - began
         return result
 
-    def finish(self, before: dict[str, float], after: dict[str, float], **details: Any) -> dict[str, Any]:
-        """The metrics (also written to ``<output>/metrics.json``)."""
-        metrics: dict[str, Any] = {
-            "method": self.method,
-            "before": before,
-            "after": after,
-            "gain": {key: after[key] - before[key] for key in before},
-            **details,
-            "eval": {
-                "split": "held-out compositional",
-                "prompts": len(self.eval_prompts),
-                "seeds": list(self.eval_seeds),
-                **self.protocol,
-                "seconds": self.eval_seconds,
-            },
-            "wall_minutes": (time.monotonic() - self.started) / 60,
+    def finish(self, before: dict[str, dict], after: dict[str, dict], **details: Any) -> dict[str, Any]:
+        """The metrics (also written to ``<output>/metrics.json``): the demo's layout."""
+        metrics: dict[str, Any] = {"method": self.method, **compare(before["aligned"], after["aligned"])}
+        if "unseen" in before:
+            metrics["unseen"] = compare(before["unseen"], after["unseen"])
+        metrics.update(details)
+        metrics["eval"] = {
+            "prompts": len(self.prompts),
+            "seeds": list(self.eval_seeds),
+            "unseen_prompts": len(self.unseen_prompts),
+            "unseen_seeds": list(self.unseen_seeds),
+            **self.protocol,
+            "seconds": self.eval_seconds,
         }
+        metrics["wall_minutes"] = (time.monotonic() - self.started) / 60
         (self.output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         return metrics
 
@@ -201,7 +200,7 @@ def _common_config(
         "optim": {"lr": lr, "weight_decay": 1e-4, "max_grad_norm": 1.0},
         "logging": {"log_with": "none", "log_every": 5},
         "checkpoint": {"every": 0, "keep_last": 1},
-        "eval": {"every": eval_every, "prompts": bench.eval_prompts, "seeds": list(bench.eval_seeds)},
+        "eval": {"every": eval_every, "prompts": bench.prompts, "seeds": list(bench.eval_seeds)},
     }
 
 
@@ -215,7 +214,7 @@ def _train(bench: _Bench, trainer: Any) -> float:
         trainer.evaluator = Evaluator(
             trainer.adapter,
             bench.verifier,
-            bench.eval_prompts,
+            bench.prompts,
             list(bench.eval_seeds),
             bench.protocol["num_steps"],
             bench.protocol["guidance_scale"],
@@ -229,18 +228,85 @@ def _train(bench: _Bench, trainer: Any) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Diffusion-DPO
+# Flow-GRPO on a few prompts (the CI learning test and its calibration)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _pair_prompts(
-    pool: list[str], budget_s: float, seconds_per_image: float, num_candidates: int, count: int | None, seed: int
-) -> list[str]:
-    """A seeded draw from ``pool`` to build pairs from: ``count`` prompts, or as many as fit the budget."""
-    if count is None:
-        count = int(budget_s / max(seconds_per_image * num_candidates, 1e-9))
-    count = max(1, min(count, len(pool)))
-    return random.Random(seed).sample(pool, count)
+def grpo_prompt_gains(
+    prompts: Sequence[str],
+    epochs: int,
+    output: str | Path,
+    seed: int = 0,
+    *,
+    eval_seeds: Sequence[int] = tuple(range(90_001, 90_017)),
+    shuffle_advantages: bool = False,
+    model: str | Path | None = None,
+    sampling: dict[str, Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Flow-GRPO with the demo's recipe (:func:`~diffalign.shapes.demo.demo_config`) on ``prompts`` for ``epochs``,
+    and the verifier's scores of the same evaluation images before and after.
+
+    Every prompt is sampled at every evaluation seed with the evaluation protocol (one ODE image each), so that
+    each image after training is paired with the image of the same prompt and initial noise before it.
+
+    Args:
+        prompts: the prompts to align.
+        epochs: GRPO epochs (``sampling.prompts_per_epoch`` groups of 8 images each).
+        output: run folder.
+        seed: training seed (prompt order, noises).
+        eval_seeds: evaluation seeds (training draws ``epoch * 100_003 + i``, never these).
+        shuffle_advantages: the control: every epoch's advantages randomly permuted over its images, so the
+            updates have the same sizes and the same samples but no credit assignment.
+        model: base model folder (default: the shipped one).
+        sampling: overrides of the recipe's ``sampling`` settings (e.g. the SDE window).
+
+    Returns:
+        ``{"reward_before", "reward_after", "strict_before", "strict_after"}``, each ``[len(prompts) *
+        len(eval_seeds)]``, prompt-major.
+    """
+    from diffalign.shapes.demo import demo_config
+    from diffalign.trainers.grpo import GRPOConfig, GRPOTrainer
+
+    model = Path(model) if model is not None else BASE_MODEL
+    raw = demo_config(model, Path(output), None, seed, list(prompts))
+    raw.update(max_steps=epochs, checkpoint={"every": 0, "keep_last": 1}, logging={"log_with": "none"})
+    raw["sampling"].update(sampling or {})
+    trainer = GRPOTrainer(load_config(GRPOConfig, raw))
+    if shuffle_advantages:
+        trainer.advantages = _shuffled(trainer.advantages, seed)
+    protocol = load_protocol(model)
+    evaluator = Evaluator(
+        trainer.adapter,
+        trainer.reward,
+        list(prompts),
+        list(eval_seeds),
+        protocol["num_steps"],
+        protocol["guidance_scale"],
+        batch_size=64,
+    )
+    image_prompts = [p for p in prompts for _ in eval_seeds]
+    with repeated_context_sampling(trainer.adapter):
+        before = score_with_parts(trainer.reward, evaluator.sample(), image_prompts)
+        trainer.train()
+        after = score_with_parts(trainer.reward, evaluator.sample(), image_prompts)
+    phases = {"before": before, "after": after}
+    return {f"{name}_{phase}": scores[name] for phase, scores in phases.items() for name in ("reward", "strict")}
+
+
+def _shuffled(advantages_fn, seed: int):
+    """``advantages_fn`` with its advantages randomly permuted (seeded), for the no-credit-assignment control."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def shuffled(*args, **kwargs):
+        advantages, stats = advantages_fn(*args, **kwargs)
+        return advantages[torch.randperm(advantages.shape[0], generator=generator)], stats
+
+    return shuffled
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Diffusion-DPO
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def learn_dpo(
@@ -249,13 +315,12 @@ def learn_dpo(
     seed: int = 0,
     *,
     model: str | Path | None = None,
-    eval_prompts: Sequence[str] | None = None,
+    prompts: Sequence[str] | None = None,
+    unseen_prompts: Sequence[str] | None = None,
     eval_seeds: Sequence[int] = EVAL_SEEDS,
-    training_prompts: Sequence[str] | None = None,
-    num_candidates: int = 8,
-    pairing: str = "best_worst",
-    pair_fraction: float = 1 / 3,
-    num_pair_prompts: int | None = None,
+    unseen_seeds: Sequence[int] = UNSEEN_SEEDS,
+    num_candidates: int = 32,
+    pairing: str = "all",
     pair_steps: int | None = None,
     pairs: str | Path | None = None,
     max_steps: int = 100_000,
@@ -270,22 +335,20 @@ def learn_dpo(
     ema_decay: float | None = None,
     eval_every: int = 0,
 ) -> dict[str, Any]:
-    """Diffusion-DPO on the shapes world from verifier-ranked pairs; held-out accuracy before and after.
+    """Diffusion-DPO on the shapes world from verifier-ranked pairs; the demo's measurements before and after.
 
     Args:
         minutes: the budget for pair generation and training (evaluation not counted).
         output: run folder (``metrics.json``, ``pairs/``, ``lora/``, ``config.yaml``, ``metrics.jsonl``).
-        seed: seed of the prompt draw, the candidates' noises and training.
+        seed: seed of the candidates' noises and of training.
         model: base model folder (default: the shipped one).
-        eval_prompts: evaluation prompts (default :func:`heldout_eval_set`).
-        eval_seeds: evaluation seeds.
-        training_prompts: the prompts pairs are drawn from (default: the training compositional prompts).
-        num_candidates: ``K`` ODE samples per training prompt, ranked by the verifier.
-        pairing: ``"best_worst"`` (one pair per prompt) or ``"all"`` (every pair with different verifier scores);
+        prompts: the prompts to align, pairs are built from them (default: the demo's aligned prompts).
+        unseen_prompts: held-out prompts nothing trains on (default: the demo's; empty: not measured).
+        eval_seeds: evaluation seeds of ``prompts``.
+        unseen_seeds: evaluation seeds of ``unseen_prompts``.
+        num_candidates: ``K`` ODE samples per prompt, ranked by the verifier.
+        pairing: ``"all"`` (every pair with different verifier scores) or ``"best_worst"`` (one pair per prompt);
             see :func:`~diffalign.data.ai_feedback.rank_pairs`.
-        pair_fraction: the share of ``minutes`` that pair generation may take (it sets the number of prompts,
-            from the sampling speed measured by the first evaluation).
-        num_pair_prompts: use this many training prompts instead of fitting the number to the budget.
         pair_steps: ODE steps of the candidates (default: the evaluation protocol's).
         pairs: train on this existing preference dataset (e.g. ``<earlier output>/pairs``) instead of building one;
             its time is then not part of the budget.
@@ -309,23 +372,18 @@ def learn_dpo(
     from diffalign.data.ai_feedback import SUMMARY_NAME, make_preference_pairs
     from diffalign.trainers.diffusion_dpo import DiffusionDPOConfig, DiffusionDPOTrainer
 
-    bench = _Bench("dpo", model, output, eval_prompts or heldout_eval_set(), eval_seeds)
+    bench = _Bench("dpo", model, output, prompts, unseen_prompts, eval_seeds, unseen_seeds)
     base = bench.load_base()
     before = bench.evaluate(base)
     steps = pair_steps or bench.protocol["num_steps"]
     pair_seconds = 0.0
     if pairs is None:
-        # Seconds per candidate at `steps`, from the evaluation that just ran (sampling dominates it).
-        num_images = len(bench.eval_prompts) * len(bench.eval_seeds)
-        per_image = bench.eval_seconds / num_images * steps / bench.protocol["num_steps"]
-        pool = list(training_prompts) if training_prompts is not None else compositional(train_prompts())
-        prompts = _pair_prompts(pool, pair_fraction * 60 * minutes, per_image, num_candidates, num_pair_prompts, seed)
         pairs = bench.output / "pairs"
         began = time.monotonic()
         with repeated_context_sampling(base):
             make_preference_pairs(
                 base,
-                prompts,
+                bench.prompts,
                 bench.verifier,
                 num_candidates,
                 pairs,
@@ -397,9 +455,10 @@ def learn_backprop(
     seed: int = 0,
     *,
     model: str | Path | None = None,
-    eval_prompts: Sequence[str] | None = None,
+    prompts: Sequence[str] | None = None,
+    unseen_prompts: Sequence[str] | None = None,
     eval_seeds: Sequence[int] = EVAL_SEEDS,
-    training_prompts: Sequence[str] | None = None,
+    unseen_seeds: Sequence[int] = UNSEEN_SEEDS,
     max_steps: int = 100_000,
     lr: float = 3e-4,
     lora_rank: int = 16,
@@ -414,16 +473,17 @@ def learn_backprop(
     ema_decay: float | None = None,
     eval_every: int = 0,
 ) -> dict[str, Any]:
-    """Reward backprop (DRaFT-K) of the shapes CLIP score; held-out verifier accuracy before and after.
+    """Reward backprop (DRaFT-K) of the shapes CLIP score; the demo's verifier measurements before and after.
 
     Args:
         minutes: the training budget (evaluation not counted).
         output: run folder (``metrics.json``, ``lora/``, ``config.yaml``, ``metrics.jsonl``).
         seed: seed of training (prompt draws, noises).
         model: base model folder (default: the shipped one).
-        eval_prompts: evaluation prompts (default :func:`heldout_eval_set`).
-        eval_seeds: evaluation seeds.
-        training_prompts: training prompts (default: the training compositional prompts).
+        prompts: the prompts to align (default: the demo's aligned prompts).
+        unseen_prompts: held-out prompts nothing trains on (default: the demo's; empty: not measured).
+        eval_seeds: evaluation seeds of ``prompts``.
+        unseen_seeds: evaluation seeds of ``unseen_prompts``.
         max_steps: optimizer steps at most (the budget usually ends training first).
         lr: AdamW learning rate of the LoRA.
         lora_rank: LoRA rank (alpha = rank).
@@ -443,17 +503,16 @@ def learn_backprop(
     """
     from diffalign.trainers.reward_backprop import RewardBackpropConfig, RewardBackpropTrainer
 
-    bench = _Bench("backprop", model, output, eval_prompts or heldout_eval_set(), eval_seeds)
+    bench = _Bench("backprop", model, output, prompts, unseen_prompts, eval_seeds, unseen_seeds)
     before = bench.evaluate(bench.load_base())
     guidance = bench.protocol["guidance_scale"] if guidance_scale is None else guidance_scale
-    prompts = list(training_prompts) if training_prompts is not None else compositional(train_prompts())
     raw = _common_config(bench, seed, minutes, max_steps, lora_rank, lr, eval_every, ema_decay)
     raw.update(
         method="reward_backprop",
         reward=reward,
         gradient_checkpointing=gradient_checkpointing,
         sampling={
-            "prompts": prompts,
+            "prompts": bench.prompts,
             "num_steps": num_steps,
             "guidance_scale": guidance,
             "eta": 0.0,  # the Euler ODE, as the evaluation samples
@@ -499,12 +558,19 @@ def format_summary(metrics: dict[str, Any], output: str | Path | None = None) ->
         pairs = metrics["pairs"]
         done = f"{pairs['pairs']} pairs in {pairs['minutes']:.1f} min, " + done
     lines = [
-        f"shapes learning benchmark [{metrics.get('method', '?')}]: {done} (held-out compositional prompts: "
-        f"{evaluation.get('prompts', '?')} x {len(evaluation.get('seeds', []))} seeds)",
+        f"shapes learning benchmark [{metrics.get('method', '?')}]: {done} (held-out compositions trained on, at "
+        f"fresh seeds: {evaluation.get('prompts', '?')} prompts x {len(evaluation.get('seeds', []))} seeds)",
         f"  strict accuracy  {before['strict_accuracy']:.3f} -> {after['strict_accuracy']:.3f} "
         f"({gain['strict_accuracy']:+.3f})",
         f"  mean reward      {before['mean_reward']:.3f} -> {after['mean_reward']:.3f} ({gain['mean_reward']:+.3f})",
     ]
+    if "unseen" in metrics:
+        unseen = metrics["unseen"]
+        lines.append(
+            f"  held-out prompts not trained on: strict {unseen['before']['strict_accuracy']:.3f} -> "
+            f"{unseen['after']['strict_accuracy']:.3f}, reward {unseen['before']['mean_reward']:.3f} -> "
+            f"{unseen['after']['mean_reward']:.3f}"
+        )
     if output is not None:
         lines.append(f"  outputs in {output}: metrics.json, lora/")
     return "\n".join(lines)

@@ -14,6 +14,11 @@ image-to-text side also sees one *corrupted* caption per image (one object's col
 negative that teaches colour and shape binding. AdamW with warm-up and cosine decay. Checkpoints (model,
 optimiser, step, RNG) every ``--ckpt-every`` steps; ``--resume`` continues.
 
+The shipped CLIP ranks a scene's caption above a corrupted one on 0.945 of fresh scenes, but it is blind to
+relations: it prefers the true caption to the *flipped* one ("left of" <-> "right of", :func:`flip_relation`) on
+only 0.525 of relation scenes (:func:`relation_accuracy`). Adding the flipped captions as hard negatives did not
+change that (0.515 after the same 4,500 steps): a differentiable reward from it cannot teach arrangements.
+
 Usage::
 
     python -m diffalign.shapes.train_clip --out diffalign/shapes/assets/clip --steps 1500
@@ -43,6 +48,7 @@ from diffalign.shapes.scenes import (
     CaptionError,
     Constraints,
     ObjectSpec,
+    Relation,
     make_caption,
     parse_caption,
     render,
@@ -105,6 +111,20 @@ def corrupt_caption(caption: str, rng: random.Random) -> str:
         except CaptionError:  # the change made two phrases equal; draw again
             continue
     raise RuntimeError(f"could not corrupt {caption!r}")  # pragma: no cover
+
+
+OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def flip_relation(caption: str) -> str | None:
+    """The caption with its relation reversed ("a red circle above a blue square" -> "... below ..."), which the
+    scene of ``caption`` contradicts; ``None`` for captions without a relation."""
+    constraints = parse_caption(caption)
+    if not constraints.relations:
+        return None
+    (rel,) = constraints.relations
+    flipped = Relation(rel.subject, OPPOSITE_RELATION[rel.relation], rel.reference)
+    return make_caption(Constraints(constraints.objects, (flipped,)))
 
 
 def degrade(images: Tensor, generator: torch.Generator) -> Tensor:
@@ -179,9 +199,24 @@ def ranking_accuracy(model, tokenizer, num_scenes: int, seed: int, split: str = 
     rng = random.Random(seed)
     images, captions = sample_batch(num_scenes, rng, split)
     corrupted = [corrupt_caption(c, rng) for c in captions]
+    return _prefers(model, tokenizer, images, captions, corrupted)
+
+
+@torch.no_grad()
+def relation_accuracy(model, tokenizer, num_scenes: int, seed: int, split: str = "all") -> float:
+    """Fraction of fresh relation scenes whose true caption scores above its flipped one (:func:`flip_relation`)."""
+    rng = random.Random(seed)
+    scenes = [sample_scene("relation", rng, split) for _ in range(num_scenes)]
+    images = torch.stack([render(scene) for scene, _ in scenes])
+    captions = [caption for _, caption in scenes]
+    return _prefers(model, tokenizer, images, captions, [flip_relation(c) for c in captions])
+
+
+def _prefers(model, tokenizer, images: Tensor, captions: list[str], wrong_captions: list[str]) -> float:
+    """Fraction of images that score their caption above the wrong one."""
     image_emb = embed_images(model, images)
     true = (image_emb * embed_texts(model, tokenizer, captions)).sum(-1)
-    wrong = (image_emb * embed_texts(model, tokenizer, corrupted)).sum(-1)
+    wrong = (image_emb * embed_texts(model, tokenizer, wrong_captions)).sum(-1)
     return (true > wrong).float().mean().item()
 
 
@@ -257,9 +292,14 @@ def train(args: argparse.Namespace) -> None:
             save_checkpoint(ckpt, step, model, opt, rng, generator)
             model.eval()
             acc = ranking_accuracy(model, tokenizer, args.eval_scenes, seed=10_000 + args.seed)
+            rel = relation_accuracy(model, tokenizer, args.eval_scenes, seed=10_000 + args.seed)
             model.train()
-            export(model, tokenizer, out, {"step": step, "ranking_accuracy": acc, "args": vars(args)})
-            log(f"checkpoint + export at step {step}: true > corrupted caption on {acc:.3f} of fresh scenes")
+            info = {"step": step, "ranking_accuracy": acc, "relation_accuracy": rel, "args": vars(args)}
+            export(model, tokenizer, out, info)
+            log(
+                f"checkpoint + export at step {step}: true caption > corrupted on {acc:.3f}, > flipped relation on "
+                f"{rel:.3f} of fresh scenes"
+            )
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -269,7 +309,11 @@ def evaluate(args: argparse.Namespace) -> None:
     model, tokenizer = CLIPModel.from_pretrained(args.out).eval(), AutoTokenizer.from_pretrained(args.out)
     for split in ("train", "heldout", "all"):
         acc = ranking_accuracy(model, tokenizer, args.eval_scenes, seed=20_000 + args.seed, split=split)
-        log(f"{split} split: true > corrupted caption on {acc:.3f} of {args.eval_scenes} fresh scenes")
+        rel = relation_accuracy(model, tokenizer, args.eval_scenes, seed=20_000 + args.seed, split=split)
+        log(
+            f"{split} split: true caption > corrupted on {acc:.3f}, > flipped relation on {rel:.3f} of "
+            f"{args.eval_scenes} fresh scenes"
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

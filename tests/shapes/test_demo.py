@@ -20,11 +20,11 @@ from diffalign.trainers.grpo import GRPOConfig
 
 
 def test_demo_trains_on_held_out_compositions_and_keeps_an_unseen_set():
-    aligned, unseen = demo_prompts(16)
-    assert len(aligned) == len(unseen) == 16 and not set(aligned) & set(unseen)
+    aligned, unseen = demo_prompts(8, 32)
+    assert len(aligned) == 8 and len(unseen) == 32 and not set(aligned) & set(unseen)
     assert set(aligned + unseen) <= set(heldout_prompts())
     assert all(parse_caption(p).kind != "single" for p in aligned + unseen)
-    assert demo_prompts(16) == (aligned, unseen)  # a fixed draw
+    assert demo_prompts() == (aligned, unseen)  # a fixed draw, the default sizes
 
 
 def test_demo_config_is_a_valid_grpo_config(tmp_path):
@@ -32,9 +32,9 @@ def test_demo_config_is_a_valid_grpo_config(tmp_path):
     config = load_config(GRPOConfig, raw)
     assert config.sampling.prompts == ["a red circle above a blue square"]
     assert config.reward == "shapes" and config.max_minutes == 1.0
-    # One SDE step, the first, with one initial noise per group (the module docstring says why).
-    assert config.sampling.same_noise_per_prompt and config.sampling.window_range == (0, 1)
-    assert config.sampling.window_size == 1
+    # SDE on the first two steps, with one initial noise per group (the module docstring says why).
+    assert config.sampling.same_noise_per_prompt and config.sampling.window_range == (0, 2)
+    assert config.sampling.window_size == 2
 
 
 def test_evaluation_seeds_are_never_training_seeds():
@@ -46,17 +46,19 @@ def test_evaluation_seeds_are_never_training_seeds():
 def test_demo_writes_its_outputs(tiny_pipeline_dir, tmp_path):
     model = tiny_pipeline_dir("sd3", vae="shapes")
     output = tmp_path / "demo"
-    metrics = run_demo(minutes=0.01, output=output, model=model, num_eval_prompts=4, eval_seeds=(0,))
+    sizes = {"num_prompts": 4, "num_unseen": 3, "eval_seeds": (0, 1), "unseen_seeds": (0,)}
+    metrics = run_demo(minutes=0.01, output=output, model=model, **sizes)
     for name in ("before_after.png", "reward_curve.png", "metrics.json", "config.yaml", "lora"):
         assert (output / name).exists(), name
     assert json.loads((output / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["epochs"] >= 1
+    assert metrics["eval"]["prompts"] == 4 and metrics["eval"]["unseen_prompts"] == 3
     for scores in (metrics, metrics["unseen"]):
         for phase in ("before", "after"):
             assert 0 <= scores[phase]["strict_accuracy"] <= 1 and 0 <= scores[phase]["mean_reward"] <= 1
         assert scores["gain"]["mean_reward"] == scores["after"]["mean_reward"] - scores["before"]["mean_reward"]
     epochs = metrics["epochs"]
-    again = run_demo(minutes=0.01, output=output, model=model, num_eval_prompts=4, eval_seeds=(0,))
+    again = run_demo(minutes=0.01, output=output, model=model, **sizes)
     assert again["epochs"] == epochs  # a re-run replaces the previous one's log instead of appending to it
     grid = Image.open(output / "before_after.png")
     assert grid.width > 2 * 96  # before and after columns

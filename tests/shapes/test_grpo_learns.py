@@ -1,42 +1,37 @@
-"""Flow-GRPO learns on the shapes world: a short version of the demo (``diffalign bench learn --method grpo``).
+"""Flow-GRPO learns on the shapes world: a short run of the demo's recipe on one held-out composition.
 
-The shipped base model, the demo's recipe (:func:`diffalign.shapes.demo.demo_config`: one initial noise per
-group, the SDE on the first of 10 steps, LoRA, KL 0.04) at lr 1e-3, on the first ``len(PROMPTS)`` of the demo's
-aligned held-out compositions, for ``EPOCHS`` epochs of 4 prompts x 8 images (~1.8 s each on one CPU thread). The
-verifier's mean reward is measured before and after on the same prompts at evaluation seeds training never
-draws, one ODE image per prompt and seed, so that every image is paired with itself before training.
+The shipped base model and the demo's recipe (:func:`diffalign.shapes.demo.demo_config`: one initial noise per
+group, LoRA r16 at lr 3e-4, KL 0.04) on ``PROMPTS``, one of the demo's aligned held-out compositions (a relation:
+the base model places its two objects at random, right in 0.44 of images), for ``EPOCHS`` epochs of 4 groups of
+8 images (~100 s on one CPU thread). The SDE is on the first step only (``SAMPLING``): that is where the layout is
+decided and where the policy gradient shows fastest. The demo trains the first two steps, which holds up over
+hundreds of epochs but is slower to start: +0.03..+0.06 strict in 40 epochs on this prompt and another (seeds
+0-3; shuffled controls -0.03..+0.03), too close to its control for a test (see the demo's module docstring).
+The verifier is measured before and after at ``EVAL_SEEDS``, which training never draws, one ODE image per seed,
+so that every image is paired with itself before training (:func:`diffalign.shapes.learn.grpo_prompt_gains`).
 
-The margin, measured with these settings (4 prompts x 16 seeds; base mean reward 0.736, strict 0.344):
+The margin, measured with these settings by ``python benchmarks/shapes_grpo_margin.py`` (32 paired images):
 
-- real advantages, training seeds 0 and 1: reward +0.050 and +REAL1 (strict +0.109 and +STRICT1);
-- shuffled advantages (the same updates with the credit assignment destroyed), training seeds 0 and 1: -0.010 and
-  CTRL1.
+- real advantages, training seeds 0-3: strict accuracy +0.469, +0.250, +0.219, +0.219 (mean reward +0.156,
+  +0.083, +0.068, +0.068, each more than 2.6 standard errors of the paired differences);
+- shuffled advantages (the same samples and update sizes, the credit assignment destroyed), seeds 0-3: strict
+  +0.000, +0.000, -0.094, +0.000.
 
-So the test asserts a rise of at least ``MARGIN`` = 0.025 (2.5 x the largest control's magnitude, half the smallest
-real gain) and, on the paired per-image differences, a rise of at least two standard errors.
+So the test asserts a strict-accuracy gain of more than ``MARGIN`` = 0.15 (above every control by 0.15, below
+every real gain by 0.07) and a rise of the mean reward by more than two standard errors of the paired differences.
 """
 
 import pytest
 import torch
 
-from diffalign.config import load_config
-from diffalign.shapes.demo import BASE_MODEL, demo_config, demo_prompts, load_protocol
-from diffalign.shapes.model import repeated_context_sampling
-from diffalign.trainers.evaluation import Evaluator, score_with_parts
-from diffalign.trainers.grpo import GRPOConfig, GRPOTrainer
+from diffalign.shapes.learn import grpo_prompt_gains
 
 
-PROMPTS = demo_prompts()[0][:4]
+PROMPTS = ["a yellow circle to the right of a blue circle"]
 EPOCHS = 40
-EVAL_SEEDS = list(range(90_001, 90_017))
-MARGIN = 0.025
-
-
-def _rewards(trainer: GRPOTrainer, evaluator: Evaluator) -> torch.Tensor:
-    """The verifier reward of every evaluation image [len(PROMPTS) * len(EVAL_SEEDS)], prompt-major."""
-    images = evaluator.sample()
-    prompts = [p for p in evaluator.prompts for _ in evaluator.seeds]
-    return score_with_parts(trainer.reward, images, prompts)["reward"]
+SAMPLING = {"window_size": 1, "window_range": [0, 1]}
+EVAL_SEEDS = tuple(range(90_001, 90_033))
+MARGIN = 0.15
 
 
 @pytest.fixture
@@ -48,27 +43,13 @@ def one_thread():
 
 
 def test_flow_grpo_raises_the_verifier_reward_on_held_out_compositions(tmp_path, one_thread):
-    raw = demo_config(BASE_MODEL, tmp_path, None, 0, PROMPTS)
-    raw["max_steps"] = EPOCHS
-    raw["optim"]["lr"] = 1e-3
-    raw["checkpoint"]["every"] = 0
-    trainer = GRPOTrainer(load_config(GRPOConfig, raw))
-    protocol = load_protocol(BASE_MODEL)
-    evaluator = Evaluator(
-        trainer.adapter,
-        trainer.reward,
-        PROMPTS,
-        EVAL_SEEDS,
-        protocol["num_steps"],
-        protocol["guidance_scale"],
-        batch_size=64,
+    scores = grpo_prompt_gains(PROMPTS, EPOCHS, tmp_path, seed=0, eval_seeds=EVAL_SEEDS, sampling=SAMPLING)
+    strict_gain = (scores["strict_after"] - scores["strict_before"]).mean()
+    reward_gain = scores["reward_after"] - scores["reward_before"]
+    standard_error = reward_gain.std() / len(reward_gain) ** 0.5
+    summary = (
+        f"strict {scores['strict_before'].mean():.3f} -> {scores['strict_after'].mean():.3f}, reward "
+        f"{scores['reward_before'].mean():.3f} -> {scores['reward_after'].mean():.3f} (s.e. {standard_error:.3f})"
     )
-    with repeated_context_sampling(trainer.adapter):
-        before = _rewards(trainer, evaluator)
-        trainer.train()
-        after = _rewards(trainer, evaluator)
-    gain = after - before
-    standard_error = gain.std() / len(gain) ** 0.5
-    summary = f"reward {before.mean():.3f} -> {after.mean():.3f} (+{gain.mean():.3f}, s.e. {standard_error:.3f})"
-    assert gain.mean() > MARGIN, summary
-    assert gain.mean() > 2 * standard_error, summary
+    assert strict_gain > MARGIN, summary
+    assert reward_gain.mean() > 2 * standard_error, summary

@@ -1,5 +1,6 @@
 """The shapes learning benchmark (``diffalign bench learn``): tiny runs of the DPO and reward-backprop runners on the
-shipped base model; the calibrated learning itself is measured by the benchmark, not asserted here."""
+shipped base model; the calibrated learning itself is measured by the benchmark (Flow-GRPO's is also asserted by
+test_grpo_learns.py)."""
 
 import json
 
@@ -8,12 +9,12 @@ from safetensors.torch import load_file
 
 import rewards
 from diffalign.cli import main as cli_main
-from diffalign.shapes.demo import compositional
-from diffalign.shapes.learn import evaluate_heldout, format_summary, heldout_eval_set, learn_backprop, learn_dpo
-from diffalign.shapes.scenes import heldout_prompts, train_prompts
+from diffalign.shapes.demo import demo_prompts
+from diffalign.shapes.learn import _Bench, evaluate_heldout, format_summary, learn_backprop, learn_dpo
 
 
-TINY_EVAL = {"eval_prompts": heldout_eval_set(2), "eval_seeds": (0,)}
+ALIGNED, UNSEEN = demo_prompts()
+TINY_EVAL = {"prompts": ALIGNED[:2], "unseen_prompts": UNSEEN[:1], "eval_seeds": (0,), "unseen_seeds": (1,)}
 
 
 def _lora_moved(output) -> bool:
@@ -26,24 +27,25 @@ def _lora_moved(output) -> bool:
 def _check_metrics(output, metrics, method):
     assert json.loads((output / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["method"] == method
-    for phase in ("before", "after", "gain"):
-        assert set(metrics[phase]) == {"mean_reward", "strict_accuracy"}
-    for phase in ("before", "after"):
-        assert 0 <= metrics[phase]["strict_accuracy"] <= 1 and 0 <= metrics[phase]["mean_reward"] <= 1
-    assert metrics["gain"]["mean_reward"] == pytest.approx(
-        metrics["after"]["mean_reward"] - metrics["before"]["mean_reward"]
-    )
-    assert metrics["eval"]["prompts"] == 2 and metrics["eval"]["seeds"] == [0]
+    for scores in (metrics, metrics["unseen"]):  # the demo's layout: aligned prompts, then the unseen ones
+        for phase in ("before", "after", "gain"):
+            assert set(scores[phase]) == {"mean_reward", "strict_accuracy"}
+        for phase in ("before", "after"):
+            assert 0 <= scores[phase]["strict_accuracy"] <= 1 and 0 <= scores[phase]["mean_reward"] <= 1
+        assert scores["gain"]["mean_reward"] == pytest.approx(
+            scores["after"]["mean_reward"] - scores["before"]["mean_reward"]
+        )
+    evaluation = metrics["eval"]
+    assert evaluation["prompts"] == 2 and evaluation["seeds"] == [0]
+    assert evaluation["unseen_prompts"] == 1 and evaluation["unseen_seeds"] == [1]
     assert (output / "config.yaml").is_file()
     assert _lora_moved(output)
     assert "strict accuracy" in format_summary(metrics, output)
 
 
-def test_heldout_eval_set_is_fixed_and_held_out():
-    prompts = heldout_eval_set()
-    assert prompts == heldout_eval_set() and len(prompts) == 48 == len(set(prompts))
-    assert set(prompts) <= set(compositional(heldout_prompts()))
-    assert not set(prompts) & set(train_prompts())
+def test_benchmark_measures_the_demos_prompts_by_default(tmp_path):
+    bench = _Bench("dpo", None, tmp_path, None, None, (0,), (1,))
+    assert (bench.prompts, bench.unseen_prompts) == (ALIGNED, UNSEEN)
 
 
 def test_learn_dpo_tiny_run(tmp_path):
@@ -51,7 +53,6 @@ def test_learn_dpo_tiny_run(tmp_path):
     metrics = learn_dpo(
         minutes=5.0,
         output=output,
-        num_pair_prompts=3,
         num_candidates=3,
         pair_steps=4,
         max_steps=3,
@@ -60,19 +61,18 @@ def test_learn_dpo_tiny_run(tmp_path):
         **TINY_EVAL,
     )
     _check_metrics(output, metrics, "dpo")
-    assert metrics["pairs"]["prompts"] == 3 and 1 <= metrics["pairs"]["pairs"] <= 3
+    assert metrics["pairs"]["prompts"] == 2 and 1 <= metrics["pairs"]["pairs"] <= 2 * 3  # 'all' pairs of 3
     assert (output / "pairs" / "data.jsonl").is_file()
     assert metrics["train"]["steps"] == 3
     captions = [json.loads(line)["caption"] for line in (output / "pairs" / "data.jsonl").read_text().splitlines()]
-    assert set(captions) <= set(compositional(train_prompts()))
+    assert set(captions) <= set(ALIGNED[:2])  # pairs of the prompts being aligned
 
 
 def test_learn_dpo_stops_at_its_time_budget(tmp_path):
     metrics = learn_dpo(
         minutes=1e-4,  # spent by the pairs: training runs its one step and stops
         output=tmp_path / "dpo",
-        num_pair_prompts=4,  # enough candidates that some prompt gets two different verifier scores
-        num_candidates=4,
+        num_candidates=6,  # enough candidates that some prompt gets two different verifier scores
         pair_steps=2,
         batch_size=1,
         **TINY_EVAL,
@@ -100,7 +100,7 @@ def test_evaluate_heldout_is_deterministic():
 
     adapter = load_adapter(BASE_MODEL, height=32, width=32)
     verifier = rewards.load("shapes")
-    prompts = heldout_eval_set(2)
+    prompts = ALIGNED[:2]
     first = evaluate_heldout(adapter, verifier, prompts, seeds=(0,))
     assert first == evaluate_heldout(adapter, verifier, prompts, seeds=(0,))
 

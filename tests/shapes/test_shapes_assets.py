@@ -219,3 +219,11 @@ def test_train_clip_smoke_resume_matches_uninterrupted(tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
     reward = rewards.load("clip_score", path=resumed)
     assert torch.isfinite(reward(torch.rand(2, 3, 32, 32), ["a red circle", "a blue square"])).all()
+
+
+def test_flip_relation_reverses_the_relation_only():
+    assert train_clip.flip_relation("a red circle to the left of a blue square") == (
+        "a red circle to the right of a blue square"
+    )
+    assert train_clip.flip_relation("a green triangle below a red circle") == "a green triangle above a red circle"
+    assert train_clip.flip_relation("a red circle and a blue square") is None
