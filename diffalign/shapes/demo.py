@@ -60,7 +60,7 @@ from diffalign.eval.grid import image_grid
 from diffalign.eval.plot import line_chart
 from diffalign.shapes.model import repeated_context_sampling
 from diffalign.shapes.scenes import heldout_prompts, parse_caption
-from diffalign.trainers.evaluation import Evaluator, score_with_parts
+from diffalign.trainers.evaluation import Evaluator
 
 
 logger = logging.getLogger(__name__)
@@ -130,12 +130,6 @@ def demo_config(model: Path, output: Path, minutes: float, seed: int, prompts: l
         "train": {"batch_size": 16, "clip_range": 1e-3, "beta": 0.04, "global_std": True},
         "eval": {"every": 0},
     }
-
-
-def _evaluate(evaluator: Evaluator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    images = evaluator.sample()
-    prompts = [p for p in evaluator.prompts for _ in evaluator.seeds]
-    return images, score_with_parts(evaluator.reward, images, prompts)
 
 
 def _summary(scores: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -221,11 +215,11 @@ def run_demo(
     # The shipped model's T5 slot outputs zeros: attend to one zero token standing for all of them (exact, and
     # several times cheaper than 256 copies). Sampling, re-scoring and evaluation all run inside it.
     with repeated_context_sampling(trainer.adapter):
-        before = {name: _evaluate(e) for name, e in evaluators.items()}
+        before = {name: e.score() for name, e in evaluators.items()}
         trainer.train()
         context = trainer.run.ema.swapped_in() if trainer.run.ema is not None else torch.no_grad()
         with context:
-            after = {name: _evaluate(e) for name, e in evaluators.items()}
+            after = {name: e.score() for name, e in evaluators.items()}
     results = {name: compare(_summary(before[name][1]), _summary(after[name][1])) for name in evaluators}
     metrics = {
         **results["aligned"],

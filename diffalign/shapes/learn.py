@@ -65,7 +65,7 @@ from diffalign.config import load_config
 from diffalign.shapes.demo import BASE_MODEL, EVAL_SEEDS, UNSEEN_SEEDS, compare, demo_prompts, load_protocol
 from diffalign.shapes.model import repeated_context_sampling
 from diffalign.trainers.common import build_reward
-from diffalign.trainers.evaluation import Evaluator, score_with_parts
+from diffalign.trainers.evaluation import Evaluator
 
 
 __all__ = [
@@ -91,8 +91,8 @@ def evaluate_heldout(
 
     Args:
         adapter: the model (as it is: call inside an EMA swap to measure EMA weights).
-        reward: the ``"shapes"`` verifier reward (anything :func:`score_with_parts` takes; ``strict`` needs
-            ``evaluate``).
+        reward: the ``"shapes"`` verifier reward (anything
+            :func:`~diffalign.trainers.evaluation.score_with_parts` takes; ``strict`` needs ``evaluate``).
         prompts: evaluation prompts (default: the demo's aligned prompts).
         seeds: one image per prompt and seed.
         protocol: ``num_steps`` and ``guidance_scale`` (default: the one stored beside the shipped model).
@@ -113,8 +113,7 @@ def evaluate_heldout(
         batch_size=batch_size,
     )
     with repeated_context_sampling(adapter), torch.no_grad():
-        images = evaluator.sample()
-    scores = score_with_parts(reward, images, [p for p in prompts for _ in seeds])
+        _, scores = evaluator.score()
     strict = scores["strict"].mean().item() if "strict" in scores else float("nan")
     return {"mean_reward": scores["reward"].mean().item(), "strict_accuracy": strict}
 
@@ -251,7 +250,7 @@ def grpo_prompt_gains(
     output: str | Path,
     seed: int = 0,
     *,
-    eval_seeds: Sequence[int] = tuple(range(90_001, 90_017)),
+    eval_seeds: Sequence[int] = EVAL_SEEDS,
     shuffle_advantages: bool = False,
     model: str | Path | None = None,
     sampling: dict[str, Any] | None = None,
@@ -297,11 +296,10 @@ def grpo_prompt_gains(
         protocol["guidance_scale"],
         batch_size=64,
     )
-    image_prompts = [p for p in prompts for _ in eval_seeds]
     with repeated_context_sampling(trainer.adapter):
-        before = score_with_parts(trainer.reward, evaluator.sample(), image_prompts)
+        _, before = evaluator.score()
         trainer.train()
-        after = score_with_parts(trainer.reward, evaluator.sample(), image_prompts)
+        _, after = evaluator.score()
     phases = {"before": before, "after": after}
     return {f"{name}_{phase}": scores[name] for phase, scores in phases.items() for name in ("reward", "strict")}
 

@@ -95,10 +95,14 @@ class Evaluator:
         )
         return trajectory.images
 
-    def __call__(self, step: int) -> dict[str, float]:
+    def score(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`sample`, and :func:`score_with_parts` of every image (each ``[P * S]``, prompt-major)."""
         images = self.sample()
         prompts = [p for p in self.prompts for _ in self.seeds]
-        scores = score_with_parts(self.reward, images, prompts)
+        return images, score_with_parts(self.reward, images, prompts)
+
+    def __call__(self, step: int) -> dict[str, float]:
+        images, scores = self.score()
         if self.output_dir is not None:
             folder = self.output_dir / "eval"
             folder.mkdir(parents=True, exist_ok=True)
