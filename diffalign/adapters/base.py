@@ -10,6 +10,7 @@ all a family file implements.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 """The file diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` reads."""
+LORA_SCOPE_NAME = "diffalign_lora.json"
+"""Beside a saved LoRA that acts on part of the trajectory only: ``{"min_timestep": t}`` (it is off at
+timesteps ``<= t``). ``pipe.load_lora_weights`` ignores it; honour it with a ``callback_on_step_end`` that calls
+``pipe.disable_lora()`` once the next timestep is at or below ``t``."""
 
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
 PromptInput = str | Sequence[str]
@@ -183,6 +188,10 @@ class DiffusionAdapter:
                     module.to(dtype=target)
         pipe.set_progress_bar_config(disable=True)
         self._denoiser_wrapper: nn.Module | None = None
+        self._lora_off_depth = 0  # open lora_disabled() blocks
+        self.lora_min_timestep: float | None = None
+        """The LoRA acts only at timesteps above this (scheduler scale); ``None``: at every timestep. Saved beside
+        the LoRA weights (:data:`LORA_SCOPE_NAME`) and restored by :meth:`load_lora`."""
         self.height = height or self.default_resolution
         self.width = width or self.default_resolution
         self._check_resolution()
@@ -287,6 +296,26 @@ class DiffusionAdapter:
     # --- denoiser ---------------------------------------------------------------------------------------------------
 
     def predict(self, latents: Tensor, t: Tensor | float, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
+        """The model output at ``(latents, t)``: :meth:`_predict`, with the LoRA switched off at the timesteps at
+        or below :attr:`lora_min_timestep` when that is set.
+
+        A batch whose samples sit on both sides of the limit runs twice (with and without the LoRA) and each
+        sample takes its own side; the samplers' batches share one timestep, so they run once.
+        """
+        limit = self.lora_min_timestep
+        if limit is None or not self.has_lora or self._lora_off_depth:
+            return self._predict(latents, t, cond, guidance_scale)
+        active = self._timesteps(t, latents.shape[0]) > limit  # [B]
+        if bool(active.all()):
+            return self._predict(latents, t, cond, guidance_scale)
+        with self.lora_disabled():
+            base = self._predict(latents, t, cond, guidance_scale)
+        if not bool(active.any()):
+            return base
+        adapted = self._predict(latents, t, cond, guidance_scale)
+        return torch.where(active.view(-1, *[1] * (latents.ndim - 1)), adapted, base)
+
+    def _predict(self, latents: Tensor, t: Tensor | float, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
         """The model output at ``(latents, t)``, classifier-free-guided when ``guidance_scale > 1``.
 
         CFG runs as one batched call on ``cat([negative, positive])``, as the pipelines do, and combines
@@ -446,14 +475,21 @@ class DiffusionAdapter:
 
     @contextlib.contextmanager
     def lora_disabled(self) -> Iterator[None]:
-        """Run the base model (the reference policy) inside the block; a no-op without LoRA."""
-        if not self.has_lora:
-            yield
+        """Run the base model (the reference policy) inside the block; a no-op without LoRA. Blocks nest: the
+        LoRA comes back when the outermost one ends."""
+        if not self.has_lora or self._lora_off_depth:
+            self._lora_off_depth += 1
+            try:
+                yield
+            finally:
+                self._lora_off_depth -= 1
             return
         self.denoiser.disable_adapters()
+        self._lora_off_depth = 1
         try:
             yield
         finally:
+            self._lora_off_depth = 0
             self.denoiser.enable_adapters()
 
     def lora_state_dict(self) -> dict[str, Tensor]:
@@ -485,6 +521,11 @@ class DiffusionAdapter:
             folder,
             **{f"{self.denoiser_name}_lora_layers": weights, f"{self.denoiser_name}_lora_adapter_metadata": config},
         )
+        scope = folder / LORA_SCOPE_NAME
+        if self.lora_min_timestep is not None:
+            scope.write_text(json.dumps({"min_timestep": self.lora_min_timestep}) + "\n")
+        else:
+            scope.unlink(missing_ok=True)
         return folder
 
     def load_lora(self, folder: str | os.PathLike) -> list[nn.Parameter]:
@@ -498,6 +539,8 @@ class DiffusionAdapter:
             str(folder), prefix=self.denoiser_name, adapter_name="default", weight_name=LORA_WEIGHTS_NAME
         )
         self.denoiser.set_adapter("default")
+        scope = folder / LORA_SCOPE_NAME
+        self.lora_min_timestep = json.loads(scope.read_text())["min_timestep"] if scope.is_file() else None
         params = []
         for name, p in self.denoiser.named_parameters():
             if "lora_" in name:

@@ -45,6 +45,18 @@ def warmup_cosine_lr(step: int, lr: float, warmup: int, steps: int, floor: float
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def earlier_stages(init_from: str | None, recipe_file: str, takes: str) -> list[dict[str, Any]]:
+    """The recipes (``args`` and ``step``) of the training stages before one started ``--init-from`` a folder
+    holding ``recipe_file``, oldest first; ``takes`` names such a folder in the error."""
+    if not init_from:
+        return []
+    path = Path(init_from) / recipe_file
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: --init-from takes {takes}")
+    previous = json.loads(path.read_text())
+    return previous.get("earlier_stages", []) + [{"args": previous["args"], "step": previous["step"]}]
+
+
 BASE_MODEL_DIR = Path(__file__).parent / "assets" / "base_model"
 """The shipped base model (a diffusers folder)."""
 

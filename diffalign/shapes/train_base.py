@@ -65,6 +65,7 @@ from diffalign.shapes.model import (
     EvalProtocol,
     arch_dict,
     build_base_pipeline,
+    earlier_stages,
     evaluate_base_model,
     log,
     one_t5_token_quietly,
@@ -214,17 +215,6 @@ def export(pipe, out: Path, recipe: dict[str, Any], ckpt: Path) -> None:
     (ckpt / "recipe.json").write_text(text)
 
 
-def earlier_stages(init_from: str | None) -> list[dict[str, Any]]:
-    """The recipes of the stages before one started ``--init-from`` a checkpoint folder, oldest first."""
-    if not init_from:
-        return []
-    path = Path(init_from) / "recipe.json"
-    if not path.is_file():
-        raise SystemExit(f"{path} is missing: --init-from takes a checkpoint folder written by this script")
-    previous = json.loads(path.read_text())
-    return previous.pop("earlier_stages", []) + [{"args": previous["args"], "step": previous["step"]}]
-
-
 # ------------------------------------------------------------------------------------------------------ main
 
 
@@ -286,7 +276,8 @@ def train(args: argparse.Namespace) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
     if not args.resume and (ckpt / "state.pt").exists():
         raise SystemExit(f"{ckpt} holds a checkpoint: pass --resume to continue it, or another --ckpt")
-    stages = earlier_stages(args.init_from)  # before any work: a wrong --init-from fails here
+    # Before any work: a wrong --init-from fails here.
+    stages = earlier_stages(args.init_from, "recipe.json", "a checkpoint folder written by this script")
     torch.manual_seed(args.seed)
     pipe, cache = prepare(args, arch, ckpt)
     latents, caption_ids, embeds, pooled = (cache[k] for k in ("latents", "caption_ids", "embeds", "pooled"))

@@ -16,6 +16,10 @@ Algorithm, per epoch (one ``max_steps`` step):
    (LoRA disabled) in the mean-difference form. Every (micro-batch, trained step) is one backward; one optimizer
    step averages ``optim.gradient_accumulation_steps`` micro-batches x all trained steps, as in Flow-GRPO (§1.9).
 
+An option beyond the references: ``sampling.lora_in_window_only`` limits the LoRA to the timesteps of the window
+plan's range (the base model takes the ODE steps after it, in rollouts and at evaluation), so that the untrained
+late steps do not drift with weights they share with the trained ones (measured in :mod:`diffalign.shapes.demo`).
+
 Deviations from the references: the epoch's samples are split into micro-batches of ``train.batch_size`` images
 (Flow-GRPO reshapes them into ``num_batches_per_epoch`` chunks); the KL denominator convention is a config key
 (``train.kl_convention``), since beta values do not carry between conventions.
@@ -70,6 +74,10 @@ class GRPOSamplingConfig:
     """``window``/``sliding`` plans: stochastic steps per rollout."""
     window_range: tuple[int, int] | None = None
     """``window`` plan: the window's start is drawn in ``[lo, hi - window_size]``; default ``(0, num_steps // 2)``."""
+    lora_in_window_only: bool = False
+    """``window`` plan with a LoRA: the LoRA acts only at the timesteps of ``window_range`` (those GRPO trains),
+    and the base model takes the steps after it, in rollouts and at evaluation; the saved LoRA records the limit
+    (``diffalign_lora.json``). Without it the untrained later steps share the trained weights and drift."""
     shift_every: int = 25
     """``sliding`` plan: epochs between window moves."""
     ode_solver: Literal["euler", "dpm_solver_2m"] = "euler"
@@ -95,6 +103,8 @@ class GRPOSamplingConfig:
             raise ConfigError(f"must be in (0, 1], got {self.train_fraction}", key="train_fraction")
         if self.noise_level <= 0:
             raise ConfigError("must be > 0: GRPO needs stochastic steps", key="noise_level")
+        if self.lora_in_window_only and self.plan != "window":
+            raise ConfigError(f"needs plan: window, got {self.plan!r}", key="lora_in_window_only")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -217,6 +227,16 @@ def build_plan(sampling: GRPOSamplingConfig, kernel: str, epoch: int, seed: int)
     )
 
 
+def window_end_timestep(adapter: Any, sampling: GRPOSamplingConfig) -> float:
+    """The timestep the ``window`` plan's range ends at: steps ``0 .. hi - 1`` of ``window_range = (lo, hi)``
+    start above it, so a LoRA limited to timesteps above it acts on exactly the steps GRPO can train."""
+    if not adapter.has_lora:
+        raise ConfigError("needs a LoRA (model.lora.rank > 0)", key="sampling.lora_in_window_only")
+    hi = sampling.window_range[1] if sampling.window_range is not None else sampling.num_steps // 2
+    timesteps = adapter.set_timesteps(sampling.num_steps).timesteps
+    return float(timesteps[hi]) if hi < len(timesteps) else 0.0
+
+
 class GRPOTrainer:
     """Flow-GRPO / DDPO trainer; see the module docstring.
 
@@ -239,6 +259,8 @@ class GRPOTrainer:
             kernel = "sde" if self.adapter.prediction_type == "flow" else "ddim"
         self.kernel = kernel
         self.tracker = PerPromptStatTracker(config.train.buffer_size, config.train.min_count)
+        if config.sampling.lora_in_window_only:
+            self.adapter.lora_min_timestep = window_end_timestep(self.adapter, config.sampling)
         self.evaluator = Evaluator.from_config(config, self.adapter, self.reward, self.run.output_dir)
         self.run.snapshot_reference() if config.train.beta > 0 else None
         self._scorer = ThreadPoolExecutor(max_workers=1)

@@ -20,7 +20,7 @@ def _family_kwargs(family):
     return {"max_sequence_length": 77} if family in ("sd3", "flux") else {}
 
 
-def _pipe_images(pipe, family, guidance_scale, seed=0):
+def _pipe_images(pipe, family, guidance_scale, seed=0, **kwargs):
     return pipe(
         PROMPTS,
         num_inference_steps=STEPS,
@@ -30,6 +30,7 @@ def _pipe_images(pipe, family, guidance_scale, seed=0):
         generator=torch.Generator().manual_seed(seed),
         output_type="pt",
         **_family_kwargs(family),
+        **kwargs,
     ).images
 
 
@@ -167,6 +168,60 @@ def test_lora_saved_by_diffalign_loads_into_a_fresh_pipeline(family, tiny_pipeli
     loaded = other.load_lora(lora_dir)
     assert loaded and all(p.requires_grad for p in loaded)
     assert (_adapter_images(other, 3.0) - lora_images).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_lora_min_timestep_switches_the_lora_off_at_and_below_it(family, tiny_pipeline_dir, tmp_path):
+    adapter = load_adapter(tiny_pipeline_dir(family), height=SIZE, width=SIZE, **_family_kwargs(family))
+    adapter.add_lora(rank=4)
+    _perturb_lora(adapter)
+    cond = adapter.encode_prompt(["a red circle", "a blue square"])
+    latents = adapter.prepare_latents(2, torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([700.0, 500.0])
+
+    def outputs():
+        with torch.no_grad():
+            return adapter.predict(latents, timesteps, cond, 2.0)
+
+    lora = outputs()
+    with adapter.lora_disabled():
+        base = outputs()
+    assert (lora - base).abs().flatten(1).amax(1).min() > 1e-3  # the LoRA changes both samples
+
+    adapter.lora_min_timestep = 500.0
+    gated = outputs()  # one sample on each side of the limit: the LoRA acts above it only
+    torch.testing.assert_close(gated[0], lora[0])
+    torch.testing.assert_close(gated[1], base[1])
+    with adapter.lora_disabled():  # the gate's own switch nests inside the caller's: still off after it
+        torch.testing.assert_close(outputs(), base)
+        torch.testing.assert_close(outputs(), base)
+    torch.testing.assert_close(outputs(), gated)
+
+    folder = adapter.save_lora(tmp_path / "lora")
+    assert json.loads((folder / "diffalign_lora.json").read_text()) == {"min_timestep": 500.0}
+
+    # diffusers: the LoRA loaded as usual, switched off by the step callback the scope file's docstring describes.
+    pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_dir(family))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(folder)
+
+    def lora_above_limit(pipe, index, timestep, callback_kwargs):
+        following = pipe.scheduler.timesteps[index + 1 :]
+        if len(following) and following[0] <= 500.0:
+            pipe.disable_lora()
+        return callback_kwargs
+
+    expected = _pipe_images(pipe, family, 3.0, callback_on_step_end=lora_above_limit)
+    assert (_adapter_images(adapter, 3.0) - expected).abs().max().item() <= 1e-4
+    pipe.enable_lora()
+    assert (_pipe_images(pipe, family, 3.0) - expected).abs().max().item() > 1e-3  # the late steps need it
+    other = load_adapter(tiny_pipeline_dir(family), height=SIZE, width=SIZE, **_family_kwargs(family))
+    other.load_lora(folder)
+    assert other.lora_min_timestep == 500.0
+    adapter.lora_min_timestep = None  # a LoRA of every timestep leaves no scope file behind
+    assert not (adapter.save_lora(folder) / "diffalign_lora.json").exists()
+    other.load_lora(folder)
+    assert other.lora_min_timestep is None
 
 
 def test_default_lora_targets_exist_in_each_denoiser(tiny_pipeline_dir):

@@ -35,6 +35,7 @@ def test_demo_config_is_a_valid_grpo_config(tmp_path):
     # SDE on the first two steps, with one initial noise per group (the module docstring says why).
     assert config.sampling.same_noise_per_prompt and config.sampling.window_range == (0, 2)
     assert config.sampling.window_size == 2
+    assert config.sampling.lora_in_window_only  # the base model takes the steps after the window
 
 
 def test_evaluation_seeds_are_never_training_seeds():
@@ -50,6 +51,7 @@ def test_demo_writes_its_outputs(tiny_pipeline_dir, tmp_path):
     metrics = run_demo(minutes=0.01, output=output, model=model, **sizes)
     for name in ("before_after.png", "reward_curve.png", "metrics.json", "config.yaml", "lora"):
         assert (output / name).exists(), name
+    assert "min_timestep" in json.loads((output / "lora" / "diffalign_lora.json").read_text())
     assert json.loads((output / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["epochs"] >= 1
     assert metrics["eval"]["prompts"] == 4 and metrics["eval"]["unseen_prompts"] == 3

@@ -11,7 +11,7 @@ import torch
 import rewards
 from diffalign.shapes import model as shapes_model
 from diffalign.shapes import train_base, train_clip
-from diffalign.shapes.scenes import heldout_prompts
+from diffalign.shapes.scenes import PROMPT_KINDS, heldout_prompts, parse_caption
 
 
 CLIP_DIR = train_clip.CLIP_DIR
@@ -227,3 +227,26 @@ def test_flip_relation_reverses_the_relation_only():
     )
     assert train_clip.flip_relation("a green triangle below a red circle") == "a green triangle above a red circle"
     assert train_clip.flip_relation("a red circle and a blue square") is None
+
+
+def test_train_clip_later_stage_starts_from_an_export_and_records_the_chain(tmp_path):
+    from safetensors.torch import load_file
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    train_clip.main(["--out", str(first), "--steps", "2", *_TINY_CLIP])
+    later = ["--init-from", str(first), "--split", "all", "--relation-fraction", "0.5", "--flip-negatives"]
+    train_clip.main(["--out", str(second), "--steps", "2", *later, *_TINY_CLIP])
+    info = json.loads((second / "diffalign_clip.json").read_text())
+    assert [stage["step"] for stage in info["earlier_stages"]] == [2]
+    assert info["earlier_stages"][0]["args"]["split"] == "train" and info["args"]["split"] == "all"
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys() and any(not torch.equal(a[key], b[key]) for key in a)
+    with pytest.raises(SystemExit, match="diffalign_clip.json"):
+        train_clip.main(["--out", str(tmp_path / "third"), "--init-from", str(tmp_path), *_TINY_CLIP])
+
+
+def test_sample_batch_relation_fraction():
+    _, captions = train_clip.sample_batch(64, random.Random(0), relation_fraction=1.0)
+    assert {parse_caption(c).kind for c in captions} == {"relation"}
+    _, mixed = train_clip.sample_batch(64, random.Random(0))
+    assert len({parse_caption(c).kind for c in mixed}) == len(PROMPT_KINDS)

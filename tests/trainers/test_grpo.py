@@ -1,5 +1,6 @@
 """Flow-GRPO / DDPO trainer: on-policy ratio, window training, accumulation invariance, resume, LoRA export."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from diffalign.config import load_config
+from diffalign.config import LoraConfig, load_config
 from diffalign.losses.advantages import group_advantages
 from diffalign.testing import FAMILIES
 from diffalign.trainers.grpo import GRPOConfig, GRPOTrainer, build_plan, epoch_prompts
@@ -286,3 +287,29 @@ def test_max_minutes_stops_after_the_epoch_that_spends_the_budget(tiny_pipeline_
     GRPOTrainer(config).train()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "reward" in line]
     assert [r["step"] for r in records] == [1]  # 6 ms: the first epoch already spends it
+
+
+def test_lora_in_window_only_runs_the_base_model_after_the_window(tiny_pipeline_dir, tmp_path):
+    from diffalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="plan: window"):
+        make_config(tmp_path / "model", tmp_path, **{"sampling.lora_in_window_only": True})
+    window = {"sampling.plan": "window", "sampling.num_steps": 6, "sampling.window_range": [0, 2], "max_steps": 1}
+    config = make_config(tiny_pipeline_dir("sd3"), tmp_path, **window, **{"sampling.lora_in_window_only": True})
+    with pytest.raises(ConfigError, match="needs a LoRA"):
+        GRPOTrainer(dataclasses.replace(config, model=dataclasses.replace(config.model, lora=LoraConfig(rank=0))))
+    trainer = GRPOTrainer(config)
+    timesteps = trainer.adapter.set_timesteps(6).timesteps
+    assert trainer.adapter.lora_min_timestep == float(timesteps[2])  # steps 0 and 1 are the trainable ones
+
+    calls = []  # (timestep, LoRA on?) of every denoiser call
+    record = lambda module, args, kwargs: calls.append(  # noqa: E731
+        (float(kwargs["timestep"][0]), not trainer.adapter._lora_off_depth)
+    )
+    handle = trainer.adapter.denoiser.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    assert set(calls) == {(float(t), i < 2) for i, t in enumerate(timesteps)}  # never both at one timestep
+    assert json.loads((tmp_path / "lora" / "diffalign_lora.json").read_text()) == {"min_timestep": float(timesteps[2])}
