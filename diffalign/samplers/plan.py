@@ -38,6 +38,7 @@ __all__ = [
     "sde_plan",
     "sliding_window_plan",
     "sliding_window_start",
+    "window_bounds",
 ]
 
 ODE_SOLVERS = ("euler", "dpm_solver_2m")
@@ -224,6 +225,12 @@ def per_sample_train_steps(plan: StepPlan, batch_size: int, generator: torch.Gen
     return torch.stack(rows)[:, : len(plan.trained)]
 
 
+def window_bounds(num_steps: int, window_range: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The ``(low, high)`` steps a random window lies in: ``window_range``, default ``(0, num_steps // 2)`` as
+    flow_grpo's fast configs (``sde_window_range=(0, num_steps // 2)``)."""
+    return window_range if window_range is not None else (0, num_steps // 2)
+
+
 def random_window_plan(
     num_steps: int,
     noise_level: float,
@@ -244,14 +251,13 @@ def random_window_plan(
         num_steps: Number of sampling steps.
         noise_level: Noise scale inside the window.
         window_size: Number of stochastic steps (flow_grpo fast configs: 2-3).
-        window_range: ``(low, high)`` range the window must lie in; default ``(0, num_steps // 2)`` as the
-            fast configs (``sde_window_range=(0, num_steps // 2)``).
+        window_range: ``(low, high)`` range the window must lie in; default :func:`window_bounds`.
         generator: ``random.Random`` or ``torch.Generator`` for the start (reproducible when seeded).
         kernel: Stochastic kernel name.
         ode_solver: Solver outside the window.
     """
     _check_noise(noise_level)
-    low, high = window_range if window_range is not None else (0, num_steps // 2)
+    low, high = window_bounds(num_steps, window_range)
     if window_size < 1 or not 0 <= low <= high - window_size or high > num_steps:
         raise ValueError(f"a window of {window_size} steps does not fit in {(low, high)} of {num_steps} steps")
     start = _randint(low, high - window_size, generator)

@@ -362,7 +362,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vision-hidden", type=int, default=64)
     p.add_argument("--vision-layers", type=int, default=3)
     p.add_argument("--projection-dim", type=int, default=64)
-    p.add_argument("--init-from", default=None, help="start from this exported CLIP folder (a later stage)")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from this exported CLIP folder (a later stage; the size options are then unused)",
+    )
     p.add_argument(
         "--split", default="train", choices=["train", "all"], help="scenes to train on (all: with held-out ones)"
     )

@@ -45,7 +45,7 @@ from diffalign.config import ConfigError, TrainerConfig
 from diffalign.data.prompts import load_prompts
 from diffalign.losses.advantages import PerPromptStatTracker, group_advantages, zero_std_ratio
 from diffalign.losses.policy_gradient import clipped_policy_loss, kl_to_reference
-from diffalign.samplers.plan import StepPlan, random_window_plan, sde_plan, sliding_window_plan
+from diffalign.samplers.plan import StepPlan, random_window_plan, sde_plan, sliding_window_plan, window_bounds
 from diffalign.samplers.rollout import Trajectory, rollout, transition_log_probs
 from diffalign.trainers.common import TrainingRun, build_reward
 from diffalign.trainers.evaluation import Evaluator
@@ -232,7 +232,7 @@ def window_end_timestep(adapter: Any, sampling: GRPOSamplingConfig) -> float:
     start above it, so a LoRA limited to timesteps above it acts on exactly the steps GRPO can train."""
     if not adapter.has_lora:
         raise ConfigError("needs a LoRA (model.lora.rank > 0)", key="sampling.lora_in_window_only")
-    hi = sampling.window_range[1] if sampling.window_range is not None else sampling.num_steps // 2
+    _, hi = window_bounds(sampling.num_steps, sampling.window_range)
     timesteps = adapter.set_timesteps(sampling.num_steps).timesteps
     return float(timesteps[hi]) if hi < len(timesteps) else 0.0
 
