@@ -787,9 +787,12 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this value; null disables clipping."""
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
-    """Learning-rate schedule (diffusers.optimization.get_scheduler); cosine and linear decay to 0 at max_steps."""
+    """Learning-rate schedule (diffusers.optimization.get_scheduler); cosine and linear decay to 0 at max_steps.
+
+    The schedule advances once per trainer step (``max_steps`` unit: an optimizer step for DPO and reward
+    backprop, an epoch for Flow-GRPO, whose epochs take several optimizer steps)."""
     warmup_steps: int = 0
-    """Linear warmup from 0 over this many optimizer steps (not with lr_scheduler = constant)."""
+    """Linear warmup from 0 over this many trainer steps (not with lr_scheduler = constant)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
     use_8bit_adam: bool = False

@@ -9,7 +9,8 @@ A trainer owns its loop (sampling, losses) and hands everything else to a :class
         with run.accumulate():
             loss = ...
             run.backward(loss)                    # NaN/inf stops the run with a clear message
-        run.optimizer_step()                      # clip, step, schedule, zero grad, EMA
+        run.optimizer_step()                      # clip, step, zero grad, EMA
+        run.advance_schedule()                    # the lr schedule counts trainer steps (max_steps)
         run.log(step, metrics)
         run.maybe_save(step, trainer_state)       # atomic; keeps the last N; exports the LoRA
         run.maybe_evaluate(step)                  # ODE grid + mean rewards on held-out prompts
@@ -356,8 +357,13 @@ class TrainingRun:
         )
 
     def optimizer_step(self, step: int | None = None) -> dict[str, float]:
-        """Clip, step, schedule and zero the gradients; update the EMA. Returns ``grad_norm`` and ``lr``."""
-        metrics: dict[str, float] = {}
+        """Clip, step and zero the gradients; update the EMA. Returns ``grad_norm`` and the ``lr`` just applied.
+
+        The learning-rate schedule is not advanced here but by :meth:`advance_schedule`, once per trainer step:
+        a Flow-GRPO epoch takes a varying number of optimizer steps, and its schedule must still end at
+        ``max_steps``.
+        """
+        metrics: dict[str, float] = {"lr": self.lr_scheduler.get_last_lr()[0]}
         max_norm = self.config.optim.max_grad_norm
         if max_norm is not None:
             norm = float(self.accelerator.clip_grad_norm_(self.params, max_norm))
@@ -365,13 +371,15 @@ class TrainingRun:
                 raise TrainingDivergedError(self._divergence_message("gradient norm", torch.tensor(norm), step))
             metrics["grad_norm"] = norm
         self.optimizer.step()
-        self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
         if self.ema is not None:
             self.ema.step(self.optimizer_steps)
-        metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
         return metrics
+
+    def advance_schedule(self) -> None:
+        """Move the learning-rate schedule on by one trainer step (``max_steps`` and ``warmup_steps`` count these)."""
+        self.lr_scheduler.step()
 
     # --- wall-clock budget ------------------------------------------------------------------------------------------
 
@@ -408,7 +416,8 @@ class TrainingRun:
         logging, checkpoints, periodic evaluation and the final save.
 
         Args:
-            train_step: one optimizer step, ``step`` 0-based; returns its metrics.
+            train_step: one optimizer step, ``step`` 0-based; returns its metrics. The learning-rate schedule
+                advances after it.
             trainer_state: what resuming needs beyond the runtime's state (stored in every checkpoint).
             evaluate: periodic evaluation (``eval.every``), or None.
             desc: the progress bar's label.
@@ -435,6 +444,7 @@ class TrainingRun:
         self.start_clock()
         for step in progress:
             metrics = train_step(step)
+            self.advance_schedule()
             window.append(metrics)
             done = step + 1
             stop = self.out_of_time()  # max_minutes spent: this step is the last one

@@ -313,3 +313,13 @@ def test_lora_in_window_only_runs_the_base_model_after_the_window(tiny_pipeline_
         handle.remove()
     assert set(calls) == {(float(t), i < 2) for i, t in enumerate(timesteps)}  # never both at one timestep
     assert json.loads((tmp_path / "lora" / "diffalign_lora.json").read_text()) == {"min_timestep": float(timesteps[2])}
+
+
+def test_lr_schedule_counts_epochs_not_optimizer_steps(tiny_pipeline_dir, tmp_path):
+    # 8 samples in micro-batches of 4: two optimizer steps an epoch; the linear decay must still span max_steps epochs.
+    config = make_config(tiny_pipeline_dir("sd3"), tmp_path, max_steps=4, **{"optim.lr_scheduler": "linear"})
+    trainer = GRPOTrainer(config)
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "lr" in line]
+    assert trainer.run.optimizer_steps == 8
+    assert [r["lr"] for r in records] == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])
