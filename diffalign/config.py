@@ -793,6 +793,10 @@ class OptimConfig:
     backprop, an epoch for Flow-GRPO, whose epochs take several optimizer steps)."""
     warmup_steps: int = 0
     """Linear warmup from 0 over this many trainer steps (not with lr_scheduler = constant)."""
+    lr_horizon: Literal["max_steps", "max_minutes"] = "max_steps"
+    """What the schedule spans: ``max_steps``, or the ``max_minutes`` wall-clock budget (the schedule then stands at
+    the fraction of the budget spent times max_steps, or at the step count if that is further, so that a cosine or
+    linear decay ends with the budget). A resumed run's budget starts afresh; its schedule never moves back."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
     use_8bit_adam: bool = False
@@ -974,4 +978,9 @@ class TrainerConfig:
             ("optim.warmup_steps", "max_steps"),
             f"warmup ({self.optim.warmup_steps} steps) is longer than training ({self.max_steps} steps); "
             "lower optim.warmup_steps or raise max_steps",
+        )
+        _require(
+            self.optim.lr_horizon == "max_steps" or self.max_minutes is not None,
+            ("optim.lr_horizon", "max_minutes"),
+            "lr_horizon = max_minutes needs a wall-clock budget; set max_minutes, or use lr_horizon = max_steps",
         )

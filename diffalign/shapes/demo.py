@@ -36,17 +36,25 @@ The recipe (:func:`demo_config`), and what it rests on (measured on this model, 
 - *Few prompts*: a prompt needs ~100-300 groups of 8 images to be learnt (a single relation prompt: strict
   0.44 -> 0.66 -> 0.91 -> 1.0 after 80, 160, 320 groups); 32 prompts did not move in 15 minutes. Hence 8 prompts
   by default (``--prompts``), and an unseen set that measures what carries over to compositions not trained on.
+- *Past 15 minutes, the lr decays linearly to 0 at the end of the budget* (``optim.lr_horizon: max_minutes``). At a
+  constant lr the aligned prompts peak after 400-600 epochs and then trade places: same seed and prompts, 1 thread,
+  aligned strict after 200 / 400 / 600 / 800 / 870 epochs, constant 0.617 / 0.727 / 0.719 / 0.656 / 0.648 ("two yellow
+  circles" 0.69 -> 0.31 -> 0.50 and "a red circle and a yellow triangle" 0.69 -> 0.38 over the last three),
+  linear decay to 0 at epoch 870: 0.531 / 0.648 / 0.672 / 0.695 / 0.711. An EMA of the LoRA (decay 0.995 after
+  diffusers' warm-up) changed no image's verdict before epoch 870 and ended at 0.633 against 0.648. A 10-minute
+  budget ends before the peak, and decaying over it only slows learning: 257 epochs, 0.430 -> 0.492, against
+  0.641 at a constant lr; hence the decay from :data:`DECAY_FROM_MINUTES` on.
 - LoRA r16 at Flow-GRPO's lr 3e-4 with its GenEval KL coefficient 0.04. lr 1e-3, two inner epochs per batch, or
   8-16 groups per optimizer step at lr 1e-3 all collapsed the reward within 150-250 epochs; full fine-tuning at
   lr 1e-4 lowered it.
 
-Measured with the defaults (``diffalign demo``, 2 threads, quiet machine): 269 epochs in 10 minutes; aligned
-prompts (8 x 16 fresh seeds) strict 0.430 -> 0.641 (+0.211), reward 0.772 -> 0.846; unseen prompts (32 x 4)
-strict 0.336 -> 0.422, reward 0.665 -> 0.725. With ``--minutes 30``: 868 epochs; aligned strict 0.430 -> 0.656
-(+0.227), reward 0.772 -> 0.878; unseen strict 0.336 -> 0.414, reward 0.665 -> 0.731. Before the LoRA was limited
-to the window: 0.594 after 10 minutes, 0.641 (+0.211) after 30. The gain flattens after ~10 minutes (training
-reward ~0.9 by then); runs of this recipe measured 0.625, 0.641, 0.727 and 0.656 after 200, 269, 400 and 868
-epochs, so one run's end point varies by a few hundredths. On the grid's seeds "a blue circle and a green
+Measured with the defaults (``diffalign demo``, 2 threads): 269 epochs in 10 minutes; aligned prompts (8 x 16
+fresh seeds) strict 0.430 -> 0.641 (+0.211), reward 0.772 -> 0.846; unseen prompts (32 x 4) strict 0.336 -> 0.422,
+reward 0.665 -> 0.725. With ``--minutes 30`` (lr decayed over the budget): 690 epochs (the machine was busier for
+part of the run); aligned strict 0.430 -> 0.695 (+0.266), reward 0.772 -> 0.876; unseen strict 0.336 -> 0.391,
+reward 0.665 -> 0.701. At a constant lr the 30-minute run had ended at 0.656 (+0.227, 868 epochs); before the LoRA
+was limited to the window: 0.594 after 10 minutes, 0.641 after 30. One run's end point varies by a few
+hundredths (the paired standard error of a gain is ~0.04). On the constant-lr runs' grids "a blue circle and a green
 square" gets one of its two objects right at best (the base model swaps its colours at every seed), "a red circle
 and a yellow triangle" swaps colours in half of the images, and "a blue triangle and a green triangle" sometimes
 draws a third triangle.
@@ -107,11 +115,13 @@ def demo_prompts(num_aligned: int = 8, num_unseen: int = 32, seed: int = 1234) -
     return drawn[:num_aligned], drawn[num_aligned:]
 
 
-def demo_config(model: Path, output: Path, minutes: float, seed: int, prompts: list[str]) -> dict[str, Any]:
+def demo_config(model: Path, output: Path, minutes: float | None, seed: int, prompts: list[str]) -> dict[str, Any]:
     """The demo's GRPO config on ``prompts``, a mapping (validated by :class:`~diffalign.trainers.grpo.GRPOConfig`).
 
     Flow-GRPO with the SDE on the first two of 10 steps and one initial noise per group, LoRA r16 at Flow-GRPO's
     lr 3e-4 with its GenEval KL coefficient 0.04, 4 groups of 8 images per epoch (the module docstring says why).
+    A budget of more than :data:`DECAY_FROM_MINUTES` ``minutes`` decays the lr linearly to 0 at its end; a shorter
+    one, or none (``None``: an epoch-bound run), keeps it constant.
     """
     protocol = load_protocol(model)
     return {
@@ -122,7 +132,7 @@ def demo_config(model: Path, output: Path, minutes: float, seed: int, prompts: l
         "max_steps": 10_000,
         "max_minutes": minutes,
         "logging": {"log_with": "tensorboard"},
-        "optim": {"lr": 3e-4, "weight_decay": 1e-4, "max_grad_norm": 1.0},
+        "optim": {"lr": 3e-4, "weight_decay": 1e-4, "max_grad_norm": 1.0, **_budget_schedule(minutes)},
         "checkpoint": {"every": 25, "keep_last": 1},
         "sampling": {
             "prompts": list(prompts),
@@ -142,6 +152,17 @@ def demo_config(model: Path, output: Path, minutes: float, seed: int, prompts: l
         "train": {"batch_size": 16, "clip_range": 1e-3, "beta": 0.04, "global_std": True},
         "eval": {"every": 0},
     }
+
+
+DECAY_FROM_MINUTES = 15.0
+"""Budgets longer than this decay the lr linearly to 0 at their end; shorter ones (and epoch-bound runs) keep it
+constant. At a constant lr the aligned prompts peak after 400-600 epochs (~15-20 minutes on 2 cores), so only a
+longer run needs the decay; a shorter one ends before the peak and the decay only slows it (module docstring)."""
+
+
+def _budget_schedule(minutes: float | None) -> dict[str, str]:
+    """The lr schedule for a wall-clock budget of ``minutes`` (see :data:`DECAY_FROM_MINUTES`)."""
+    return {"lr_scheduler": "linear", "lr_horizon": "max_minutes"} if (minutes or 0) > DECAY_FROM_MINUTES else {}
 
 
 def _summary(scores: dict[str, torch.Tensor]) -> dict[str, float]:

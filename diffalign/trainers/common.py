@@ -10,7 +10,7 @@ A trainer owns its loop (sampling, losses) and hands everything else to a :class
             loss = ...
             run.backward(loss)                    # NaN/inf stops the run with a clear message
         run.optimizer_step()                      # clip, step, zero grad, EMA
-        run.advance_schedule()                    # the lr schedule counts trainer steps (max_steps)
+        run.advance_schedule(step + 1)            # the lr schedule counts trainer steps (or the budget spent)
         run.log(step, metrics)
         run.maybe_save(step, trainer_state)       # atomic; keeps the last N; exports the LoRA
         run.maybe_evaluate(step)                  # ODE grid + mean rewards on held-out prompts
@@ -246,6 +246,7 @@ class TrainingRun:
             self.adapter.wrap_denoiser(wrapped)
         self.ema = EMA(self.params, config.ema.decay, config.ema.update_every) if config.ema.enabled else None
         self.optimizer_steps = 0
+        self.schedule_steps = 0  # trainer steps the lr schedule has advanced (advance_schedule)
         if log_with is not None:
             run_config = {"method": getattr(config, "method", "train"), "seed": config.seed}
             self.accelerator.init_trackers(config.logging.project, config=run_config)
@@ -377,9 +378,18 @@ class TrainingRun:
             self.ema.step(self.optimizer_steps)
         return metrics
 
-    def advance_schedule(self) -> None:
-        """Move the learning-rate schedule on by one trainer step (``max_steps`` and ``warmup_steps`` count these)."""
-        self.lr_scheduler.step()
+    def advance_schedule(self, done: int) -> None:
+        """Move the learning-rate schedule to ``done`` finished trainer steps (``max_steps`` and ``warmup_steps`` count
+        these), or with ``optim.lr_horizon = max_minutes`` to the budget's spent fraction times ``max_steps`` when
+        that is further. The schedule only moves forward."""
+        target = done
+        if self.config.optim.lr_horizon == "max_minutes" and self._deadline is not None:
+            budget = 60 * self.config.max_minutes
+            spent = 1 - (self._deadline - time.monotonic()) / budget
+            target = max(target, math.ceil(self._max_over_processes(spent) * self.config.max_steps))
+        while self.schedule_steps < min(target, self.config.max_steps):
+            self.lr_scheduler.step()
+            self.schedule_steps += 1
 
     # --- wall-clock budget ------------------------------------------------------------------------------------------
 
@@ -393,10 +403,13 @@ class TrainingRun:
         over processes), so that all of them stop after the same step. False when there is no budget."""
         if self._deadline is None:
             return False
-        flag = torch.tensor([float(time.monotonic() > self._deadline)], device=self.device)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="max")
-        return bool(flag.item() > 0)
+        return self._max_over_processes(float(time.monotonic() > self._deadline)) > 0
+
+    def _max_over_processes(self, value: float) -> float:
+        """``value``'s maximum over processes: clock readings differ, decisions drawn from them must not."""
+        if self.accelerator.num_processes == 1:
+            return value
+        return self.accelerator.reduce(torch.tensor([value], device=self.device), reduction="max").item()
 
     # --- the step loop ----------------------------------------------------------------------------------------------
 
@@ -444,7 +457,7 @@ class TrainingRun:
         self.start_clock()
         for step in progress:
             metrics = train_step(step)
-            self.advance_schedule()
+            self.advance_schedule(step + 1)
             window.append(metrics)
             done = step + 1
             stop = self.out_of_time()  # max_minutes spent: this step is the last one
@@ -507,7 +520,8 @@ class TrainingRun:
         torch.save(rng_state(), tmp / f"rng-{self.accelerator.process_index}.pt")
         self.accelerator.wait_for_everyone()
         if self.is_main_process:
-            state = {"step": step, "optimizer_steps": self.optimizer_steps, **trainer_state}
+            state = {"step": step, "optimizer_steps": self.optimizer_steps, "schedule_steps": self.schedule_steps}
+            state.update(trainer_state)
             (tmp / _COMPLETE_MARKER).write_text(json.dumps(state, indent=2, default=_json_default))
             if final.exists():
                 shutil.rmtree(final)
@@ -565,6 +579,7 @@ class TrainingRun:
             set_rng_state(torch.load(rng_file, weights_only=False))
         state = json.loads((path / _COMPLETE_MARKER).read_text())
         self.optimizer_steps = int(state.get("optimizer_steps", 0))
+        self.schedule_steps = int(state.get("schedule_steps", state["step"]))
         logger.info("resumed from %s (step %d)", path, state["step"])
         return state
 

@@ -470,7 +470,7 @@ class GRPOTrainer:
             for name, values in parts.items():
                 stats[f"reward/{name}"] = self.run.accelerator.gather(values.to(self.run.device)).mean().item()
             metrics = {**stats, **self.train_epoch(trajectory, advantages, epoch)}
-            self.run.advance_schedule()
+            self.run.advance_schedule(epoch + 1)
             metrics["time/sample_s"] = sampled - began
             metrics["time/epoch_s"] = time.perf_counter() - began
             self.run.log(epoch + 1, metrics)

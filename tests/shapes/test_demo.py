@@ -8,6 +8,7 @@ from diffalign.cli import main as cli_main
 from diffalign.config import load_config
 from diffalign.shapes.demo import (
     BASE_MODEL,
+    DECAY_FROM_MINUTES,
     EVAL_SEEDS,
     compositional,
     demo_config,
@@ -36,6 +37,11 @@ def test_demo_config_is_a_valid_grpo_config(tmp_path):
     assert config.sampling.same_noise_per_prompt and config.sampling.window_range == (0, 2)
     assert config.sampling.window_size == 2
     assert config.sampling.lora_in_window_only  # the base model takes the steps after the window
+    assert config.optim.lr_scheduler == "constant"  # a 1-minute budget ends before the constant-lr peak
+    for minutes, schedule in ((DECAY_FROM_MINUTES + 1, "linear"), (None, "constant")):
+        optim = demo_config(BASE_MODEL, tmp_path, minutes, 0, [])["optim"]
+        budget = load_config(GRPOConfig, {**raw, "max_minutes": minutes, "optim": optim})
+        assert budget.optim.lr_scheduler == schedule  # long budgets decay with the clock; epoch-bound runs do not
 
 
 def test_evaluation_seeds_are_never_training_seeds():

@@ -131,3 +131,40 @@ def test_full_finetuning_reference_is_a_frozen_copy(tiny_pipeline_dir, tmp_path)
     assert not torch.equal(before, after)
     with run.reference():
         torch.testing.assert_close(run.adapter.predict(latents, 500.0, cond), before)
+
+
+def test_lr_schedule_over_the_wall_clock_budget(tiny_pipeline_dir, tmp_path, monkeypatch):
+    from diffalign.trainers import common
+
+    run = make_run(
+        tiny_pipeline_dir("sd3"),
+        tmp_path,
+        max_minutes=1.0,
+        optim={"lr": 1e-2, "lr_scheduler": "linear", "lr_horizon": "max_minutes"},
+    )
+    now = [100.0]
+    monkeypatch.setattr(common.time, "monotonic", lambda: now[0])
+    run.start_clock()
+    lr = lambda: run.lr_scheduler.get_last_lr()[0]  # noqa: E731
+    _fake_step(run)
+    run.advance_schedule(1)  # no time spent: one step of ten
+    assert run.schedule_steps == 1 and lr() == pytest.approx(9e-3)
+    now[0] += 30  # half the budget: the schedule jumps to step 5 of 10
+    run.advance_schedule(2)
+    assert run.schedule_steps == 5 and lr() == pytest.approx(5e-3)
+    now[0] += 15
+    run.advance_schedule(3)
+    assert run.schedule_steps == 8 and lr() == pytest.approx(2e-3)
+    run.start_clock()  # a resumed run's fresh budget never moves the schedule back
+    run.advance_schedule(4)
+    assert run.schedule_steps == 8
+    now[0] += 120  # past the budget: the decay ends at max_steps, not beyond
+    run.advance_schedule(5)
+    assert run.schedule_steps == 10 and lr() == 0
+
+
+def test_lr_horizon_max_minutes_needs_a_budget(tiny_pipeline_dir, tmp_path):
+    from diffalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="lr_horizon = max_minutes needs a wall-clock budget"):
+        make_run(tiny_pipeline_dir("sd3"), tmp_path, optim={"lr_horizon": "max_minutes"})
