@@ -36,6 +36,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -387,9 +388,13 @@ class TrainingRun:
             budget = 60 * self.config.max_minutes
             spent = 1 - (self._deadline - time.monotonic()) / budget
             target = max(target, math.ceil(self._max_over_processes(spent) * self.config.max_steps))
-        while self.schedule_steps < min(target, self.config.max_steps):
-            self.lr_scheduler.step()
-            self.schedule_steps += 1
+        with warnings.catch_warnings():
+            # A trainer step may make no update (a GRPO epoch whose groups all tie): it still counts, so torch's
+            # "lr_scheduler.step() before optimizer.step()" warning does not apply.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            while self.schedule_steps < min(target, self.config.max_steps):
+                self.lr_scheduler.step()
+                self.schedule_steps += 1
 
     # --- wall-clock budget ------------------------------------------------------------------------------------------
 

@@ -168,3 +168,10 @@ def test_lr_horizon_max_minutes_needs_a_budget(tiny_pipeline_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="lr_horizon = max_minutes needs a wall-clock budget"):
         make_run(tiny_pipeline_dir("sd3"), tmp_path, optim={"lr_horizon": "max_minutes"})
+
+
+def test_a_step_without_an_update_still_advances_the_schedule_quietly(tiny_pipeline_dir, tmp_path, recwarn):
+    run = make_run(tiny_pipeline_dir("sd3"), tmp_path, optim={"lr": 1e-2, "lr_scheduler": "linear"})
+    run.advance_schedule(1)  # e.g. a GRPO epoch whose groups all tied: no optimizer step, the step still counts
+    assert run.schedule_steps == 1 and run.lr_scheduler.get_last_lr()[0] == pytest.approx(9e-3)
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
