@@ -477,20 +477,16 @@ class DiffusionAdapter:
     def lora_disabled(self) -> Iterator[None]:
         """Run the base model (the reference policy) inside the block; a no-op without LoRA. Blocks nest: the
         LoRA comes back when the outermost one ends."""
-        if not self.has_lora or self._lora_off_depth:
-            self._lora_off_depth += 1
-            try:
-                yield
-            finally:
-                self._lora_off_depth -= 1
-            return
-        self.denoiser.disable_adapters()
-        self._lora_off_depth = 1
+        outermost = self.has_lora and not self._lora_off_depth
+        if outermost:
+            self.denoiser.disable_adapters()
+        self._lora_off_depth += 1
         try:
             yield
         finally:
-            self._lora_off_depth = 0
-            self.denoiser.enable_adapters()
+            self._lora_off_depth -= 1
+            if outermost:
+                self.denoiser.enable_adapters()
 
     def lora_state_dict(self) -> dict[str, Tensor]:
         """The LoRA weights, peft keys (``...to_q.lora_A.weight``) without the ``{denoiser}.`` prefix.

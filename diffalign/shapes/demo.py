@@ -115,6 +115,17 @@ def demo_prompts(num_aligned: int = 8, num_unseen: int = 32, seed: int = 1234) -
     return drawn[:num_aligned], drawn[num_aligned:]
 
 
+DECAY_FROM_MINUTES = 15.0
+"""Budgets longer than this decay the lr linearly to 0 at their end; shorter ones (and epoch-bound runs) keep it
+constant. At a constant lr the aligned prompts peak after 400-600 epochs (~15-20 minutes on 2 cores), so only a
+longer run needs the decay; a shorter one ends before the peak and the decay only slows it (module docstring)."""
+
+
+def _budget_schedule(minutes: float | None) -> dict[str, str]:
+    """The lr schedule for a wall-clock budget of ``minutes`` (see :data:`DECAY_FROM_MINUTES`)."""
+    return {"lr_scheduler": "linear", "lr_horizon": "max_minutes"} if (minutes or 0) > DECAY_FROM_MINUTES else {}
+
+
 def demo_config(model: Path, output: Path, minutes: float | None, seed: int, prompts: list[str]) -> dict[str, Any]:
     """The demo's GRPO config on ``prompts``, a mapping (validated by :class:`~diffalign.trainers.grpo.GRPOConfig`).
 
@@ -152,17 +163,6 @@ def demo_config(model: Path, output: Path, minutes: float | None, seed: int, pro
         "train": {"batch_size": 16, "clip_range": 1e-3, "beta": 0.04, "global_std": True},
         "eval": {"every": 0},
     }
-
-
-DECAY_FROM_MINUTES = 15.0
-"""Budgets longer than this decay the lr linearly to 0 at their end; shorter ones (and epoch-bound runs) keep it
-constant. At a constant lr the aligned prompts peak after 400-600 epochs (~15-20 minutes on 2 cores), so only a
-longer run needs the decay; a shorter one ends before the peak and the decay only slows it (module docstring)."""
-
-
-def _budget_schedule(minutes: float | None) -> dict[str, str]:
-    """The lr schedule for a wall-clock budget of ``minutes`` (see :data:`DECAY_FROM_MINUTES`)."""
-    return {"lr_scheduler": "linear", "lr_horizon": "max_minutes"} if (minutes or 0) > DECAY_FROM_MINUTES else {}
 
 
 def _summary(scores: dict[str, torch.Tensor]) -> dict[str, float]:
