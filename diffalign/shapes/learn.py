@@ -34,28 +34,24 @@ Measured (1 CPU thread each, two runs sharing the 2-core machine; base: aligned 
   denoising loss on the preferred images (``sft_weight=1``): +0.195 aligned, +0.039 unseen. With pairs from 304
   training prompts and a 48-prompt evaluation set instead, DPO moved it by at most +0.035: it needs a few hundred
   pairs per prompt.
-- Reward backprop, defaults (DRaFT-K, 10 ODE steps, K = 10, LoRA 16, lr 3e-4, 8 images a step, ~2.2 s a step),
-  ``diffalign bench learn --method backprop --minutes 10``: 289 steps; aligned strict 0.430 -> 0.422
-  (-0.008), reward 0.772 -> 0.756; unseen strict 0.336 -> 0.320. The held-out curve of a longer run shows
-  why: aligned strict 0.430 -> 0.492 / 0.500 / 0.461 / 0.438 after 60 / 120 / 180 / 240 steps while the CLIP score
-  it maximises keeps rising (62 -> 75): past ~100 steps it over-optimises the shapes CLIP, which cannot see
-  relations (:func:`~diffalign.shapes.train_clip.relation_accuracy` 0.525), so half of the aligned prompts get no
-  useful gradient. An EMA of the weights (decay 0.97) peaked the same (0.508 at 120 steps, 0.461 at 240);
-  16 images a step fell sooner (0.383 at 120); lr 1e-4 rose slowly (0.453 at 240); K = 2 collapsed (0.055 at
-  480).
+- Reward backprop, defaults (DRaFT-K, 10 ODE steps, K = 10, LoRA 16, lr 3e-4, 8 images a step, ~2.4 s a step),
+  ``diffalign bench learn --method backprop --minutes 10 --threads 1``: 240 steps; aligned strict 0.430 -> 0.555
+  (+0.125), reward 0.772 -> 0.824; unseen strict 0.336 -> 0.344, reward 0.665 -> 0.684. Seed 1: 246 steps,
+  0.430 -> 0.547 (+0.117), unseen 0.336 -> 0.320. A run with the held-out curve: 0.469 / 0.500 / 0.516 / 0.555
+  after 60 / 120 / 180 / 240 steps, 0.563 (+0.133) at the end.
 
-  A better judge did not help either: a CLIP fine-tuned on held-out compositions too (``train_clip --split all``,
-  not shipped: ranking 1.000 on them against 0.815, and a better separation of the verifier's right and wrong
-  base images of the aligned prompts) gave 0.430 -> 0.445 / 0.383 / 0.438 after 60 / 120 / 180 steps and 0.445
-  (+0.016) at the end of 12 minutes (203 steps, three runs sharing the 2 cores); one fine-tuned on relation-heavy
-  batches (ranking 0.985) 0.398 / 0.422 after 60 / 120 steps. Its CLIP score rose all the while (83 -> 89 over the
-  run): the gradient finds what raises the score faster than it finds the compositions the verifier checks.
-  Limiting the LoRA to the first two of the 10 steps (``lora_min_timestep`` 778, as the GRPO demo does), so that
-  the gradient could only change the layout, did not raise the CLIP score (61 -> 62 over 435 steps, 2 threads,
-  10 minutes) and lowered the verifier: aligned strict 0.430 -> 0.359, unseen 0.336 -> 0.313.
+  The shapes CLIP is what made it work. On the CLIP shipped before (blind to relations, relation accuracy 0.525,
+  and preferring "a green circle and a blue square" on the base model's usual drawing of "a blue circle and a
+  green square", see :mod:`~diffalign.shapes.train_clip`) the same recipe gave 0.430 -> 0.422 (-0.008) in 10
+  minutes: 0.492 / 0.500 / 0.461 / 0.438 after 60 / 120 / 180 / 240 steps while the CLIP score kept rising
+  (62 -> 75), over-optimising a judge that could not see half of what the verifier checks. Nothing tried on the
+  optimiser side helped it: an EMA of the weights (decay 0.97) peaked the same (0.508 at 120 steps); 16 images a
+  step fell sooner (0.383 at 120); lr 1e-4 rose slowly (0.453 at 240); K = 2 collapsed (0.055 at 480); the LoRA
+  limited to the first two of the 10 steps (``lora_min_timestep`` 778, as the GRPO demo does) lowered the verifier
+  (0.359). An intermediate CLIP that saw relations (0.89) but was trained without the colour-swap and count
+  negatives (1,500 steps) gave 0.484 / 0.453 after 60 / 120 steps.
 
-DPO reaches the +0.10 target within 10 minutes; reward backprop on the shapes CLIP does not (best +0.078 at its
-peak).
+DPO and reward backprop both reach the +0.10 target within 10 minutes.
 """
 
 from __future__ import annotations

@@ -9,33 +9,38 @@ with ``rewards.preprocess.clip_preprocess``, which training uses too) and a caus
 49,408-token vocabulary with 77 positions, both projected to a shared space.
 
 Training: symmetric InfoNCE (CLIP's loss) between train-split scenes (``sample_scene(split="train")``, rendered at
-32x32, lightly blurred or noised at random so that generated images are in distribution) and their captions; the
-image-to-text side also sees one *corrupted* caption per image (one object's colour or shape changed), a hard
-negative that teaches colour and shape binding. AdamW with warm-up and cosine decay. Checkpoints (model,
-optimiser, step, RNG) every ``--ckpt-every`` steps; ``--resume`` continues.
+32x32, lightly blurred or noised at random so that generated images are in distribution) and their captions, with
+hard negatives on both sides, as NegCLIP does: each image also ranks one *corrupted* caption (:func:`corrupt_caption`:
+a colour, shape or count changed, or two objects' colours swapped) and, for relation scenes, the *flipped* caption
+(:func:`flip_relation`); half of the scenes are followed in the batch by a scene of their :func:`contrast_caption`
+(``--pair-fraction``), so each caption also ranks an image that differs from its own in that one thing. 30% of the
+scenes are relation scenes. AdamW with warm-up and cosine decay. Checkpoints (model, optimiser, step, RNG) every
+``--ckpt-every`` steps; ``--resume`` continues.
 
-The shipped CLIP ranks a scene's caption above a corrupted one on 0.945 of fresh scenes (0.975 on train
-compositions, 0.815 on held-out ones), but it is blind to relations: it prefers the true caption to the *flipped*
-one ("left of" <-> "right of", :func:`flip_relation`) on only 0.525 of relation scenes (:func:`relation_accuracy`).
+Two settings let the vision tower see *where* things are (without them a supervised probe of object centres on it,
+fresh or trained, stayed at chance for 400-1,500 steps, while a 3-layer CNN learnt it in 50): the position
+embeddings start at std 0.3 instead of CLIP's 0.02 (``--position-init-std``), and the patch embedding, whose units
+sum 3,072 inputs, learns at 0.02 x the lr (``--patch-lr-scale``, see :func:`make_optimizer`). With both the probe
+learns within 300 steps, and the relation accuracy leaves 0.5 after 1,250-1,750 steps of CLIP training.
 
-Later stages (``--init-from`` an exported CLIP; ``diffalign_clip.json`` then lists the ``earlier_stages``), tried
-on the shipped CLIP and not shipped:
+The shipped CLIP (2,500 steps, ``python -m diffalign.shapes.train_clip --out ... --steps 2500``, 18 minutes on one
+thread of a shared 2-core machine) prefers a scene's caption to a corrupted one on 1.000 / 0.980 of fresh train / held-out scenes and to the
+flipped relation on 0.945 / 0.805 (``--eval``); to the colour-swapped caption of two-object scenes on 0.975 / 0.965.
+The CLIP shipped before (no pairs, no flips, CLIP's init, 4,500 steps) scored 0.945 / 0.825 against the same
+corruptions, 0.57 / 0.57 against flips (blind to relations: its text tower mapped a caption and its flip to cosine
+0.999) and 0.86 / 0.40 against colour swaps, which on the base model's images of "a blue circle and a green square"
+(mostly drawn green circle, blue square) rewarded the wrong binding. Reward backprop on it over-optimised after
+~100 steps; on the shipped one the verifier rises for the whole 10-minute run (:mod:`diffalign.shapes.learn`).
 
-- ``--flip-negatives`` (flipped captions as extra hard negatives), with or without ``--relation-fraction 0.5``:
-  relation accuracy 0.50 after 500-750 steps (0.515 after 4,500 from scratch). The saddle is on both sides: the
-  text tower maps a caption and its flip to cosine 0.999, and the image embedding does not carry where each object
-  is: a linear probe of every colour-shape's centre, trained with it for 750 steps, did no better than guessing
-  the image centre (squared error 0.037 against 0.032). A differentiable reward from it cannot teach arrangements.
-- ``--split all`` (held-out compositions too: the reward model sees the whole world, only the base model holds
-  compositions out), 1,000 steps at lr 3e-4: ranking 1.000 on held-out compositions, and on the base model's
-  images of the demo's aligned prompts it separates the verifier's strictly right images from the others better
-  (AUC 0.60-0.96 per prompt, against 0.38-0.92). Reward backprop on it still did not move the verifier
-  (:mod:`diffalign.shapes.learn`).
+Tried and not shipped: ``--split all`` (held-out compositions too, 2,500 steps): 1.000 / 0.960 against corruptions /
+flips on held-out scenes, but reward backprop on it gained less in 10 minutes (+0.063 against +0.133 aligned
+strict, one run each); fine-tuning the old CLIP with flipped negatives and a position probe (the saddle did not
+break in 750 steps, see the init above).
 
 Usage::
 
-    python -m diffalign.shapes.train_clip --out diffalign/shapes/assets/clip --steps 1500
-    python -m diffalign.shapes.train_clip --out diffalign/shapes/assets/clip --eval   # ranking accuracy
+    python -m diffalign.shapes.train_clip --out diffalign/shapes/assets/clip --steps 2500
+    python -m diffalign.shapes.train_clip --out diffalign/shapes/assets/clip --eval   # ranking accuracies
     python -m diffalign.shapes.train_clip --out runs/clip_all --init-from diffalign/shapes/assets/clip \
         --split all --steps 1000 --lr 3e-4 --warmup 50   # a later stage
 """
@@ -48,6 +53,7 @@ import json
 import os
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +64,13 @@ from torch import Tensor
 from diffalign.shapes.model import earlier_stages, log, warmup_cosine_lr
 from diffalign.shapes.scenes import (
     COLOURS,
+    MAX_OBJECTS,
     PROMPT_KINDS,
     SHAPES,
     CaptionError,
     Constraints,
-    ObjectSpec,
     Relation,
+    is_heldout,
     make_caption,
     parse_caption,
     render,
@@ -104,28 +111,65 @@ def build_clip(args: argparse.Namespace):
         projection_dim=args.projection_dim,
     )
     torch.manual_seed(args.seed)
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=args.projection_dim))
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=args.projection_dim))
+    # CLIP's 0.02 init makes each position embedding ~100x smaller than the content of a 3,072-input patch, so
+    # after the pre-encoder LayerNorm the tokens carry almost no position and the tower cannot say where anything
+    # is (a supervised probe of object centres stayed at chance for 1,500 steps); a larger init can.
+    torch.nn.init.normal_(model.vision_model.embeddings.position_embedding.weight, std=args.position_init_std)
+    return model
+
+
+def make_optimizer(model, args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW; the patch embedding learns at ``--patch-lr-scale`` x the lr (each group's ``lr_scale``).
+
+    Adam moves every weight by about the lr each step, so a unit of the patch embedding, which sums 3,072 inputs
+    (a 32x32x3 patch), moves ~3,000x the lr: at the lr of the rest it swamps the position embeddings.
+    """
+    patch = model.vision_model.embeddings.patch_embedding.weight
+    rest = [param for param in model.parameters() if param is not patch]
+    groups = [{"params": rest, "lr_scale": 1.0}, {"params": [patch], "lr_scale": args.patch_lr_scale}]
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.05)
 
 
 # ------------------------------------------------------------------------------------------------------ data
 
 
 def corrupt_caption(caption: str, rng: random.Random) -> str:
-    """The caption with one object's colour or shape changed (a valid caption of the grammar, never the same)."""
+    """The caption with one thing changed, a hard negative: one object's colour or shape, one object's count (by
+    one, at most ``MAX_OBJECTS`` objects in all), or the colours of two objects swapped (the same words bound the
+    other way: "a blue circle and a green square" -> "a green circle and a blue square"). A valid caption of the
+    grammar, never the same."""
     constraints = parse_caption(caption)
     for _ in range(100):
-        i = rng.randrange(len(constraints.objects))
-        spec = constraints.objects[i]
-        if rng.random() < 0.5:
-            spec = ObjectSpec(rng.choice([c for c in COLOURS if c != spec.colour]), spec.shape, spec.count)
-        else:
-            spec = ObjectSpec(spec.colour, rng.choice([s for s in SHAPES if s != spec.shape]), spec.count)
-        objects = constraints.objects[:i] + (spec,) + constraints.objects[i + 1 :]
         try:
-            return make_caption(parse_caption(make_caption(Constraints(objects, constraints.relations))))
-        except CaptionError:  # the change made two phrases equal; draw again
+            corrupted = make_caption(parse_caption(make_caption(_corrupt_once(constraints, rng))))
+        except CaptionError:  # two phrases became equal, or a relation got a count; draw again
             continue
+        if corrupted != caption:
+            return corrupted
     raise RuntimeError(f"could not corrupt {caption!r}")  # pragma: no cover
+
+
+def _corrupt_once(constraints: Constraints, rng: random.Random) -> Constraints:
+    objects = list(constraints.objects)
+    i = rng.randrange(len(objects))
+    spec = objects[i]
+    changes = ["colour", "shape", "count"]
+    j = rng.choice([k for k in range(len(objects)) if k != i] or [i])
+    if objects[j].colour != spec.colour and objects[j].shape != spec.shape:
+        changes.append("swap")
+    change = rng.choice(changes)
+    if change == "colour":
+        objects[i] = replace(spec, colour=rng.choice([c for c in COLOURS if c != spec.colour]))
+    elif change == "shape":
+        objects[i] = replace(spec, shape=rng.choice([s for s in SHAPES if s != spec.shape]))
+    elif change == "count":
+        counts = [n for n in (spec.count - 1, spec.count + 1) if n >= 1]
+        count = rng.choice([n for n in counts if constraints.num_objects - spec.count + n <= MAX_OBJECTS] or [1])
+        objects[i] = replace(spec, count=count)
+    else:
+        objects[i], objects[j] = replace(spec, colour=objects[j].colour), replace(objects[j], colour=spec.colour)
+    return Constraints(tuple(objects), constraints.relations)
 
 
 OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -142,6 +186,15 @@ def flip_relation(caption: str) -> str | None:
     return make_caption(Constraints(constraints.objects, (flipped,)))
 
 
+def contrast_caption(caption: str, rng: random.Random, split: str = "all") -> str | None:
+    """A caption of a scene that ``caption``'s scene is confused with: the flipped relation of a relation caption,
+    otherwise :func:`corrupt_caption`; ``None`` if the contrast falls outside ``split`` (a held-out composition
+    must not be drawn when training on the train split)."""
+    contrast = flip_relation(caption) or corrupt_caption(caption, rng)
+    in_split = split == "all" or is_heldout(parse_caption(contrast)) == (split == "heldout")
+    return contrast if in_split else None
+
+
 def degrade(images: Tensor, generator: torch.Generator) -> Tensor:
     """Random light blur and pixel noise, per image, so that imperfect generated images stay in distribution."""
     blurred = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
@@ -151,16 +204,28 @@ def degrade(images: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def sample_batch(
-    batch: int, rng: random.Random, split: str = "train", size: int = 32, relation_fraction: float = 0.0
+    batch: int,
+    rng: random.Random,
+    split: str = "train",
+    size: int = 32,
+    relation_fraction: float = 0.0,
+    pair_fraction: float = 0.0,
 ) -> tuple[Tensor, list[str]]:
     """``batch`` fresh scenes and their captions: each a relation scene with probability ``relation_fraction``,
-    otherwise of a prompt kind the split has, uniform over kinds."""
+    otherwise of a prompt kind the split has, uniform over kinds. With probability ``pair_fraction`` a scene is
+    followed by a scene of its :func:`contrast_caption` (the same objects the other way round, the colours
+    swapped, ...), a hard negative for both towers; the batch then holds more than ``batch`` scenes."""
     kinds = PROMPT_KINDS[1:] if split == "heldout" else PROMPT_KINDS  # single objects are all train prompts
 
     def kind() -> str:  # no extra draw at fraction 0, so the first stage's batches stay as they were
         return "relation" if relation_fraction > 0 and rng.random() < relation_fraction else rng.choice(kinds)
 
-    scenes = [sample_scene(kind(), rng, split) for _ in range(batch)]
+    scenes = []
+    for _ in range(batch):
+        scenes.append(sample_scene(kind(), rng, split))
+        contrast = contrast_caption(scenes[-1][1], rng, split) if rng.random() < pair_fraction else None
+        if contrast is not None:
+            scenes.append(sample_scene(contrast, rng))
     return torch.stack([render(scene, size) for scene, _ in scenes]), [caption for _, caption in scenes]
 
 
@@ -288,7 +353,7 @@ def train(args: argparse.Namespace) -> None:
     # Before any work: a wrong --init-from fails here.
     stages = earlier_stages(args.init_from, "diffalign_clip.json", "a CLIP folder exported by this script")
     model = (CLIPModel.from_pretrained(args.init_from) if args.init_from else build_clip(args)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    opt = make_optimizer(model, args)
     rng, generator, step = random.Random(args.seed), torch.Generator().manual_seed(args.seed), 0
     if args.resume and (ckpt / "state.pt").is_file():
         state = torch.load(ckpt / "state.pt", weights_only=False)
@@ -300,12 +365,14 @@ def train(args: argparse.Namespace) -> None:
         log(f"resumed at step {step}")
     running, started = None, time.time()
     while step < args.steps:
-        images, captions = sample_batch(args.batch, rng, args.split, relation_fraction=args.relation_fraction)
+        images, captions = sample_batch(
+            args.batch, rng, args.split, relation_fraction=args.relation_fraction, pair_fraction=args.pair_fraction
+        )
         negatives = [corrupt_caption(c, rng) for c in captions]
         if args.flip_negatives:
             negatives += [flipped for flipped in map(flip_relation, captions) if flipped is not None]
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = group["lr_scale"] * lr_at(step, args)
         loss = contrastive_loss(model, tokenizer, degrade(images, generator), captions, negatives)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -370,8 +437,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--split", default="train", choices=["train", "all"], help="scenes to train on (all: with held-out ones)"
     )
-    p.add_argument("--relation-fraction", type=float, default=0.0, help="share of relation scenes per batch")
-    p.add_argument("--flip-negatives", action="store_true", help="flipped relations as extra hard negatives")
+    p.add_argument("--position-init-std", type=float, default=0.3, help="init std of the vision position embeddings")
+    p.add_argument("--patch-lr-scale", type=float, default=0.02, help="lr multiplier of the patch embedding")
+    p.add_argument("--relation-fraction", type=float, default=0.3, help="share of relation scenes per batch")
+    p.add_argument(
+        "--pair-fraction", type=float, default=0.5, help="share of scenes followed by a scene of a contrast caption"
+    )
+    p.add_argument(
+        "--flip-negatives",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="flipped relations as extra hard negative captions",
+    )
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)

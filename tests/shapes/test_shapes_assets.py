@@ -11,7 +11,14 @@ import torch
 import rewards
 from diffalign.shapes import model as shapes_model
 from diffalign.shapes import train_base, train_clip
-from diffalign.shapes.scenes import PROMPT_KINDS, heldout_prompts, parse_caption
+from diffalign.shapes.scenes import (
+    PROMPT_KINDS,
+    heldout_prompts,
+    is_heldout,
+    parse_caption,
+    render,
+    sample_scene,
+)
 
 
 CLIP_DIR = train_clip.CLIP_DIR
@@ -97,13 +104,20 @@ def _scenes_and_corruptions(count: int, seed: int):
     return images, captions, [train_clip.corrupt_caption(c, rng) for c in captions]
 
 
-def test_corrupt_caption_changes_one_colour_or_shape():
+def test_corrupt_caption_changes_one_colour_shape_count_or_binding():
     rng = random.Random(0)
     for caption in ["a red circle", "three blue squares", "a red circle to the left of a blue triangle"]:
         corrupted = train_clip.corrupt_caption(caption, rng)
         assert corrupted != caption
         assert len(corrupted.split()) == len(caption.split())
         assert sum(a != b for a, b in zip(corrupted.split(), caption.split())) in (1, 2)  # "square" vs "squares"
+    seen = {train_clip.corrupt_caption("a blue circle and a green square", rng) for _ in range(200)}
+    assert "a green circle and a blue square" in seen  # the colours swapped: the same words, bound the other way
+    assert "two blue circles and a green square" in seen
+    assert all(
+        parse_caption(c).num_objects <= 4
+        for c in map(train_clip.corrupt_caption, ["four red circles"] * 50, [rng] * 50)
+    )
 
 
 def test_fast_preprocess_matches_the_rewards_preprocess():
@@ -122,6 +136,25 @@ def test_shipped_clip_ranks_true_captions_and_is_differentiable():
     assert (true > wrong).float().mean() >= 0.85
     true.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_shipped_clip_sees_relations_and_bindings():
+    reward = rewards.load("clip_score", path=CLIP_DIR)
+    rng = random.Random(2024)
+    scenes = [sample_scene("relation", rng, "train") for _ in range(64)]
+    images = torch.stack([render(scene) for scene, _ in scenes])
+    captions = [caption for _, caption in scenes]
+    flipped = [train_clip.flip_relation(c) for c in captions]
+    with torch.no_grad():
+        relation = (reward(images, captions) > reward(images, flipped)).float().mean()
+    assert relation >= 0.8  # the CLIP shipped before this one, blind to relations, scored ~0.5
+    # Colour binding, on a held-out composition (the demo's "a blue circle and a green square"): the same words
+    # bound the other way must score lower (the CLIP shipped before preferred them on 0.4 of held-out scenes).
+    caption = "a blue circle and a green square"
+    images = torch.stack([render(sample_scene(caption, rng)[0]) for _ in range(32)])
+    with torch.no_grad():
+        binding = (reward(images, [caption] * 32) > reward(images, ["a green circle and a blue square"] * 32)).float()
+    assert binding.mean() >= 0.75
 
 
 def test_shipped_clip_loads_as_pickscore():
@@ -243,6 +276,33 @@ def test_train_clip_later_stage_starts_from_an_export_and_records_the_chain(tmp_
     assert a.keys() == b.keys() and any(not torch.equal(a[key], b[key]) for key in a)
     with pytest.raises(SystemExit, match="diffalign_clip.json"):
         train_clip.main(["--out", str(tmp_path / "third"), "--init-from", str(tmp_path), *_TINY_CLIP])
+
+
+def test_sample_batch_pairs_scenes_with_scenes_of_their_contrast_caption():
+    from diffalign.shapes.verifier import ShapesVerifier
+
+    images, captions = train_clip.sample_batch(12, random.Random(3), "all", relation_fraction=0.5, pair_fraction=1)
+    assert len(images) == len(captions) == 24  # in the "all" split every contrast can be drawn
+    for caption, contrast in zip(captions[::2], captions[1::2]):
+        if parse_caption(caption).relations:  # the same objects the other way round
+            assert contrast == train_clip.flip_relation(caption)
+        else:  # one colour, shape or count changed, or two colours swapped
+            assert contrast != caption and len(contrast.split()) == len(caption.split())
+            assert sum(a != b for a, b in zip(contrast.split(), caption.split())) in (1, 2)
+    _, strict = ShapesVerifier().evaluate(images, captions)
+    assert strict.all()  # every scene, contrasts included, shows its caption
+    _, train = train_clip.sample_batch(64, random.Random(3), "train", relation_fraction=0.5, pair_fraction=1)
+    assert 64 < len(train) < 128 and not any(is_heldout(parse_caption(c)) for c in train)
+
+
+def test_train_clip_patch_embedding_learns_at_its_lr_scale(tmp_path):
+    train_clip.main(["--out", str(tmp_path / "clip"), "--steps", "2", "--lr", "1e-3", "--warmup", "1", *_TINY_CLIP])
+    state = torch.load(tmp_path / "clip.ckpt" / "state.pt", weights_only=False)
+    rest, patch = state["optimizer"]["param_groups"]
+    assert rest["lr"] == pytest.approx(1e-3) and patch["lr"] == pytest.approx(0.02 * 1e-3)
+    assert len(patch["params"]) == 1
+    model = train_clip.build_clip(train_clip.parse_args(["--out", "x", "--position-init-std", "0.5"]))
+    assert model.vision_model.embeddings.position_embedding.weight.std().item() == pytest.approx(0.5, rel=0.1)
 
 
 def test_sample_batch_relation_fraction():
