@@ -24,8 +24,9 @@ sum 3,072 inputs, learns at 0.02 x the lr (``--patch-lr-scale``, see :func:`make
 learns within 300 steps, and the relation accuracy leaves 0.5 after 1,250-1,750 steps of CLIP training.
 
 The shipped CLIP (2,500 steps, ``python -m diffalign.shapes.train_clip --out ... --steps 2500``, 18 minutes on one
-thread of a shared 2-core machine) prefers a scene's caption to a corrupted one on 1.000 / 0.980 of fresh train / held-out scenes and to the
-flipped relation on 0.945 / 0.805 (``--eval``); to the colour-swapped caption of two-object scenes on 0.975 / 0.965.
+thread of a shared 2-core machine) prefers a scene's caption to a corrupted one on 1.000 / 0.980 of fresh train /
+held-out scenes and to the flipped relation on 0.945 / 0.805 (``--eval``); to the colour-swapped caption of
+two-object scenes on 0.975 / 0.965.
 The CLIP shipped before (no pairs, no flips, CLIP's init, 4,500 steps) scored 0.945 / 0.825 against the same
 corruptions, 0.57 / 0.57 against flips (blind to relations: its text tower mapped a caption and its flip to cosine
 0.999) and 0.86 / 0.40 against colour swaps, which on the base model's images of "a blue circle and a green square"
@@ -151,6 +152,7 @@ def corrupt_caption(caption: str, rng: random.Random) -> str:
 
 
 def _corrupt_once(constraints: Constraints, rng: random.Random) -> Constraints:
+    """One random change of :func:`corrupt_caption` (it may leave the caption as it was, or make it invalid)."""
     objects = list(constraints.objects)
     i = rng.randrange(len(objects))
     spec = objects[i]
@@ -223,7 +225,8 @@ def sample_batch(
     scenes = []
     for _ in range(batch):
         scenes.append(sample_scene(kind(), rng, split))
-        contrast = contrast_caption(scenes[-1][1], rng, split) if rng.random() < pair_fraction else None
+        paired = pair_fraction > 0 and rng.random() < pair_fraction  # no draw at 0, as kind()
+        contrast = contrast_caption(scenes[-1][1], rng, split) if paired else None
         if contrast is not None:
             scenes.append(sample_scene(contrast, rng))
     return torch.stack([render(scene, size) for scene, _ in scenes]), [caption for _, caption in scenes]
