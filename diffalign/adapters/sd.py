@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from diffalign.adapters.base import Conditioning, DiffusionAdapter, PredictionType, PromptInput, Schedule
@@ -21,6 +22,33 @@ def _negative_list(negative_prompt: PromptInput | None, batch: int) -> list[str]
     if len(negative_prompt) != batch:
         raise ValueError(f"got {len(negative_prompt)} negative prompts for {batch} prompts")
     return list(negative_prompt)
+
+
+def ddim_alpha_prods(scheduler, timestep: int | Tensor) -> tuple[Tensor, Tensor]:
+    """``(alpha_prod_t, alpha_prod_prev)`` of a DDIM step, exactly as ``DDIMScheduler.step`` picks them
+    (the inputs of :func:`~diffalign.samplers.steps.ddim_step`).
+
+    ``prev_timestep = t - num_train_timesteps // num_inference_steps``; ``alphas_cumprod[prev_timestep]`` when
+    it is >= 0, else ``final_alpha_cumprod`` (1.0 with ``set_alpha_to_one=True``, else ``alphas_cumprod[0]``).
+    ddpo-pytorch clamps ``prev_timestep`` to 0 instead, which agrees for SD1.x (``set_alpha_to_one=False``) but
+    not for schedulers that set it to one.
+
+    Args:
+        scheduler: A diffusers DDIM-style scheduler after ``set_timesteps`` (``alphas_cumprod``,
+            ``final_alpha_cumprod``, ``config.num_train_timesteps``, ``num_inference_steps``).
+        timestep: An entry of ``scheduler.timesteps``, or a ``[B]`` tensor of them.
+
+    Returns:
+        fp32 tensors of the shape of ``timestep`` (0-d or ``[B]``).
+    """
+    if scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps(...) first")
+    alphas_cumprod = scheduler.alphas_cumprod.float()
+    timestep = torch.as_tensor(timestep, dtype=torch.long, device=alphas_cumprod.device)
+    prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=alphas_cumprod.device)
+    alpha_prod_prev = torch.where(prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], final)
+    return alphas_cumprod[timestep], alpha_prod_prev
 
 
 class StableDiffusionAdapter(DiffusionAdapter):
@@ -69,8 +97,6 @@ class StableDiffusionAdapter(DiffusionAdapter):
 
     def set_timesteps(self, num_inference_steps: int) -> Schedule:
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
-
-        from diffalign.samplers.steps import ddim_alpha_prods
 
         timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device)
         alphas, alphas_prev = ddim_alpha_prods(self.scheduler, timesteps)

@@ -38,7 +38,6 @@ __all__ = [
     "KERNELS",
     "StepOutput",
     "cps_step",
-    "ddim_alpha_prods",
     "ddim_step",
     "dpm_solver_2m_step",
     "flow_sde_const_step",
@@ -383,7 +382,8 @@ def ddim_step(
         model_output: ``[B, ...]`` epsilon, v or x0 prediction (CFG-combined when guidance is used).
         sample: ``[B, ...]`` current sample ``x_t``.
         alpha_prod_t: ``alphas_cumprod[t]``.
-        alpha_prod_prev: ``alphas_cumprod`` at the previous timestep (see :func:`ddim_alpha_prods`).
+        alpha_prod_prev: ``alphas_cumprod`` at the previous timestep
+            (:func:`diffalign.adapters.sd.ddim_alpha_prods`).
         eta: Noise scale in [0, 1] (DDPO uses 1.0).
         prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
         prev_sample: Stored next sample to score instead of drawing one.
@@ -414,32 +414,6 @@ def ddim_step(
     # clamp: non-negative for eta <= 1 analytically; guards the rounding at eta = 1.
     mean = torch.sqrt(a_prev) * x0_hat + torch.sqrt((1 - a_prev - std**2).clamp(min=0)) * eps_hat
     return _finish(mean, std, prev_sample, generator)
-
-
-def ddim_alpha_prods(scheduler, timestep: int | Tensor) -> tuple[Tensor, Tensor]:
-    """``(alpha_prod_t, alpha_prod_prev)`` for :func:`ddim_step`, exactly as ``DDIMScheduler.step`` picks them.
-
-    ``prev_timestep = t - num_train_timesteps // num_inference_steps``; ``alphas_cumprod[prev_timestep]`` when
-    it is >= 0, else ``final_alpha_cumprod`` (1.0 with ``set_alpha_to_one=True``, else ``alphas_cumprod[0]``).
-    ddpo-pytorch clamps ``prev_timestep`` to 0 instead, which agrees for SD1.x (``set_alpha_to_one=False``) but
-    not for schedulers that set it to one.
-
-    Args:
-        scheduler: A diffusers DDIM-style scheduler after ``set_timesteps`` (``alphas_cumprod``,
-            ``final_alpha_cumprod``, ``config.num_train_timesteps``, ``num_inference_steps``).
-        timestep: An entry of ``scheduler.timesteps``, or a ``[B]`` tensor of them.
-
-    Returns:
-        fp32 tensors of the shape of ``timestep`` (0-d or ``[B]``).
-    """
-    if scheduler.num_inference_steps is None:
-        raise ValueError("call scheduler.set_timesteps(...) first")
-    alphas_cumprod = scheduler.alphas_cumprod.float()
-    timestep = torch.as_tensor(timestep, dtype=torch.long, device=alphas_cumprod.device)
-    prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=alphas_cumprod.device)
-    alpha_prod_prev = torch.where(prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], final)
-    return alphas_cumprod[timestep], alpha_prod_prev
 
 
 KERNELS: dict[str, Callable[..., StepOutput]] = {

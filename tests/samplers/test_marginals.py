@@ -13,7 +13,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from diffalign.samplers.steps import KERNELS, cps_step, ddim_alpha_prods, ddim_step, ode_step
+from diffalign.adapters.sd import ddim_alpha_prods
+from diffalign.samplers.steps import KERNELS, cps_step, ddim_step, ode_step
 
 
 NUM_SAMPLES = 20_000

@@ -6,11 +6,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
+from diffalign.adapters.sd import ddim_alpha_prods
 from diffalign.samplers.steps import (
     KERNELS,
     StepOutput,
     cps_step,
-    ddim_alpha_prods,
     ddim_step,
     dpm_solver_2m_step,
     flow_sde_const_step,
