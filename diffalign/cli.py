@@ -34,9 +34,6 @@ from diffalign.config import ConfigError
 
 EXIT_RUNTIME, EXIT_USAGE = 1, 2
 
-DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 4.5, "flux": 3.5}
-"""Classifier-free guidance per model family when ``--guidance`` is not given."""
-
 DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -231,7 +228,7 @@ def _load_model(args: argparse.Namespace) -> Any:
 
 
 def _guidance(args: argparse.Namespace, adapter: Any) -> float:
-    return args.guidance if args.guidance is not None else DEFAULT_GUIDANCE.get(adapter.family, 1.0)
+    return args.guidance if args.guidance is not None else adapter.default_guidance_scale
 
 
 def _check_positive(**values: int | None) -> None:

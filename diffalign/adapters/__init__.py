@@ -8,6 +8,8 @@ from diffalign.adapters.registry import (
     adapter_class_for,
     load_adapter,
     load_pipeline,
+    register_adapter,
+    unregister_adapter,
 )
 from diffalign.adapters.sd import StableDiffusionAdapter
 from diffalign.adapters.sd3 import StableDiffusion3Adapter
@@ -27,4 +29,6 @@ __all__ = [
     "adapter_class_for",
     "load_adapter",
     "load_pipeline",
+    "register_adapter",
+    "unregister_adapter",
 ]

@@ -163,9 +163,24 @@ class DiffusionAdapter:
     """
 
     family: ClassVar[str]
+    """Short family name (``"sd3"``), shown in messages and logs."""
     denoiser_name: ClassVar[Literal["unet", "transformer"]]
+    """The pipeline attribute that holds the denoiser."""
     pipeline_class_names: ClassVar[tuple[str, ...]]
+    """diffusers pipeline class names this adapter wraps (:func:`~diffalign.adapters.load_adapter` picks by them)."""
     default_lora_targets: ClassVar[tuple[str, ...]]
+    """Module-name suffixes a LoRA wraps when ``model.lora.target_modules`` is null."""
+    default_num_steps: ClassVar[int] = 28
+    """Sampling steps when a command or config leaves them unset (the pipeline's ``num_inference_steps``)."""
+    default_guidance_scale: ClassVar[float] = 1.0
+    """Classifier-free guidance scale when a command or config leaves it unset (the family's usual value)."""
+    default_dpo_beta: ClassVar[float] = 100.0
+    """Diffusion-DPO's beta in the ``-0.5 * beta`` convention of :mod:`diffalign.losses.dpo` when
+    ``dpo.beta`` is null. It multiplies differences of per-element errors, whose scale depends on the target:
+    flow targets ``noise - x0`` err more per element than epsilon targets, hence smaller values for flows."""
+    guidance_embedded: ClassVar[bool] = False
+    """The guidance scale is an input of the denoiser (FLUX.1-dev's guidance embedding), not two CFG branches;
+    training calls then pass a guidance value too."""
 
     def __init__(
         self,
@@ -292,6 +307,19 @@ class DiffusionAdapter:
         return self.pipe.prepare_latents(
             batch_size, channels, self.height, self.width, self.dtype, self.device, generator
         )
+
+    def with_size_conditioning(
+        self, cond: Conditioning, original_sizes: Tensor, crop_top_lefts: Tensor
+    ) -> Conditioning:
+        """``cond`` with each sample's original image size and crop as extra conditioning, for families trained
+        with it (SDXL's micro-conditioning); the base returns ``cond`` unchanged.
+
+        Args:
+            cond: ``[B]`` conditioning of the captions.
+            original_sizes: ``[B, 2]`` ``(height, width)`` of each image before resizing.
+            crop_top_lefts: ``[B, 2]`` ``(top, left)`` of each crop.
+        """
+        return cond
 
     # --- denoiser ---------------------------------------------------------------------------------------------------
 

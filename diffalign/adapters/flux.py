@@ -31,6 +31,10 @@ class FluxAdapter(DiffusionAdapter):
     denoiser_name = "transformer"
     pipeline_class_names = ("FluxPipeline",)
     default_lora_targets = FLUX_LORA_TARGETS
+    default_guidance_scale = 3.5
+    # No reference trains FLUX with DPO: the flow-matching scale of SD3.
+    default_dpo_beta = 100.0
+    guidance_embedded = True
 
     def __init__(self, pipe, *args, max_sequence_length: int = 512, **kwargs) -> None:
         self.max_sequence_length = max_sequence_length

@@ -22,13 +22,51 @@ ADAPTERS: tuple[type[DiffusionAdapter], ...] = (
     StableDiffusion3Adapter,
     FluxAdapter,
 )
-"""Every supported family. A new family is one adapter class added here (plus a tiny builder in testing.py)."""
+"""The families that ship with diffalign. A new family is one adapter file, listed here or registered from
+outside with :func:`register_adapter` (plus a tiny builder in testing.py for its tests)."""
 
-_BY_PIPELINE_CLASS = {name: adapter for adapter in ADAPTERS for name in adapter.pipeline_class_names}
+_BY_PIPELINE_CLASS: dict[str, type[DiffusionAdapter]] = {}
 
 
 class UnsupportedPipelineError(ValueError):
     """The pipeline class has no diffalign adapter."""
+
+
+def register_adapter(adapter_cls: type[DiffusionAdapter]) -> type[DiffusionAdapter]:
+    """Make ``adapter_cls`` the adapter of the pipeline classes it names; usable as a class decorator.
+
+    Everything else (sampling, the three trainers, evaluation, the command line) reads the family through the
+    adapter interface, so a registered family trains like the built-in ones.
+
+    Raises:
+        ValueError: a pipeline class that another adapter already serves, or a class missing the attributes
+            every adapter sets.
+    """
+    missing = [
+        name
+        for name in ("family", "denoiser_name", "pipeline_class_names", "default_lora_targets")
+        if not hasattr(adapter_cls, name)
+    ]
+    if missing:
+        raise ValueError(f"{adapter_cls.__name__} does not set {', '.join(missing)}; see DiffusionAdapter")
+    for name in adapter_cls.pipeline_class_names:
+        taken = _BY_PIPELINE_CLASS.get(name)
+        if taken is not None and taken is not adapter_cls:
+            raise ValueError(f"{name} is already served by {taken.__name__}")
+    for name in adapter_cls.pipeline_class_names:
+        _BY_PIPELINE_CLASS[name] = adapter_cls
+    return adapter_cls
+
+
+def unregister_adapter(adapter_cls: type[DiffusionAdapter]) -> None:
+    """Forget a family registered with :func:`register_adapter` (tests, plugins that unload)."""
+    for name in adapter_cls.pipeline_class_names:
+        if _BY_PIPELINE_CLASS.get(name) is adapter_cls:
+            del _BY_PIPELINE_CLASS[name]
+
+
+for _adapter in ADAPTERS:
+    register_adapter(_adapter)
 
 
 def supported_pipelines() -> str:

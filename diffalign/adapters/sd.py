@@ -62,6 +62,10 @@ class StableDiffusionAdapter(DiffusionAdapter):
     denoiser_name = "unet"
     pipeline_class_names = ("StableDiffusionPipeline",)
     default_lora_targets = UNET_LORA_TARGETS
+    default_num_steps = 50
+    default_guidance_scale = 7.5
+    # DiffusionDPO's SD1.5 launcher and argparse default.
+    default_dpo_beta = 5000.0
 
     def __init__(self, pipe, *args, **kwargs) -> None:
         from diffusers import DDIMScheduler

@@ -32,6 +32,9 @@ class StableDiffusion3Adapter(DiffusionAdapter):
     denoiser_name = "transformer"
     pipeline_class_names = ("StableDiffusion3Pipeline",)
     default_lora_targets = SD3_LORA_TARGETS
+    default_guidance_scale = 4.5  # SD3.5's recommended value (the pipeline's own default is 7.0)
+    # flow_grpo's Flow-DPO config on SD3.5-M.
+    default_dpo_beta = 100.0
 
     def __init__(self, pipe, *args, max_sequence_length: int = 256, **kwargs) -> None:
         self.max_sequence_length = max_sequence_length

@@ -21,6 +21,9 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
 
     family = "sdxl"
     pipeline_class_names = ("StableDiffusionXLPipeline",)
+    default_guidance_scale = 5.0
+    # DiffusionDPO's SDXL launcher (diffusers' SDXL DPO script's 5000 is 10000 in this module's convention).
+    default_dpo_beta = 5000.0
 
     def _encode(self, prompts: list[str], negative_prompt: PromptInput | None, with_negative: bool) -> Conditioning:
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
@@ -52,6 +55,17 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
             dtype=self.dtype,
             text_encoder_projection_dim=encoder_2.config.projection_dim if encoder_2 is not None else None,
         ).to(self.device)
+
+    def with_size_conditioning(
+        self, cond: Conditioning, original_sizes: Tensor, crop_top_lefts: Tensor
+    ) -> Conditioning:
+        """``cond`` with ``time_ids`` from each sample's true original size and crop (Diffusion-DPO on SDXL)."""
+        time_ids = [
+            self.micro_conditioning(tuple(size.tolist()), tuple(crop.tolist()))
+            for size, crop in zip(original_sizes, crop_top_lefts)
+        ]
+        cond.embeds["time_ids"] = torch.cat(time_ids)
+        return cond
 
     def _forward(self, latents: Tensor, timesteps: Tensor, inputs: dict[str, Tensor], cond: Conditioning) -> Tensor:
         added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}

@@ -10,7 +10,6 @@ from diffalign.losses.advantages import (
     zero_std_ratio,
 )
 from diffalign.losses.dpo import (
-    DEFAULT_DPO_BETA,
     diffusion_dpo_loss,
     diffusion_sft_loss,
     dpo_loss_from_mse,
@@ -30,7 +29,6 @@ from diffalign.losses.reward_backprop import (
 
 __all__ = [
     "ALIGNPROP_AESTHETIC_TARGET",
-    "DEFAULT_DPO_BETA",
     "PerPromptStatTracker",
     "REFL_HINGE_TARGET",
     "clip_advantages",

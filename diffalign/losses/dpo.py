@@ -27,22 +27,11 @@ from torch import Tensor
 
 
 __all__ = [
-    "DEFAULT_DPO_BETA",
     "diffusion_dpo_loss",
     "diffusion_sft_loss",
     "dpo_loss_from_mse",
     "per_sample_mse",
 ]
-
-DEFAULT_DPO_BETA: dict[str, float] = {
-    "sd": 5000.0,  # SD1.x/2.x: DiffusionDPO launchers/sd15.sh and argparse default (trainers.md §5.4)
-    "sdxl": 5000.0,  # DiffusionDPO launchers/sdxl.sh (§5.4); diffusers' SDXL default 5000 is 10000 in this convention
-    "sd3": 100.0,  # flow_grpo config/dpo.py (Flow-DPO on SD3.5-M, §1.13, §5.7)
-    "flux": 100.0,  # no reference trains FLUX with DPO; same flow-matching scale as SD3 (§5.7)
-}
-"""Default ``beta`` per adapter family, in the ``-0.5 * beta`` convention of this module (keys are
-``DiffusionAdapter.family``). Flow targets ``eps - x0`` have a larger per-element error than epsilon targets,
-hence the smaller beta."""
 
 
 def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
@@ -71,7 +60,7 @@ def dpo_loss_from_mse(
         mse_l: ``[B]`` policy error on the rejected (loser) samples; carries gradients.
         ref_mse_w: ``[B]`` reference error on the winners (detached here).
         ref_mse_l: ``[B]`` reference error on the losers (detached here).
-        beta: DPO temperature in the ``-0.5 * beta`` convention (see :data:`DEFAULT_DPO_BETA`).
+        beta: DPO temperature in the ``-0.5 * beta`` convention (per family: ``default_dpo_beta``).
 
     Returns:
         ``(loss, metrics)``: the scalar loss ``mean(-logsigmoid(inside))`` and detached 0-d tensors
@@ -123,7 +112,7 @@ def diffusion_dpo_loss(
         ref_pred_l: ``[B, ...]`` reference prediction on the losers.
         target_w: ``[B, ...]`` regression target of the winners (epsilon, v or ``eps - x0``).
         target_l: ``[B, ...]`` regression target of the losers.
-        beta: DPO temperature, ``-0.5 * beta`` convention (:data:`DEFAULT_DPO_BETA`).
+        beta: DPO temperature, ``-0.5 * beta`` convention (per family: ``default_dpo_beta``).
         sft_weight: ``lambda`` of an added ``lambda * mean(mse_w)`` (the plain denoising loss on the preferred
             image). 0 (default) is the pure DPO loss of every reference. SalesforceAIResearch/DiffusionDPO's
             ``--train_method sft`` is a *separate* method, SFT alone on the preferred images

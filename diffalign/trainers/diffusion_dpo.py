@@ -10,7 +10,7 @@ Algorithm, per micro-batch of ``data.batch_size`` pairs (preferred ``w`` first, 
 3. The policy (LoRA on, or the trained weights) and the reference (LoRA disabled, §5.6; or a frozen copy of the
    initial denoiser for full fine-tuning, §5.5) predict the target; with per-sample MSEs,
    ``loss = -logsigmoid(-0.5 beta ((mse_w - ref_w) - (mse_l - ref_l)))``
-   (:func:`diffalign.losses.dpo.diffusion_dpo_loss`; beta defaults per family, :data:`DEFAULT_DPO_BETA`), plus an
+   (:func:`diffalign.losses.dpo.diffusion_dpo_loss`; beta defaults per family, ``adapter.default_dpo_beta``), plus an
    optional ``sft_weight * mse_w``; ``dpo.loss: sft`` trains the plain denoising loss on ``w`` only (Salesforce's
    ``--train_method sft``).
 4. One optimizer step per ``optim.gradient_accumulation_steps`` micro-batches; ``max_steps`` counts optimizer
@@ -48,7 +48,7 @@ from torch import Tensor
 from diffalign.adapters.base import Conditioning
 from diffalign.config import ConfigError, TrainerConfig
 from diffalign.data.preference import PreferenceDataset, collate_preference_batch, load_preference_dataset
-from diffalign.losses.dpo import DEFAULT_DPO_BETA, diffusion_dpo_loss, diffusion_sft_loss
+from diffalign.losses.dpo import diffusion_dpo_loss, diffusion_sft_loss
 from diffalign.trainers.common import TrainingRun, build_reward
 from diffalign.trainers.evaluation import Evaluator
 
@@ -171,7 +171,7 @@ class DiffusionDPOTrainer:
         self.run = run or TrainingRun(config, adapter_kwargs=kwargs)
         self.adapter = self.run.adapter
         self.resolution = self._check_resolution(resolution)
-        self.beta = config.dpo.beta if config.dpo.beta is not None else DEFAULT_DPO_BETA[self.adapter.family]
+        self.beta = config.dpo.beta if config.dpo.beta is not None else self.adapter.default_dpo_beta
         self.dataset = self._load_dataset()
         self.num_batches = self._num_batches()
         self.reward = build_reward(config.reward, device=self.run.device) if config.reward is not None else None
@@ -273,15 +273,10 @@ class DiffusionDPOTrainer:
         return u * num_train if flow else (u * num_train).long().clamp(max=num_train - 1)
 
     def conditioning(self, batch: Batch) -> Conditioning:
-        """``[B]`` text conditioning of the captions; SDXL time ids from each pair's original size and crop."""
+        """``[B]`` text conditioning of the captions, with each pair's original size and crop for the families
+        conditioned on them (SDXL)."""
         cond = self.adapter.encode_prompt(batch["captions"], with_negative=False)
-        if hasattr(self.adapter, "micro_conditioning"):
-            time_ids = [
-                self.adapter.micro_conditioning(tuple(size.tolist()), tuple(crop.tolist()))
-                for size, crop in zip(batch["original_sizes"], batch["crop_top_lefts"])
-            ]
-            cond.embeds["time_ids"] = torch.cat(time_ids)
-        return cond
+        return self.adapter.with_size_conditioning(cond, batch["original_sizes"], batch["crop_top_lefts"])
 
     def loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss of one micro-batch of ``B`` pairs and its metrics (see the module docstring).
@@ -310,7 +305,7 @@ class DiffusionDPOTrainer:
         target = adapter.training_target(latents, noise, timesteps)
         cond = self.conditioning(batch)
         cond = cond if sft_only else Conditioning.cat([cond, cond])
-        guidance = self.config.dpo.flux_guidance if adapter.family == "flux" else 1.0
+        guidance = self.config.dpo.flux_guidance if adapter.guidance_embedded else 1.0
         with run.autocast():
             pred = adapter.predict(noisy, timesteps, cond, guidance)
         if sft_only:

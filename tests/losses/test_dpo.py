@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffalign.losses import DEFAULT_DPO_BETA, diffusion_dpo_loss, diffusion_sft_loss, dpo_loss_from_mse
+from diffalign.adapters import ADAPTERS
+from diffalign.losses import diffusion_dpo_loss, diffusion_sft_loss, dpo_loss_from_mse
 
 
 # Two pairs, per-sample tensors of 2 elements. Errors are measured against targets 3 (winners) and -1 (losers):
@@ -115,4 +116,5 @@ def test_shape_mismatch_raises():
 
 
 def test_default_betas():
-    assert DEFAULT_DPO_BETA == {"sd": 5000.0, "sdxl": 5000.0, "sd3": 100.0, "flux": 100.0}
+    betas = {adapter.family: adapter.default_dpo_beta for adapter in ADAPTERS}
+    assert betas == {"sd": 5000.0, "sdxl": 5000.0, "sd3": 100.0, "flux": 100.0}
