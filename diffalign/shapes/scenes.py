@@ -24,7 +24,7 @@ of a held-out prompt, and every combination in it, appears in training compositi
 GenEval, the held-out set measures compositional generalisation.
 
 (The shipped base model was first trained with all compositions of ``HELDOUT_COMBOS`` held out, then on this
-split, so that it never saw a held-out prompt at either stage; see ``train_base``.)
+split, so that it never saw a held-out prompt at either stage; see ``scripts/shapes/train_base.py``.)
 """
 
 from __future__ import annotations

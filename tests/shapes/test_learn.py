@@ -44,7 +44,7 @@ def _check_metrics(output, metrics, method):
 
 
 def test_benchmark_measures_the_demos_prompts_by_default(tmp_path):
-    bench = _Bench("dpo", None, tmp_path, None, None, (0,), (1,))
+    bench = _Bench("dpo", 10.0, tmp_path)
     assert (bench.prompts, bench.unseen_prompts) == (ALIGNED, UNSEEN)
 
 

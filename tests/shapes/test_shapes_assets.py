@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import rewards
+from diffalign.shapes import CLIP_DIR
 from diffalign.shapes import model as shapes_model
-from diffalign.shapes import train_base, train_clip
 from diffalign.shapes.scenes import (
     PROMPT_KINDS,
     heldout_prompts,
@@ -21,8 +24,21 @@ from diffalign.shapes.scenes import (
 )
 
 
-CLIP_DIR = train_clip.CLIP_DIR
 BASE_DIR = shapes_model.BASE_MODEL_DIR
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "shapes"
+
+
+def _load_script(name: str):
+    """The training script ``scripts/shapes/<name>.py`` as a module (the scripts are not part of the package)."""
+    spec = importlib.util.spec_from_file_location(f"shapes_scripts_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+train_base = _load_script("train_base")
+train_clip = _load_script("train_clip")
 
 
 @pytest.fixture(scope="module")

@@ -28,16 +28,16 @@ EMA, VAE and latent scaling; new scenes from ``--kinds``/``--split``, a new opti
 The shipped model (single-object strict 0.988, held-out compositional strict 0.314; ~1 h on one CPU thread)::
 
     # 1. everything but the compositions of HELDOUT_COMBOS (schedule of 10,000 steps, stopped at 8,000)
-    python -m diffalign.shapes.train_base --out runs/s1/model --ckpt runs/s1 --seed 0 --split pretrain \
+    python scripts/shapes/train_base.py --out runs/s1/model --ckpt runs/s1 --seed 0 --split pretrain \
         --steps 10000 --stop-at 8000
     # 2. relation-heavy, same split (schedule of 6,000 steps, stopped at 3,000)
-    python -m diffalign.shapes.train_base --out runs/s2/model --ckpt runs/s2 --init-from runs/s1 --seed 1 \
+    python scripts/shapes/train_base.py --out runs/s2/model --ckpt runs/s2 --init-from runs/s1 --seed 1 \
         --split pretrain --kinds single:1,count:1,binding:2,relation:5 --lr 5e-4 --warmup 100 --steps 6000 \
         --stop-at 3000
     # 3. relation-heavy on the training split (half the compositions of HELDOUT_COMBOS join in)
-    python -m diffalign.shapes.train_base --out runs/s3/model --ckpt runs/s3 --init-from runs/s2 --seed 2 \
+    python scripts/shapes/train_base.py --out runs/s3/model --ckpt runs/s3 --init-from runs/s2 --seed 2 \
         --kinds single:1,count:1,binding:2,relation:5 --lr 5e-4 --warmup 100 --steps 8000
-    python -m diffalign.shapes.train_base --out runs/s3/model --eval --write-eval   # accuracies
+    python scripts/shapes/train_base.py --out runs/s3/model --eval --write-eval   # accuracies
 
 Relations stay near chance (given both objects right, the relation holds in ~50% of samples for each of the four
 relations, and the first denoising steps place the objects independently of the relation words), as spatial
@@ -359,7 +359,7 @@ def evaluate(args: argparse.Namespace) -> None:
                 "strict verifier accuracy of ODE (Euler) samples through diffalign.samplers.rollout, one seed per "
                 "image (seed + i, prompt-major); single: every single-object prompt x single_images_per_prompt; "
                 "heldout: every prompt of heldout_prompts() x heldout_images_per_prompt; the adapter's default "
-                "max_sequence_length (256 zero T5 tokens). Reproduce: python -m diffalign.shapes.train_base "
+                "max_sequence_length (256 zero T5 tokens). Reproduce: python scripts/shapes/train_base.py "
                 "--out <folder> --eval"
             ),
         }

@@ -23,7 +23,7 @@ embeddings start at std 0.3 instead of CLIP's 0.02 (``--position-init-std``), an
 sum 3,072 inputs, learns at 0.02 x the lr (``--patch-lr-scale``, see :func:`make_optimizer`). With both the probe
 learns within 300 steps, and the relation accuracy leaves 0.5 after 1,250-1,750 steps of CLIP training.
 
-The shipped CLIP (2,500 steps, ``python -m diffalign.shapes.train_clip --out ... --steps 2500``, 18 minutes on one
+The shipped CLIP (2,500 steps, ``python scripts/shapes/train_clip.py --out ... --steps 2500``, 18 minutes on one
 thread of a shared 2-core machine) prefers a scene's caption to a corrupted one on 1.000 / 0.980 of fresh train /
 held-out scenes and to the flipped relation on 0.945 / 0.805 (``--eval``); to the colour-swapped caption of
 two-object scenes on 0.975 / 0.965.
@@ -40,9 +40,9 @@ break in 750 steps, see the init above).
 
 Usage::
 
-    python -m diffalign.shapes.train_clip --out diffalign/shapes/assets/clip --steps 2500
-    python -m diffalign.shapes.train_clip --out diffalign/shapes/assets/clip --eval   # ranking accuracies
-    python -m diffalign.shapes.train_clip --out runs/clip_all --init-from diffalign/shapes/assets/clip \
+    python scripts/shapes/train_clip.py --out diffalign/shapes/assets/clip --steps 2500
+    python scripts/shapes/train_clip.py --out diffalign/shapes/assets/clip --eval   # ranking accuracies
+    python scripts/shapes/train_clip.py --out runs/clip_all --init-from diffalign/shapes/assets/clip \
         --split all --steps 1000 --lr 3e-4 --warmup 50   # a later stage
 """
 
@@ -78,10 +78,6 @@ from diffalign.shapes.scenes import (
     sample_scene,
 )
 from rewards.preprocess import clip_preprocess, normalize, resize
-
-
-CLIP_DIR = Path(__file__).parent / "assets" / "clip"
-"""The shipped shapes CLIP."""
 
 
 def build_clip(args: argparse.Namespace):
