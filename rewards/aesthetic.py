@@ -1,4 +1,4 @@
-"""LAION improved aesthetic predictor v2 ("sac+logos+ava1-l14-linearMSE"), rewards.md §6.
+"""LAION improved aesthetic predictor v2 ("sac+logos+ava1-l14-linearMSE"), docs/rewards.md#aesthetic.
 
 Score: ``head(e / ||e||)`` where ``e`` is the projected OpenAI CLIP ViT-L/14 image embedding (768-d) and ``head``
 the predictor's MLP ``Linear(768,1024) Dropout Linear(1024,128) Dropout Linear(128,64) Dropout Linear(64,16)

@@ -1,4 +1,6 @@
-"""CLIP score: text-image cosine similarity of OpenAI CLIP ViT-L/14, scaled by 100 (rewards.md §7).
+"""CLIP score: text-image cosine similarity of OpenAI CLIP ViT-L/14, scaled by 100.
+
+See docs/rewards.md#clip-score.
 
 Per sample: ``score_i = 100 * cos(text_i, image_i)``, torchmetrics' per-sample quantity (typical range 20-35).
 

@@ -1,4 +1,4 @@
-"""Weighted sums of rewards (flow_grpo's ``multi_score`` semantics, rewards.md §9 and §13.5).
+"""Weighted sums of rewards (flow_grpo's ``multi_score`` semantics, docs/rewards.md#weighted-sums).
 
 ``total = sum_k w_k * (r_k - shift_k) / scale_k`` with ``(shift_k, scale_k) = (0, 1)`` unless a per-reward
 normalisation is given, e.g. ``normalize={"pickscore": (0.0, 26.0)}`` for flow_grpo's PickScore/26. The parts are

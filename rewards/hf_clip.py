@@ -1,8 +1,8 @@
 """Shared pieces of the scorers built on ``transformers.CLIPModel`` (PickScore, CLIP score).
 
 Features are computed through ``vision_model``/``text_model`` and the projection layers directly: in
-transformers 5, ``get_image_features`` returns a ``BaseModelOutputWithPooling`` instead of a tensor
-(rewards.md §10, §12.5), and going through the sub-modules works on 4.x and 5.x alike.
+transformers 5, ``get_image_features`` returns a ``BaseModelOutputWithPooling`` instead of a tensor, and going
+through the sub-modules works on 4.x and 5.x alike (docs/rewards.md#loading-weights).
 """
 
 from __future__ import annotations

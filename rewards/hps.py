@@ -1,4 +1,4 @@
-"""Human Preference Score v2.0 and v2.1 (Wu et al., 2023), rewards.md §3.
+"""Human Preference Score v2.0 and v2.1 (Wu et al., 2023), docs/rewards.md#hpsv2.
 
 Model: open_clip ``ViT-H-14`` fine-tuned on HPD v2. The checkpoints (``HPS_v2_compressed.pt``,
 ``HPS_v2.1_compressed.pt`` in the hub repository ``xswu/HPSv2``) are ``{"state_dict": <open_clip keys>}``; they are

@@ -1,10 +1,10 @@
-"""ImageReward (Xu et al., 2023): BLIP image-text encoder + MLP head, rewards.md §5.
+"""ImageReward (Xu et al., 2023): BLIP image-text encoder + MLP head (docs/rewards.md#imagereward).
 
 Model: BLIP ViT-L/16 (``visual_encoder``) and BLIP's "med" BERT with cross-attention to the image tokens
 (``text_encoder``, from ``med_config.json``), then the MLP ``768 -> 1024 -> 128 -> 64 -> 16 -> 1`` (no
-activations) on the first text token. The ``image-reward`` wheel does not import with current transformers
-(rewards.md §12.4), so the two encoders are rebuilt here from transformers' BLIP modules, which compute the same
-layers: ``BlipVisionModel`` (pre-norm ViT, final LayerNorm on every token) and ``BlipTextModel`` called with
+activations) on the first text token. The ``image-reward`` wheel does not import with current transformers, so
+the two encoders are rebuilt here from transformers' BLIP modules, which compute the same layers:
+``BlipVisionModel`` (pre-norm ViT, final LayerNorm on every token) and ``BlipTextModel`` called with
 ``is_decoder=False`` (bidirectional self-attention + cross-attention, BLIP's "multimodal" mode). The checkpoint
 ``ImageReward.pt`` (a plain state dict with ``blip.*`` and ``mlp.*`` keys) is mapped onto them key by key; every
 parameter must be found, and only the keys the reward never uses (``vision_proj``, ``text_proj``, buffers) may be

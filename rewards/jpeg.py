@@ -1,4 +1,4 @@
-"""JPEG (in)compressibility, DDPO's task rewards (rewards.md §9).
+"""JPEG (in)compressibility, DDPO's task rewards (docs/rewards.md#jpeg-compressibility).
 
 ``jpeg_incompressibility``: the size in kB (1 kB = 1000 bytes) of the image saved as JPEG with quality 95 after
 the reference conversion ``(x * 255).round().clamp(0, 255)`` to uint8; ``jpeg_compressibility`` is its negative.

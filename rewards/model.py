@@ -141,7 +141,7 @@ class ModelReward(Reward):
     Args:
         device: where the model runs; ``None`` follows the first batch.
         dtype: the model's dtype (``torch.bfloat16``, ``"fp16"``, ...); preprocessing and the final formula run in
-            float32 and scores are float32 whatever this is (rewards.md §12.11).
+            float32 and scores are float32 whatever this is (docs/rewards.md#precision).
     """
 
     differentiable = True

@@ -1,4 +1,4 @@
-"""PickScore (Kirstain et al., 2023): a CLIP-H/14 fine-tuned on Pick-a-Pic preferences (rewards.md §2).
+"""PickScore (Kirstain et al., 2023): a CLIP-H/14 fine-tuned on Pick-a-Pic preferences (docs/rewards.md#pickscore).
 
 Score: ``exp(logit_scale) * cos(text, image)`` per (image, prompt) pair, the PickScore README formula without the
 softmax over candidates; about 18-24 on real images (flow_grpo divides by 26 to get ~0.7-0.9; use

@@ -1,4 +1,4 @@
-"""Differentiable torch versions of the scorers' image preprocessing (rewards.md §1).
+"""Differentiable torch versions of the scorers' image preprocessing (docs/rewards.md#preprocessing).
 
 The reference scorers preprocess PIL images (uint8, no gradient). These functions apply the same geometry and
 normalisation to float tensors ``[B, 3, H, W]`` in [0, 1] so that gradients reach the pixels:
@@ -79,7 +79,7 @@ def clip_preprocess(
     crop_rounding: Literal["floor", "round"] = "floor",
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Shortest edge -> ``size`` (bicubic), centre crop, CLIP mean/std (rewards.md §1 table, CLIP rows).
+    """Shortest edge -> ``size`` (bicubic), centre crop, CLIP mean/std (docs/rewards.md#preprocessing).
 
     Args:
         images: ``[B, 3, H, W]`` float in [0, 1].
@@ -97,7 +97,9 @@ def clip_preprocess(
 
 
 def hps_preprocess(images: Tensor, size: int = 224, dtype: torch.dtype | None = None) -> Tensor:
-    """Longest edge -> ``size`` (bicubic), zero padding to a centred square, CLIP mean/std (rewards.md §1, §3).
+    """Longest edge -> ``size`` (bicubic), zero padding to a centred square, CLIP mean/std.
+
+    See docs/rewards.md#preprocessing.
 
     HPSv2's ``ResizeMaxSize`` computes the new edges as ``round(edge * size / longest)`` and pads left/top with
     ``pad // 2`` and right/bottom with the rest, before ``Normalize``, so the padding is black, not mean-grey. The

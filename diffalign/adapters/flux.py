@@ -11,7 +11,7 @@ from diffalign.adapters.sd3 import SD3_LORA_TARGETS
 
 
 FLUX_LORA_TARGETS = SD3_LORA_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-"""Flow-GRPO's FLUX LoRA targets: attention projections plus both streams' MLPs (reference/trainers.md §1.11)."""
+"""Flow-GRPO's FLUX LoRA targets: attention projections plus both streams' MLPs (docs/architecture.md#lora-targets)."""
 
 
 class FluxAdapter(DiffusionAdapter):

@@ -18,7 +18,8 @@ SD3_LORA_TARGETS = (
     "attn.add_v_proj",
     "attn.to_add_out",
 )
-"""Flow-GRPO's SD3 LoRA targets: the joint attention projections of both streams (reference/trainers.md §1.11)."""
+"""Flow-GRPO's SD3 LoRA targets: the joint attention projections of both streams
+(docs/architecture.md#lora-targets)."""
 
 
 class StableDiffusion3Adapter(DiffusionAdapter):

@@ -15,10 +15,11 @@ Formats read by :func:`load_preference_dataset` (detected from ``source``):
 - **datasets**: a folder written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``; pick ``split``), with
   the parquet column names. Needs the optional extra ``diffalign[data]``.
 
-Transform (as the diffusers SDXL Diffusion-DPO script, trainers.md §5.6): image 1 is brought to image 0's size,
-both are resized (bilinear) so the shorter side is ``resolution``, flipped together, then cropped together (center
-or random). ``original_size`` is image 0's ``(H, W)`` before resizing and ``crop_top_left`` is the ``(top, left)``
-of the crop in the resized, possibly flipped image: exactly SDXL's micro-conditioning for both images of the pair.
+Transform (as the diffusers SDXL Diffusion-DPO script, docs/methods/dpo.md#data): image 1 is brought to image 0's
+size, both are resized (bilinear) so the shorter side is ``resolution``, flipped together, then cropped together
+(center or random). ``original_size`` is image 0's ``(H, W)`` before resizing and ``crop_top_left`` is the
+``(top, left)`` of the crop in the resized, possibly flipped image: exactly SDXL's micro-conditioning for both images
+of the pair.
 Pixels are returned in [0, 1]; adapters normalise.
 
 Bad data never stops an epoch. Rows are dropped at load time, with counts in :meth:`PreferenceDataset.stats`, for
@@ -507,7 +508,8 @@ def load_preference_dataset(
         random_flip: mirror each pair (both images) with probability 0.5.
         keep_ties: keep ``label_0 == 0.5`` pairs (the reference drops them; a tie has no preferred image).
         empty_caption_prob: share of captions replaced by ``""`` so the model keeps its unconditional branch for
-            CFG. The Diffusion-DPO reference uses 0.2 (trainers.md §5.1); 0.0 here, the trainer's config sets it.
+            CFG. The Diffusion-DPO reference uses 0.2 (docs/methods/dpo.md#caption-dropout); 0.0 here, the
+            trainer's config sets it.
         seed: seeds crops, flips and caption dropout together with the epoch and the row.
         split: the split to read when ``source`` holds a ``datasets.DatasetDict``.
 

@@ -1,6 +1,7 @@
 """Advantages for policy-gradient training: group-relative (Flow-GRPO) and per-prompt running (DDPO).
 
-Both follow the references exactly (trainers.md §1.7, §4.2):
+Both follow the references exactly (docs/methods/grpo.md#advantages,
+docs/methods/grpo.md#running-per-prompt-statistics):
 
 - Flow-GRPO (``flow_grpo/stat_tracking.py``, cleared every epoch, so a pure function here,
   :func:`group_advantages`): ``A_i = (r_i - mean_{group(i)} r) / (std + 1e-4)`` with ``std`` the std of *all*
@@ -10,10 +11,11 @@ Both follow the references exactly (trainers.md §1.7, §4.2):
 - DDPO (``ddpo_pytorch/stat_tracking.py``, a buffer that persists across epochs, :class:`PerPromptStatTracker`).
 
 Standard deviations are **population** std (``ddof=0``, numpy's ``np.std``), computed in float64 as the references
-(numpy) do, and the epsilon is *added* to the std. DanceGRPO differs (torch's unbiased std, ``eps=1e-8``, §2.2);
-pass ``global_std=False, eps=1e-8`` for its per-group form and note the ``ddof`` difference.
+(numpy) do, and the epsilon is *added* to the std. DanceGRPO differs (torch's unbiased std, ``eps=1e-8``); pass
+``global_std=False, eps=1e-8`` for its per-group form and note the ``ddof`` difference.
 
-Rewards and prompts must be gathered over processes first: a group is spread over GPUs (§1.7).
+Rewards and prompts must be gathered over processes first: a group is spread over GPUs
+(docs/methods/grpo.md#group-sampling).
 """
 
 from collections import deque
@@ -66,7 +68,7 @@ def _group_mean_std(rewards: Tensor, index: Tensor, num_groups: int) -> tuple[Te
 
 
 def group_advantages(rewards: Tensor, group_ids: GroupIds, global_std: bool = True, eps: float = 1e-4) -> Tensor:
-    """Group-relative advantages of Flow-GRPO (trainers.md §1.7; Liu et al. 2025, Eq. 4).
+    """Group-relative advantages of Flow-GRPO (Liu et al. 2025, Eq. 4; docs/methods/grpo.md#advantages).
 
     Args:
         rewards: ``[N]`` rewards of the whole (gathered) batch.
@@ -124,14 +126,18 @@ def zero_std_ratio(rewards: Tensor, group_ids: GroupIds) -> float:
 
 
 def clip_advantages(advantages: Tensor, max_abs: float) -> Tensor:
-    """Clamp advantages to ``[-max_abs, max_abs]`` (``train.adv_clip_max``, 5 in every reference, §1.8, §4.2)."""
+    """Clamp advantages to ``[-max_abs, max_abs]`` (``train.adv_clip_max``, 5 in every reference).
+
+    See docs/methods/grpo.md#advantages.
+    """
     if not max_abs > 0:
         raise ValueError(f"max_abs must be > 0, got {max_abs}")
     return advantages.clamp(-max_abs, max_abs)
 
 
 def nonzero_advantage_mask(advantages: Tensor) -> Tensor:
-    """Samples with a non-zero advantage at some timestep, for flow_grpo's zero-advantage filtering (§1.7).
+    """Samples with a non-zero advantage at some timestep, for flow_grpo's zero-advantage filtering
+    (docs/methods/grpo.md#advantages).
 
     Args:
         advantages: ``[B]`` or ``[B, T]`` (per trained timestep) advantages.
@@ -144,7 +150,9 @@ def nonzero_advantage_mask(advantages: Tensor) -> Tensor:
 
 
 class PerPromptStatTracker:
-    """DDPO's per-prompt running reward statistics (``ddpo_pytorch/stat_tracking.py``, trainers.md §4.2).
+    """DDPO's per-prompt running reward statistics (``ddpo_pytorch/stat_tracking.py``).
+
+    See docs/methods/grpo.md#running-per-prompt-statistics.
 
     For prompt streams without groups: each prompt keeps a ``deque(maxlen=buffer_size)`` of its latest rewards
     that persists across epochs. On :meth:`update`, the batch's rewards are appended first; then a prompt whose

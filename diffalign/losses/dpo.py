@@ -1,7 +1,7 @@
 """Diffusion-DPO loss (Wallace et al. 2023, "Diffusion Model Alignment Using Direct Preference Optimization").
 
-The loss as the reference implementations compute it (trainers.md §5.1, §5.6, §5.7): the winner ``w`` and the
-loser ``l`` of a pair are noised with the *same* noise and timestep; the policy and the frozen reference each
+The loss as the reference implementations compute it (docs/methods/dpo.md#diffusion-dpo-loss): the winner ``w``
+and the loser ``l`` of a pair are noised with the *same* noise and timestep; the policy and the frozen reference each
 predict the regression target (epsilon, v or flow velocity ``eps - x0``), and with per-sample errors
 ``mse = mean_{C,H,W}((pred - target)^2)``:
 
@@ -53,7 +53,7 @@ def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
 def dpo_loss_from_mse(
     mse_w: Tensor, mse_l: Tensor, ref_mse_w: Tensor, ref_mse_l: Tensor, beta: float
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Diffusion-DPO loss from per-sample errors (trainers.md §5.1; Wallace et al. 2023, Eq. 14).
+    """Diffusion-DPO loss from per-sample errors (Wallace et al. 2023, Eq. 14; docs/methods/dpo.md#diffusion-dpo-loss).
 
     Args:
         mse_w: ``[B]`` policy error on the preferred (winner) samples; carries gradients.
@@ -102,8 +102,8 @@ def diffusion_dpo_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Diffusion-DPO loss from model outputs, with an optional SFT term on the winner.
 
-    The pair must share noise and timestep (the caller's job, trainers.md §5.1); predictions of any dtype are
-    compared in fp32.
+    The pair must share noise and timestep (the caller's job, docs/methods/dpo.md#shared-noise-and-timestep);
+    predictions of any dtype are compared in fp32.
 
     Args:
         model_pred_w: ``[B, ...]`` policy prediction on the noised winners.
@@ -134,7 +134,7 @@ def diffusion_dpo_loss(
 
 
 def diffusion_sft_loss(model_pred: Tensor, target: Tensor) -> Tensor:
-    """Plain denoising loss on the preferred images (DiffusionDPO ``--train_method sft``, trainers.md §5.1).
+    """Plain denoising loss on the preferred images (DiffusionDPO ``--train_method sft``, docs/methods/dpo.md#sft).
 
     Args:
         model_pred: ``[B, ...]`` policy prediction on the noised preferred images.

@@ -1,4 +1,4 @@
-"""PPO-style clipped policy loss and KL to the reference for Flow-GRPO / DDPO (trainers.md §1.8, §4.2, §1.13).
+"""PPO-style clipped policy loss and KL to the reference for Flow-GRPO / DDPO (docs/methods/grpo.md).
 
 Per trained timestep ``j`` the trainer re-scores the stored transition ``x_j -> x_{j+1}`` under the current
 policy (the kernels of :mod:`diffalign.samplers.steps` with ``prev_sample=``), then calls
@@ -7,8 +7,8 @@ policy (the kernels of :mod:`diffalign.samplers.steps` with ``prev_sample=``), t
     kl = kl_to_reference(out.mean, ref_out.mean, out.std, step_size=sigma - sigma_next).mean()
     loss = policy_loss + beta * kl
 
-Log-probs are means over the non-batch dims (every reference does so, trainers.md §0), so ratios stay within
-~1e-4 of 1 and the clip ranges are 1e-4 (1e-5 for Flow-GRPO-Fast / CPS), not PPO's 0.2.
+Log-probs are means over the non-batch dims (every reference does so, docs/methods/grpo.md#log-probabilities), so
+ratios stay within ~1e-4 of 1 and the clip ranges are 1e-4 (1e-5 for Flow-GRPO-Fast / CPS), not PPO's 0.2.
 """
 
 from typing import Literal
@@ -29,7 +29,9 @@ def clipped_policy_loss(
     *,
     ratio_norm: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate (Schulman et al. 2017, Eq. 7) as Flow-GRPO and DDPO compute it (trainers.md §1.8).
+    """PPO clipped surrogate (Schulman et al. 2017, Eq. 7) as Flow-GRPO and DDPO compute it.
+
+    See docs/methods/grpo.md#clipped-policy-loss.
 
     ``ratio = exp(log_probs - old_log_probs)`` and
     ``loss = mean(max(-A * ratio, -A * clamp(ratio, 1 - clip_range, 1 + clip_range)))``.
@@ -90,7 +92,9 @@ def kl_to_reference(
     convention: Literal["flow_grpo", "true_kl"] = "flow_grpo",
     step_size: Tensor | float | None = None,
 ) -> Tensor:
-    """KL between the policy's and the reference's Gaussian transitions of the same step (trainers.md §1.8).
+    """KL between the policy's and the reference's Gaussian transitions of the same step.
+
+    See docs/methods/grpo.md#kl-to-the-reference.
 
     Both transitions share the std, so ``KL(N(mu, s^2) || N(mu_ref, s^2)) = (mu - mu_ref)^2 / (2 s^2)``
     per element, reduced by the mean over the non-batch dims (as the log-probs are).
@@ -131,8 +135,8 @@ def kl_to_reference(
 
 
 def ratio_normalization(log_ratio: Tensor, target_std: float | None = None, eps: float = 1e-12) -> Tensor:
-    """GRPO-Guard's RatioNorm, as a documented simple version (trainers.md §1.13; follows the paper's description,
-    not its code, which was not read).
+    """GRPO-Guard's RatioNorm, as a documented simple version (docs/methods/grpo.md#rationorm; follows the paper's
+    description, not its code, which was not read).
 
     Why: with ``x' ~ N(mu_old, s^2)`` the expected log-ratio is ``-||mu - mu_old||^2 / (2 s^2) < 0`` (a KL), so
     the ratio distribution of a step is shifted below 1, most at low-noise steps; one-sided PPO clipping then

@@ -1,4 +1,4 @@
-"""Pure math of reward backpropagation: AlignProp, DRaFT-K / DRaFT-LV, ReFL (trainers.md §6).
+"""Pure math of reward backpropagation: AlignProp, DRaFT-K / DRaFT-LV, ReFL (docs/methods/reward-backprop.md).
 
 What lives here is what does not touch a model: the loss on differentiable rewards, the draw of the truncation
 length K, the step indices that keep their graph, and ReFL's random late step. The family-specific parts stay
@@ -6,7 +6,7 @@ in the adapter and the samplers: re-noising ``x0`` (``adapter.add_noise``), the 
 (:func:`diffalign.samplers.steps.predict_x0` for flows, ``x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t)`` for
 epsilon models) and the sampling loop (``rollout(..., grad_steps=truncated_grad_steps(T, K))``).
 
-Recipes (trainers.md §6):
+Recipes (docs/methods/reward-backprop.md):
 
 - AlignProp: K drawn once per trajectory (:func:`sample_truncation_steps`, default ``"gaussian"``); loss
   ``|r - 10|`` (aesthetic, ``mode="target"``) or ``-r`` / HPS ``1 - r`` (``mode="negative"``), times
@@ -53,7 +53,7 @@ def reward_loss(
     weight: float = 1.0,
     target: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Loss to minimise on differentiable rewards (trainers.md §6.1, §6.2, §6.4).
+    """Loss to minimise on differentiable rewards (docs/methods/reward-backprop.md#loss-forms).
 
     - ``"negative"``: ``-weight * mean(r)`` (AlignProp with ``aesthetic_target=None``, DRaFT). AlignProp's HPS
       loss ``1 - r`` and TRL's ``10 - mean(r)`` differ from it by a constant only (same gradients).
@@ -117,11 +117,11 @@ def sample_truncation_steps(
     uniform_range: tuple[int, int] = (1, 20),
     max_tries: int = 10_000,
 ) -> int:
-    """Number ``K`` of final denoising steps whose model calls keep gradients (AlignProp, DRaFT-K; §6.1, §6.3).
+    """Number ``K`` of final denoising steps whose model calls keep gradients (AlignProp, DRaFT-K).
 
-    Draw it once per trajectory (the paper and the original repo), not per step (TRL's quirk, §6.2). AlignProp
-    draws the first step with gradients, ``b``, and rejects it until ``1 <= b < num_steps``; ``K = num_steps - b``.
-    Expressed in K, for any ``num_steps``:
+    Draw it once per trajectory (the paper and the original repo), not per step (TRL's quirk; see
+    docs/methods/reward-backprop.md#truncation). AlignProp draws the first step with gradients, ``b``, and rejects
+    it until ``1 <= b < num_steps``; ``K = num_steps - b``. Expressed in K, for any ``num_steps``:
 
     - ``"fixed"``: ``K = k`` (DRaFT-K; AlignProp ``fixed`` ``value=49`` at 50 steps is ``k=1``); ``1 <= k <=
       num_steps``, ``k = num_steps`` being full DRaFT.
@@ -176,7 +176,9 @@ def truncated_grad_steps(num_steps: int, num_grad_steps: int) -> tuple[int, ...]
 
 
 def refl_step_range(num_steps: int = 40, last_fraction: float = 0.25) -> tuple[int, int]:
-    """Inclusive range of ReFL's gradient step index: the last ``last_fraction`` of the steps (§6.4).
+    """Inclusive range of ReFL's gradient step index: the last ``last_fraction`` of the steps.
+
+    See docs/methods/reward-backprop.md#refl.
 
     ReFL samples 40 DDPM steps and draws ``mid = randint(30, 39)``: one of the last 10 (``last_fraction=0.25``).
 
@@ -192,7 +194,9 @@ def refl_step_range(num_steps: int = 40, last_fraction: float = 0.25) -> tuple[i
 def sample_refl_step(
     num_steps: int = 40, generator: RandomSource = None, step_range: tuple[int, int] | None = None
 ) -> int:
-    """ReFL's random late step ``mid`` (§6.4), uniform on ``step_range`` (default :func:`refl_step_range`).
+    """ReFL's random late step ``mid``, uniform on ``step_range`` (default :func:`refl_step_range`).
+
+    See docs/methods/reward-backprop.md#refl.
 
     The trainer runs steps ``0..mid-1`` without gradients (``rollout(..., stop_after=mid)`` leaves ``x_mid``),
     calls the model once *with* gradients at ``x_mid`` and the timestep of step ``mid``, predicts ``x0`` in a

@@ -3,8 +3,8 @@
 A :class:`StepPlan` is plain, frozen data read by the rollout loop: step ``i`` (0-based, from the noisiest) uses
 the plan's stochastic kernel with ``noise_levels[i]`` when that is > 0 and the deterministic ODE step
 (``ode_solver``) otherwise; the transitions of ``stored`` steps are kept with their log-probs, and the loss uses
-the ``trained`` ones. The builders below reproduce the reference recipes (trainers.md §1.5, §1.6, §2.2, §3.1,
-§4.2):
+the ``trained`` ones. The builders below reproduce the reference recipes (docs/samplers.md#step-plans,
+docs/methods/grpo.md):
 
 ==========================  ====================================================================================
 :func:`ode_plan`            every step deterministic, nothing stored: evaluation and reward backprop.
@@ -149,7 +149,8 @@ def sde_plan(
     """Stochastic steps everywhere (but the last), all stored, the first ``train_fraction`` of them trained.
 
     Reference behaviour: flow_grpo's unified sampler with ``sde_window_size=0`` makes steps ``0..T-2``
-    stochastic and the last one ODE (trainers.md §1.6); DanceGRPO drops the last step from training (§2.2).
+    stochastic and the last one ODE; DanceGRPO drops the last step from training
+    (docs/methods/grpo.md#denoising-reduction-and-trained-steps).
     The older ``train_sd3.py`` also noises the last step but trains ``int(T * 0.99) = T - 1`` steps in order,
     i.e. the same trained set. DDPO noises and trains every step: ``kernel="ddim", include_last=True``.
 
@@ -240,7 +241,9 @@ def random_window_plan(
     kernel: str = "sde",
     ode_solver: str = "euler",
 ) -> StepPlan:
-    """Flow-GRPO-Fast: SDE on a window of ``window_size`` steps at a random start, ODE elsewhere (§1.6).
+    """Flow-GRPO-Fast: SDE on a window of ``window_size`` steps at a random start, ODE elsewhere.
+
+    See docs/methods/grpo.md#flow-grpo-fast-window.
 
     ``start = randint(window_range[0], window_range[1] - window_size)`` (both ends inclusive, flow_grpo's
     ``random.randint``), drawn anew for each rollout; steps ``start .. start + window_size - 1`` are stochastic,
@@ -269,8 +272,9 @@ def sliding_window_start(
 ) -> int:
     """First step of MixGRPO's progressive window at training ``iteration`` (0-based).
 
-    MixGRPO's ``GRPOTrainingStates`` (``sample_strategy="progressive"``, trainers.md §3.1), as a pure function:
-    the window starts at step 0 and moves ``stride`` steps later every ``shift_every`` iterations
+    MixGRPO's ``GRPOTrainingStates`` (``sample_strategy="progressive"``) as a pure function
+    (docs/methods/grpo.md#mixgrpo-sliding-window): the window starts at step 0 and moves ``stride`` steps later
+    every ``shift_every`` iterations
     (``iters_per_group``; ``stride`` is ``prog_overlap_step``, or the window size without overlap). Starts run
     over ``0, stride, 2 * stride, ...`` while they are ``< window_end``; after the last one the window goes back
     to 0 (``roll_back``) or stays at the last start. ``stride=0`` freezes it at 0 (MixGRPO-Flash*).

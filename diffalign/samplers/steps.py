@@ -5,7 +5,7 @@ the next, less noisy sample and returns :class:`StepOutput`. Stochastic kernels 
 ``x' = mean + std * xi`` with ``xi ~ N(0, I)``; given ``prev_sample`` they draw nothing and score that transition
 instead, which is how the PPO ratio of a stored step is computed under new parameters.
 
-Conventions shared by all kernels (trainers.md §0, §7):
+Conventions shared by all kernels (docs/samplers.md#conventions):
 
 - Flow matching: ``x_sigma = (1 - sigma) * x0 + sigma * eps`` and the model predicts the velocity
   ``v = eps - x0``; sampling runs sigma from 1 to 0, so ``dt = sigma_next - sigma < 0``. From a velocity,
@@ -14,8 +14,8 @@ Conventions shared by all kernels (trainers.md §0, §7):
 - ``sigma``, ``sigma_next``, ``alpha_prod_t``, ``alpha_prod_prev`` and the noise scales are Python floats or
   0-d / ``[B]`` tensors; a ``[B]`` tensor is broadcast over the non-batch dims, so the same kernel serves image
   latents ``[B, C, H, W]`` and packed FLUX latents ``[B, L, C]``.
-- All math runs in fp32 (bf16 overflows in the mean, trainers.md §1.1); ``prev_sample`` is returned in fp32 and
-  the caller casts it back to the model dtype.
+- All math runs in fp32 (bf16 overflows in the mean); ``prev_sample`` is returned in fp32 and the caller casts it
+  back to the model dtype.
 - ``log_prob`` is the Gaussian log-density of ``prev_sample`` **reduced by the mean over the non-batch dims**
   (not the sum), as in every reference implementation; ratios ``exp(new - old)`` therefore stay close to 1,
   which is why the clip ranges are 1e-4..1e-5. ``prev_sample`` is detached inside the density, so gradients
@@ -151,7 +151,7 @@ def flow_sde_step(
     prev_sample: Tensor | None = None,
     generator: Generator = None,
 ) -> StepOutput:
-    """Flow-GRPO's ODE-to-SDE step (``sde_type="sde"``, trainers.md §1.1; Liu et al. 2025, Eq. 8-9).
+    """Flow-GRPO's ODE-to-SDE step (``sde_type="sde"``, docs/samplers.md#flow-sde-step; Liu et al. 2025, Eq. 8-9).
 
     Euler-Maruyama step of ``dx = [v + s_t^2 / (2t) * (x + (1 - t) v)] dt + s_t dw`` with
     ``s_t = a * sqrt(t / (1 - t))``, whose marginals equal those of the flow ODE for any ``a``:
@@ -193,7 +193,9 @@ def flow_sde_const_step(
     prev_sample: Tensor | None = None,
     generator: Generator = None,
 ) -> StepOutput:
-    """DanceGRPO's SDE step with a time-constant diffusion coefficient (``flux_step``, trainers.md §2.1).
+    """DanceGRPO's SDE step with a time-constant diffusion coefficient (``flux_step``).
+
+    See docs/samplers.md#constant-noise-step.
 
     The same reverse-time SDE as :func:`flow_sde_step` with ``s_t = eta`` constant:
 
@@ -230,7 +232,9 @@ def cps_step(
     generator: Generator = None,
     unnormalized_log_prob: bool = False,
 ) -> StepOutput:
-    """Coefficients-preserving sampling (flow_grpo ``sde_type="cps"``, trainers.md §1.2; Wang & Yu 2025).
+    """Coefficients-preserving sampling (flow_grpo ``sde_type="cps"``, Wang & Yu 2025).
+
+    See docs/samplers.md#cps-step.
 
     A DDIM-style step in flow coordinates whose noise coefficient stays exactly ``sigma_next``:
 
@@ -311,8 +315,8 @@ def dpm_solver_2m_step(
 ) -> StepOutput:
     """One DPM-Solver++(2M) step (midpoint form) of the flow ODE: second order, one model call per step.
 
-    The solver MixGRPO-Flash uses outside the SDE window (trainers.md §3.2: ``dpmsolver++``, order 2,
-    ``midpoint``; Lu et al. 2022, Alg. 2). With ``alpha = 1 - sigma``, ``lambda = log(alpha / sigma)``,
+    The solver MixGRPO-Flash uses outside the SDE window (``dpmsolver++``, order 2, ``midpoint``; Lu et al. 2022,
+    Alg. 2; docs/samplers.md#dpm-solver-2m-step). With ``alpha = 1 - sigma``, ``lambda = log(alpha / sigma)``,
     ``h = lambda_next - lambda`` and the data predictions ``D0 = x0_hat`` (now) and ``x0_prev`` (previous step):
 
         x' = (sigma_next / sigma) * x - alpha_next * (exp(-h) - 1) * (D0 + 0.5 * D1),
@@ -369,7 +373,7 @@ def ddim_step(
     generator: Generator = None,
     clip_sample_range: float | None = None,
 ) -> StepOutput:
-    """DDIM step with noise ``eta`` (DDPO, trainers.md §4.1; Song et al. 2021, Eq. 12 and 16).
+    """DDIM step with noise ``eta`` (DDPO, docs/samplers.md#ddim-step; Song et al. 2021, Eq. 12 and 16).
 
         x0_hat, eps_hat from the model output (epsilon, v_prediction or sample parameterisation)
         std  = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)

@@ -1,4 +1,4 @@
-"""Group-relative and per-prompt advantages against hand-computed values (trainers.md §1.7, §4.2)."""
+"""Group-relative and per-prompt advantages against hand-computed values (docs/methods/grpo.md#advantages)."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""Diffusion-DPO loss against hand-computed values (trainers.md §5.1)."""
+"""Diffusion-DPO loss against hand-computed values (docs/methods/dpo.md#diffusion-dpo-loss)."""
 
 import math
 

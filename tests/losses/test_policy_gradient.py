@@ -1,4 +1,4 @@
-"""PPO-clip loss, KL to the reference and RatioNorm against closed forms (trainers.md §1.8, §1.13)."""
+"""PPO-clip loss, KL to the reference and RatioNorm against closed forms (docs/methods/grpo.md#clipped-policy-loss)."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""Reward-backprop math: reward losses, AlignProp's truncation draw, ReFL's late step (trainers.md §6)."""
+"""Reward-backprop math: reward losses, AlignProp's truncation draw, ReFL's late step
+(docs/methods/reward-backprop.md)."""
 
 import math
 import random

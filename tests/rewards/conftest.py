@@ -1,4 +1,5 @@
-"""Tiny random-weight scorers saved in their original on-disk formats (rewards.md §11), built once per session.
+"""Tiny random-weight scorers saved in their original on-disk formats, built once per session
+(docs/rewards.md#testing-offline).
 
 Every model here has the real architecture class and state-dict layout of its scorer, with hidden sizes of 32-64 so
 that a forward pass at 224 px takes milliseconds on a CPU. Nothing is downloaded: the CLIP tokenizer is rebuilt
@@ -54,7 +55,8 @@ def _tiny_clip(folder, tokenizer_dir, projection_dim: int, seed: int):
     text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     text.update(max_position_embeddings=77, bos_token_id=49406, eos_token_id=CLIP_EOT_ID, pad_token_id=CLIP_EOT_ID)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    # projection_dim also in vision_config: CLIPVisionModelWithProjection reads it from there (rewards.md §11.1).
+    # projection_dim also in vision_config: CLIPVisionModelWithProjection reads it from there
+    # (docs/rewards.md#testing-offline).
     vision.update(image_size=224, patch_size=14, projection_dim=projection_dim)
     config = CLIPConfig(
         text_config=text, vision_config=vision, projection_dim=projection_dim, logit_scale_init_value=TINY_LOGIT_SCALE

@@ -1,4 +1,5 @@
-"""ImageReward against an independent reference BLIP written here in the original module layout (rewards.md §5).
+"""ImageReward against an independent reference BLIP written here in the original module layout
+(docs/rewards.md#imagereward).
 
 The reference below re-implements BLIP's ViT (timm naming: ``patch_embed.proj``, ``blocks.N.attn.qkv``...) and
 its "med" BERT with cross-attention (``encoder.layer.N.crossattention``...) in plain torch, the way ImageReward's

@@ -1,4 +1,4 @@
-"""JPEG (in)compressibility: DDPO's definition, units and sign (rewards.md §9, §11.4)."""
+"""JPEG (in)compressibility: DDPO's definition, units and sign (docs/rewards.md#jpeg-compressibility)."""
 
 import io
 

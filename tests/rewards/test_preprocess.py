@@ -1,4 +1,4 @@
-"""Torch preprocessing vs the references' PIL/processor pipelines, pixel by pixel (rewards.md §1)."""
+"""Torch preprocessing vs the references' PIL/processor pipelines, pixel by pixel (docs/rewards.md#preprocessing)."""
 
 import pytest
 import torch

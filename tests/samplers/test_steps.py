@@ -159,7 +159,7 @@ def test_dpm_solver_2m_matches_diffusers_multistep_scheduler():
 
 
 def _expected_mean_std(name, velocity, sample, sigma, sigma_next, level):
-    """trainers.md §1.1, §1.2, §2.1 and §4.1 in float64, separately from the kernels."""
+    """The formulas of docs/samplers.md#step-kernels in float64, separately from the kernels."""
     v, x = velocity.double(), sample.double()
     dt = sigma_next - sigma
     if name == "sde":

@@ -1,4 +1,4 @@
-"""AI-feedback pairs: ranking, the written dataset, and its labels (trainers.md §5.1 --choice_model, §1.13)."""
+"""AI-feedback pairs: ranking, the written dataset, and its labels (docs/methods/dpo.md#ai-feedback-pairs)."""
 
 import json
 
