@@ -1,4 +1,4 @@
-"""Benchmarks: speed and memory are measured here, not asserted by timed tests (design.md, "Tests and benchmarks").
+"""Benchmarks: speed and memory are measured here, not asserted by timed tests (docs/performance.md).
 
 ``bench_rollout`` times :func:`~diffalign.samplers.rollout.rollout` against the pipeline's own ``__call__`` on the
 tiny pipelines (the same pipeline object, prompts, seeds, steps and CFG; wall and CPU time) and checks that both

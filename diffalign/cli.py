@@ -388,7 +388,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_pairs(args: argparse.Namespace) -> int:
     make_pairs = _lazy("diffalign.data.ai_feedback", "make_preference_pairs", "diffalign pairs")
     from diffalign.data.prompts import load_prompts
-    from diffalign.trainers.common import build_reward
+    from diffalign.rewarding import build_reward
 
     _check_positive(num_per_prompt=args.num_per_prompt, steps=args.steps, batch_size=args.batch_size)
     prompts = load_prompts(Path(args.prompts) if Path(args.prompts).is_file() else args.prompts)

@@ -2,7 +2,8 @@
 
 Every reward, built-in or user-written, goes through :meth:`Reward.score`, which checks the inputs (rank, channels,
 dtype, value range, prompt count), runs the subclass's :meth:`Reward._score` and checks its output (shape ``[B]``,
-finite), so that a wrong call fails loudly instead of returning a silently wrong score (rewards.md §1, §12.6).
+finite), so that a wrong call fails loudly instead of returning a silently wrong score
+(docs/rewards.md#the-protocol).
 
 Gradient policy: :meth:`score` never enters ``torch.no_grad`` itself. Callers who want no graph wrap the call in
 ``torch.no_grad()``/``torch.inference_mode()``; otherwise a differentiable reward keeps the graph back to the images.
@@ -73,6 +74,18 @@ class Reward:
         return check_scores(scores, images.shape[0], self.name, device=images.device)
 
     __call__ = score
+
+    def score_parts(self, images: Tensor, prompts: Sequence[str] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The score and the named scores that explain it, for logs and reports.
+
+        A weighted sum reports each of its terms, a verifier may add its strict all-correct flag; a plain reward
+        reports itself, ``{self.name: total}``, which is this default.
+
+        Returns:
+            ``(total [B], {name: [B]})``, both as :meth:`score` returns them.
+        """
+        total = self.score(images, prompts)
+        return total, {self.name: total}
 
     def _score(self, images: Tensor, prompts: list[str] | None) -> Tensor | Sequence[float]:
         """Compute the scores of checked inputs; ``images`` is ``[B, 3, H, W]`` float in [0, 1], ``B >= 1``."""

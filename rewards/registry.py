@@ -9,7 +9,15 @@
 - a ``{name: weight}`` mapping, built as :class:`~rewards.composite.WeightedSum`;
 - a ``Reward`` instance (returned as is) or a scoring function (wrapped).
 
-Factories registered from outside this package (e.g. a library's own verifier reward) use the same decorator.
+Factories registered from outside this package (e.g. a library's own verifier reward) use the same decorator,
+or an entry point in the ``rewards`` group of their package's metadata, which ``load`` and ``available`` find
+without anything importing that package first (``pyproject.toml``)::
+
+    [project.entry-points.rewards]
+    my_reward = "my_pkg.rewards:MyReward"
+
+The entry point is imported when its name is first loaded; a name registered with the decorator wins over an
+entry point of the same name.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import os
@@ -78,9 +87,30 @@ def unregister(name: str) -> None:
     del _FACTORIES[name]
 
 
+ENTRY_POINT_GROUP = "rewards"
+"""Package-metadata group through which installed packages register reward factories."""
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {point.name: point for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _factory(name: str) -> Callable[..., Reward] | None:
+    """The factory registered as ``name``, importing it from its entry point on first use; None if unknown."""
+    if name not in _FACTORIES:
+        point = _entry_points().get(name)
+        if point is None:
+            return None
+        factory = point.load()
+        if not callable(factory):
+            raise TypeError(f"entry point {point.value!r} of reward {name!r} is not a reward class or function")
+        _FACTORIES.setdefault(name, factory)
+    return _FACTORIES[name]
+
+
 def available() -> list[str]:
-    """The registered reward names, sorted."""
-    return sorted(_FACTORIES)
+    """The registered reward names, entry points of installed packages included, sorted."""
+    return sorted(set(_FACTORIES) | set(_entry_points()))
 
 
 def load(
@@ -122,8 +152,8 @@ def load(
         return _from_object(spec, getattr(spec, "__name__", type(spec).__name__), device, dtype, options)
     if not isinstance(spec, str):
         raise TypeError(f"cannot load a reward from {type(spec).__name__}; pass a name or 'module:callable'")
-    if spec in _FACTORIES:
-        return _call_factory(_FACTORIES[spec], spec, device, dtype, options)
+    if ":" not in spec and (factory := _factory(spec)) is not None:
+        return _call_factory(factory, spec, device, dtype, options)
     if ":" in spec:
         return _from_object(_resolve_custom(spec), spec, device, dtype, options)
     raise UnknownRewardError(_unknown_name_message(spec))

@@ -151,8 +151,11 @@ class Schedule:
 class DiffusionAdapter:
     """Base of the family adapters; see :func:`diffalign.adapters.load_adapter` to get one.
 
-    Subclasses set the class attributes and implement ``_encode``, ``_forward``, ``_latents_to_vae`` (and, for
-    families with packed latents, override the few methods that touch the latent layout).
+    Subclasses set the class attributes and implement ``_encode``, ``_forward``, ``set_timesteps`` (and, for
+    families with packed latents, override the few methods that touch the latent layout); register one from
+    outside the package with :func:`~diffalign.adapters.register_adapter` (``docs/architecture.md``). LoRA uses
+    diffusers' PEFT integration: a ``PeftAdapterMixin`` denoiser and a pipeline with a LoRA loader mixin
+    (``save_lora_weights``), or overrides of :meth:`save_lora` / :meth:`load_lora`.
 
     Args:
         pipe: a loaded diffusers pipeline of the family.
@@ -475,7 +478,7 @@ class DiffusionAdapter:
             rank: LoRA rank ``r``.
             alpha: LoRA ``alpha`` (scale ``alpha / r``); default ``rank``.
             target_modules: module-name suffixes to wrap; default the family's :attr:`default_lora_targets`
-                (reference/trainers.md §1.11 for SD3/FLUX; the attention projections for UNets).
+                (docs/architecture.md#lora-targets).
             init: ``"gaussian"`` (Flow-GRPO, diffusers' training scripts) or peft's ``"default"``; both start with
                 ``B = 0``, so the wrapped model initially equals the base.
             dropout: LoRA dropout.

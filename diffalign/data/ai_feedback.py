@@ -1,9 +1,9 @@
 """AI feedback for Diffusion-DPO: preference pairs made by sampling the model and ranking with a reward.
 
-Algorithm (reference/trainers.md §5.1 ``--choice_model`` and §1.13 Flow-DPO, done offline): for every prompt,
-sample ``K`` images with the deterministic ODE sampler (DDIM eta = 0 for epsilon / v models, Euler for flow models)
-from ``K`` seeded noises, score them with the reward, and write pairs in the Pick-a-Pic layout that
-:func:`~diffalign.data.preference.load_preference_dataset` reads:
+Algorithm (docs/methods/dpo.md#ai-feedback-pairs: Salesforce's ``--choice_model`` and flow_grpo's Flow-DPO, done
+offline): for every prompt, sample ``K`` images with the deterministic ODE sampler (DDIM eta = 0 for epsilon / v
+models, Euler for flow models) from ``K`` seeded noises, score them with the reward, and write pairs in the
+Pick-a-Pic layout that :func:`~diffalign.data.preference.load_preference_dataset` reads:
 
 - ``pairing="best_worst"``: one pair per prompt, the highest-scoring image against the lowest (flow_grpo's DPO
   stat tracker keeps exactly these two);
@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,11 +37,13 @@ from torch import Tensor
 from diffalign.adapters import DiffusionAdapter, load_adapter
 from diffalign.data.preference import PreferenceRecord, write_preference_dataset
 from diffalign.data.prompts import load_prompts
+from diffalign.rewarding import RewardLike, build_reward
 from diffalign.samplers.plan import ode_plan
 from diffalign.samplers.rollout import rollout
+from diffalign.seeding import derive_seed
 
 
-__all__ = ["SUMMARY_NAME", "make_preference_pairs", "rank_pairs"]
+__all__ = ["SUMMARY_NAME", "candidate_seed", "make_preference_pairs", "rank_pairs"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,21 +76,13 @@ def rank_pairs(rewards: Tensor, pairing: Pairing = "best_worst") -> list[tuple[i
     raise ValueError(f"pairing must be 'best_worst' or 'all', got {pairing!r}")
 
 
+def candidate_seed(seed: int, prompt_index: int, candidate: int) -> int:
+    """The sampling seed of candidate ``candidate`` of prompt ``prompt_index`` (see :mod:`diffalign.seeding`)."""
+    return derive_seed(seed, "pairs/candidate", prompt_index, candidate)
+
+
 def _as_adapter(model: DiffusionAdapter | str | os.PathLike) -> DiffusionAdapter:
     return model if isinstance(model, DiffusionAdapter) else load_adapter(model)
-
-
-def _as_reward(reward: Any, device: torch.device) -> Any:
-    """A reward object from a reward, a spec (name, ``module:fn``, weight map) or a plain scoring function."""
-    if isinstance(reward, (str, Mapping)):
-        from diffalign.trainers.common import build_reward
-
-        return build_reward(reward, device=device)
-    if hasattr(reward, "score"):
-        return reward
-    import rewards
-
-    return rewards.load(reward)
 
 
 def _prompt_blocks(prompts: Sequence[str], block: int) -> Iterator[tuple[int, list[str]]]:
@@ -99,7 +93,7 @@ def _prompt_blocks(prompts: Sequence[str], block: int) -> Iterator[tuple[int, li
 def make_preference_pairs(
     adapter: DiffusionAdapter | str | os.PathLike,
     prompts: Sequence[str] | str | os.PathLike,
-    reward: Any,
+    reward: RewardLike,
     num_per_prompt: int,
     out_dir: str | os.PathLike,
     *,
@@ -113,14 +107,14 @@ def make_preference_pairs(
 ) -> Path:
     """Sample ``num_per_prompt`` images per prompt, rank them with ``reward`` and write a preference dataset.
 
-    Image ``k`` of prompt ``p`` is sampled from seed ``seed * 1_000_003 + p * num_per_prompt + k``, so the data
-    does not depend on ``batch_size`` and a prompt's candidates can be re-created.
+    Image ``k`` of prompt ``p`` is sampled from :func:`candidate_seed` ``(seed, p, k)``, so the data does not
+    depend on ``batch_size`` and a prompt's candidates can be re-created.
 
     Args:
         adapter: a model adapter, or a hub id / local pipeline folder to load.
         prompts: a list of prompts, or a text file (a ``str`` or path) with one prompt per line.
         reward: a ``rewards`` reward (``score(images [B, 3, H, W] in [0, 1], prompts) -> [B]``), a plain scoring
-            function ``fn(images, prompts) -> [B]``, or a spec for :func:`diffalign.trainers.common.build_reward`
+            function ``fn(images, prompts) -> [B]``, or a spec for :func:`diffalign.rewarding.build_reward`
             (name, ``module:fn``, ``{name: weight}``).
         num_per_prompt: ``K >= 2`` candidates per prompt.
         out_dir: output folder (``data.jsonl`` + ``images/``, or ``data.parquet``; plus ``summary.json``).
@@ -141,7 +135,7 @@ def make_preference_pairs(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     adapter = _as_adapter(adapter)
     prompt_list = load_prompts(prompts if not isinstance(prompts, str) else Path(prompts))
-    scorer = _as_reward(reward, adapter.device)
+    scorer = build_reward(reward, device=adapter.device)
     plan = ode_plan(num_steps)
     summary: dict[str, Any] = {
         "num_prompts": len(prompt_list),
@@ -158,14 +152,13 @@ def make_preference_pairs(
     def records() -> Iterator[PreferenceRecord]:
         block = max(1, batch_size // num_per_prompt)
         for start, chunk in _prompt_blocks(prompt_list, block):
-            first = seed * 1_000_003 + start * num_per_prompt
             trajectory = rollout(
                 adapter,
                 chunk,
                 plan,
                 num_images_per_prompt=num_per_prompt,
                 guidance_scale=guidance_scale,
-                seeds=[first + i for i in range(len(chunk) * num_per_prompt)],
+                seeds=[candidate_seed(seed, start + p, k) for p in range(len(chunk)) for k in range(num_per_prompt)],
                 chunk_size=batch_size,
                 negative_prompt=negative_prompt,
             )

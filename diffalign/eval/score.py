@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from diffalign.data.prompts import load_prompts
-from diffalign.trainers.evaluation import score_with_parts
+from diffalign.rewarding import build_reward, score_with_parts
 
 
 logger = logging.getLogger(__name__)
@@ -45,8 +45,6 @@ def reward_label(spec: str) -> str:
 
 def build_rewards(specs: Sequence[str], device: torch.device | str | None = None) -> dict[str, Any]:
     """``{label: reward}`` for reward specs (names, ``module:fn`` or ``file.py:fn``); labels must be distinct."""
-    from diffalign.trainers.common import build_reward
-
     built: dict[str, Any] = {}
     for spec in specs:
         label = reward_label(spec)

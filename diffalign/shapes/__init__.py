@@ -1,74 +1,11 @@
 """The built-in shapes world: scenes and captions, a programmatic verifier reward, the demo.
 
-Importing this package registers two rewards with the ``rewards`` registry, so that ``rewards.load(name)`` (and
-every diffalign config with ``reward: <name>``) finds them:
-
-- ``"shapes"``: the programmatic verifier (not differentiable; ``evaluate`` also gives strict accuracy);
-- ``"shapes_clip"``: the CLIP score of the shipped shapes CLIP (``assets/clip``), differentiable, for reward
-  backprop (``rewards.load("clip_score", path=CLIP_DIR)`` under a name a config can hold).
+Its rewards (``"shapes"``, ``"shapes_clip"``, :mod:`diffalign.shapes.reward`) are registered through the
+``rewards`` entry points of diffalign's package metadata: ``rewards.load("shapes")`` finds them without this
+package being imported first.
 """
 
-from __future__ import annotations
-
-import os
-from collections.abc import Sequence
-from pathlib import Path
-
-import torch
-from torch import Tensor
-
-import rewards
-from diffalign.shapes.verifier import ShapesVerifier
+from diffalign.shapes.reward import CLIP_DIR, ShapesReward, shapes_clip
 
 
-class ShapesReward(rewards.Reward):
-    """The shapes verifier behind the ``rewards`` protocol (input checks, ``[B]`` float32 scores in [0, 1]).
-
-    ``evaluate(images, prompts) -> (scores, strict)`` also gives the all-correct flag (strict accuracy).
-    """
-
-    name = "shapes"
-    differentiable = False
-    needs_prompts = True
-
-    def __init__(self, device=None, dtype=None, **options: float) -> None:
-        self.verifier = ShapesVerifier(device=device, dtype=dtype, **options)
-
-    def _score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
-        return self.verifier.score(images, prompts)
-
-    def evaluate(self, images: Tensor, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        return self.verifier.evaluate(images, list(prompts))
-
-
-CLIP_DIR = Path(__file__).resolve().parent / "assets" / "clip"
-"""The shipped shapes CLIP (a ``transformers.CLIPModel`` folder with its tokenizer)."""
-
-
-def shapes_clip(
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | str | None = None,
-    path: str | os.PathLike = CLIP_DIR,
-    scale: float = 100.0,
-    clamp: bool = False,
-) -> rewards.Reward:
-    """The ``"shapes_clip"`` reward: ``scale * cos(text, image)`` of the shipped shapes CLIP, differentiable.
-
-    Args:
-        device: where the CLIP runs (``None``: the device of the first batch).
-        dtype: the CLIP's dtype; scores are float32.
-        path: the CLIP folder (default: the shipped one).
-        scale: the weight of the cosine (100, as ``clip_score``).
-        clamp: clamp each score at 0.
-    """
-    from rewards.clip_score import CLIPScore
-
-    reward = CLIPScore(device=device, dtype=dtype, path=path, scale=scale, clamp=clamp)
-    reward.name = "shapes_clip"
-    return reward
-
-
-if "shapes" not in rewards.available():
-    rewards.register("shapes")(ShapesReward)
-if "shapes_clip" not in rewards.available():
-    rewards.register("shapes_clip")(shapes_clip)
+__all__ = ["CLIP_DIR", "ShapesReward", "shapes_clip"]

@@ -75,11 +75,11 @@ from typing import Any
 import torch
 
 from diffalign.config import load_config
+from diffalign.eval.evaluator import Evaluator
 from diffalign.eval.grid import image_grid
 from diffalign.eval.plot import line_chart
 from diffalign.shapes.model import repeated_context_sampling
 from diffalign.shapes.scenes import heldout_prompts, parse_caption
-from diffalign.trainers.evaluation import Evaluator
 
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def compositional(prompts: list[str]) -> list[str]:
 
 
 EVAL_SEEDS: tuple[int, ...] = tuple(range(90_001, 90_017))
-"""Evaluation seeds: training draws seeds ``epoch * 100_003 + i`` (``i`` < images per epoch), never these."""
+"""Evaluation seeds: chosen seeds, below :data:`~diffalign.seeding.DERIVED_SEED_MIN`, where no training draw goes."""
 UNSEEN_SEEDS: tuple[int, ...] = EVAL_SEEDS[:4]
 """Evaluation seeds of the unseen prompts (more prompts, fewer seeds each)."""
 GRID_SEEDS = 4
@@ -230,7 +230,7 @@ def run_demo(
     if not (model / "model_index.json").is_file():
         raise FileNotFoundError(
             f"no shapes base model at {model}: reinstall diffalign, or train one with "
-            "python -m diffalign.shapes.train_base --out diffalign/shapes/assets/base_model"
+            "python scripts/shapes/train_base.py --out diffalign/shapes/assets/base_model"
         )
     output = Path(output)
     _clear_previous_run(output)

@@ -391,7 +391,6 @@ def evaluate_base_model(model: Any = BASE_MODEL_DIR, protocol: EvalProtocol | No
     Returns:
         ``{"single_strict", "heldout_strict", "num_single", "num_heldout", "protocol"}``.
     """
-    import diffalign.shapes  # noqa: F401  (registers the "shapes" reward)
     from diffalign.adapters import load_adapter
     from diffalign.adapters.base import DiffusionAdapter
     from diffalign.shapes.scenes import heldout_prompts, prompts

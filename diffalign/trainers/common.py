@@ -1,25 +1,26 @@
-"""The runtime every trainer shares: accelerator, parameters, optimizer, EMA, checkpoints, logging, evaluation.
+"""The runtime every trainer shares: accelerator, parameters, optimizer, EMA, checkpoints, logging, evaluation,
+and the one step loop.
 
-A trainer owns its loop (sampling, losses) and hands everything else to a :class:`TrainingRun`:
+A trainer writes what one of its steps does (an optimizer step for DPO and reward backprop, an epoch of sampling
+and updates for Flow-GRPO) and hands everything else to a :class:`TrainingRun`::
 
-    run = TrainingRun(config)                     # loads the model, adds LoRA, builds optimizer/schedule/EMA
-    start = run.resume(config.checkpoint.resume_from)  # full state, or 0
-    run.start_clock()                             # the max_minutes budget starts now (if set)
-    for step in range(start, config.max_steps):
+    run = TrainingRun(config)          # loads the model, adds LoRA, builds optimizer/schedule/EMA
+
+    def train_step(step):              # 0-based
         with run.accumulate():
             loss = ...
-            run.backward(loss)                    # NaN/inf stops the run with a clear message
-        run.optimizer_step()                      # clip, step, zero grad, EMA
-        run.advance_schedule(step + 1)            # the lr schedule counts trainer steps (or the budget spent)
-        run.log(step, metrics)
-        run.maybe_save(step, trainer_state)       # atomic; keeps the last N; exports the LoRA
-        run.maybe_evaluate(step)                  # ODE grid + mean rewards on held-out prompts
-        if run.out_of_time():                     # max_minutes spent: stop after this step
-            break
-    run.finish(trainer_state)
+            run.backward(loss)         # NaN/inf stops the run with a clear message
+        return {**metrics, **run.optimizer_step()}  # clip, step, zero grad, EMA
+
+    run.run_steps(train_step, trainer_state, evaluator, desc="my_method", postfix=("loss",))
+
+:meth:`TrainingRun.run_steps` resumes (``checkpoint.resume_from``), evaluates at step 0, then runs the steps to
+``max_steps`` or until ``max_minutes`` are spent, advancing the lr schedule, logging every ``logging.log_every``
+steps, saving (atomic, keeps the last N, exports the LoRA) and evaluating on schedule, and ends with
+:meth:`TrainingRun.finish`.
 
 Checkpoints are folders ``<output_dir>/checkpoints/checkpoint-<step>/`` holding ``trainable.safetensors`` (LoRA or
-full weights), ``optimizer.pt``, ``lr_scheduler.pt``, ``ema.safetensors``, ``rng-<rank>.pt``,
+full weights), ``optimizer.pt``, ``lr_scheduler.pt``, ``ema.pt``, ``rng-<rank>.pt``,
 ``trainer_state.json`` and ``lora/`` (diffusers format, loadable with ``pipe.load_lora_weights``). A checkpoint
 is written under a temporary name and renamed when complete, so a run killed mid-save never leaves a folder
 that ``--resume latest`` would pick.
@@ -57,22 +58,6 @@ _COMPLETE_MARKER = "trainer_state.json"
 
 class TrainingDivergedError(RuntimeError):
     """The loss or the gradients became NaN/inf."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Rewards
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def build_reward(spec: str | Mapping[str, float], device: torch.device | str | None = None, **options: Any):
-    """A reward from a config value: a registered name, a ``module:fn`` / ``file.py:fn`` spec, or a weight map.
-
-    Importing :mod:`diffalign.shapes` first registers the shapes-world verifier (``"shapes"``).
-    """
-    import diffalign.shapes  # noqa: F401  (registers "shapes")
-    import rewards
-
-    return rewards.load(dict(spec) if isinstance(spec, Mapping) else spec, device=device, **options)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -452,15 +437,22 @@ class TrainingRun:
         start = int((resumed if resumed is not None else self.resume())["step"])
         if start == 0:
             self.maybe_evaluate(0, evaluate)
-        max_steps, log_every = self.config.max_steps, self.config.logging.log_every
+        max_steps, log_every = self.config.max_steps, self.config.log_every
+        # With a wall-clock budget the bar counts its seconds (the step count is what the budget allows).
+        budget = self.config.max_minutes
         progress = tqdm(
-            range(start, max_steps), initial=start, total=max_steps, desc=desc, disable=not self.is_main_process
+            initial=0 if budget else start,
+            total=round(60 * budget) if budget else max_steps,
+            unit="s" if budget else "step",
+            desc=desc,
+            disable=not self.is_main_process,
         )
         metrics: dict[str, float] = {}
         window: list[dict[str, float]] = []
         last = max_steps
         self.start_clock()
-        for step in progress:
+        started = time.monotonic()
+        for step in range(start, max_steps):
             metrics = train_step(step)
             self.advance_schedule(step + 1)
             window.append(metrics)
@@ -469,7 +461,8 @@ class TrainingRun:
             if done % log_every == 0 or done == max_steps or stop:
                 self.log(done, mean_metrics(window) if log_mean else metrics)
                 window = []
-            progress.set_postfix({key: f"{metrics[key]:.4g}" for key in postfix if key in metrics})
+            progress.update(min(round(time.monotonic() - started), progress.total) - progress.n if budget else 1)
+            progress.set_postfix({"step": done, **{key: f"{metrics[key]:.4g}" for key in postfix if key in metrics}})
             self.maybe_save(done, trainer_state())
             self.maybe_evaluate(done, evaluate)
             if stop:

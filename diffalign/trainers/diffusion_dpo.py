@@ -1,23 +1,27 @@
-"""Diffusion-DPO (Wallace et al. 2023): offline alignment from pairwise preferences, reference/trainers.md §5.
+"""Diffusion-DPO (Wallace et al. 2023): offline alignment from pairwise preferences, docs/methods/dpo.md.
 
 Algorithm, per micro-batch of ``data.batch_size`` pairs (preferred ``w`` first, rejected ``l``):
 
 1. Both images are VAE-encoded (a posterior sample, as the references) into latents ``x0_w, x0_l``.
-2. One noise ``eps`` and one timestep ``t`` per pair, *shared* by ``w`` and ``l`` (§5.1). ``t`` is uniform over
-   the train timesteps for epsilon / v models (§5.1) and ``sigma`` is logit-normal(0, 1) for flow models, with
-   ``t = 1000 sigma`` (§5.7, flow_grpo's ``train_sd3_dpo.py``). ``x_t = adapter.add_noise(x0, eps, t)`` and the
-   target is the family's (epsilon, v, or velocity ``eps - x0``).
-3. The policy (LoRA on, or the trained weights) and the reference (LoRA disabled, §5.6; or a frozen copy of the
-   initial denoiser for full fine-tuning, §5.5) predict the target; with per-sample MSEs,
+2. One noise ``eps`` and one timestep ``t`` per pair, *shared* by ``w`` and ``l``
+   (docs/methods/dpo.md#shared-noise-and-timestep). ``t`` is uniform over the train timesteps for epsilon / v models
+   and ``sigma`` is logit-normal(0, 1) for flow models, with ``t = 1000 sigma`` (flow_grpo's ``train_sd3_dpo.py``;
+   docs/methods/dpo.md#timestep-sampling). ``x_t = adapter.add_noise(x0, eps, t)`` and the target is the family's
+   (epsilon, v, or velocity ``eps - x0``).
+3. The policy (LoRA on, or the trained weights) and the reference (LoRA disabled; or a frozen copy of the
+   initial denoiser for full fine-tuning; docs/methods/dpo.md#reference-model) predict the target; with per-sample
+   MSEs,
    ``loss = -logsigmoid(-0.5 beta ((mse_w - ref_w) - (mse_l - ref_l)))``
    (:func:`diffalign.losses.dpo.diffusion_dpo_loss`; beta defaults per family, ``adapter.default_dpo_beta``), plus an
    optional ``sft_weight * mse_w``; ``dpo.loss: sft`` trains the plain denoising loss on ``w`` only (Salesforce's
    ``--train_method sft``).
 4. One optimizer step per ``optim.gradient_accumulation_steps`` micro-batches; ``max_steps`` counts optimizer
-   steps (the references' effective batch is ``batch_size x accumulation x processes``, 2048 in the paper, §5.4).
+   steps (the references' effective batch is ``batch_size x accumulation x processes``, 2048 in the paper,
+   docs/methods/dpo.md#published-hyperparameters).
 
-Conditioning: captions are emptied with probability ``data.empty_caption_prob`` (0.2, §5.1) by the dataset; SDXL's
-micro-conditioning uses each pair's true original size and crop (§5.6), not the Salesforce constant.
+Conditioning: captions are emptied with probability ``data.empty_caption_prob`` (0.2,
+docs/methods/dpo.md#caption-dropout) by the dataset; SDXL's micro-conditioning uses each pair's true original size
+and crop (docs/methods/dpo.md#sdxl-micro-conditioning), not the Salesforce constant.
 
 Data order: each epoch is a seeded permutation of the pairs, split over processes and cut into batches (an
 incomplete last batch is dropped); the position (epoch, batch) is in every checkpoint, and the noise and timesteps
@@ -48,9 +52,11 @@ from torch import Tensor
 from diffalign.adapters.base import Conditioning
 from diffalign.config import ConfigError, TrainerConfig
 from diffalign.data.preference import PreferenceDataset, collate_preference_batch, load_preference_dataset
+from diffalign.eval.evaluator import Evaluator
 from diffalign.losses.dpo import diffusion_dpo_loss, diffusion_sft_loss
-from diffalign.trainers.common import TrainingRun, build_reward
-from diffalign.trainers.evaluation import Evaluator
+from diffalign.rewarding import RewardLike, build_reward
+from diffalign.seeding import derive_seed
+from diffalign.trainers.common import TrainingRun
 
 
 logger = logging.getLogger(__name__)
@@ -68,7 +74,7 @@ class DPODataConfig:
     split: str = "train"
     """Split to read from a datasets DatasetDict folder."""
     resolution: int | None = None
-    """Training image side; null = the model's native resolution (512 SD1.5, 1024 SDXL, §5.2)."""
+    """Training image side; null = the model's native resolution (512 SD1.5, 1024 SDXL)."""
     random_crop: bool = False
     """Random instead of center crop (the reference's --random_crop, off by default)."""
     random_flip: bool = True
@@ -76,9 +82,11 @@ class DPODataConfig:
     keep_ties: bool = False
     """Keep label_0 = 0.5 pairs (the reference drops ties: they have no preferred image)."""
     empty_caption_prob: float = 0.2
-    """Share of captions replaced by "" so that CFG keeps working (reference default 0.2, §5.1)."""
+    """Share of captions replaced by "" so that CFG keeps working (reference default 0.2,
+    docs/methods/dpo.md#caption-dropout)."""
     batch_size: int = 1
-    """Pairs per micro-batch on each process (reference: 1, with accumulation 128 on 16 GPUs, §5.4)."""
+    """Pairs per micro-batch on each process (reference: 1, with accumulation 128 on 16 GPUs;
+    docs/methods/dpo.md#published-hyperparameters)."""
     num_workers: int = 0
     """DataLoader worker processes for image decoding; 0 decodes in the training process."""
 
@@ -101,12 +109,13 @@ class DPOLossConfig:
     """``dpo``: the Diffusion-DPO loss; ``sft``: plain denoising loss on the preferred images (--train_method sft)."""
     beta: float | None = None
     """DPO temperature in the -0.5 * beta convention; it multiplies differences of per-pixel MSEs (~1e-3), hence
-    the large values. null = per family: 5000 SD1.x/2.x and SDXL (§5.4), 100 SD3/FLUX (§5.7). A diffusers
+    the large values. null = per family: 5000 SD1.x/2.x and SDXL, 100 SD3/FLUX (docs/methods/dpo.md#beta). A diffusers
     research-project beta must be doubled."""
     sft_weight: float = 0.0
     """Add sft_weight * MSE on the preferred image to the DPO loss (0 = pure DPO, as every reference)."""
     timestep_sampling: Literal["auto", "uniform", "logit_normal"] = "auto"
-    """``auto``: uniform over the train timesteps for epsilon / v models (§5.1), logit-normal for flow (§5.7)."""
+    """``auto``: uniform over the train timesteps for epsilon / v models, logit-normal for flow
+    (docs/methods/dpo.md#timestep-sampling)."""
     logit_mean: float = 0.0
     """Mean of the logit-normal timestep density (SD3 / flow_grpo: 0)."""
     logit_std: float = 1.0
@@ -130,7 +139,7 @@ class DiffusionDPOConfig(TrainerConfig):
     method: Literal["diffusion_dpo"] = "diffusion_dpo"
     """Trainer name (``diffalign train`` picks the trainer from it)."""
     max_steps: int = 2000
-    """Optimizer steps (reference launchers: 2000, §5.4)."""
+    """Optimizer steps (reference launchers: 2000; docs/methods/dpo.md#published-hyperparameters)."""
     data: DPODataConfig
     """Preference data."""
     dpo: DPOLossConfig = dataclasses.field(default_factory=DPOLossConfig)
@@ -148,23 +157,19 @@ class DiffusionDPOConfig(TrainerConfig):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _mix_seed(*parts: int) -> int:
-    """A deterministic 63-bit seed from integers (no Python ``hash``: it is salted per process for strings)."""
-    value = 0
-    for part in parts:
-        value = (value * 1_000_003 + int(part) + 1) % (2**63 - 1)
-    return value
-
-
 class DiffusionDPOTrainer:
     """Diffusion-DPO trainer; see the module docstring.
 
     Args:
         config: a :class:`DiffusionDPOConfig`.
         run: an existing :class:`TrainingRun` (tests, the Python API); built from the config by default.
+        reward: the evaluation reward instead of ``config.reward``: a :class:`rewards.Reward`, a scoring function
+            ``fn(images, prompts) -> Tensor[B]``, or anything ``config.reward`` may hold.
     """
 
-    def __init__(self, config: DiffusionDPOConfig, run: TrainingRun | None = None) -> None:
+    def __init__(
+        self, config: DiffusionDPOConfig, run: TrainingRun | None = None, reward: RewardLike | None = None
+    ) -> None:
         self.config = config
         resolution = config.data.resolution
         kwargs = {"height": resolution, "width": resolution} if resolution else {}
@@ -174,7 +179,8 @@ class DiffusionDPOTrainer:
         self.beta = config.dpo.beta if config.dpo.beta is not None else self.adapter.default_dpo_beta
         self.dataset = self._load_dataset()
         self.num_batches = self._num_batches()
-        self.reward = build_reward(config.reward, device=self.run.device) if config.reward is not None else None
+        reward = reward if reward is not None else config.reward
+        self.reward = build_reward(reward, device=self.run.device) if reward is not None else None
         self.evaluator = Evaluator.from_config(config, self.adapter, self.reward, self.run.output_dir)
         if config.dpo.loss == "dpo":
             self.run.snapshot_reference()  # full fine-tuning: freeze the initial weights (a no-op with LoRA)
@@ -222,7 +228,7 @@ class DiffusionDPOTrainer:
         are dropped so that all processes run the same number of micro-batches.
         """
         accelerator = self.run.accelerator
-        generator = torch.Generator().manual_seed(_mix_seed(self.config.seed, epoch))
+        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "dpo/order", epoch))
         order = torch.randperm(len(self.dataset), generator=generator)
         world, size = accelerator.num_processes, self.config.data.batch_size
         local = order[accelerator.process_index :: world][: len(order) // world].tolist()
@@ -296,7 +302,8 @@ class DiffusionDPOTrainer:
         pixels = batch["pixel_values_w"] if sft_only else torch.cat([batch["pixel_values_w"], batch["pixel_values_l"]])
         with torch.no_grad():
             latents = adapter.encode_images(pixels, generator=generator)
-        # Same noise and timestep for the winner and the loser of a pair (§5.1).
+        # Same noise and timestep for the winner and the loser of a pair
+        # (docs/methods/dpo.md#shared-noise-and-timestep).
         copies = latents.shape[0] // size
         noise = torch.randn((size, *latents.shape[1:]), generator=generator).to(latents)
         noise = noise.repeat(copies, *[1] * (noise.ndim - 1))
@@ -353,7 +360,7 @@ class DiffusionDPOTrainer:
                 logger.warning("micro-batch %d of epoch %d has no readable pair; skipped", index, epoch)
                 continue
             generator = torch.Generator().manual_seed(
-                _mix_seed(self.config.seed, epoch, index, self.run.accelerator.process_index)
+                derive_seed(self.config.seed, "dpo/batch", epoch, index, self.run.accelerator.process_index)
             )
             synced = micro == accumulation - 1
             with self.run.accumulate(sync=synced):

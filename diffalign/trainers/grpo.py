@@ -8,13 +8,15 @@ Algorithm, per epoch (one ``max_steps`` step):
    or MixGRPO's sliding window) with the ``sampling.kernel`` (Flow-GRPO's SDE, CPS, DanceGRPO's constant noise, or
    DDIM with eta for DDPO).
 2. Rewards are scored chunk by chunk in a background thread while the next chunk samples, gathered over processes,
-   and turned into advantages: per-prompt group normalisation with the global std (Flow-GRPO, reference/trainers.md
-   §1.7) or DDPO's per-prompt running buffer (§4.2); clipped to ``train.adv_clip_max``; samples with zero
+   and turned into advantages: per-prompt group normalisation with the global std (Flow-GRPO,
+   docs/methods/grpo.md#advantages) or DDPO's per-prompt running buffer
+   (docs/methods/grpo.md#running-per-prompt-statistics); clipped to ``train.adv_clip_max``; samples with zero
    advantage are dropped (Flow-GRPO's filter).
 3. Training re-scores the stored transitions of the trained steps under the current weights with the same guidance
-   (``train.cfg``) and minimises the PPO clipped objective (§1.8) plus ``train.beta`` x KL to the reference
-   (LoRA disabled) in the mean-difference form. Every (micro-batch, trained step) is one backward; one optimizer
-   step averages ``optim.gradient_accumulation_steps`` micro-batches x all trained steps, as in Flow-GRPO (§1.9).
+   (``train.cfg``) and minimises the PPO clipped objective (docs/methods/grpo.md#clipped-policy-loss) plus
+   ``train.beta`` x KL to the reference (LoRA disabled) in the mean-difference form. Every (micro-batch, trained
+   step) is one backward; one optimizer step averages ``optim.gradient_accumulation_steps`` micro-batches x all
+   trained steps, as in Flow-GRPO (docs/methods/grpo.md#optimisation-schedule).
 
 An option beyond the references: ``sampling.lora_in_window_only`` limits the LoRA to the timesteps of the window
 plan's range (the base model takes the ODE steps after it, in rollouts and at evaluation), so that the untrained
@@ -36,19 +38,21 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from diffalign.config import ConfigError, TrainerConfig
 from diffalign.data.prompts import load_prompts
+from diffalign.eval.evaluator import Evaluator
 from diffalign.losses.advantages import PerPromptStatTracker, group_advantages, zero_std_ratio
 from diffalign.losses.policy_gradient import clipped_policy_loss, kl_to_reference
+from diffalign.rewarding import RewardLike, build_reward
 from diffalign.samplers.plan import StepPlan, random_window_plan, sde_plan, sliding_window_plan, window_bounds
 from diffalign.samplers.rollout import Trajectory, rollout, transition_log_probs
-from diffalign.trainers.common import TrainingRun, build_reward
-from diffalign.trainers.evaluation import Evaluator
+from diffalign.seeding import derive_seed
+from diffalign.trainers.common import TrainingRun
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -158,6 +162,8 @@ class GRPOConfig(TrainerConfig):
 
     method: Literal["grpo"] = "grpo"
     """Trainer name (``diffalign train`` picks the trainer from it)."""
+    default_log_every: ClassVar[int] = 1
+    """An epoch is a large step: each one is logged unless ``logging.log_every`` says otherwise."""
     reward: str | dict[str, float] = "shapes"
     """Reward: a registered name, ``module:fn`` / ``file.py:fn``, or a ``{name: weight}`` mapping."""
     max_steps: int = 100
@@ -185,7 +191,7 @@ class GRPOConfig(TrainerConfig):
 
 def epoch_prompts(prompts: Sequence[str], count: int, seed: int, epoch: int) -> list[str]:
     """The epoch's prompts, identical on every process: a seeded draw without replacement (cycling the list)."""
-    rng = random.Random(seed * 1_000_003 + epoch)
+    rng = random.Random(derive_seed(seed, "grpo/prompts", epoch))
     chosen: list[str] = []
     while len(chosen) < count:
         order = list(prompts)
@@ -194,10 +200,16 @@ def epoch_prompts(prompts: Sequence[str], count: int, seed: int, epoch: int) -> 
     return chosen
 
 
+def epoch_image_seeds(seed: int, epoch: int, count: int) -> list[int]:
+    """The sampling seeds of the epoch's ``count`` images, all processes' (image ``i`` of the epoch's prompt-major
+    layout gets ``derive_seed(seed, "grpo/image", epoch, i)``); never an evaluation seed (:mod:`diffalign.seeding`)."""
+    return [derive_seed(seed, "grpo/image", epoch, i) for i in range(count)]
+
+
 def build_plan(sampling: GRPOSamplingConfig, kernel: str, epoch: int, seed: int) -> StepPlan:
     """The epoch's step plan (a new random window per epoch; the sliding window moves with the epoch)."""
     if sampling.plan == "window":
-        generator = random.Random(seed * 7_919 + epoch)
+        generator = random.Random(derive_seed(seed, "grpo/window", epoch))
         return random_window_plan(
             sampling.num_steps,
             sampling.noise_level,
@@ -243,16 +255,18 @@ class GRPOTrainer:
     Args:
         config: a :class:`GRPOConfig`.
         run: an existing :class:`TrainingRun` (tests, the Python API); built from the config by default.
+        reward: the reward to train on instead of ``config.reward``: a :class:`rewards.Reward`, a scoring function
+            ``fn(images, prompts) -> Tensor[B]``, or anything ``config.reward`` may hold.
     """
 
-    def __init__(self, config: GRPOConfig, run: TrainingRun | None = None) -> None:
+    def __init__(self, config: GRPOConfig, run: TrainingRun | None = None, reward: RewardLike | None = None) -> None:
         self.config = config
         kwargs = {}
         if config.sampling.resolution:
             kwargs = {"height": config.sampling.resolution, "width": config.sampling.resolution}
         self.run = run or TrainingRun(config, adapter_kwargs=kwargs)
         self.adapter = self.run.adapter
-        self.reward = build_reward(config.reward, device=self.run.device)
+        self.reward = build_reward(reward if reward is not None else config.reward, device=self.run.device)
         self.prompts = load_prompts(config.sampling.prompts)
         kernel = config.sampling.kernel
         if kernel == "auto":
@@ -292,9 +306,9 @@ class GRPOTrainer:
         local = self._local_slice(total)
         image_prompts = [p for p in groups for _ in range(images_per_group)][local]
         group_ids = torch.arange(len(groups)).repeat_interleave(images_per_group)[local]
-        base = (seed * 1_000_003 + epoch) * 100_003
-        seeds = [base + i for i in range(total)][local]
-        noise_seeds = [base + (i // images_per_group) * images_per_group for i in range(total)][local]
+        seeds = epoch_image_seeds(seed, epoch, total)
+        noise_seeds = [seeds[i - i % images_per_group] for i in range(total)][local]
+        seeds = seeds[local]
         plan = build_plan(sampling, self.kernel, epoch, seed)
 
         futures: list[Future] = []
@@ -320,11 +334,7 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def _score(self, images: Tensor, prompts: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
-        if hasattr(self.reward, "score_parts"):
-            total, parts = self.reward.score_parts(images, prompts)
-        else:
-            total = self.reward.score(images, prompts)
-            parts = {self.reward.name: total}
+        total, parts = self.reward.score_parts(images, prompts)
         return total.float().cpu(), {k: v.float().cpu() for k, v in parts.items()}
 
     # --- advantages -------------------------------------------------------------------------------------------------
@@ -351,7 +361,7 @@ class GRPOTrainer:
     # --- training ---------------------------------------------------------------------------------------------------
 
     def _micro_batches(self, keep: Tensor, epoch: int, inner: int) -> list[Tensor]:
-        generator = torch.Generator().manual_seed(self.config.seed * 31 + epoch * 1_009 + inner)
+        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "grpo/micro_batches", epoch, inner))
         order = keep[torch.randperm(keep.shape[0], generator=generator)]
         size = self.config.train.batch_size
         return [order[i : i + size] for i in range(0, order.shape[0], size)]
@@ -439,54 +449,37 @@ class GRPOTrainer:
 
     # --- the loop ---------------------------------------------------------------------------------------------------
 
-    def train(self) -> dict[str, Any]:
-        """Run ``max_steps`` epochs (resuming when ``checkpoint.resume_from`` is set); returns the final metrics."""
-        from tqdm.auto import tqdm
+    def train_step(self, epoch: int) -> dict[str, float]:
+        """One epoch: sample and score the groups, compute advantages, update the policy; returns its metrics."""
+        began = time.perf_counter()
+        trajectory, rewards, parts, group_ids = self.sample_epoch(epoch)
+        sampled = time.perf_counter()
+        advantages, stats = self.advantages(rewards, group_ids, trajectory.prompts)
+        for name, values in parts.items():
+            stats[f"reward/{name}"] = self.run.accelerator.gather(values.to(self.run.device)).mean().item()
+        metrics = {**stats, **self.train_epoch(trajectory, advantages, epoch)}
+        metrics["time/sample_s"] = sampled - began
+        metrics["time/epoch_s"] = time.perf_counter() - began
+        return metrics
 
+    def train(self) -> dict[str, Any]:
+        """Run ``max_steps`` epochs on the shared step loop (resuming when ``checkpoint.resume_from`` is set, stopping
+        early when ``max_minutes`` are spent); returns the last epoch's metrics."""
         state = self.run.resume()
-        start = int(state["step"])
         if "tracker" in state:
             self.tracker.load_state_dict(state["tracker"])
-        if start == 0:
-            self.run.maybe_evaluate(0, self.evaluator)
-        # With a wall-clock budget the bar counts its seconds (the epoch count is what the budget allows).
-        minutes = self.config.max_minutes
-        progress = tqdm(
-            initial=0 if minutes else start,
-            total=round(60 * minutes) if minutes else self.config.max_steps,
-            unit="s" if minutes else "epoch",
-            desc="grpo",
-            disable=not self.run.is_main_process,
-        )
-        metrics: dict[str, float] = {}
-        self.run.start_clock()
-        started = time.monotonic()
-        last = self.config.max_steps
-        for epoch in range(start, self.config.max_steps):
-            began = time.perf_counter()
-            trajectory, rewards, parts, group_ids = self.sample_epoch(epoch)
-            sampled = time.perf_counter()
-            advantages, stats = self.advantages(rewards, group_ids, trajectory.prompts)
-            for name, values in parts.items():
-                stats[f"reward/{name}"] = self.run.accelerator.gather(values.to(self.run.device)).mean().item()
-            metrics = {**stats, **self.train_epoch(trajectory, advantages, epoch)}
-            self.run.advance_schedule(epoch + 1)
-            metrics["time/sample_s"] = sampled - began
-            metrics["time/epoch_s"] = time.perf_counter() - began
-            self.run.log(epoch + 1, metrics)
-            progress.update(min(round(time.monotonic() - started), progress.total) - progress.n if minutes else 1)
-            progress.set_postfix(
-                epoch=epoch + 1, reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('approx_kl', 0):.2e}"
+        try:
+            return self.run.run_steps(
+                self.train_step,
+                self.trainer_state,
+                self.evaluator,
+                desc="grpo",
+                postfix=("reward_mean", "approx_kl"),
+                log_mean=True,
+                resumed=state,
             )
-            self.run.maybe_save(epoch + 1, self.trainer_state())
-            self.run.maybe_evaluate(epoch + 1, self.evaluator)
-            if self.run.out_of_time():
-                last = epoch + 1
-                break
-        progress.close()
-        self.run.finish(self.trainer_state(), last)
-        self._scorer.shutdown()
-        return metrics
+        finally:
+            self._scorer.shutdown()
 
     def trainer_state(self) -> dict[str, Any]:
         return {"tracker": self.tracker.state_dict()}

@@ -1,23 +1,30 @@
-"""Reward backpropagation: AlignProp, DRaFT-K, DRaFT-LV and ReFL on the one rollout loop (trainers.md §6).
+"""Reward backpropagation: AlignProp, DRaFT-K, DRaFT-LV and ReFL on the one rollout loop.
+
+See docs/methods/reward-backprop.md.
 
 A differentiable reward ``r(decode(x0), prompt)`` is maximised by backpropagating through (part of) the sampler.
 Every optimizer step accumulates ``optim.gradient_accumulation_steps`` micro-batches of ``sampling.batch_size``
 images per process; each micro-batch runs one of four modes (``backprop.mode``):
 
-- ``alignprop`` (§6.1): sample with DDIM (eta ``sampling.eta``, AlignProp 1.0) and CFG; ``K`` is drawn **once per
-  trajectory** (``backprop.truncation``: ``fixed``, ``uniform`` or ``gaussian``, the last being AlignProp's
-  ``backprop_timestep ~ N(42, 5)`` at 50 steps), the first ``T - K`` denoiser calls run without grad and the last
-  ``K`` with grad; the decode keeps the graph. Not TRL's per-step re-draw (§6.2).
-- ``draft_k`` (§6.3): the same with a fixed ``K = backprop.k`` (``K = T`` is full DRaFT).
-- ``draft_lv`` (§6.3): sample ``x0`` without grad, re-noise it ``n = backprop.num_renoise`` times to the lowest
-  noise level of the schedule (``adapter.add_noise`` at the last step's timestep), predict ``x0`` from each copy
-  with one denoiser call *with* grad, decode and score all ``n * B`` images.
-- ``refl`` (§6.4): sample steps ``0 .. mid-1`` without grad (``rollout(..., stop_after=mid)``), ``mid`` uniform
-  in ``backprop.refl_step_range`` (default the last quarter of the steps: ``(30, 39)`` of 40), then one denoiser
-  call with grad at ``x_mid`` and its single-step ``x0`` prediction.
+- ``alignprop`` (docs/methods/reward-backprop.md#alignprop): sample with DDIM (eta ``sampling.eta``, AlignProp 1.0)
+  and CFG; ``K`` is drawn **once per trajectory** (``backprop.truncation``: ``fixed``, ``uniform`` or
+  ``gaussian``, the last being AlignProp's ``backprop_timestep ~ N(42, 5)`` at 50 steps), the first ``T - K``
+  denoiser calls run without grad and the last ``K`` with grad; the decode keeps the graph. Not TRL's per-step
+  re-draw (docs/methods/reward-backprop.md#truncation).
+- ``draft_k`` (docs/methods/reward-backprop.md#draft-k): the same with a fixed ``K = backprop.k`` (``K = T`` is
+  full DRaFT).
+- ``draft_lv`` (docs/methods/reward-backprop.md#draft-lv): sample ``x0`` without grad, re-noise it
+  ``n = backprop.num_renoise`` times to the lowest noise level of the schedule (``adapter.add_noise`` at the last
+  step's timestep), predict ``x0`` from each copy with one denoiser call *with* grad, decode and score all
+  ``n * B`` images.
+- ``refl`` (docs/methods/reward-backprop.md#refl): sample steps ``0 .. mid-1`` without grad
+  (``rollout(..., stop_after=mid)``), ``mid`` uniform in ``backprop.refl_step_range`` (default the last quarter of
+  the steps: ``(30, 39)`` of 40), then one denoiser call with grad at ``x_mid`` and its single-step ``x0``
+  prediction.
 
-The single-call ``x0`` prediction serves every parameterisation (:func:`predict_original`): flow
-``x0 = x - sigma v`` (§6.5), epsilon ``(x - sqrt(1 - a) eps) / sqrt(a)``, v ``sqrt(a) x - sqrt(1 - a) v``.
+The single-call ``x0`` prediction serves every parameterisation (:func:`predict_original`,
+docs/methods/reward-backprop.md#x0-prediction): flow ``x0 = x - sigma v``, epsilon
+``(x - sqrt(1 - a) eps) / sqrt(a)``, v ``sqrt(a) x - sqrt(1 - a) v``.
 The loss is :func:`diffalign.losses.reward_backprop.reward_loss` (``negative``: ``-w mean r``; ``hinge``:
 ``w mean relu(target - r)`` (ReFL); ``target``: ``w mean |target - r|`` (AlignProp aesthetic)), computed on the
 decoded images through the reward's own differentiable torch preprocessing.
@@ -59,6 +66,7 @@ from torch.utils.checkpoint import checkpoint
 from diffalign.adapters.base import Conditioning, DiffusionAdapter, Schedule
 from diffalign.config import ConfigError, TrainerConfig
 from diffalign.data.prompts import load_prompts
+from diffalign.eval.evaluator import Evaluator
 from diffalign.losses.reward_backprop import (
     refl_step_range,
     reward_loss,
@@ -66,11 +74,12 @@ from diffalign.losses.reward_backprop import (
     sample_truncation_steps,
     truncated_grad_steps,
 )
+from diffalign.rewarding import RewardLike, build_reward
 from diffalign.samplers.plan import StepPlan
 from diffalign.samplers.rollout import rollout
 from diffalign.samplers.steps import predict_x0
-from diffalign.trainers.common import TrainingRun, build_reward
-from diffalign.trainers.evaluation import Evaluator
+from diffalign.seeding import derive_seed
+from diffalign.trainers.common import TrainingRun
 
 
 logger = logging.getLogger(__name__)
@@ -197,7 +206,8 @@ class RewardBackpropConfig(TrainerConfig):
 
 
 def resolve_refl_range(num_steps: int, step_range: tuple[int, int] | None) -> tuple[int, int]:
-    """ReFL's inclusive ``mid`` range: the configured one, or the last quarter of ``num_steps`` (§6.4)."""
+    """ReFL's inclusive ``mid`` range: the configured one, or the last quarter of ``num_steps``
+    (docs/methods/reward-backprop.md#refl)."""
     if step_range is not None:
         return tuple(step_range)
     return refl_step_range(num_steps) if num_steps >= 1 else (0, 0)
@@ -208,8 +218,10 @@ def predict_original(
 ) -> Tensor:
     """Single-call data prediction ``x0_hat`` at step ``index`` of ``schedule``, fp32, differentiable.
 
-    - ``flow``: ``x0 = x - sigma v`` (trainers.md §0, §6.5; :func:`~diffalign.samplers.steps.predict_x0`);
-    - ``epsilon``: ``x0 = (x - sqrt(1 - a) eps) / sqrt(a)`` with ``a = alphas_cumprod[t]`` (§0, ReFL's
+    See docs/methods/reward-backprop.md#x0-prediction.
+
+    - ``flow``: ``x0 = x - sigma v`` (:func:`~diffalign.samplers.steps.predict_x0`);
+    - ``epsilon``: ``x0 = (x - sqrt(1 - a) eps) / sqrt(a)`` with ``a = alphas_cumprod[t]`` (ReFL's
       ``pred_original_sample``);
     - ``v_prediction``: ``x0 = sqrt(a) x - sqrt(1 - a) v``.
 
@@ -249,15 +261,11 @@ def sampling_plan(num_steps: int, prediction_type: str, eta: float | None) -> St
 
 
 def _call(fn: Callable[..., Tensor], *args: Any, use_checkpoint: bool) -> Tensor:
-    """``fn(*args)`` with its activations recomputed in backward when ``use_checkpoint`` (AlignProp, §6.1)."""
+    """``fn(*args)`` with its activations recomputed in backward when ``use_checkpoint`` (AlignProp;
+    docs/methods/reward-backprop.md#checkpointing)."""
     if use_checkpoint:
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
-
-
-def _draw_seed(*parts: int) -> int:
-    """A deterministic 31-bit seed from integers (config seed, step, micro-batch, process, purpose)."""
-    return random.Random(repr(parts)).randrange(2**31 - 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -271,16 +279,21 @@ class RewardBackpropTrainer:
     Args:
         config: a :class:`RewardBackpropConfig`.
         run: an existing :class:`TrainingRun` (tests, the Python API); built from the config by default.
+        reward: the differentiable reward instead of ``config.reward``: a :class:`rewards.Reward`, a torch scoring
+            function (wrap it with ``rewards.load(fn, differentiable=True)``), or anything ``config.reward`` may hold.
 
     Raises:
         ValueError: the reward is not differentiable (use ``grpo`` or ``diffusion_dpo`` for such rewards).
     """
 
-    def __init__(self, config: RewardBackpropConfig, run: TrainingRun | None = None) -> None:
+    def __init__(
+        self, config: RewardBackpropConfig, run: TrainingRun | None = None, reward: RewardLike | None = None
+    ) -> None:
         self.config = config
         # The reward is checked before the model loads: a wrong reward fails in seconds, not minutes.
-        self.reward = build_reward(config.reward, device=run.device if run is not None else None)
-        check_differentiable(self.reward, config.reward)
+        reward = reward if reward is not None else config.reward
+        self.reward = build_reward(reward, device=run.device if run is not None else None)
+        check_differentiable(self.reward, reward)
         kwargs = {}
         if config.sampling.resolution:
             kwargs = {"height": config.sampling.resolution, "width": config.sampling.resolution}
@@ -295,15 +308,15 @@ class RewardBackpropTrainer:
 
     # --- per-micro-batch draws ---------------------------------------------------------------------------------------
 
-    def _seed(self, step: int, micro: int, purpose: int) -> int:
-        return _draw_seed(self.config.seed, step, micro, self.run.accelerator.process_index, purpose)
+    def _seed(self, purpose: str, step: int, micro: int, *more: int) -> int:
+        process = self.run.accelerator.process_index
+        return derive_seed(self.config.seed, f"backprop/{purpose}", step, micro, process, *more)
 
     def micro_batch_prompts(self, step: int, micro: int) -> tuple[list[str], list[int]]:
         """The micro-batch's prompts (drawn with replacement, as AlignProp's prompt functions) and image seeds."""
-        rng = random.Random(self._seed(step, micro, 0))
+        rng = random.Random(self._seed("prompts", step, micro))
         prompts = rng.choices(self.prompts, k=self.config.sampling.batch_size)
-        base = self._seed(step, micro, 1)
-        return prompts, [base + i for i in range(len(prompts))]
+        return prompts, [self._seed("image", step, micro, i) for i in range(len(prompts))]
 
     def num_grad_steps(self, step: int, micro: int) -> int:
         """``K`` of this trajectory (alignprop / draft_k), drawn once per micro-batch."""
@@ -314,7 +327,7 @@ class RewardBackpropTrainer:
             steps,
             backprop.truncation,
             backprop.k,
-            torch.Generator().manual_seed(self._seed(step, micro, 2)),
+            torch.Generator().manual_seed(self._seed("truncation", step, micro)),
             gaussian_mean=backprop.gaussian_mean,
             gaussian_std=backprop.gaussian_std,
             uniform_range=tuple(backprop.uniform_range),
@@ -324,7 +337,7 @@ class RewardBackpropTrainer:
         """ReFL's ``mid`` for this micro-batch."""
         steps = self.config.sampling.num_steps
         step_range = resolve_refl_range(steps, self.config.backprop.refl_step_range)
-        return sample_refl_step(steps, torch.Generator().manual_seed(self._seed(step, micro, 3)), step_range)
+        return sample_refl_step(steps, torch.Generator().manual_seed(self._seed("refl", step, micro)), step_range)
 
     # --- images with a graph -----------------------------------------------------------------------------------------
 
@@ -371,7 +384,7 @@ class RewardBackpropTrainer:
         trajectory = self._rollout(prompts, seeds, decode=False)
         n, schedule = self.config.backprop.num_renoise, trajectory.schedule
         x0 = trajectory.final_latents.detach()
-        generator = torch.Generator().manual_seed(self._seed(step, micro, 4))
+        generator = torch.Generator().manual_seed(self._seed("renoise", step, micro))
         noise = torch.randn((n * x0.shape[0], *x0.shape[1:]), generator=generator).to(x0.device, x0.dtype)
         x0 = x0.repeat(n, *[1] * (x0.ndim - 1))
         last = schedule.timesteps.shape[0] - 1

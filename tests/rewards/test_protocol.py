@@ -235,9 +235,22 @@ def test_bad_images_are_refused(images, match):
 
 
 def test_images_a_hair_outside_the_range_are_accepted():
+    from rewards.base import RANGE_TOLERANCE
+
+    hair, beyond = RANGE_TOLERANCE / 2, 2 * RANGE_TOLERANCE
     images = smooth_images(2, 8, 8)
-    images[0, 0, 0, 0] = 1.0005
-    MeanPixel().score(images)
+    images[0, 0, 0, 0] = 1 + hair  # float error after a VAE decode: within the tolerance
+    images[1, 2, 7, 7] = -hair
+    scores = MeanPixel().score(images)
+    assert scores.shape == (2,) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    # Scored like the clamped images, up to the hair.
+    torch.testing.assert_close(scores, MeanPixel().score(images.clamp(0, 1)), rtol=0, atol=RANGE_TOLERANCE)
+    # Further out is a range mistake: refused, naming the range.
+    for value in (1 + beyond, -beyond):
+        bad = smooth_images(2, 8, 8)
+        bad[1, 1, 3, 4] = value
+        with pytest.raises(RewardInputError, match=r"'mean_pixel': images must lie in \[0, 1\]"):
+            MeanPixel().score(bad)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from PIL import Image
 
 from diffalign.cli import main as cli_main
 from diffalign.config import load_config
+from diffalign.seeding import DERIVED_SEED_MIN, is_user_seed
 from diffalign.shapes.demo import (
     BASE_MODEL,
     DECAY_FROM_MINUTES,
@@ -17,7 +18,7 @@ from diffalign.shapes.demo import (
     run_demo,
 )
 from diffalign.shapes.scenes import heldout_prompts, parse_caption
-from diffalign.trainers.grpo import GRPOConfig
+from diffalign.trainers.grpo import GRPOConfig, epoch_image_seeds
 
 
 def test_demo_trains_on_held_out_compositions_and_keeps_an_unseen_set():
@@ -45,9 +46,13 @@ def test_demo_config_is_a_valid_grpo_config(tmp_path):
 
 
 def test_evaluation_seeds_are_never_training_seeds():
-    images_per_epoch = 4 * 8
-    for seed in EVAL_SEEDS:
-        assert seed % 100_003 >= images_per_epoch
+    eval_seeds = set(EVAL_SEEDS)
+    assert all(is_user_seed(seed) for seed in eval_seeds)
+    for run_seed in (0, 1, 42):
+        for epoch in range(50):
+            trained = epoch_image_seeds(run_seed, epoch, 4 * 8)
+            assert len(set(trained)) == len(trained) and not eval_seeds & set(trained)
+            assert min(trained) >= DERIVED_SEED_MIN
 
 
 def test_demo_writes_its_outputs(tiny_pipeline_dir, tmp_path):

@@ -10,22 +10,9 @@ import torch
 from diffalign.adapters import DiffusionAdapter
 from diffalign.data.prompts import load_prompts
 from diffalign.eval.grid import image_grid
+from diffalign.rewarding import score_with_parts
 from diffalign.samplers.plan import ode_plan
 from diffalign.samplers.rollout import rollout
-
-
-def score_with_parts(reward: Any, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """``{"reward": total, <part>: ...}`` for a reward or a weighted sum; ``"strict"`` for verifier rewards."""
-    with torch.no_grad():
-        if hasattr(reward, "score_parts"):
-            total, parts = reward.score_parts(images, prompts)
-            scores = {"reward": total, **parts}
-        elif hasattr(reward, "evaluate"):
-            total, strict = reward.evaluate(images, prompts)
-            scores = {"reward": total, "strict": strict.float()}
-        else:
-            scores = {"reward": reward.score(images, prompts)}
-    return {k: v.detach().float().cpu() for k, v in scores.items()}
 
 
 class Evaluator:
@@ -61,15 +48,20 @@ class Evaluator:
 
     @classmethod
     def from_config(cls, config: Any, adapter: DiffusionAdapter, reward: Any, output_dir: Path) -> Evaluator | None:
-        """From ``config.eval`` (sampling defaults from ``config.sampling``); ``None`` when evaluation is off."""
+        """From ``config.eval``; ``None`` when evaluation is off.
+
+        Unset steps and guidance follow the training sampler (``config.sampling``) for trainers that sample,
+        else the model family's defaults (``adapter.default_num_steps`` / ``default_guidance_scale``: an offline
+        DPO run is evaluated with CFG, as its model is used).
+        """
         evaluation = config.eval
         if evaluation.every <= 0 or evaluation.prompts is None:
             return None
         sampling = getattr(config, "sampling", None)
-        num_steps = evaluation.num_steps or getattr(sampling, "num_steps", 20)
+        num_steps = evaluation.num_steps or getattr(sampling, "num_steps", adapter.default_num_steps)
         guidance = evaluation.guidance_scale
         if guidance is None:
-            guidance = getattr(sampling, "guidance_scale", 1.0)
+            guidance = getattr(sampling, "guidance_scale", adapter.default_guidance_scale)
         return cls(
             adapter,
             reward,
@@ -96,7 +88,7 @@ class Evaluator:
         return trajectory.images
 
     def score(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """:meth:`sample`, and :func:`score_with_parts` of every image (each ``[P * S]``, prompt-major)."""
+        """:meth:`sample`, and every image's scores by part (each ``[P * S]``, prompt-major)."""
         images = self.sample()
         prompts = [p for p in self.prompts for _ in self.seeds]
         return images, score_with_parts(self.reward, images, prompts)
