@@ -4,7 +4,7 @@ What lives here is what does not touch a model: the loss on differentiable rewar
 length K, the step indices that keep their graph, and ReFL's random late step. The family-specific parts stay
 in the adapter and the samplers: re-noising ``x0`` (``adapter.add_noise``), the single-step ``x0`` prediction
 (:func:`diffalign.samplers.steps.predict_x0` for flows, ``x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t)`` for
-epsilon models) and the sampling loop (``rollout(..., grad_steps=truncated_grad_steps(T, K))``).
+epsilon models) and the sampling loop (``rollout(..., grad=GradientPath(truncated_grad_steps(T, K)))``).
 
 Recipes (docs/methods/reward-backprop.md):
 

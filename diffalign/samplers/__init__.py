@@ -9,7 +9,15 @@ from diffalign.samplers.plan import (
     sde_plan,
     sliding_window_plan,
 )
-from diffalign.samplers.rollout import Trajectory, encode_prompts, rollout, step_transition, transition_log_probs
+from diffalign.samplers.rollout import (
+    GradientPath,
+    InitialNoise,
+    Trajectory,
+    encode_prompts,
+    rollout,
+    step_transition,
+    transition_log_probs,
+)
 from diffalign.samplers.steps import (
     KERNELS,
     StepOutput,
@@ -25,6 +33,8 @@ from diffalign.samplers.steps import (
 
 __all__ = [
     "KERNELS",
+    "GradientPath",
+    "InitialNoise",
     "StepOutput",
     "StepPlan",
     "Trajectory",

@@ -8,16 +8,17 @@ the same guidance scale and the same kernel.
 
 Reproducibility: image ``i`` owns a generator seeded with ``seeds[i]``; its initial noise and every stochastic
 step's noise come from it, so results do not depend on the chunk size. With ``same_noise_per_prompt`` all images
-of a prompt start from the noise of the group's first image (Flow-GRPO's ``same_latent``), and differ only by the
-SDE noise.
+of a prompt start from the noise of the group's first image (Flow-GRPO's ``same_latent``, :class:`InitialNoise`),
+and differ only by the SDE noise.
 
-Reward backprop uses the same loop: ``grad_steps`` names the steps whose denoiser call keeps its graph (optionally
-under activation checkpointing), the others run without grad, and the decode keeps the graph when any step does.
+Reward backprop uses the same loop: a :class:`GradientPath` names the steps whose denoiser call keeps its graph
+(optionally under activation checkpointing), the others run without grad, and the decode keeps the graph when any
+step does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,61 @@ from diffalign.samplers.plan import StepPlan
 from diffalign.samplers.steps import KERNELS, StepOutput, ddim_step, dpm_solver_2m_step, ode_step, predict_x0
 
 
-__all__ = ["Trajectory", "encode_prompts", "make_generators", "rollout", "step_transition", "transition_log_probs"]
+__all__ = [
+    "GradientPath",
+    "InitialNoise",
+    "Trajectory",
+    "encode_prompts",
+    "make_generators",
+    "rollout",
+    "step_transition",
+    "transition_log_probs",
+]
+
+
+@dataclass(frozen=True)
+class GradientPath:
+    """Which denoiser calls of a rollout keep their graph (reward backprop); by default none do.
+
+    Attributes:
+        steps: step indices whose denoiser call runs with grad; the decode then keeps the graph too.
+        checkpointing: recompute those calls' activations (and the decode's) in backward instead of storing them.
+    """
+
+    steps: frozenset[int] = frozenset()
+    checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", frozenset(int(step) for step in self.steps))
+
+
+@dataclass(frozen=True)
+class InitialNoise:
+    """Where the images' starting noise comes from when not from each image's own seed.
+
+    Attributes:
+        same_per_prompt: every image of a prompt starts from the noise of the prompt's first image (Flow-GRPO's
+            ``same_latent``).
+        seeds: the seed of each image's starting noise (equal seeds, equal noise: e.g. a group spread over
+            processes that shares its noise).
+    """
+
+    same_per_prompt: bool = False
+    seeds: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.same_per_prompt == (self.seeds is not None):
+            raise ValueError("InitialNoise takes same_per_prompt=True or seeds=..., exactly one of them")
+        if self.seeds is not None:
+            object.__setattr__(self, "seeds", tuple(int(seed) for seed in self.seeds))
+
+    def resolve(self, seeds: list[int], num_images_per_prompt: int) -> list[int]:
+        """The starting-noise seed of each of the ``len(seeds)`` images (prompt-major)."""
+        if self.seeds is None:
+            return [seeds[i - i % num_images_per_prompt] for i in range(len(seeds))]
+        if len(self.seeds) != len(seeds):
+            raise ValueError(f"got {len(self.seeds)} initial noise seeds for {len(seeds)} images")
+        return list(self.seeds)
 
 
 @dataclass
@@ -159,6 +214,16 @@ def _predict(adapter, latents, t, cond, guidance_scale, grad: bool, use_checkpoi
     return adapter.predict(latents, t, cond, guidance_scale)
 
 
+@dataclass
+class _SampledChunk:
+    """One chunk's stored transitions (each ``[S]`` tensors of ``[b, ...]``) and its final latents ``[b, ...]``."""
+
+    entering: list[Tensor]
+    produced: list[Tensor]
+    log_probs: list[Tensor]
+    final: Tensor
+
+
 def _sample_chunk(
     adapter: DiffusionAdapter,
     plan: StepPlan,
@@ -167,29 +232,29 @@ def _sample_chunk(
     latents: Tensor,
     generators: list[torch.Generator],
     guidance_scale: float,
-    grad_steps: Collection[int],
-    use_checkpoint: bool,
+    grad: GradientPath,
     stop_after: int,
-) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor]:
+) -> _SampledChunk:
     stored = set(plan.stored)
-    entering, produced, log_probs = [], [], []
-    latents = latents.float()
+    chunk = _SampledChunk([], [], [], latents.float())
+    latents = chunk.final
     prev_x0 = None
     for i in range(stop_after):
         t = schedule.timesteps[i]
-        grad = i in grad_steps
-        output = _predict(adapter, latents, t, cond, guidance_scale, grad, use_checkpoint)
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        with_grad = i in grad.steps
+        output = _predict(adapter, latents, t, cond, guidance_scale, with_grad, grad.checkpointing)
+        with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
             step = step_transition(adapter, plan, schedule, i, output, latents, generator=generators, prev_x0=prev_x0)
         if i in stored:
-            entering.append(latents.detach())
-            produced.append(step.prev_sample.detach())
-            log_probs.append(step.log_prob.detach())
+            chunk.entering.append(latents.detach())
+            chunk.produced.append(step.prev_sample.detach())
+            chunk.log_probs.append(step.log_prob.detach())
         # DPM-Solver++(2M) history is only valid along a deterministic path (restart after stochastic steps).
         deterministic = plan.noise_levels[i] == 0 and adapter.prediction_type == "flow"
         prev_x0 = predict_x0(output.detach().float(), latents.detach(), schedule.sigmas[i]) if deterministic else None
         latents = step.prev_sample
-    return entering, produced, log_probs, latents
+    chunk.final = latents
+    return chunk
 
 
 def _resolve_seeds(seeds: int | Sequence[int] | None, count: int) -> list[int]:
@@ -210,16 +275,14 @@ def rollout(
     *,
     num_images_per_prompt: int = 1,
     guidance_scale: float = 1.0,
-    seeds: int | Sequence[int] | None = None,
-    same_noise_per_prompt: bool = False,
-    chunk_size: int | None = None,
     negative_prompt: str | None = None,
+    seeds: int | Sequence[int] | None = None,
+    initial_noise: InitialNoise | None = None,
     conditioning: Conditioning | None = None,
-    decode: bool = True,
-    grad_steps: Collection[int] = (),
-    gradient_checkpointing: bool = False,
+    chunk_size: int | None = None,
+    grad: GradientPath = GradientPath(),
     stop_after: int | None = None,
-    initial_noise_seeds: Sequence[int] | None = None,
+    decode: bool = True,
     on_chunk: Callable[[slice, Tensor | None], None] | None = None,
 ) -> Trajectory:
     """Sample ``len(prompts) * num_images_per_prompt`` images with ``plan``.
@@ -230,18 +293,15 @@ def rollout(
         plan: which steps are stochastic / stored (:mod:`diffalign.samplers.plan`).
         num_images_per_prompt: ``K``, the group size.
         guidance_scale: CFG scale (FLUX: the guidance embedding).
-        seeds: an int (image ``i`` gets ``seed + i``), ``P*K`` seeds, or ``None`` (random).
-        same_noise_per_prompt: all images of a prompt share their initial noise.
-        chunk_size: images per denoiser batch (memory bound); default all at once.
         negative_prompt: CFG's unconditional text (default: the pipeline's default).
+        seeds: an int (image ``i`` gets ``seed + i``), ``P*K`` seeds, or ``None`` (random).
+        initial_noise: where the starting noise comes from when not from each image's seed (shared per prompt,
+            or given seeds).
         conditioning: precomputed ``[P]`` conditioning of ``prompts`` (skips the text encoders).
-        decode: decode the final latents into images.
-        grad_steps: step indices whose denoiser call keeps its graph (reward backprop); the decode then keeps
-            it too.
-        gradient_checkpointing: recompute the activations of grad steps (and of the decode) in backward.
+        chunk_size: images per denoiser batch (memory bound); default all at once.
+        grad: the denoiser calls that keep their graph (reward backprop); none by default.
         stop_after: run only the first ``stop_after`` steps (ReFL); the final latents are then at that step.
-        initial_noise_seeds: seed of each image's *initial* noise (default: its own seed); equal seeds give equal
-            starting noise, e.g. a group spread over processes that shares its noise.
+        decode: decode the final latents into images.
         on_chunk: called as ``on_chunk(images_slice, images)`` after each chunk is sampled and decoded, so that
             the caller can score it (e.g. in a thread) while the next chunk samples.
 
@@ -269,45 +329,34 @@ def rollout(
     unique = list(dict.fromkeys(prompts))
     image_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
     cond = prompt_cond.repeat_interleave(num_images_per_prompt)
-    if same_noise_per_prompt and initial_noise_seeds is None:
-        # Every image of a prompt starts from the noise of the group's first image.
-        initial_noise_seeds = [seeds[i - i % num_images_per_prompt] for i in range(count)]
-    if initial_noise_seeds is None:
+    if initial_noise is None:
         latents = adapter.prepare_latents(count, generators)
     else:
-        if len(initial_noise_seeds) != count:
-            raise ValueError(f"got {len(initial_noise_seeds)} initial noise seeds for {count} images")
-        latents = adapter.prepare_latents(count, make_generators(initial_noise_seeds, adapter.device))
+        noise_seeds = initial_noise.resolve(seeds, num_images_per_prompt)
+        latents = adapter.prepare_latents(count, make_generators(noise_seeds, adapter.device))
     schedule = adapter.set_timesteps(plan.num_steps)
 
     chunk = chunk_size or count
-    parts, decoded = [], []
+    parts: list[_SampledChunk] = []
+    decoded = []
     for start in range(0, count, chunk):
         sl = slice(start, start + chunk)
         part = _sample_chunk(
-            adapter,
-            plan,
-            schedule,
-            cond[sl],
-            latents[sl],
-            generators[sl],
-            guidance_scale,
-            grad_steps,
-            gradient_checkpointing,
-            stop_after,
+            adapter, plan, schedule, cond[sl], latents[sl], generators[sl], guidance_scale, grad, stop_after
         )
         parts.append(part)
-        chunk_images = _decode(adapter, part[3], grad_steps, gradient_checkpointing) if decode else None
+        chunk_images = _decode(adapter, part.final, grad) if decode else None
         decoded.append(chunk_images)
         if on_chunk is not None:
             on_chunk(sl, chunk_images)
-    final_latents = torch.cat([p[3] for p in parts])
+    final_latents = torch.cat([p.final for p in parts])
     images = torch.cat(decoded) if decode else None
 
-    def stack(position: int, dim: int) -> Tensor:
+    def stack(field: str) -> Tensor:
+        """``[B, S, ...]`` of one stored quantity over the chunks."""
         if not plan.stored:
             return torch.empty(count, 0)
-        return torch.cat([torch.stack(p[position], dim=dim) for p in parts])
+        return torch.cat([torch.stack(getattr(p, field), dim=1) for p in parts])
 
     return Trajectory(
         prompts=image_prompts,
@@ -316,9 +365,9 @@ def rollout(
         seeds=seeds,
         step_indices=tuple(plan.stored),
         timesteps=schedule.timesteps[list(plan.stored)],
-        latents=stack(0, 1),
-        next_latents=stack(1, 1),
-        log_probs=stack(2, 1),
+        latents=stack("entering"),
+        next_latents=stack("produced"),
+        log_probs=stack("log_probs"),
         final_latents=final_latents,
         images=images,
         guidance_scale=guidance_scale,
@@ -327,11 +376,11 @@ def rollout(
     )
 
 
-def _decode(adapter: DiffusionAdapter, latents: Tensor, grad_steps: Collection[int], use_checkpoint: bool) -> Tensor:
-    if not grad_steps:
+def _decode(adapter: DiffusionAdapter, latents: Tensor, grad: GradientPath) -> Tensor:
+    if not grad.steps:
         with torch.no_grad():
             return adapter.decode(latents)
-    if use_checkpoint:
+    if grad.checkpointing:
         return checkpoint(adapter.decode, latents, use_reentrant=False)
     return adapter.decode(latents)
 

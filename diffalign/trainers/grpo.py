@@ -50,7 +50,7 @@ from diffalign.losses.advantages import PerPromptStatTracker, group_advantages, 
 from diffalign.losses.policy_gradient import clipped_policy_loss, kl_to_reference
 from diffalign.rewarding import RewardLike, build_reward
 from diffalign.samplers.plan import StepPlan, random_window_plan, sde_plan, sliding_window_plan, window_bounds
-from diffalign.samplers.rollout import Trajectory, rollout, transition_log_probs
+from diffalign.samplers.rollout import InitialNoise, Trajectory, rollout, transition_log_probs
 from diffalign.seeding import derive_seed
 from diffalign.trainers.common import TrainingRun
 
@@ -324,7 +324,7 @@ class GRPOTrainer:
             seeds=seeds,
             chunk_size=sampling.batch_size,
             negative_prompt=sampling.negative_prompt,
-            initial_noise_seeds=noise_seeds if sampling.same_noise_per_prompt else None,
+            initial_noise=InitialNoise(seeds=noise_seeds) if sampling.same_noise_per_prompt else None,
             on_chunk=score_chunk,
         )
         results = [f.result() for f in futures]

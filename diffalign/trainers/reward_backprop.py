@@ -76,7 +76,7 @@ from diffalign.losses.reward_backprop import (
 )
 from diffalign.rewarding import RewardLike, build_reward
 from diffalign.samplers.plan import StepPlan
-from diffalign.samplers.rollout import rollout
+from diffalign.samplers.rollout import GradientPath, rollout
 from diffalign.samplers.steps import predict_x0
 from diffalign.seeding import derive_seed
 from diffalign.trainers.common import TrainingRun
@@ -350,7 +350,6 @@ class RewardBackpropTrainer:
             guidance_scale=sampling.guidance_scale,
             seeds=seeds,
             negative_prompt=sampling.negative_prompt,
-            gradient_checkpointing=self.config.gradient_checkpointing,
             **kwargs,
         )
 
@@ -373,7 +372,8 @@ class RewardBackpropTrainer:
             ``[B, 3, H, W]`` images in ``[0, 1]`` with a graph to the trainable parameters.
         """
         grad_steps = truncated_grad_steps(self.config.sampling.num_steps, num_grad)
-        return self._rollout(prompts, seeds, grad_steps=grad_steps).images
+        grad = GradientPath(grad_steps, checkpointing=self.config.gradient_checkpointing)
+        return self._rollout(prompts, seeds, grad=grad).images
 
     def renoised_images(self, prompts: list[str], seeds: list[int], step: int, micro: int) -> Tensor:
         """DRaFT-LV: ``x0`` without grad, ``n`` copies re-noised to the last step's level, one call each with grad.

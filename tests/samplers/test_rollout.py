@@ -6,7 +6,7 @@ from diffusers import DiffusionPipeline
 
 from diffalign.adapters import load_adapter
 from diffalign.samplers.plan import ode_plan, random_window_plan, sde_plan, sliding_window_plan
-from diffalign.samplers.rollout import rollout, transition_log_probs
+from diffalign.samplers.rollout import GradientPath, InitialNoise, rollout, transition_log_probs
 from diffalign.samplers.steps import gaussian_log_prob
 from diffalign.testing import FAMILIES
 
@@ -132,7 +132,14 @@ def test_results_do_not_depend_on_chunk_size(tiny_pipeline_dir):
 
 def test_same_noise_per_prompt_shares_initial_noise_only(tiny_pipeline_dir):
     adapter = load_adapter(tiny_pipeline_dir("sd3"), height=SIZE, width=SIZE, max_sequence_length=77)
-    shared = rollout(adapter, PROMPTS, sde_plan(3, 0.7), num_images_per_prompt=2, seeds=0, same_noise_per_prompt=True)
+    shared = rollout(
+        adapter,
+        PROMPTS,
+        sde_plan(3, 0.7),
+        num_images_per_prompt=2,
+        seeds=0,
+        initial_noise=InitialNoise(same_per_prompt=True),
+    )
     assert torch.equal(shared.latents[0, 0], shared.latents[1, 0])
     assert not torch.equal(shared.latents[0, 0], shared.latents[2, 0])
     assert not torch.equal(shared.next_latents[0, 0], shared.next_latents[1, 0])  # SDE noise differs
@@ -161,7 +168,7 @@ def test_grad_steps_reach_only_the_chosen_denoiser_calls(tiny_pipeline_dir):
 
     handle = adapter.denoiser.register_forward_hook(hook, with_kwargs=True)
     try:
-        traj = rollout(adapter, PROMPTS, ode_plan(5), seeds=0, grad_steps={3, 4}, gradient_checkpointing=False)
+        traj = rollout(adapter, PROMPTS, ode_plan(5), seeds=0, grad=GradientPath({3, 4}))
     finally:
         handle.remove()
     assert calls == [False, False, False, True, True]
@@ -185,8 +192,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_pipeline_dir):
             PROMPTS,
             ode_plan(4, kernel="ddim"),
             seeds=0,
-            grad_steps={2, 3},
-            gradient_checkpointing=use_checkpoint,
+            grad=GradientPath({2, 3}, checkpointing=use_checkpoint),
         )
         traj.images.mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in params]))
