@@ -46,7 +46,8 @@ def _tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
     return build_clip_tokenizer(_TOKENIZER_DIR, model_max_length=model_max_length, pad_token=pad_token)
 
 
-def _clip_text_config(projection_dim: int | None = None):
+def tiny_clip_text_config(projection_dim: int | None = None):
+    """The config of the tiny CLIP text towers every tiny pipeline uses (2 layers, width 32, the real vocabulary)."""
     from transformers import CLIPTextConfig
 
     kwargs = {"projection_dim": projection_dim} if projection_dim is not None else {}
@@ -70,8 +71,8 @@ def _clip_text_encoder(seed: int, with_projection: bool = False):
 
     torch.manual_seed(seed)
     if with_projection:
-        return CLIPTextModelWithProjection(_clip_text_config(projection_dim=32))
-    return CLIPTextModel(_clip_text_config())
+        return CLIPTextModelWithProjection(tiny_clip_text_config(projection_dim=32))
+    return CLIPTextModel(tiny_clip_text_config())
 
 
 def _t5_encoder(seed: int, d_model: int = 64):

@@ -24,7 +24,7 @@ from diffusers.loaders import PeftAdapterMixin, StableDiffusionLoraLoaderMixin
 from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 import rewards
 from diffalign.adapters import (
@@ -40,8 +40,8 @@ from diffalign.adapters.base import PromptInput
 from diffalign.config import load_config
 from diffalign.samplers.plan import ode_plan, sde_plan
 from diffalign.samplers.rollout import rollout, transition_log_probs
-from diffalign.testing import SHAPES_VAE
-from diffalign.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer
+from diffalign.testing import SHAPES_VAE, tiny_clip_text_config
+from diffalign.tokenizer import build_clip_tokenizer
 from diffalign.trainers.common import TrainingRun
 from diffalign.trainers.grpo import GRPOConfig, GRPOTrainer
 
@@ -153,19 +153,7 @@ class TinyFlowAdapter(DiffusionAdapter):
 def build_tiny_flow_pipeline(tokenizer: CLIPTokenizer, seed: int = 0) -> TinyFlowPipeline:
     """The family's tiny builder: random denoiser and CLIP text tower, the trained shapes-world VAE."""
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    text_encoder = CLIPTextModel(tiny_clip_text_config())
     pipe = TinyFlowPipeline(
         unet=TinyFlowDenoiser(),
         # A trained VAE: colours follow the latents, so a brightness reward varies between samples.
