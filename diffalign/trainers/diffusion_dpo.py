@@ -121,7 +121,8 @@ class DPOLossConfig:
     logit_std: float = 1.0
     """Std of the logit-normal timestep density (SD3 / flow_grpo: 1)."""
     flux_guidance: float = 1.0
-    """FLUX guidance-embedding value during training (ignored by other families, which train without CFG)."""
+    """Guidance value fed to denoisers that take it as an input (``guidance_embedded`` families: FLUX.1-dev) during
+    training; other families train without CFG and ignore it."""
 
     def __post_init__(self) -> None:
         if self.beta is not None and self.beta <= 0:

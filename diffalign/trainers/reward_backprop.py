@@ -63,6 +63,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+import rewards
 from diffalign.adapters.base import Conditioning, DiffusionAdapter, Schedule
 from diffalign.config import ConfigError, TrainerConfig
 from diffalign.data.prompts import load_prompts
@@ -293,7 +294,7 @@ class RewardBackpropTrainer:
         # The reward is checked before the model loads: a wrong reward fails in seconds, not minutes.
         reward = reward if reward is not None else config.reward
         self.reward = build_reward(reward, device=run.device if run is not None else None)
-        check_differentiable(self.reward, reward)
+        check_differentiable(self.reward)
         kwargs = {}
         if config.sampling.resolution:
             kwargs = {"height": config.sampling.resolution, "width": config.sampling.resolution}
@@ -464,15 +465,15 @@ class RewardBackpropTrainer:
         return {"mode": self.config.backprop.mode}
 
 
-def check_differentiable(reward: Any, spec: Any) -> None:
+def check_differentiable(reward: rewards.Reward) -> None:
     """Refuse a reward whose scores carry no gradient to the images.
 
     Raises:
         ValueError: naming the reward and the trainers that work without gradients.
     """
-    if getattr(reward, "differentiable", False):
+    if reward.differentiable:
         return
-    name = getattr(reward, "name", None) or spec
+    name = reward.name
     raise ValueError(
         f"reward {name!r} is not differentiable, so reward_backprop cannot backpropagate through it; train with "
         "method 'grpo' (online RL from scalar rewards) or 'diffusion_dpo' (preference pairs, e.g. built by ranking "

@@ -265,7 +265,7 @@ def test_non_differentiable_reward_is_refused(tiny_pipeline_dir, tmp_path):
     with pytest.raises(ValueError, match="jpeg_compressibility.*not differentiable.*'grpo'.*'diffusion_dpo'"):
         RewardBackpropTrainer(config)
     assert not (tmp_path / "config.yaml").exists()  # refused before the model and the run folder were set up
-    check_differentiable(rewards.load("diffalign.testing:redness"), "redness")  # a differentiable one passes
+    check_differentiable(rewards.load("diffalign.testing:redness"))  # a differentiable one passes
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
