@@ -14,7 +14,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: on these tiny models a second one barely helps on idle cores (the suite takes the same time), and
+# when anything else runs beside the tests, two OpenMP threads fighting for a core slow them more than tenfold.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

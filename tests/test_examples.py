@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from diffalign.config import load_config
@@ -27,6 +28,7 @@ def _run(command: list[str], tmp_path: Path, **env: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_python_api(tmp_path):
     run = tmp_path / "run"
     command = [sys.executable, str(EXAMPLES / "python_api.py"), "--epochs", "1", "--steps", "2"]
@@ -38,6 +40,7 @@ def test_python_api(tmp_path):
     assert payload["columns"] == ["base", "run"] and len(payload["records"]) == 4 * 2 * 2
 
 
+@pytest.mark.slow
 def test_make_grid(tmp_path, tiny_pipeline_dir):
     out = tmp_path / "grid.png"
     command = [sys.executable, str(EXAMPLES / "make_grid.py"), "--model", str(tiny_pipeline_dir("sd15"))]
@@ -51,6 +54,7 @@ def test_make_grid(tmp_path, tiny_pipeline_dir):
     assert [r["prompt"] for r in records] == ["a red circle", "a cat"] and "redness" in records[0]["scores"]
 
 
+@pytest.mark.slow
 def test_train_from_yaml(tmp_path):
     work = tmp_path / "work"
     out = _run(

@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+
+pytestmark = pytest.mark.slow  # an example subprocess
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_reward.py"
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from PIL import Image
 
 from diffalign.cli import main as cli_main
@@ -55,6 +56,7 @@ def test_evaluation_seeds_are_never_training_seeds():
             assert min(trained) >= DERIVED_SEED_MIN
 
 
+@pytest.mark.slow  # the demo end to end: two runs with before/after evaluations
 def test_demo_writes_its_outputs(tiny_pipeline_dir, tmp_path):
     model = tiny_pipeline_dir("sd3", vae="shapes")
     output = tmp_path / "demo"

@@ -1,5 +1,5 @@
 """Diffusion-DPO trainer on tiny pipelines: first loss, parameter updates, LoRA export, resume, broken data, configs,
-and learning from AI-feedback pairs (trainers.md §5)."""
+and learning from AI-feedback pairs (docs/methods/dpo.md)."""
 
 import json
 import math
@@ -116,7 +116,7 @@ def test_winner_and_loser_share_noise_and_timestep(family, tiny_pipeline_dir, pa
     assert torch.equal(noise[:2], noise[2:]) and not torch.equal(noise[0], noise[1])
     assert torch.equal(timesteps[:2], timesteps[2:])
     assert ((timesteps >= 0) & (timesteps < 1000)).all()
-    if family == "sd15":  # uniform integer train timesteps (§5.1); flow: continuous sigma * 1000 (§5.7)
+    if family == "sd15":  # uniform integer train timesteps; flow: sigma * 1000 (docs/methods/dpo.md#timestep-sampling)
         assert timesteps.dtype == torch.long
     else:
         assert timesteps.is_floating_point() and (timesteps != timesteps.round()).any()
@@ -284,10 +284,11 @@ def _held_out_redness(adapter):
     return redness(trajectory.images)
 
 
+@pytest.mark.slow  # a learning run
 def test_learning_from_ai_feedback_pairs_raises_redness(tiny_pipeline_dir, tmp_path):
-    """AI feedback + Diffusion-DPO learns (trainers.md §5): pairs made by ``make_preference_pairs`` (the function
-    behind ``diffalign pairs``) with the colour reward (mean red minus mean green and blue), then 40 DPO steps of a
-    rank-8 LoRA, raise the held-out redness.
+    """AI feedback + Diffusion-DPO learns (docs/methods/dpo.md#ai-feedback-pairs): pairs made by
+    ``make_preference_pairs`` (the function behind ``diffalign pairs``) with the colour reward (mean red minus mean
+    green and blue), then 40 DPO steps of a rank-8 LoRA, raise the held-out redness.
 
     Setup: tiny SD3 with the trained shapes-world VAE (colours follow the latents; a random VAE flattens them) and a
     random denoiser; 8 prompts x 8 ODE candidates, ``pairing="all"`` (224 pairs); beta = the flow default (100: the

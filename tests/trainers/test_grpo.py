@@ -77,10 +77,28 @@ def test_advantages_are_group_normalised_with_global_std(tiny_pipeline_dir, tmp_
 
 
 def test_epoch_prompts_are_seeded_and_cover_the_list():
-    first = epoch_prompts(PROMPTS, 4, seed=0, epoch=0)
-    assert sorted(first) == sorted(PROMPTS)
-    assert epoch_prompts(PROMPTS, 4, seed=0, epoch=0) == first
-    assert epoch_prompts(PROMPTS, 6, seed=0, epoch=1)[:4] != first or epoch_prompts(PROMPTS, 4, 0, 2) != first
+    # 20 prompts: two seeded shuffles of the list coincide with probability 1 / 20! (~4e-19), so "differ" cannot
+    # fail by chance.
+    prompts = [f"prompt {i}" for i in range(20)]
+    n = len(prompts)
+    for count in (3, n, 2 * n + 7):
+        draws = [epoch_prompts(prompts, count, seed=0, epoch=epoch) for epoch in range(5)]
+        assert all(len(draw) == count for draw in draws)
+        # Seeded: the same (prompts, count, seed, epoch) gives the same list.
+        assert draws == [epoch_prompts(prompts, count, seed=0, epoch=epoch) for epoch in range(5)]
+        if count >= n:  # a new order every epoch, and another one for another seed
+            assert len({tuple(draw) for draw in draws}) == 5, draws
+            assert epoch_prompts(prompts, count, seed=1, epoch=0) != draws[0]
+        for draw in draws:
+            if count >= n:
+                # Without replacement: the first n draws are a permutation of the list, and the list is cycled.
+                assert sorted(draw[:n]) == sorted(prompts)
+                assert {draw.count(p) for p in prompts} <= {count // n, count // n + 1}
+            else:
+                assert len(set(draw)) == count and set(draw) <= set(prompts)
+    # Short epochs still reach every prompt over the run (a prompt left out of 100 epochs of 4: ~20 * 0.8^100).
+    drawn = {p for epoch in range(100) for p in epoch_prompts(prompts, 4, seed=0, epoch=epoch)}
+    assert drawn == set(prompts)
 
 
 def test_window_plan_trains_only_the_window_steps(tiny_pipeline_dir, tmp_path):
@@ -196,6 +214,7 @@ def test_every_shipped_grpo_config_parses():
         assert config.method == "grpo"
 
 
+@pytest.mark.slow  # two processes
 def test_two_processes_give_the_same_advantages_as_one(tiny_pipeline_dir, tmp_path):
     folder = tiny_pipeline_dir("sd3")
     script = Path(__file__).with_name("grpo_distributed_script.py")
@@ -232,6 +251,7 @@ def _held_out_redness(adapter, kernel):
     return redness(trajectory.images)
 
 
+@pytest.mark.slow  # a learning run
 @pytest.mark.parametrize(
     ("family", "lora_rank", "lr", "margin"),
     [

@@ -170,6 +170,7 @@ def _held_out_redness(trainer, seeds=range(1000, 1008)):
     return redness(traj.images).mean().item()
 
 
+@pytest.mark.slow  # a learning run
 def test_learning_raises_the_colour_reward_on_held_out_seeds(tiny_pipeline_dir, tmp_path):
     """6 full-DRaFT steps of ``configs/backprop/tiny_cpu.yaml`` make held-out images redder.
 
