@@ -61,8 +61,7 @@ def evaluate_heldout(
 
     Args:
         adapter: the model (as it is: call inside an EMA swap to measure EMA weights).
-        reward: the ``"shapes"`` verifier reward (anything
-            :func:`~diffalign.rewarding.score_with_parts` takes; ``strict`` needs ``evaluate``).
+        reward: the ``"shapes"`` verifier reward (a reward whose ``score_parts`` reports ``"strict"``).
         prompts: evaluation prompts (default: the demo's aligned prompts).
         seeds: one image per prompt and seed.
         protocol: ``num_steps`` and ``guidance_scale`` (default: the one stored beside the shipped model).
