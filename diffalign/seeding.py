@@ -6,9 +6,10 @@ the run seed, a name saying what the draw is for, and the integers that place it
 The result depends on nothing else (not on chunk sizes, not on Python's salted ``hash``), so a resumed run and
 an uninterrupted one draw the same numbers, and two purposes never share a stream by accident.
 
-Derived seeds lie in ``[DERIVED_SEED_MIN, 2**63)``, above every seed a person writes down: evaluation seeds (a
-config's ``eval.seeds``, the demo's ``EVAL_SEEDS``) are below :data:`DERIVED_SEED_MIN`
-(:func:`is_user_seed`), so an evaluation image is never one a trainer trained on.
+Derived seeds never meet the seeds people write down. Those (a config's ``eval.seeds``, the demo's
+``EVAL_SEEDS``) lie in ``[0, USER_SEED_LIMIT)`` (:func:`is_user_seed`); every derived seed has bit 31 set, so its
+low 32 bits -- all that torch's CPU generator reads of a seed -- are at least ``USER_SEED_LIMIT`` too. An
+evaluation image therefore never starts from noise a trainer trained on, on any device.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from __future__ import annotations
 import hashlib
 
 
-__all__ = ["DERIVED_SEED_MIN", "derive_seed", "is_user_seed"]
+__all__ = ["USER_SEED_LIMIT", "derive_seed", "is_user_seed"]
 
-DERIVED_SEED_MIN = 2**32
-"""Every derived seed is at least this; seeds people choose (evaluation seeds) stay below it."""
-_SPAN = 2**63 - DERIVED_SEED_MIN
+USER_SEED_LIMIT = 2**31
+"""Seeds people choose (evaluation seeds) are below this; every derived seed is congruent to at least this modulo
+``2**32`` (bit 31 set)."""
 
 
 def derive_seed(*parts: int | str) -> int:
-    """A seed in ``[DERIVED_SEED_MIN, 2**63)`` determined by ``parts`` alone.
+    """A seed in ``[USER_SEED_LIMIT, 2**63)`` with bit 31 set, determined by ``parts`` alone.
 
     Args:
         *parts: the run seed first, then what the draw is for and where it sits, e.g.
@@ -41,9 +42,9 @@ def derive_seed(*parts: int | str) -> int:
             raise TypeError(f"seed parts are ints or strings, got {part!r} ({type(part).__name__})")
     # repr keeps the types and the boundaries between parts; blake2b is the same on every platform and process.
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return DERIVED_SEED_MIN + int.from_bytes(digest, "little") % _SPAN
+    return (int.from_bytes(digest, "little") % 2**63) | USER_SEED_LIMIT
 
 
 def is_user_seed(seed: int) -> bool:
-    """Whether ``seed`` is in the range kept for seeds people choose (``0 <= seed < DERIVED_SEED_MIN``)."""
-    return 0 <= seed < DERIVED_SEED_MIN
+    """Whether ``seed`` is in the range kept for seeds people choose (``0 <= seed < USER_SEED_LIMIT``)."""
+    return 0 <= seed < USER_SEED_LIMIT

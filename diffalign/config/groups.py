@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from diffalign.config.loader import ConfigError
-from diffalign.seeding import DERIVED_SEED_MIN, is_user_seed
+from diffalign.seeding import USER_SEED_LIMIT, is_user_seed
 
 
 __all__ = [
@@ -210,7 +210,7 @@ class EvalConfig:
         _require(
             all(is_user_seed(seed) for seed in self.seeds),
             "seeds",
-            f"must lie in [0, {DERIVED_SEED_MIN}) (larger seeds are where training draws its own), got {self.seeds}",
+            f"must lie in [0, {USER_SEED_LIMIT}) (the rest is where training draws its own), got {self.seeds}",
         )
         _require(self.num_steps is None or self.num_steps >= 1, "num_steps", "must be >= 1, or null")
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")

@@ -105,7 +105,7 @@ def compositional(prompts: list[str]) -> list[str]:
 
 
 EVAL_SEEDS: tuple[int, ...] = tuple(range(90_001, 90_017))
-"""Evaluation seeds: chosen seeds, below :data:`~diffalign.seeding.DERIVED_SEED_MIN`, where no training draw goes."""
+"""Evaluation seeds: chosen seeds, below :data:`~diffalign.seeding.USER_SEED_LIMIT`, where no training draw goes."""
 UNSEEN_SEEDS: tuple[int, ...] = EVAL_SEEDS[:4]
 """Evaluation seeds of the unseen prompts (more prompts, fewer seeds each)."""
 GRID_SEEDS = 4

@@ -7,7 +7,7 @@ from PIL import Image
 
 from diffalign.cli import main as cli_main
 from diffalign.config import load_config
-from diffalign.seeding import DERIVED_SEED_MIN, is_user_seed
+from diffalign.seeding import USER_SEED_LIMIT, is_user_seed
 from diffalign.shapes.demo import (
     BASE_MODEL,
     DECAY_FROM_MINUTES,
@@ -53,7 +53,8 @@ def test_evaluation_seeds_are_never_training_seeds():
         for epoch in range(50):
             trained = epoch_image_seeds(run_seed, epoch, 4 * 8)
             assert len(set(trained)) == len(trained) and not eval_seeds & set(trained)
-            assert min(trained) >= DERIVED_SEED_MIN
+            # torch's CPU generator reads the low 32 bits of a seed: those must miss the evaluation seeds too.
+            assert min(seed % 2**32 for seed in trained) >= USER_SEED_LIMIT
 
 
 @pytest.mark.slow  # the demo end to end: two runs with before/after evaluations
