@@ -33,10 +33,14 @@ def build_reward(reward: RewardLike, device: torch.device | str | None = None, *
 def score_with_parts(reward: rewards.Reward, images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
     """``{"reward": total [B], <part>: [B], ...}`` without gradients, float32 on the CPU.
 
-    The parts are :meth:`rewards.Reward.score_parts`'s, less the one that repeats the total under the reward's
-    own name: a weighted sum's terms, a verifier's ``"strict"`` flag, nothing more for a plain reward.
+    The parts are :meth:`rewards.Reward.score_parts`'s, less the one that is the total itself (a plain reward
+    reports itself): a weighted sum's terms, a verifier's ``"strict"`` flag, nothing more for a plain reward. A part
+    that happens to be named ``"reward"`` is listed as ``"reward_part"``, so the total is never overwritten.
     """
     with torch.no_grad():
         total, parts = reward.score_parts(images, prompts)
-    scores = {"reward": total, **{name: value for name, value in parts.items() if name != reward.name}}
+    scores = {"reward": total}
+    for name, value in parts.items():
+        if value is not total:
+            scores["reward_part" if name == "reward" else name] = value
     return {name: value.detach().float().cpu() for name, value in scores.items()}

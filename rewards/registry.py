@@ -16,8 +16,8 @@ without anything importing that package first (``pyproject.toml``)::
     [project.entry-points.rewards]
     my_reward = "my_pkg.rewards:MyReward"
 
-The entry point is imported when its name is first loaded; a name registered with the decorator wins over an
-entry point of the same name.
+The entry point is imported when its name is first loaded; a name registered with the decorator shadows an entry
+point of the same name (and ``unregister`` brings the entry point back).
 """
 
 from __future__ import annotations
@@ -52,6 +52,14 @@ class UnknownRewardError(KeyError):
 
 
 _FACTORIES: dict[str, Callable[..., Reward]] = {}
+"""Factories registered with the decorator."""
+_PLUGINS: dict[str, Callable[..., Reward]] = {}
+"""Factories imported from entry points so far (a decorator registration of the same name takes precedence)."""
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not name.strip() or ":" in name or name != name.strip():
+        raise ValueError(f"invalid reward name {name!r}: use a non-empty string without ':' or surrounding spaces")
 
 
 def register(name: str) -> Callable[[FactoryT], FactoryT]:
@@ -61,13 +69,13 @@ def register(name: str) -> Callable[[FactoryT], FactoryT]:
     and must return a :class:`~rewards.base.Reward`.
 
     Args:
-        name: the registry name; must be new and must not contain ``":"`` (reserved for custom specs).
+        name: the registry name; must not be registered with this decorator already and must not contain ``":"``
+            (reserved for custom specs). It may shadow an installed package's entry point of the same name.
 
     Raises:
         ValueError: an empty or malformed name, or a name that is already registered.
     """
-    if not isinstance(name, str) or not name.strip() or ":" in name or name != name.strip():
-        raise ValueError(f"invalid reward name {name!r}: use a non-empty string without ':' or surrounding spaces")
+    _check_name(name)
 
     def decorator(factory: FactoryT) -> FactoryT:
         if name in _FACTORIES:
@@ -83,7 +91,15 @@ def register(name: str) -> Callable[[FactoryT], FactoryT]:
 
 
 def unregister(name: str) -> None:
-    """Remove ``name`` from the registry (for tests and interactive sessions); unknown names raise ``KeyError``."""
+    """Remove a decorator registration (for tests and interactive sessions); an entry point it shadowed comes back.
+
+    Raises:
+        KeyError: ``name`` was not registered with the decorator (entry points of installed packages cannot be
+            removed: uninstall the package instead).
+    """
+    if name not in _FACTORIES:
+        where = " (it comes from an installed package's entry point)" if name in _entry_points() else ""
+        raise KeyError(f"reward {name!r} is not registered with rewards.register{where}")
     del _FACTORIES[name]
 
 
@@ -92,20 +108,35 @@ ENTRY_POINT_GROUP = "rewards"
 
 
 def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
-    return {point.name: point for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    """The group's entry points whose names a registration could have (others are not rewards this loads)."""
+    points = {}
+    for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            _check_name(point.name)
+        except ValueError:
+            continue
+        points[point.name] = point
+    return points
 
 
 def _factory(name: str) -> Callable[..., Reward] | None:
-    """The factory registered as ``name``, importing it from its entry point on first use; None if unknown."""
-    if name not in _FACTORIES:
+    """The factory of ``name``: a decorator registration, else its entry point (imported on first use); or None."""
+    if name in _FACTORIES:
+        return _FACTORIES[name]
+    if name not in _PLUGINS:
         point = _entry_points().get(name)
         if point is None:
             return None
-        factory = point.load()
+        try:
+            factory = point.load()
+        except Exception as err:
+            raise ImportError(
+                f"reward {name!r} comes from the entry point {point.value!r}, which failed to import: {err}"
+            ) from err
         if not callable(factory):
             raise TypeError(f"entry point {point.value!r} of reward {name!r} is not a reward class or function")
-        _FACTORIES.setdefault(name, factory)
-    return _FACTORIES[name]
+        _PLUGINS[name] = factory
+    return _PLUGINS[name]
 
 
 def available() -> list[str]:
@@ -164,7 +195,9 @@ def _unknown_name_message(name: str) -> str:
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     return (
         f"unknown reward {name!r}.{hint} Available: {available()}. A custom reward is loaded as "
-        "'package.module:callable' or 'path/to/file.py:callable'."
+        "'package.module:callable' or 'path/to/file.py:callable'. A reward that an installed package provides "
+        "(e.g. diffalign's 'shapes') is found through that package's metadata: reinstall it (pip install -e .) "
+        "if it was installed before it declared the reward."
     )
 
 

@@ -76,18 +76,30 @@ def test_shapes_rewards_come_from_entry_points_without_importing_the_shapes_worl
     assert found["type"] == "diffalign.shapes.reward" and found["after"]
 
 
-def test_a_decorator_registration_wins_over_an_entry_point_of_the_same_name():
+def test_a_decorator_registration_shadows_an_entry_point_even_after_it_was_loaded():
     name = "shapes_clip"
-    was_loaded = name in rewards.registry._FACTORIES
-    saved = rewards.registry._FACTORIES.pop(name, None)
+    assert type(rewards.load(name)).__name__ == "CLIPScore"  # the entry point, imported now
+
+    @rewards.register(name)
+    def mine(device=None, dtype=None):
+        return rewards.load(redness)
+
     try:
-
-        @rewards.register(name)
-        def mine(device=None, dtype=None):
-            return rewards.load(redness)
-
         assert rewards.load(name).score(IMAGES, PROMPTS).allclose(redness(IMAGES))
     finally:
-        rewards.registry._FACTORIES.pop(name, None)
-        if was_loaded:
-            rewards.registry._FACTORIES[name] = saved
+        rewards.unregister(name)
+    assert type(rewards.load(name)).__name__ == "CLIPScore"  # the entry point is back
+    with pytest.raises(KeyError, match="installed package's entry point"):
+        rewards.unregister(name)
+    assert name in rewards.available()
+
+
+def test_a_part_named_reward_does_not_overwrite_the_total():
+    class Named(rewards.Reward):  # keeps the base class's name, "reward"
+        def _score(self, images, prompts):
+            return torch.full((images.shape[0],), 5.0)
+
+    weighted = build_reward({Named(): 1.0, "diffalign.testing:redness": 0.5})
+    scores = score_with_parts(weighted, IMAGES, PROMPTS)
+    torch.testing.assert_close(scores["reward"], 5.0 + 0.5 * redness(IMAGES))
+    torch.testing.assert_close(scores["reward_part"], torch.full((3,), 5.0))
