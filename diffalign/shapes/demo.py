@@ -49,18 +49,19 @@ The recipe (:func:`demo_config`), and what it rests on (measured on this model, 
   lr 1e-4 lowered it.
 
 Measured with the defaults (``diffalign demo``, 2 threads), with the training draws of
-:func:`diffalign.seeding.derive_seed` (2026-12-06): 290 epochs in 10.6 minutes; aligned prompts (8 x 16 fresh seeds)
-strict 0.430 -> 0.531 (+0.101), reward 0.772 -> 0.807; unseen prompts (32 x 4) strict 0.336 -> 0.328, reward 0.665 ->
-0.676; ``--seed 1``: 286 epochs, aligned strict 0.430 -> 0.562 (+0.133), reward 0.772 -> 0.835, unseen strict 0.336 ->
-0.359. The same recipe with the earlier per-trainer seed formulas (bit-identical code otherwise) had drawn 269 epochs
-and aligned strict 0.430 -> 0.641 (+0.211), reward 0.772 -> 0.846, unseen strict 0.336 -> 0.422: a 10-minute run's gain
-varies by about 0.1 with the random stream. With ``--minutes 30`` (lr decayed over the budget, earlier seed formulas):
-690 epochs (the machine was busier for part of the run); aligned strict 0.430 -> 0.695 (+0.266), reward 0.772 -> 0.876;
-unseen strict 0.336 -> 0.391, reward 0.665 -> 0.701. At a constant lr the 30-minute run had ended at 0.656 (+0.227, 868
-epochs); before the LoRA was limited to the window: 0.594 after 10 minutes, 0.641 after 30 (the paired standard error
-of a gain is ~0.04). On the constant-lr runs' grids "a blue circle and a green square" gets one of its two objects
-right at best (the base model swaps its colours at every seed), "a red circle and a yellow triangle" swaps colours in
-half of the images, and "a blue triangle and a green triangle" sometimes draws a third triangle.
+``diffalign.seeding.derive_seed`` (2026-12-06): 273 epochs in 10.6 minutes; aligned prompts (8 x 16 fresh seeds) strict
+0.430 -> 0.602 (+0.172), reward 0.772 -> 0.835; unseen prompts (32 x 4) strict 0.336 -> 0.375, reward 0.665 -> 0.694;
+``--seed 1``: 314 epochs, aligned strict 0.430 -> 0.625 (+0.195), reward 0.772 -> 0.843, unseen strict 0.336 -> 0.359.
+With the earlier per-trainer seed formulas (bit-identical code otherwise) the default run had drawn 269 epochs and
+aligned strict 0.430 -> 0.641 (+0.211), reward 0.772 -> 0.846, unseen strict 0.336 -> 0.422, and an intermediate stream
++0.101 / +0.133 (seeds 0 / 1): a 10-minute run's gain varies by about 0.1 with the random stream. With ``--minutes 30``
+(lr decayed over the budget, earlier seed formulas): 690 epochs (the machine was busier for part of the run); aligned
+strict 0.430 -> 0.695 (+0.266), reward 0.772 -> 0.876; unseen strict 0.336 -> 0.391, reward 0.665 -> 0.701. At a
+constant lr the 30-minute run had ended at 0.656 (+0.227, 868 epochs); before the LoRA was limited to the window: 0.594
+after 10 minutes, 0.641 after 30 (the paired standard error of a gain is ~0.04). On the constant-lr runs' grids "a blue
+circle and a green square" gets one of its two objects right at best (the base model swaps its colours at every seed),
+"a red circle and a yellow triangle" swaps colours in half of the images, and "a blue triangle and a green triangle"
+sometimes draws a third triangle.
 
 Launch: ``diffalign demo [--minutes 10] [--output runs/demo]``.
 """
