@@ -253,30 +253,31 @@ def _held_out_redness(adapter, kernel):
 
 @pytest.mark.slow  # a learning run
 @pytest.mark.parametrize(
-    ("family", "lora_rank", "lr", "margin"),
+    ("family", "lora_rank", "lr", "epochs", "margin"),
     [
         # Flow-GRPO on a flow model (LoRA). Calibration (seed 0): +0.021 held-out.
-        ("sd3", 8, 1e-2, 0.005),
-        # DDPO (DDIM eta=1, every step trained) on an epsilon model, full fine-tuning. Calibration (seed 0):
-        # +0.038 held-out.
-        ("sd15", 0, 3e-3, 0.01),
+        ("sd3", 8, 1e-2, 15, 0.005),
+        # DDPO (DDIM eta=1, every step trained) on an epsilon model, full fine-tuning. Calibration with the seeds of
+        # diffalign.seeding, config seeds 0-3: +0.011, +0.027, +0.017, +0.012 held-out. (The earlier recipe, lr 3e-3
+        # for 15 epochs, learnt in one stream out of two: +0.038 / +0.003 at seeds 0 / 1 of the earlier seed
+        # formulas, +0.004 / +0.040 / +0.004 / +0.005 at seeds 0-3 of these.)
+        ("sd15", 0, 1e-3, 30, 0.005),
     ],
 )
-def test_colour_reward_rises(family, lora_rank, lr, margin, tiny_pipeline_dir, tmp_path):
+def test_colour_reward_rises(family, lora_rank, lr, epochs, margin, tiny_pipeline_dir, tmp_path):
     """Learning on a tiny pipeline with the colour reward (mean red minus mean green and blue).
 
     The denoiser is random and the VAE is the trained shapes-world VAE, through which colours follow the latents
     (a random VAE flattens them). Held-out images use fixed seeds and the ODE sampler, so an unchanged model gives
-    exactly the same images: the paired mean difference is a systematic change. The margins are a quarter of the
-    gains measured in calibration and about the seed-to-seed std of the reward (~0.01), i.e. well above what a
-    random parameter walk of the same size produces.
+    exactly the same images: the paired mean difference is a systematic change. The margins are at most half of
+    the smallest gain measured in calibration.
     """
     folder = tiny_pipeline_dir(family, vae="shapes")
     kernel = "sde" if family == "sd3" else "ddim"
     extra = {
         "model.lora.rank": lora_rank,
         "optim.lr": lr,
-        "max_steps": 15,
+        "max_steps": epochs,
         "sampling.prompts": PROMPTS,
         "sampling.num_steps": 6,
         "sampling.guidance_scale": 1.0,
