@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline
 
 from diffalign.config import LoraConfig, load_config
 from diffalign.losses.advantages import group_advantages
-from diffalign.testing import FAMILIES
+from diffalign.testing import FAMILIES, redness
 from diffalign.trainers.grpo import GRPOConfig, GRPOTrainer, build_plan, epoch_prompts
 
 
@@ -50,6 +50,24 @@ def make_config(folder, output_dir, family="sd3", **overrides):
             node = node.setdefault(part, {})
         node[leaf] = value
     return load_config(GRPOConfig, raw)
+
+
+def test_grpo_trains_on_a_reward_function_passed_directly(tiny_pipeline_dir, tmp_path):
+    calls: list[torch.Tensor] = []
+
+    def my_reward(images, prompts):
+        scores = redness(images)
+        calls.append(scores.detach().clone())
+        return scores
+
+    # config.reward names another reward: the trainer must use the function it is given instead.
+    config = make_config(tiny_pipeline_dir("sd3"), tmp_path, max_steps=1, reward="jpeg_compressibility")
+    trainer = GRPOTrainer(config, reward=my_reward)
+    metrics = trainer.train()
+    scored = torch.cat(calls)
+    assert scored.shape == (8,)  # the epoch's 2 prompts x 4 images, scored by the function, nothing else
+    assert metrics["reward_mean"] == pytest.approx(scored.mean().item(), rel=1e-5)
+    assert metrics[f"reward/{trainer.reward.name}"] == pytest.approx(scored.mean().item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
