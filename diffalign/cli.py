@@ -2,12 +2,12 @@
 
 ::
 
-    diffalign train CONFIG.yaml [key=value ...] [--resume DIR|latest]     # the method comes from the config
+    diffalign train CONFIG.yaml [key=value ...] [--resume DIR|latest|auto] [--overwrite]  # method from the config
     diffalign train CONFIG.yaml --help-config                            # every key, its type, default and help
     diffalign sample --model M [--lora DIR] --prompt P [--prompt P ...] --out image.png
-    diffalign grid --model M [--lora DIR ...] --prompts FILE --seeds 0 1 2 [--reward NAME ...] --out grid.png
-    diffalign score --reward NAME [--reward NAME ...] --images DIR|FILES --prompts FILE|TEXT [--json PATH]
-    diffalign pairs --model M --prompts FILE --reward SPEC --num-per-prompt K --out DIR
+    diffalign grid --model M [--lora DIR ...] --prompts FILE|--prompt P --seeds 0 1 [--reward NAME ...] --out grid.png
+    diffalign score --reward NAME [--reward NAME ...] --images DIR|FILES --prompts FILE|--prompt P [--json PATH]
+    diffalign pairs --model M --prompts FILE|--prompt P --reward SPEC --num-per-prompt K --out DIR
     diffalign bench rollout|backprop|grpo|learn ...
     diffalign demo [demo options]
 
@@ -78,7 +78,17 @@ def _add_train(sub, common) -> None:
     p = sub.add_parser("train", parents=[common], help="train with a YAML config (the method is read from it)")
     p.add_argument("config", nargs="?", help="YAML config with a 'method' key (grpo, diffusion_dpo, ...)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-4")
-    p.add_argument("--resume", metavar="DIR|latest", help="resume from a checkpoint folder or the newest one")
+    p.add_argument(
+        "--resume",
+        metavar="DIR|latest|auto",
+        help="resume from a checkpoint folder, the newest one (latest), or the newest one if any (auto)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an output_dir holding another run")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume although the config changes seed, model, batch geometry or optimizer (diff is printed)",
+    )
     p.add_argument("--help-config", action="store_true", help="list every config key of the method and exit")
     p.add_argument("--method", help="with --help-config and no CONFIG: the method to describe")
     p.set_defaults(handler=cmd_train)
@@ -95,10 +105,21 @@ def _add_sample(sub, common) -> None:
     p.set_defaults(handler=cmd_sample)
 
 
+_FILE_HELP = "text file with one prompt per line (text that looks like no path: one prompt)"
+_TEXT_HELP = "a prompt, taken as text (never read as a file); repeat for several"
+
+
+def _prompt_options(parser: argparse.ArgumentParser, file_help: str = _FILE_HELP, text_help: str = _TEXT_HELP) -> None:
+    """``--prompts FILE`` or ``--prompt TEXT`` (repeatable, never read as a file): exactly one of them."""
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompts", metavar="FILE", help=f"{file_help}; a missing file is an error")
+    group.add_argument("--prompt", action="append", metavar="TEXT", help=text_help)
+
+
 def _add_grid(sub, common) -> None:
     p = sub.add_parser("grid", parents=[common], help="evaluation grid: prompts x (models x seeds), scored")
     _model_options(p, "LoRA to compare with the base model; repeat for several columns")
-    p.add_argument("--prompts", required=True, help="text file with one prompt per line, or one prompt")
+    _prompt_options(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
     p.add_argument("--reward", action="append", default=[], help="reward to caption the cells with; repeatable")
     p.add_argument("--no-base", action="store_true", help="leave out the base model's columns")
@@ -113,7 +134,11 @@ def _add_score(sub, common) -> None:
     p = sub.add_parser("score", parents=[common], help="score image files with rewards")
     p.add_argument("--reward", action="append", required=True, help="reward name or module:fn; repeatable")
     p.add_argument("--images", nargs="+", required=True, help="a folder (sorted PNG/JPEG files) or files")
-    p.add_argument("--prompts", required=True, help="file with one prompt per image, or one prompt for all")
+    _prompt_options(
+        p,
+        "file with one prompt per image, or one for all (text that looks like no path: the prompt for all)",
+        "a prompt as text, for all images; or repeat it, once per image (sorted file order)",
+    )
     p.add_argument("--json", help="also write the scores to this JSON file")
     p.add_argument("--batch-size", type=int, default=16, help="images per reward call (default: 16)")
     p.add_argument("--device", default=None, help="where the rewards run (default: cuda if available)")
@@ -123,7 +148,7 @@ def _add_score(sub, common) -> None:
 def _add_pairs(sub, common) -> None:
     p = sub.add_parser("pairs", parents=[common], help="AI-feedback preference pairs: sample, rank with a reward")
     p.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")
-    p.add_argument("--prompts", required=True, help="text file with one prompt per line, or one prompt")
+    _prompt_options(p)
     p.add_argument("--reward", required=True, help="reward spec ranking the samples")
     p.add_argument("--num-per-prompt", type=int, required=True, help="samples per prompt")
     p.add_argument("--out", required=True, help="output folder (images + pairs)")
@@ -296,6 +321,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"checkpoint.resume_from={json.dumps(args.resume)}")
+    if args.overwrite:
+        overrides.append("checkpoint.overwrite=true")
+    if args.allow_config_change:
+        overrides.append("checkpoint.allow_config_change=true")
     config = load_config(config_class, args.config, overrides)
     metrics = trainer_class(config).train()
     if _is_main_process():
@@ -342,13 +371,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_grid(args: argparse.Namespace) -> int:
+def _prompts(args: argparse.Namespace) -> list[str]:
+    """The texts of ``--prompt``, or the prompts of ``--prompts`` (a file; text that does not look like a path is
+    the one prompt), read before any model or reward is loaded."""
     from diffalign.data.prompts import load_prompts
+
+    if args.prompt is not None:
+        return load_prompts(args.prompt)
+    return load_prompts(args.prompts, literal_hint="--prompt 'TEXT'")
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
     from diffalign.eval.grid import make_eval_grid
     from diffalign.eval.score import build_rewards
 
     _check_positive(steps=args.steps, batch_size=args.batch_size, cell_size=args.cell_size)
-    prompts = load_prompts(Path(args.prompts) if Path(args.prompts).is_file() else args.prompts)
+    prompts = _prompts(args)
     device = _device(args.device)
     rewards = build_rewards(args.reward, device=device)
     adapter = _load_model(args)
@@ -374,9 +412,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     from diffalign.eval.score import build_rewards, score_images
 
     _check_positive(batch_size=args.batch_size)
+    prompts = _prompts(args)  # one for all images, or one per image
     device = _device(args.device)
     rewards = build_rewards(args.reward, device=device)
-    report = score_images(args.images, args.prompts, rewards, args.batch_size, device)
+    report = score_images(args.images, prompts, rewards, args.batch_size, device)
     print(report.table())
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -387,11 +426,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_pairs(args: argparse.Namespace) -> int:
     make_pairs = _lazy("diffalign.data.ai_feedback", "make_preference_pairs", "diffalign pairs")
-    from diffalign.data.prompts import load_prompts
     from diffalign.rewarding import build_reward
 
     _check_positive(num_per_prompt=args.num_per_prompt, steps=args.steps, batch_size=args.batch_size)
-    prompts = load_prompts(Path(args.prompts) if Path(args.prompts).is_file() else args.prompts)
+    prompts = _prompts(args)
     adapter = _load_model(args)
     reward = build_reward(args.reward, device=adapter.device)
     path = make_pairs(

@@ -3,6 +3,7 @@ clean error line (no traceback without --debug) for every kind of bad input."""
 
 import json
 import textwrap
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -159,6 +160,90 @@ def test_score_folder_skips_broken_files(tmp_path, capsys):
         expected = (pixels[..., 0] - (pixels[..., 1] + pixels[..., 2]) / 2).mean()
         assert abs(record["scores"]["redness"] - expected) <= 1e-6
     assert payload["mean"]["redness"] == pytest.approx(np.mean([r["scores"]["redness"] for r in payload["records"]]))
+
+
+# --- prompts of score, grid and pairs --------------------------------------------------------------------------------
+
+
+def _tiny_images(folder, count=2):
+    folder.mkdir()
+    for i in range(count):
+        to_pil(torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(i))).save(folder / f"img{i}.png")
+    return folder
+
+
+def _argv_but_prompts(command, tmp_path):
+    """score, grid or pairs without their prompts; grid and pairs name a model folder that does not exist, so an
+    error about the prompts shows that they are checked before any model is loaded."""
+    if command == "score":
+        return ["score", "--reward", REDNESS, "--images", str(_tiny_images(tmp_path / "images"))]
+    missing = str(tmp_path / "no-model")
+    if command == "grid":
+        return ["grid", "--model", missing, "--reward", REDNESS, "--out", str(tmp_path / "grid.png"), *_sampling()]
+    argv = ["pairs", "--model", missing, "--reward", REDNESS, "--num-per-prompt", "2", "--out", str(tmp_path / "p")]
+    return [*argv, *_sampling()]
+
+
+@pytest.mark.parametrize("command", ["score", "grid", "pairs"])
+@pytest.mark.parametrize("missing", ["my_prompts.lst", "prompts/missing.txt"])
+def test_a_missing_prompt_file_is_an_error(command, missing, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main([*_argv_but_prompts(command, tmp_path), "--prompts", missing]) == 1
+    line = _error_line(capsys)
+    assert f"prompt file '{missing}' does not exist" in line and "--prompt 'TEXT'" in line
+
+
+@pytest.mark.parametrize("command", ["score", "grid", "pairs"])
+def test_prompt_and_prompts_exclude_each_other(command, tmp_path, capsys):
+    argv = _argv_but_prompts(command, tmp_path)
+    assert main(argv) == 2
+    assert "--prompts --prompt is required" in _error_line(capsys)
+    assert main([*argv, "--prompts", "a", "--prompt", "b"]) == 2
+    assert "not allowed with argument --prompts" in _error_line(capsys)
+
+
+def test_score_literal_prompts(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "scores.json"
+    argv = [*_argv_but_prompts("score", tmp_path), "--json", str(out)]
+
+    def prompts_of(*args):
+        assert main([*argv, *args]) == 0
+        records = json.loads(out.read_text())["records"]
+        assert all(np.isfinite(r["scores"]["redness"]) for r in records)
+        return [r["prompt"] for r in records]
+
+    assert prompts_of("--prompt", "prompts/missing.txt") == ["prompts/missing.txt"] * 2  # one for all, never a file
+    assert prompts_of("--prompt", "a photo of a cat.", "--prompt", "Mr. Smith waves") == [
+        "a photo of a cat.",
+        "Mr. Smith waves",
+    ]
+    assert prompts_of("--prompts", "version 3.5") == ["version 3.5"] * 2  # not a path: one literal prompt
+    (tmp_path / "my_prompts.lst").write_text("p0\np1\n")
+    assert prompts_of("--prompts", "my_prompts.lst") == ["p0", "p1"]  # an existing file, whatever its suffix
+    capsys.readouterr()
+    assert main([*argv, "--prompt", "a", "--prompt", "b", "--prompt", "c"]) == 1
+    assert "3 prompts for 2 images" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("command", ["grid", "pairs"])
+def test_grid_and_pairs_take_literal_prompts(command, tmp_path, monkeypatch, capsys):
+    seen = []
+
+    def capture(adapter, prompts, *args, **kwargs):
+        seen.append(prompts)
+        raise RuntimeError("captured")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("diffalign.cli._load_model", lambda args: SimpleNamespace(device="cpu"))
+    monkeypatch.setattr("diffalign.eval.grid.make_eval_grid", capture)
+    monkeypatch.setattr("diffalign.data.ai_feedback.make_preference_pairs", capture)
+    argv = _argv_but_prompts(command, tmp_path)
+    assert main([*argv, "--prompt", "a cat/dog", "--prompt", "b.txt"]) == 1
+    (tmp_path / "my_prompts.lst").write_text("p0\n# comment\np1\n")
+    assert main([*argv, "--prompts", "my_prompts.lst"]) == 1
+    assert main([*argv, "--prompts", "a photo of a cat."]) == 1
+    assert seen == [["a cat/dog", "b.txt"], ["p0", "p1"], ["a photo of a cat."]]
 
 
 # --- train -----------------------------------------------------------------------------------------------------------

@@ -170,8 +170,15 @@ class CheckpointConfig:
     keep_last: int | None = None
     """Keep only the newest this-many checkpoints; null keeps all."""
     resume_from: str | None = None
-    """Resume from this checkpoint folder, or "latest" for the newest one in <output_dir>/checkpoints;
-    null starts from scratch."""
+    """Resume from this checkpoint folder; "latest" for the newest one in <output_dir>/checkpoints (an error when
+    there is none); "auto" for the newest one, or a fresh start when there is none; null starts from scratch
+    (in an empty output_dir, or with overwrite)."""
+    overwrite: bool = False
+    """Start from scratch in an output_dir that holds another run, deleting that run's checkpoints, metrics, config
+    and LoRA (without it such a folder is refused)."""
+    allow_config_change: bool = False
+    """On resume, accept a config that differs from the run's saved config.yaml in keys that change the training
+    trajectory (seed, model, batch geometry, optimizer, method options); the differences are printed either way."""
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, "every", f"must be >= 0 (0 = only at the end), got {self.every}")

@@ -22,12 +22,15 @@ size, both are resized (bilinear) so the shorter side is ``resolution``, flipped
 of the pair.
 Pixels are returned in [0, 1]; adapters normalise.
 
-Bad data never stops an epoch. Rows are dropped at load time, with counts in :meth:`PreferenceDataset.stats`, for
-ties (unless ``keep_ties``), invalid labels, bad jsonl records and missing images (null/empty values, paths that
-do not exist). Images are decoded lazily; a pair whose image fails to decode (corrupt, truncated) makes
-``__getitem__`` return ``None``, is logged once and counted, and :func:`collate_preference_batch` drops it and
-reports ``num_skipped`` per batch (the trainer sums it: counters inside DataLoader workers do not reach the main
-process).
+Bad data is skipped, up to a limit. Rows are dropped at load time, with counts in :meth:`PreferenceDataset.stats`
+and a warning per bad jsonl record, for ties (unless ``keep_ties``), invalid labels, bad jsonl records and missing
+images (null/empty values, paths that do not exist). Ties are ordinary filtering; the other three are bad rows, and
+when their share of the rows read exceeds ``max_bad_fraction`` (default 0.1) loading fails with a
+:class:`PreferenceDataError` naming the first bad rows. Images are decoded lazily; a pair whose image fails to decode
+(corrupt, truncated) makes ``__getitem__`` return an :class:`UnreadablePair` (row and description), is logged once,
+and :func:`collate_preference_batch` drops it and reports ``num_skipped`` and the descriptions (``skipped``) per
+batch: counters inside DataLoader workers do not reach the main process, so the trainer sums these and applies the
+same limit to them (:mod:`diffalign.trainers.diffusion_dpo`).
 
 Randomness (crop, flip, caption dropout) comes from a generator seeded by ``(seed, epoch, row)``, so the stream is
 reproducible on resume regardless of the order the sampler visits rows. Call :meth:`PreferenceDataset.set_epoch`
@@ -41,6 +44,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -73,6 +77,24 @@ EXPECTED_LAYOUT = (
 )
 # What PIL raises on unreadable image data; UnidentifiedImageError and truncated files are OSErrors.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+MAX_NAMED = 5
+"""How many bad records an error message names."""
+_NOTE_CHARS = 300  # a decode error's message is cut to this length in a description
+
+
+class PreferenceDataError(ValueError):
+    """Too much of the preference data is unusable; the message names the first bad records and the fix."""
+
+
+class UnreadablePair(NamedTuple):
+    """``dataset[i]`` for a pair whose image fails to decode.
+
+    ``row`` is the row in the source data; ``note`` names the source, the row (and jsonl line), the image and the
+    decode error, e.g. ``"data.jsonl line 3 (row 2), image_1 'images/000002_1.png': UnidentifiedImageError: ..."``.
+    """
+
+    row: int
+    note: str
 
 
 class PreferenceRecord(NamedTuple):
@@ -104,6 +126,23 @@ class _PairTable:
     missing_images: list[bool]
     num_bad_records: int = 0
     missing_keys: Counter = field(default_factory=Counter)
+    line_numbers: list[int] | None = None
+    """The file line of each row (jsonl), to name rows as an editor shows them."""
+    bad_record_notes: list[tuple[int, str]] = field(default_factory=list)
+    """The first :data:`MAX_NAMED` records dropped while reading, as ``(line, description)``."""
+
+    @property
+    def num_read(self) -> int:
+        """Rows read, including the records dropped while reading (bad jsonl lines)."""
+        return len(self.captions) + self.num_bad_records
+
+    def position(self, row: int) -> int:
+        """Where ``row`` is in the file (its line for jsonl), for ordering descriptions."""
+        return self.line_numbers[row] if self.line_numbers is not None else row
+
+    def where(self, row: int) -> str:
+        """``"line 7 (row 6)"`` (jsonl) or ``"row 6"``."""
+        return f"line {self.line_numbers[row]} (row {row})" if self.line_numbers is not None else f"row {row}"
 
 
 class _ArrowImages:
@@ -161,8 +200,8 @@ def _read_parquet(files: list[Path], origin: str) -> _PairTable:
 
 def _read_jsonl(path: Path) -> _PairTable:
     """Read a jsonl file; malformed lines and records without the needed keys are counted, not fatal."""
-    captions, labels_0, labels_1, paths, missing = [], [], [], [], []
-    num_bad, missing_keys = 0, Counter()
+    captions, labels_0, labels_1, paths, missing, lines = [], [], [], [], [], []
+    num_bad, missing_keys, notes = 0, Counter(), []
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -172,19 +211,22 @@ def _read_jsonl(path: Path) -> _PairTable:
             except json.JSONDecodeError as error:
                 logger.warning("%s line %d is not valid JSON (%s); skipped.", path, line_number, error)
                 num_bad += 1
+                notes.append((line_number, f"line {line_number}: not valid JSON ({error})"))
                 continue
             keys = record if isinstance(record, dict) else {}
             absent = [key for key in (*REQUIRED_KEYS, "image_0", "image_1") if key not in keys]
             if absent:
                 missing_keys.update(absent)
                 num_bad += 1
+                notes.append((line_number, f"line {line_number}: lacks {', '.join(map(repr, absent))}"))
                 continue
             pair = (record["image_0"], record["image_1"])
             captions.append(str(record["caption"] or ""))
             labels_0.append(record["label_0"])
             labels_1.append(record.get("label_1"))
             paths.append(pair)
-            missing.append(any(not isinstance(p, str) or not _resolve(p, path.parent).is_file() for p in pair))
+            missing.append(any(_is_missing(p, path.parent) for p in pair))
+            lines.append(line_number)
     return _PairTable(
         origin=str(path),
         root=path.parent,
@@ -195,6 +237,8 @@ def _read_jsonl(path: Path) -> _PairTable:
         missing_images=missing,
         num_bad_records=num_bad,
         missing_keys=missing_keys,
+        line_numbers=lines,
+        bad_record_notes=notes[:MAX_NAMED],
     )
 
 
@@ -244,6 +288,33 @@ def _resolve(path: str, root: Path) -> Path:
     return Path(path) if os.path.isabs(path) else root / path
 
 
+def _is_missing(value: Any, root: Path) -> bool:
+    """Whether an image value holds no image: null, empty, or a path to no file (a struct: its bytes or path)."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str):
+        return not value or not _resolve(value, root).is_file()
+    return not isinstance(value, (bytes, bytearray)) or not value
+
+
+def _value_name(value: Any) -> str:
+    """An image value for a message: its path quoted, or its size when it is encoded bytes."""
+    if isinstance(value, dict):
+        value = value.get("path") or value.get("bytes")
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (bytes, bytearray)):
+        return f"({len(value)} bytes)"
+    return f"({'null' if value is None else type(value).__name__})"
+
+
+def _error_text(error: BaseException) -> str:
+    """``"Type: message"``, without the memory address PIL puts in messages about in-memory files, and cut short."""
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the bytes", str(error))
+    text = f"{type(error).__name__}: {text}"
+    return text if len(text) <= _NOTE_CHARS else text[: _NOTE_CHARS - 3] + "..."
+
+
 def _label_0(raw_0: Any, raw_1: Any) -> float | None:
     """``label_0`` as a float in [0, 1], or None if missing, out of range, or inconsistent with ``label_1``."""
     try:
@@ -267,7 +338,8 @@ def _label_0(raw_0: Any, raw_1: Any) -> float | None:
 class PreferenceDataset(Dataset):
     """Preference pairs, preferred image first. Build with :func:`load_preference_dataset`.
 
-    ``dataset[i]`` is ``None`` when an image of the pair cannot be decoded (see the module docstring), else a dict:
+    ``dataset[i]`` is an :class:`UnreadablePair` when an image of the pair cannot be decoded (see the module
+    docstring), else a dict:
 
     - ``pixel_values_w``, ``pixel_values_l``: float32 ``[3, R, R]`` in [0, 1], the preferred and the other image
       (for a kept tie, image 0 and image 1);
@@ -286,18 +358,24 @@ class PreferenceDataset(Dataset):
         keep_ties: bool = False,
         empty_caption_prob: float = 0.0,
         seed: int = 0,
+        max_bad_fraction: float = 0.1,
     ) -> None:
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
         if not 0.0 <= empty_caption_prob <= 1.0:
             raise ValueError(f"empty_caption_prob must be in [0, 1], got {empty_caption_prob}")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.table = table
         self.resolution, self.random_crop, self.random_flip = resolution, random_crop, random_flip
         self.keep_ties, self.empty_caption_prob, self.seed = keep_ties, empty_caption_prob, seed
+        self.max_bad_fraction = max_bad_fraction
         self.epoch = 0
-        self._broken_rows: set[int] = set()
+        self._broken_rows: dict[int, str] = {}
+        self._row_notes: list[tuple[int, str]] = []
         self.rows, self.labels, self._load_counts = self._filter_rows()
         self._log_load_summary()
+        self._check_bad_share()
 
     def _filter_rows(self) -> tuple[list[int], list[float], dict[str, int]]:
         """Usable rows and their ``label_0``; counts of what was dropped, and why."""
@@ -308,21 +386,67 @@ class PreferenceDataset(Dataset):
             label = _label_0(raw_0, raw_1)
             if label is None:
                 counts["invalid_labels"] += 1
+                self._note_bad_row(row, "invalid_labels")
             elif label == 0.5 and not self.keep_ties:
                 counts["ties_dropped"] += 1
             elif table.missing_images[row]:
                 counts["missing_images"] += 1
+                self._note_bad_row(row, "missing_images")
             else:
                 counts["ties_kept"] += label == 0.5
                 rows.append(row)
                 labels.append(label)
         if not rows:
-            raise ValueError(f"No usable preference pair in {table.origin}: {self._describe(counts)}.")
+            raise PreferenceDataError(
+                f"No usable preference pair in {table.origin}: {self._describe(counts)}.{self._first_bad_rows()}"
+            )
         return rows, labels, dict(counts)
+
+    def _note_bad_row(self, row: int, cause: Literal["invalid_labels", "missing_images"]) -> None:
+        """Describe a row dropped at load time (only the first :data:`MAX_NAMED` are kept)."""
+        if len(self._row_notes) >= MAX_NAMED:
+            return
+        if cause == "invalid_labels":
+            labels_1 = self.table.labels_1[row] if self.table.labels_1 is not None else None
+            why = f"invalid label_0={self.table.labels_0[row]!r}, label_1={labels_1!r}"
+        else:
+            why = "missing image " + self._missing_names(row)
+        self._row_notes.append((self.table.position(row), f"{self.table.where(row)}: {why}"))
+
+    def _missing_names(self, row: int) -> str:
+        """The image value(s) of ``row`` that hold no image, e.g. ``'images/7_1.png'`` or ``image_0 (null)``."""
+        values = self.table.images(row)
+        missing = [(side, value) for side, value in enumerate(values) if _is_missing(value, self.table.root)]
+        names = [
+            _value_name(v) if isinstance(v, str) and v else f"image_{side} {_value_name(v)}" for side, v in missing
+        ]
+        return ", ".join(names) or "(image column empty)"
+
+    def _first_bad_rows(self) -> str:
+        """``" First bad rows of <origin>: ..."`` for an error message (in file order), or ``""`` if none."""
+        notes = sorted(self.table.bad_record_notes + self._row_notes)[:MAX_NAMED]
+        if not notes:
+            return ""
+        return f" First bad rows of {self.table.origin}: " + "; ".join(note for _, note in notes) + "."
+
+    def _check_bad_share(self) -> None:
+        """Raise when the rows dropped as bad (not ties) are more than ``max_bad_fraction`` of the rows read."""
+        counts = self._load_counts
+        num_bad = self.table.num_bad_records + counts["invalid_labels"] + counts["missing_images"]
+        num_read = self.table.num_read
+        if num_bad / num_read <= self.max_bad_fraction:
+            return
+        raise PreferenceDataError(
+            f"{num_bad} of the {num_read} rows read from {self.table.origin} ({num_bad / num_read:.0%}) are bad "
+            f"(unreadable records, invalid labels or missing images), more than the allowed share, "
+            f"data.max_bad_fraction = {self.max_bad_fraction}.{self._first_bad_rows()} Counts: "
+            f"{self._describe(counts)}. Repair or remove the bad rows, or raise data.max_bad_fraction "
+            "(max_bad_fraction=... in Python) to train on the usable ones."
+        )
 
     def _describe(self, counts: Counter | dict) -> str:
         """A human summary of the load-time counts, with hints for the common causes."""
-        parts = [f"{len(self.table.captions)} row(s) read", f"{self.table.num_bad_records} bad record(s)"]
+        parts = [f"{self.table.num_read} row(s) read", f"{self.table.num_bad_records} bad record(s)"]
         parts.append(f"{counts['invalid_labels']} with an invalid label_0/label_1")
         parts.append(
             f"{counts['ties_dropped']} tie(s) dropped" + ("" if self.keep_ties else " (keep_ties=True keeps them)")
@@ -354,7 +478,9 @@ class PreferenceDataset(Dataset):
         """Counts for logging: usable pairs, rows dropped at load time by cause, pairs skipped at decode time.
 
         ``broken_images`` counts distinct pairs that failed to decode in *this* process; with DataLoader workers
-        sum the per-batch ``num_skipped`` of :func:`collate_preference_batch` instead.
+        sum the per-batch ``num_skipped`` of :func:`collate_preference_batch` instead. Rows read = ``num_rows +
+        bad_records``; ``max_bad_fraction`` applies to ``(bad_records + invalid_labels + missing_images) / rows
+        read``.
         """
         return {
             "num_pairs": len(self.rows),
@@ -364,22 +490,26 @@ class PreferenceDataset(Dataset):
             "broken_images": len(self._broken_rows),
         }
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        row, label = self.rows[index], self.labels[index]
+    def _decode(self, row: int) -> list[Image.Image] | UnreadablePair:
+        """Both images of ``row`` as RGB, or an :class:`UnreadablePair` naming the first that fails to decode."""
         if row in self._broken_rows:
-            return None
-        try:
-            images = [_open_image(value, self.table.root) for value in self.table.images(row)]
-        except _DECODE_ERRORS as error:
-            self._broken_rows.add(row)
-            logger.warning(
-                "%s row %d: unreadable image (%s: %s); pair skipped.",
-                self.table.origin,
-                row,
-                type(error).__name__,
-                error,
-            )
-            return None
+            return UnreadablePair(row, self._broken_rows[row])
+        images = []
+        for side, value in enumerate(self.table.images(row)):
+            try:
+                images.append(_open_image(value, self.table.root))
+            except _DECODE_ERRORS as error:
+                note = f"{self.table.origin} {self.table.where(row)}, image_{side} {_value_name(value)}: "
+                self._broken_rows[row] = note + _error_text(error)
+                logger.warning("unreadable image, pair skipped: %s", self._broken_rows[row])
+                return UnreadablePair(row, self._broken_rows[row])
+        return images
+
+    def __getitem__(self, index: int) -> dict[str, Any] | UnreadablePair:
+        row, label = self.rows[index], self.labels[index]
+        images = self._decode(row)
+        if isinstance(images, UnreadablePair):
+            return images
         # One draw per decision, in a fixed order, so that switching one option off leaves the others unchanged.
         draws = np.random.default_rng((self.seed, self.epoch, row)).random(4)
         pixels, original_size, crop_top_left = _transform_pair(
@@ -453,16 +583,19 @@ def _transform_pair(
     return pixels, (height, width), (top, left)
 
 
-def collate_preference_batch(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-    """Stack dataset items into a batch, dropping the ``None`` of pairs whose images failed to decode.
+def collate_preference_batch(items: Sequence[dict[str, Any] | UnreadablePair | None]) -> dict[str, Any]:
+    """Stack dataset items into a batch, dropping the pairs whose images failed to decode (:class:`UnreadablePair`;
+    ``None`` is dropped too).
 
     Returns:
         ``pixel_values_w``, ``pixel_values_l``: float32 ``[B, 3, R, R]``; ``captions``: list of B str;
         ``original_sizes``, ``crop_top_lefts``: int64 ``[B, 2]`` as ``(H, W)`` / ``(top, left)``; ``is_tie``:
-        bool ``[B]``; ``indices``: int64 ``[B]`` source rows; ``num_skipped``: int, pairs dropped from this batch.
+        bool ``[B]``; ``indices``: int64 ``[B]`` source rows; ``num_skipped``: int, pairs dropped from this batch;
+        ``skipped``: their descriptions (``UnreadablePair.note``), plain strings, so they cross DataLoader workers.
         When every pair was dropped, B = 0 and the pixel tensors are ``[0, 3, 0, 0]``: skip such a batch.
     """
-    kept = [item for item in items if item is not None]
+    kept = [item for item in items if isinstance(item, dict)]
+    skipped = [item.note if item is not None else "unreadable pair" for item in items if not isinstance(item, dict)]
     if not kept:
         empty = torch.zeros(0, 3, 0, 0)
         sizes = torch.zeros(0, 2, dtype=torch.long)
@@ -475,6 +608,7 @@ def collate_preference_batch(items: Sequence[dict[str, Any] | None]) -> dict[str
             "is_tie": torch.zeros(0, dtype=torch.bool),
             "indices": torch.zeros(0, dtype=torch.long),
             "num_skipped": len(items),
+            "skipped": skipped,
         }
     return {
         "pixel_values_w": torch.stack([item["pixel_values_w"] for item in kept]),
@@ -485,6 +619,7 @@ def collate_preference_batch(items: Sequence[dict[str, Any] | None]) -> dict[str
         "is_tie": torch.tensor([item["is_tie"] for item in kept], dtype=torch.bool),
         "indices": torch.tensor([item["index"] for item in kept], dtype=torch.long),
         "num_skipped": len(items) - len(kept),
+        "skipped": skipped,
     }
 
 
@@ -498,6 +633,7 @@ def load_preference_dataset(
     empty_caption_prob: float = 0.0,
     seed: int = 0,
     split: str = "train",
+    max_bad_fraction: float = 0.1,
 ) -> PreferenceDataset:
     """Load preference pairs from parquet, jsonl + images, or a ``datasets`` folder (see the module docstring).
 
@@ -512,10 +648,14 @@ def load_preference_dataset(
             trainer's config sets it.
         seed: seeds crops, flips and caption dropout together with the epoch and the row.
         split: the split to read when ``source`` holds a ``datasets.DatasetDict``.
+        max_bad_fraction: the largest share of the rows read that may be bad (unreadable records, invalid labels,
+            missing images; ties do not count) before loading fails; in [0, 1].
 
     Raises:
         FileNotFoundError: ``source`` does not exist.
-        ValueError: unknown layout, missing columns (named), or no usable pair (with counts of what was dropped).
+        ValueError: unknown layout, missing columns (named).
+        PreferenceDataError: (a ValueError) no usable pair, or more bad rows than ``max_bad_fraction``; the message
+            names the first bad rows and the counts of what was dropped.
         ImportError: a ``datasets`` folder without the ``datasets`` package (``pip install 'diffalign[data]'``).
     """
     table = _read_any(Path(source), split)
@@ -527,6 +667,7 @@ def load_preference_dataset(
         keep_ties=keep_ties,
         empty_caption_prob=empty_caption_prob,
         seed=seed,
+        max_bad_fraction=max_bad_fraction,
     )
 
 

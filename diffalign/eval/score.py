@@ -90,9 +90,12 @@ def list_images(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
 
 
 def image_prompts(prompts: str | os.PathLike | Sequence[str], count: int) -> list[str]:
-    """One prompt per image: a text file (one line per image), a list, or a single text used for every image."""
-    is_file = isinstance(prompts, os.PathLike) or (isinstance(prompts, str) and Path(prompts).is_file())
-    found = load_prompts(Path(prompts) if is_file else prompts)
+    """One prompt per image: a text file (one line per image), a list, or a single text used for every image.
+
+    A string is read as a file when one exists there; one that looks like a path but names no file is an error
+    (see :func:`~diffalign.data.prompts.load_prompts`), never the prompt.
+    """
+    found = load_prompts(prompts)
     if len(found) == 1:
         return found * count
     if len(found) != count:
@@ -192,13 +195,14 @@ def score_images(
 
     Args:
         images: a folder (its PNG/JPEG files in sorted order) or a list of files and folders.
-        prompts: a text file with one prompt per image, a list, or one text for all images.
+        prompts: a text file with one prompt per image, a list, or one text for all images (a string that looks
+            like a path but names no file is an error, not the text).
         rewards: ``{label: reward}`` (see :func:`build_rewards`).
         batch_size: images per reward call.
         device: where the images go before scoring (default: CPU).
 
     Raises:
-        FileNotFoundError: a missing file or folder, or a folder without images.
+        FileNotFoundError: a missing image, folder or prompt file, or a folder without images.
         ValueError: the prompts do not match the images, or no image could be read.
     """
     files = list_images(images)

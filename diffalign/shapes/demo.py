@@ -71,7 +71,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -148,7 +147,8 @@ def demo_config(model: Path, output: Path, minutes: float | None, seed: int, pro
         "max_minutes": minutes,
         "logging": {"log_with": "tensorboard"},
         "optim": {"lr": 3e-4, "weight_decay": 1e-4, "max_grad_norm": 1.0, **_budget_schedule(minutes)},
-        "checkpoint": {"every": 25, "keep_last": 1},
+        # A demo run replaces the previous one in its folder (its metrics log, checkpoints and LoRA).
+        "checkpoint": {"every": 25, "keep_last": 1, "overwrite": True},
         "sampling": {
             "prompts": list(prompts),
             "num_steps": 10,
@@ -237,7 +237,6 @@ def run_demo(
             "python scripts/shapes/train_base.py --out diffalign/shapes/assets/base_model"
         )
     output = Path(output)
-    _clear_previous_run(output)
     aligned, unseen = demo_prompts(num_prompts, num_unseen)
     config = load_config(GRPOConfig, demo_config(model, output, minutes, seed, aligned))
     trainer = GRPOTrainer(config)
@@ -274,17 +273,6 @@ def run_demo(
     }
     _write_outputs(output, evaluators["aligned"], before["aligned"], after["aligned"], metrics)
     return metrics
-
-
-def _clear_previous_run(output: Path) -> None:
-    """Remove what an earlier demo wrote to ``output``: its metrics log would be appended to (wrong epoch count and
-    reward curve) and its checkpoints would block the new run's final save. Nothing else in the folder is touched."""
-    leftovers = [output / name for name in ("metrics.jsonl", "checkpoints", "lora", "metrics.json")]
-    leftovers = [path for path in leftovers if path.exists()]
-    if leftovers:
-        logger.info("replacing the previous demo run in %s", output)
-    for path in leftovers:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def compare(before: dict[str, float], after: dict[str, float]) -> dict[str, dict[str, float]]:

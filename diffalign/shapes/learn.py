@@ -171,7 +171,7 @@ class _Bench:
             "max_minutes": minutes,
             "optim": {"lr": lr, "weight_decay": 1e-4, "max_grad_norm": 1.0},
             "logging": {"log_with": "none", "log_every": 5},
-            "checkpoint": {"every": 0, "keep_last": 1},
+            "checkpoint": {"every": 0, "keep_last": 1, "overwrite": True},  # a rerun replaces the last one
             "eval": {"every": settings.eval_every, "prompts": self.prompts, "seeds": list(self.eval_seeds)},
         }
 
@@ -290,7 +290,9 @@ def grpo_prompt_gains(
 
     model = Path(model) if model is not None else BASE_MODEL
     raw = demo_config(model, Path(output), None, seed, list(prompts))
-    raw.update(max_steps=epochs, checkpoint={"every": 0, "keep_last": 1}, logging={"log_with": "none"})
+    raw.update(
+        max_steps=epochs, checkpoint={"every": 0, "keep_last": 1, "overwrite": True}, logging={"log_with": "none"}
+    )
     raw["sampling"].update(sampling or {})
     trainer = GRPOTrainer(load_config(GRPOConfig, raw))
     if shuffle_advantages:

@@ -19,11 +19,12 @@ and updates for Flow-GRPO) and hands everything else to a :class:`TrainingRun`::
 steps, saving (atomic, keeps the last N, exports the LoRA) and evaluating on schedule, and ends with
 :meth:`TrainingRun.finish`.
 
-Checkpoints are folders ``<output_dir>/checkpoints/checkpoint-<step>/`` holding ``trainable.safetensors`` (LoRA or
-full weights), ``optimizer.pt``, ``lr_scheduler.pt``, ``ema.pt``, ``rng-<rank>.pt``,
-``trainer_state.json`` and ``lora/`` (diffusers format, loadable with ``pipe.load_lora_weights``). A checkpoint
-is written under a temporary name and renamed when complete, so a run killed mid-save never leaves a folder
-that ``--resume latest`` would pick.
+Checkpoints are folders ``<output_dir>/checkpoints/checkpoint-<step>/`` of tensors and JSON only, written so that
+a kill at any point leaves a loadable ``latest`` (:mod:`diffalign.trainers.checkpoints` lists the files). No
+checkpoint with non-finite weights is ever written, and a step whose gradients or updated weights are not finite
+stops the run (:class:`TrainingDivergedError`, naming the last good checkpoint). One output folder holds one run:
+a fresh start into a folder holding another run is refused unless ``checkpoint.overwrite``, and a resume whose
+config changes the training is refused unless ``checkpoint.allow_config_change``.
 """
 
 from __future__ import annotations
@@ -34,30 +35,48 @@ import json
 import logging
 import math
 import os
-import random
-import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from diffalign.adapters import DiffusionAdapter, load_adapter
 from diffalign.config import TrainerConfig, save_config
+from diffalign.trainers import checkpoints as ckpt
+from diffalign.trainers.checkpoints import (
+    CHECKPOINT_PREFIX,
+    CheckpointError,
+    RunFolderError,
+    list_checkpoints,
+    resolve_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "EMA",
+    "CheckpointError",
+    "RunFolderError",
+    "TrainingDivergedError",
+    "TrainingRun",
+    "list_checkpoints",
+    "mean_metrics",
+    "resolve_checkpoint",
+    "rng_state",
+    "set_rng_state",
+]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-_COMPLETE_MARKER = "trainer_state.json"
-
 
 class TrainingDivergedError(RuntimeError):
-    """The loss or the gradients became NaN/inf."""
+    """The loss, the gradients or the trained weights became NaN/inf."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -111,61 +130,6 @@ class EMA:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# RNG state
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Checkpoint folders
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under ``output_dir/checkpoints``, oldest first (temporary folders are ignored)."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        suffix = path.name.removeprefix(CHECKPOINT_PREFIX)
-        if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit():
-            if (path / _COMPLETE_MARKER).is_file():
-                found.append((int(suffix), path))
-    return [path for _, path in sorted(found)]
-
-
-def resolve_checkpoint(resume: str | os.PathLike | None, output_dir: str | os.PathLike) -> Path | None:
-    """``"latest"`` -> the newest complete checkpoint (or ``None`` when there is none); a path -> that folder."""
-    if resume is None:
-        return None
-    if str(resume) == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = Path(resume)
-    if not (path / _COMPLETE_MARKER).is_file():
-        raise FileNotFoundError(
-            f"{path} is not a complete diffalign checkpoint (no {_COMPLETE_MARKER}); pass a folder "
-            f"{CHECKPOINT_PREFIX}<step> from <output_dir>/checkpoints or 'latest'"
-        )
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -206,9 +170,14 @@ class TrainingRun:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir)),
         )
         set_seed(config.seed, device_specific=True)
+        # Every process checks the folder before the main one writes to it (the check reads only).
+        self.resume_checkpoint = ckpt.check_output_dir(config)
+        self.accelerator.wait_for_everyone()
         if self.is_main_process:
+            if config.checkpoint.overwrite:
+                ckpt.clear_output_dir(config)
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.output_dir / "config.yaml")
+            save_config(config, self.output_dir / ckpt.CONFIG_FILE)
 
         use_lora = config.model.lora.rank > 0
         # LoRA: the frozen base runs in the mixed-precision dtype, the LoRA weights in fp32. Full fine-tuning
@@ -236,7 +205,7 @@ class TrainingRun:
         if log_with is not None:
             run_config = {"method": getattr(config, "method", "train"), "seed": config.seed}
             self.accelerator.init_trackers(config.logging.project, config=run_config)
-        self._metrics_file = self.output_dir / "metrics.jsonl"
+        self._metrics_file = self.output_dir / ckpt.METRICS_FILE
         self._deadline: float | None = None
 
     # --- setup ------------------------------------------------------------------------------------------------------
@@ -334,6 +303,14 @@ class TrainingRun:
             raise TrainingDivergedError(self._divergence_message("loss", loss.detach(), step))
         self.accelerator.backward(loss)
 
+    def _check_finite(self, tensors: Sequence[Tensor], what: str, step: int | None) -> None:
+        """Stop the run when any of ``tensors`` holds NaN/inf (on any process)."""
+        finite = [bool(t.isfinite().all()) for t in tensors]
+        if self._max_over_processes(float(not all(finite))) > 0:
+            bad = next((t for t, ok in zip(tensors, finite) if not ok), None)
+            value = bad[~bad.isfinite()].detach().float().cpu() if bad is not None else torch.tensor(math.nan)
+            raise TrainingDivergedError(self._divergence_message(what, value, step))
+
     def _divergence_message(self, what: str, value: Tensor, step: int | None) -> str:
         checkpoints = list_checkpoints(self.output_dir)
         last = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was saved yet"
@@ -344,7 +321,12 @@ class TrainingRun:
         )
 
     def optimizer_step(self, step: int | None = None) -> dict[str, float]:
-        """Clip, step and zero the gradients; update the EMA. Returns ``grad_norm`` and the ``lr`` just applied.
+        """Clip, step and zero the gradients; update the EMA. Returns ``grad_norm`` (before clipping) and the ``lr``
+        just applied.
+
+        Gradients whose norm is not finite stop the run before the update (with or without clipping), and so do
+        updated weights that are not finite (a huge learning rate): the run ends with :class:`TrainingDivergedError`
+        and no checkpoint holds the bad step.
 
         The learning-rate schedule is not advanced here but by :meth:`advance_schedule`, once per trainer step:
         a Flow-GRPO epoch takes a varying number of optimizer steps, and its schedule must still end at
@@ -352,12 +334,14 @@ class TrainingRun:
         """
         metrics: dict[str, float] = {"lr": self.lr_scheduler.get_last_lr()[0]}
         max_norm = self.config.optim.max_grad_norm
-        if max_norm is not None:
-            norm = float(self.accelerator.clip_grad_norm_(self.params, max_norm))
-            if not math.isfinite(norm):
-                raise TrainingDivergedError(self._divergence_message("gradient norm", torch.tensor(norm), step))
-            metrics["grad_norm"] = norm
+        # With an infinite bound the gradients are only measured (scaled by exactly 1).
+        norm = float(self.accelerator.clip_grad_norm_(self.params, math.inf if max_norm is None else max_norm))
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDivergedError(self._divergence_message("gradient norm", torch.tensor(norm), step))
+        metrics["grad_norm"] = norm
         self.optimizer.step()
+        self._check_finite(self.params, "trained weights", step)
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
         if self.ema is not None:
@@ -497,37 +481,45 @@ class TrainingRun:
         return None
 
     def save(self, step: int, trainer_state: Mapping[str, Any]) -> Path:
-        """Write a complete checkpoint atomically and prune to ``checkpoint.keep_last``."""
-        from safetensors.torch import save_file
+        """Write a complete checkpoint atomically and prune to ``checkpoint.keep_last``.
 
+        Raises:
+            TrainingDivergedError: the trained or EMA weights hold NaN/inf (nothing is written).
+        """
+        self._check_finite(self.params, "trained weights", step)
+        if self.ema is not None:
+            self._check_finite(self.ema.shadow, "EMA weights", step)
         root = self.output_dir / "checkpoints"
         final = root / f"{CHECKPOINT_PREFIX}{step}"
-        tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step}"
+        tmp = ckpt.temporary_folder(final)
         self.accelerator.wait_for_everyone()
         if self.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            ckpt.remove_leftovers(root)
             tmp.mkdir(parents=True)
-            save_file(self.trainable_state_dict(), str(tmp / "trainable.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-            if self.ema is not None:
-                torch.save(self.ema.state_dict(), tmp / "ema.pt")
-            if self.use_lora:
-                self.export_lora(tmp / "lora")
+            self._write_main_files(tmp)
         self.accelerator.wait_for_everyone()
-        torch.save(rng_state(), tmp / f"rng-{self.accelerator.process_index}.pt")
+        ckpt.write_json(tmp / ckpt.rng_file(self.accelerator.process_index), rng_state())
         self.accelerator.wait_for_everyone()
         if self.is_main_process:
             state = {"step": step, "optimizer_steps": self.optimizer_steps, "schedule_steps": self.schedule_steps}
-            state.update(trainer_state)
-            (tmp / _COMPLETE_MARKER).write_text(json.dumps(state, indent=2, default=_json_default))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            ckpt.write_json(tmp / ckpt.COMPLETE_MARKER, {**state, **trainer_state})  # last: the "complete" marker
+            ckpt.commit_folder(tmp, final)
             self._prune()
             logger.info("saved checkpoint %s", final)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _write_main_files(self, folder: Path) -> None:
+        """Everything of a checkpoint but the RNG states and the marker (main process)."""
+        ckpt.write_tensors(folder / ckpt.TRAINABLE_FILE, self.trainable_state_dict())
+        torch.save(self.optimizer.state_dict(), folder / ckpt.OPTIMIZER_FILE)
+        ckpt.write_json(folder / ckpt.SCHEDULER_FILE, self.lr_scheduler.state_dict())
+        if self.ema is not None:
+            shadow = dict(zip(self.trainable_state_dict(), self.ema.shadow))
+            ckpt.write_tensors(folder / ckpt.EMA_FILE, shadow, {"num_updates": str(self.ema.num_updates)})
+        save_config(self.config, folder / ckpt.CONFIG_FILE)
+        if self.use_lora:
+            self.export_lora(folder / "lora")
 
     def export_lora(self, folder: str | os.PathLike) -> Path:
         """The LoRA in diffusers format; the EMA weights when EMA is on."""
@@ -542,22 +534,42 @@ class TrainingRun:
             return
         checkpoints = list_checkpoints(self.output_dir)
         for old in checkpoints[: max(len(checkpoints) - keep, 0)]:
-            shutil.rmtree(old, ignore_errors=True)
+            ckpt.remove_checkpoint(old)
 
     def resume(self, resume: str | os.PathLike | None = None) -> dict[str, Any]:
-        """Restore the full state from a checkpoint (``"latest"`` or a folder); returns its trainer state.
+        """Restore the full state from a checkpoint; returns its trainer state, ``{"step": 0}`` for a fresh start.
 
-        Returns ``{"step": 0}`` when there is nothing to resume from (``"latest"`` in a fresh output folder).
+        Args:
+            resume: a checkpoint folder, ``"latest"`` or ``"auto"``; by default the one ``checkpoint.resume_from``
+                named when the run was built.
+
+        Raises:
+            CheckpointError: a file of the checkpoint is missing, damaged or not in diffalign's format.
         """
-        from safetensors.torch import load_file
-
-        resume = resume if resume is not None else self.config.checkpoint.resume_from
-        path = resolve_checkpoint(resume, self.output_dir)
+        path = self.resume_checkpoint if resume is None else resolve_checkpoint(resume, self.output_dir)
         if path is None:
-            if resume is not None:
-                logger.info("no checkpoint to resume from in %s; starting fresh", self.output_dir)
+            if (resume or self.config.checkpoint.resume_from) is not None and self.is_main_process:
+                ckpt.say(f"no checkpoint in {self.output_dir / 'checkpoints'}; starting fresh")
+            self._restart_metrics(0)
             return {"step": 0}
-        weights = load_file(str(path / "trainable.safetensors"))
+        self._load_weights(path)
+        self.optimizer.load_state_dict(
+            ckpt.read_file(path, ckpt.OPTIMIZER_FILE, lambda p: ckpt.read_torch(p, map_location=self.device))
+        )
+        self.lr_scheduler.load_state_dict(ckpt.read_file(path, ckpt.SCHEDULER_FILE, ckpt.read_json))
+        if self.ema is not None:
+            self._load_ema(path)
+        set_rng_state(ckpt.read_file(path, ckpt.rng_file(self.accelerator.process_index), ckpt.read_json))
+        state = ckpt.read_file(path, ckpt.COMPLETE_MARKER, ckpt.read_json)
+        self.optimizer_steps = int(state.get("optimizer_steps", 0))
+        self.schedule_steps = int(state.get("schedule_steps", state["step"]))
+        self._restart_metrics(int(state["step"]))
+        if self.is_main_process:
+            ckpt.say(f"resumed from {path} (step {state['step']})")
+        return state
+
+    def _load_weights(self, path: Path) -> None:
+        weights, _ = ckpt.read_file(path, ckpt.TRAINABLE_FILE, ckpt.read_tensors)
         by_name = dict(self.adapter.denoiser.named_parameters())
         missing = [name for name in weights if name not in by_name]
         if missing or len(weights) != len(self.params):
@@ -568,18 +580,22 @@ class TrainingRun:
         with torch.no_grad():
             for name, value in weights.items():
                 by_name[name].copy_(value.to(by_name[name].device))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=False))
-        self.lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=False))
-        if self.ema is not None and (path / "ema.pt").is_file():
-            self.ema.load_state_dict(torch.load(path / "ema.pt", weights_only=False))
-        rng_file = path / f"rng-{self.accelerator.process_index}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        state = json.loads((path / _COMPLETE_MARKER).read_text())
-        self.optimizer_steps = int(state.get("optimizer_steps", 0))
-        self.schedule_steps = int(state.get("schedule_steps", state["step"]))
-        logger.info("resumed from %s (step %d)", path, state["step"])
-        return state
+
+    def _load_ema(self, path: Path) -> None:
+        if not (path / ckpt.EMA_FILE).is_file() and not (path / "ema.pt").is_file():
+            ckpt.say(f"{path} has no EMA weights (saved with ema.enabled: false); the EMA starts from the weights")
+            return
+        shadow, metadata = ckpt.read_file(path, ckpt.EMA_FILE, ckpt.read_tensors)
+        names = list(self.trainable_state_dict())
+        if sorted(shadow) != sorted(names) or "num_updates" not in metadata:
+            raise CheckpointError(f"{path / ckpt.EMA_FILE} does not match the trained parameters; check model.lora")
+        self.ema.load_state_dict({"shadow": [shadow[name] for name in names], "num_updates": metadata["num_updates"]})
+
+    def _restart_metrics(self, step: int) -> None:
+        """Drop the ``metrics.jsonl`` records after ``step``: a resumed run logs those steps again."""
+        if self.is_main_process:
+            ckpt.truncate_metrics(self._metrics_file, step)
+        self.accelerator.wait_for_everyone()
 
     # --- evaluation -------------------------------------------------------------------------------------------------
 
@@ -597,7 +613,7 @@ class TrainingRun:
     def finish(self, trainer_state: Mapping[str, Any], step: int) -> Path:
         """Final checkpoint (unless the last step just saved one), LoRA export to ``<output_dir>/lora``."""
         path = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
-        if not (path / _COMPLETE_MARKER).is_file():
+        if not (path / ckpt.COMPLETE_MARKER).is_file():
             path = self.save(step, trainer_state)
         if self.is_main_process and self.use_lora:
             self.export_lora(self.output_dir / "lora")
@@ -613,11 +629,3 @@ def mean_metrics(window: list[dict[str, float]]) -> dict[str, float]:
         values = [metrics[key] for metrics in window if key in metrics]
         mean[key] = values[-1] if key.startswith("data/") else sum(values) / len(values)
     return mean
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot store {type(value).__name__} in trainer_state.json")

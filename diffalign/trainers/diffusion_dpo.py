@@ -26,8 +26,15 @@ and crop (docs/methods/dpo.md#sdxl-micro-conditioning), not the Salesforce const
 Data order: each epoch is a seeded permutation of the pairs, split over processes and cut into batches (an
 incomplete last batch is dropped); the position (epoch, batch) is in every checkpoint, and the noise and timesteps
 of a micro-batch come from a generator seeded by (seed, epoch, batch, process), so a resumed run sees exactly the
-batches, noise and timesteps of an uninterrupted one. Pairs whose images fail to decode are skipped and counted
-(``data/num_skipped``).
+batches, noise and timesteps of an uninterrupted one.
+
+Bad data (docs/methods/dpo.md#data): rows dropped at load time may be at most ``data.max_bad_fraction`` of the rows
+read. Pairs whose images fail to decode during training are skipped and counted over all processes
+(``data/num_skipped``, and the pairs drawn, in every checkpoint); training stops with a
+:class:`~diffalign.data.preference.PreferenceDataError` naming the first unreadable records when an optimizer step
+has no readable pair at all (it would train nothing), or when the skipped share of the pairs drawn exceeds
+``data.max_bad_fraction``, judged from the end of the first step on once :data:`MIN_PAIRS_FOR_SHARE` pairs (or a
+whole epoch, for smaller data sets) were drawn.
 
 Deviations from the references: SFT can be added to the DPO loss (``dpo.sft_weight``); flow models draw ``sigma``
 directly from the logit-normal density (diffusers' SD3 scripts index the shifted training schedule instead); the
@@ -51,7 +58,13 @@ from torch import Tensor
 
 from diffalign.adapters.base import Conditioning
 from diffalign.config import ConfigError, TrainerConfig
-from diffalign.data.preference import PreferenceDataset, collate_preference_batch, load_preference_dataset
+from diffalign.data.preference import (
+    MAX_NAMED,
+    PreferenceDataError,
+    PreferenceDataset,
+    collate_preference_batch,
+    load_preference_dataset,
+)
 from diffalign.eval.evaluator import Evaluator
 from diffalign.losses.dpo import diffusion_dpo_loss, diffusion_sft_loss
 from diffalign.rewarding import RewardLike, build_reward
@@ -62,6 +75,10 @@ from diffalign.trainers.common import TrainingRun
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
+
+MIN_PAIRS_FOR_SHARE = 20
+"""Pairs drawn before the share of unreadable ones is compared with ``data.max_bad_fraction`` (a whole epoch of a
+smaller data set is enough)."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -89,6 +106,11 @@ class DPODataConfig:
     docs/methods/dpo.md#published-hyperparameters)."""
     num_workers: int = 0
     """DataLoader worker processes for image decoding; 0 decodes in the training process."""
+    max_bad_fraction: float = 0.1
+    """Largest share of bad data accepted before the run stops with an error naming the first bad records: of the
+    rows read, those dropped at load time (unparsable records, invalid labels, missing images; ties do not count),
+    and of the pairs drawn during training, those whose image fails to decode (judged once 20 pairs, or a whole
+    epoch, were drawn). A step with no readable pair at all always stops the run. 0 = no bad data allowed."""
 
     def __post_init__(self) -> None:
         if self.resolution is not None and self.resolution < 1:
@@ -99,6 +121,8 @@ class DPODataConfig:
             raise ConfigError(f"must be >= 1, got {self.batch_size}", key="batch_size")
         if self.num_workers < 0:
             raise ConfigError(f"must be >= 0, got {self.num_workers}", key="num_workers")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"must be in [0, 1], got {self.max_bad_fraction}", key="max_bad_fraction")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -186,7 +210,10 @@ class DiffusionDPOTrainer:
         if config.dpo.loss == "dpo":
             self.run.snapshot_reference()  # full fine-tuning: freeze the initial weights (a no-op with LoRA)
         self.position = (0, 0)  # (epoch, index of the next batch in that epoch)
-        self.num_skipped = 0
+        # Over all processes, so every process holds (and a checkpoint stores) the same values.
+        self.num_skipped = 0  # pairs drawn whose image failed to decode
+        self.num_seen = 0  # pairs drawn
+        self.bad_examples: list[str] = []  # the first MAX_NAMED distinct unreadable records
 
     def _check_resolution(self, resolution: int | None) -> int:
         height, width = self.adapter.height, self.adapter.width
@@ -208,6 +235,7 @@ class DiffusionDPOTrainer:
             empty_caption_prob=data.empty_caption_prob,
             seed=self.config.seed,
             split=data.split,
+            max_bad_fraction=data.max_bad_fraction,
         )
 
     def _num_batches(self) -> int:
@@ -334,12 +362,69 @@ class DiffusionDPOTrainer:
 
     # --- training ---------------------------------------------------------------------------------------------------
 
-    def _usable(self, batch: Batch) -> bool:
-        """Whether every process has at least one pair in this micro-batch (all skip it together otherwise)."""
-        size = torch.tensor([len(batch["captions"])], device=self.run.device)
+    def _pair_counts(self, batch: Batch) -> tuple[int, int, int]:
+        """``(fewest, kept, skipped)`` pairs of this micro-batch over all processes, the same on every process.
+
+        ``fewest`` is the least number of readable pairs on one process: when it is 0 every process skips the
+        micro-batch together. ``kept`` and ``skipped`` are sums over processes.
+        """
+        counts = torch.tensor([[len(batch["captions"]), int(batch["num_skipped"])]], device=self.run.device)
         if self.run.accelerator.num_processes > 1:
-            size = self.run.accelerator.gather(size)
-        return bool(size.min() > 0)
+            counts = self.run.accelerator.gather(counts)  # [processes, 2]
+        return int(counts[:, 0].min()), int(counts[:, 0].sum()), int(counts[:, 1].sum())
+
+    def _gather_notes(self, notes: list[str]) -> list[str]:
+        """The descriptions of unreadable pairs of every process (call on all processes together)."""
+        if self.run.accelerator.num_processes == 1:
+            return notes
+        from accelerate.utils import gather_object
+
+        return gather_object(notes)
+
+    def _min_pairs_for_share(self) -> int:
+        """Pairs drawn before the unreadable share is judged: MIN_PAIRS_FOR_SHARE, or one epoch if fewer."""
+        per_epoch = self.num_batches * self.config.data.batch_size * self.run.accelerator.num_processes
+        return min(MIN_PAIRS_FOR_SHARE, per_epoch)
+
+    def _check_data(self, step: int, kept: int, skipped: int, notes: list[str]) -> None:
+        """Count an optimizer step's pairs (all processes) and stop if it has none readable or too many are bad.
+
+        Args:
+            step: the 0-based optimizer step.
+            kept, skipped: the step's readable and unreadable pairs, summed over processes.
+            notes: this process's descriptions of the step's unreadable pairs.
+
+        Raises:
+            PreferenceDataError: on every process together (the decisions use counts gathered over processes).
+        """
+        self.num_seen += kept + skipped
+        self.num_skipped += skipped
+        step_notes = list(dict.fromkeys(self._gather_notes(notes[:MAX_NAMED]))) if skipped else []
+        for note in step_notes:
+            if len(self.bad_examples) < MAX_NAMED and note not in self.bad_examples:
+                self.bad_examples.append(note)
+        if kept == 0:
+            raise PreferenceDataError(self._empty_step_message(step, skipped, step_notes))
+        share, limit = self.num_skipped / self.num_seen, self.config.data.max_bad_fraction
+        if self.num_seen >= self._min_pairs_for_share() and share > limit:
+            raise PreferenceDataError(
+                f"{self.num_skipped} of the {self.num_seen} pairs drawn by optimizer step {step + 1} ({share:.0%}) "
+                f"had an unreadable image, more than data.max_bad_fraction = {limit}. First unreadable records: "
+                f"{'; '.join(self.bad_examples)}. Repair or remove these records, or raise data.max_bad_fraction "
+                "to train on the readable pairs."
+            )
+
+    def _empty_step_message(self, step: int, skipped: int, notes: list[str]) -> str:
+        """Why a step with no readable pair stops the run, naming its unreadable records."""
+        data, accumulation = self.config.data, self.config.optim.gradient_accumulation_steps
+        world = self.run.accelerator.num_processes
+        return (
+            f"optimizer step {step + 1} has no readable pair: all {skipped} of its pairs ({data.batch_size} per "
+            f"micro-batch x {accumulation} micro-batch(es) x {world} process(es)) have an unreadable image, so it "
+            f"would train nothing. Unreadable records: {'; '.join(notes[:MAX_NAMED])}. Repair or remove them (if "
+            "few records are bad, a larger data.batch_size or optim.gradient_accumulation_steps also avoids "
+            "steps made only of bad pairs)."
+        )
 
     def _sync_gradients(self) -> None:
         """Average the gradients over processes by hand: the step's last micro-batch, which syncs, was skipped."""
@@ -352,13 +437,15 @@ class DiffusionDPOTrainer:
         """One optimizer step over ``optim.gradient_accumulation_steps`` micro-batches; returns the mean metrics."""
         accumulation = self.config.optim.gradient_accumulation_steps
         totals: dict[str, float] = {}
-        count, synced = 0, True
+        count, synced, kept, skipped, notes = 0, True, 0, 0, []
         for micro in range(accumulation):
             epoch, index, batch = next(stream)
             self._advance(epoch, index)
-            self.num_skipped += int(batch["num_skipped"])
-            if not self._usable(batch):
-                logger.warning("micro-batch %d of epoch %d has no readable pair; skipped", index, epoch)
+            fewest, batch_kept, batch_skipped = self._pair_counts(batch)
+            kept, skipped, notes = kept + batch_kept, skipped + batch_skipped, notes + batch["skipped"]
+            if fewest == 0:
+                where = " on some process" if self.run.accelerator.num_processes > 1 else ""
+                logger.warning("micro-batch %d of epoch %d has no readable pair%s; skipped", index, epoch, where)
                 continue
             generator = torch.Generator().manual_seed(
                 derive_seed(self.config.seed, "dpo/batch", epoch, index, self.run.accelerator.process_index)
@@ -370,8 +457,9 @@ class DiffusionDPOTrainer:
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
             count += 1
-        if count == 0:  # the same decision on every process (see _usable): nothing to step on
-            logger.warning("optimizer step %d had no readable pair; no update", step + 1)
+        self._check_data(step, kept, skipped, notes)  # raises before an update when the data is too bad
+        if count == 0:  # some process lacked a pair in every micro-batch (the same decision everywhere): no update
+            logger.warning("optimizer step %d had no micro-batch readable on every process; no update", step + 1)
             return {"data/num_skipped": float(self.num_skipped)}
         if not synced and self.run.accelerator.num_processes > 1:
             self._sync_gradients()
@@ -390,6 +478,8 @@ class DiffusionDPOTrainer:
         state = self.run.resume()
         self.position = (int(state.get("epoch", 0)), int(state.get("batch", 0)))
         self.num_skipped = int(state.get("num_skipped", 0))
+        self.num_seen = int(state.get("num_seen", 0))
+        self.bad_examples = list(state.get("bad_examples", []))
         stream = self.batch_stream(*self.position)
         return self.run.run_steps(
             lambda step: self.train_step(stream, step),
@@ -402,6 +492,12 @@ class DiffusionDPOTrainer:
         )
 
     def trainer_state(self) -> dict[str, Any]:
-        """What a checkpoint needs besides the runtime's state: the data position and the skip count."""
+        """What a checkpoint needs besides the runtime's state: the data position and the bad-data counters."""
         epoch, batch = self.position
-        return {"epoch": epoch, "batch": batch, "num_skipped": self.num_skipped}
+        return {
+            "epoch": epoch,
+            "batch": batch,
+            "num_skipped": self.num_skipped,
+            "num_seen": self.num_seen,
+            "bad_examples": list(self.bad_examples),
+        }

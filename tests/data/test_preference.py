@@ -201,7 +201,8 @@ def broken_parquet(tmp_path):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_broken_images_are_skipped_and_counted_and_the_run_finishes(tmp_path, caplog, num_workers):
-    dataset = load_preference_dataset(broken_parquet(tmp_path), resolution=16, random_crop=True, random_flip=True)
+    source = broken_parquet(tmp_path)
+    dataset = load_preference_dataset(source, resolution=16, random_crop=True, random_flip=True, max_bad_fraction=0.2)
     assert len(dataset) == 5 and dataset.stats()["missing_images"] == 1
     loader = DataLoader(
         dataset,
@@ -214,12 +215,19 @@ def test_broken_images_are_skipped_and_counted_and_the_run_finishes(tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="diffalign.data.preference"):
         for epoch in range(2):
             dataset.set_epoch(epoch)
-            captions, num_skipped = [], 0
+            captions, num_skipped, skipped = [], 0, []
             for batch in loader:
                 assert batch["pixel_values_w"].shape[0] == len(batch["captions"])
+                assert len(batch["skipped"]) == batch["num_skipped"]
                 captions += batch["captions"]
                 num_skipped += batch["num_skipped"]
+                skipped += batch["skipped"]
             assert sorted(captions) == ["good-1", "good-2", "good-3"] and num_skipped == 2
+            # The descriptions cross worker processes: source, row, side and the decode error.
+            skipped.sort()
+            assert skipped[0].startswith(f"{source} row 1, image_0 (500 bytes): UnidentifiedImageError"), skipped
+            assert skipped[1].startswith(f"{source} row 2, image_1 ("), skipped
+            assert "truncated" in skipped[1] or "OSError" in skipped[1], skipped
     if num_workers == 0:  # counted in this process; with workers, per-batch num_skipped is the count
         assert dataset.stats()["broken_images"] == 2
         assert "unreadable image" in caplog.text
@@ -231,7 +239,7 @@ def test_missing_file_in_jsonl_is_dropped_and_counted(tmp_path):
         {"caption": "gone", "image_0": "a.png", "image_1": "nowhere.png", "label_0": 1},
     ]
     folder = write_jsonl(tmp_path, records, {"a.png": noise_image(16, 16), "b.png": noise_image(16, 16, 1)})
-    dataset = load_preference_dataset(folder, resolution=16)
+    dataset = load_preference_dataset(folder, resolution=16, max_bad_fraction=0.5)
     assert len(dataset) == 1 and dataset.stats()["missing_images"] == 1
 
 
@@ -241,8 +249,30 @@ def test_bad_records_and_labels_are_counted(tmp_path):
     folder = write_jsonl(tmp_path, [good, {**good, "label_0": 0.3, "label_1": 0.3}, {"caption": "no label"}], images)
     with open(folder / "data.jsonl", "a") as handle:
         handle.write("{not json\n")
-    stats = load_preference_dataset(folder, resolution=16).stats()
+    stats = load_preference_dataset(folder, resolution=16, max_bad_fraction=1.0).stats()
     assert stats["num_pairs"] == 1 and stats["bad_records"] == 2 and stats["invalid_labels"] == 1
+
+
+def test_too_many_bad_rows_at_load_time_is_an_error_naming_them(tmp_path):
+    images = {f"{k}.png": noise_image(16, 16, k) for k in range(2)}
+    records = [{"caption": f"c{k}", "image_0": "0.png", "image_1": "1.png", "label_0": k % 2} for k in range(10)]
+    for k in (2, 6):
+        records[k]["image_1"] = f"missing-{k}.png"
+    records[4]["label_0"] = 0.5  # a tie: dropped, but legitimate filtering, not a bad row
+    folder = write_jsonl(tmp_path, records, images)
+    with open(folder / "data.jsonl", "a") as handle:
+        handle.write("{not json\n")
+    # 3 bad rows (2 missing images + 1 bad record) of 11 read: 27% > the default 10%.
+    with pytest.raises(ValueError, match=r"3 of the 11 rows .* data\.max_bad_fraction = 0\.1") as info:
+        load_preference_dataset(folder, resolution=16)
+    message = str(info.value)
+    assert "line 3 (row 2): missing image 'missing-2.png'" in message, message
+    assert "line 7 (row 6): missing image 'missing-6.png'" in message, message
+    assert "line 11: not valid JSON" in message and "line 5" not in message, message
+    dataset = load_preference_dataset(folder, resolution=16, max_bad_fraction=0.3)
+    assert len(dataset) == 7 and dataset.stats()["missing_images"] == 2 and dataset.stats()["ties_dropped"] == 1
+    with pytest.raises(ValueError, match=r"max_bad_fraction must be in \[0, 1\]"):
+        load_preference_dataset(folder, resolution=16, max_bad_fraction=1.5)
 
 
 def test_no_usable_pair_is_a_clear_error(tmp_path):

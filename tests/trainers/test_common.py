@@ -64,7 +64,12 @@ def test_checkpoints_are_atomic_pruned_and_resumable(tiny_pipeline_dir, tmp_path
     expected = {n: v.clone() for n, v in run.trainable_state_dict().items()}
     expected_shadow = [s.clone() for s in run.ema.shadow]
     _fake_step(run)  # diverge from the checkpoint, then resume into a fresh run
-    fresh = make_run(tiny_pipeline_dir("sd3"), tmp_path, ema={"enabled": True, "decay": 0.5})
+    fresh = make_run(
+        tiny_pipeline_dir("sd3"),
+        tmp_path,
+        ema={"enabled": True, "decay": 0.5},
+        checkpoint={"resume_from": "latest", "keep_last": 2},
+    )
     state = fresh.resume("latest")
     assert state["step"] == 3 and state["position"] == 30 and fresh.optimizer_steps == 3
     for name, value in fresh.trainable_state_dict().items():
@@ -82,6 +87,7 @@ def test_resume_refuses_a_mismatched_lora(tiny_pipeline_dir, tmp_path):
         tiny_pipeline_dir("sd3"),
         tmp_path,
         model={"path": str(tiny_pipeline_dir("sd3")), "lora": {"rank": 2, "target_modules": ["attn.to_q"]}},
+        checkpoint={"resume_from": "latest", "allow_config_change": True},
     )
     with pytest.raises(ValueError, match="does not match this model/LoRA setup"):
         other.resume("latest")

@@ -3,6 +3,7 @@ and learning from AI-feedback pairs (docs/methods/dpo.md)."""
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -201,18 +202,92 @@ def test_kill_and_resume_gives_the_same_losses(tiny_pipeline_dir, tmp_path):
     assert straight[3]["loss"] != pytest.approx(straight[4]["loss"], abs=1e-9)
 
 
-def test_broken_images_are_skipped_and_counted(tiny_pipeline_dir, tmp_path):
-    data = _write_pairs(tmp_path / "pairs", num_pairs=4)
-    (data / "images" / "000002_1.png").write_bytes(b"not a png")
-    # One pair per micro-batch: the broken pair's micro-batch is empty, its step makes no update; 2 epochs.
-    trainer = _trainer(_config(tmp_path, tiny_pipeline_dir("sd15"), data, ["data.batch_size=1", "max_steps=8"]))
-    trainer.train()
-    metrics = _metrics(tmp_path / "run")
-    assert sorted(metrics) == list(range(1, 9))
-    assert metrics[8]["data/num_skipped"] == 2  # the broken pair, once per epoch
-    assert sum("loss" not in m for m in metrics.values()) == 2  # the two empty steps logged no loss
-    state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-8" / "trainer_state.json").read_text())
-    assert state["num_skipped"] == 2 and state["epoch"] == 2 and state["batch"] == 0
+def _break_images(folder, rows, side=1):
+    """Overwrite image ``side`` of the pairs written at ``rows`` with bytes no decoder reads (found at train time)."""
+    for row in rows:
+        (folder / "images" / f"{row:06d}_{side}.png").write_bytes(b"not a png")
+    return folder
+
+
+def _trainer_state(output_dir, step):
+    path = Path(output_dir) / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"
+    return json.loads(path.read_text())
+
+
+def _data_state(output_dir, step):
+    """The DPO trainer's own part of a checkpoint's trainer state."""
+    state = _trainer_state(output_dir, step)
+    return {key: state[key] for key in ("epoch", "batch", "num_skipped", "num_seen", "bad_examples")}
+
+
+def test_broken_images_are_skipped_counted_and_resumed_exactly(tiny_pipeline_dir, tmp_path):
+    # 1 broken pair of 4, one pair per micro-batch, 2 micro-batches per step: every step keeps a readable pair.
+    data = _break_images(_write_pairs(tmp_path / "pairs", num_pairs=4), [2])
+    overrides = [
+        "data.batch_size=1",
+        "optim.gradient_accumulation_steps=2",
+        "max_steps=4",
+        "checkpoint.every=1",
+        "data.max_bad_fraction=0.5",
+    ]
+    model = tiny_pipeline_dir("sd15")
+    _trainer(_config(tmp_path, model, data, overrides, name="straight")).train()
+    metrics = _metrics(tmp_path / "straight")
+    assert sorted(metrics) == [1, 2, 3, 4] and all("loss" in m for m in metrics.values())
+    assert metrics[4]["data/num_skipped"] == 2  # the broken pair, once per epoch
+    state = _trainer_state(tmp_path / "straight", 4)
+    assert (state["num_skipped"], state["num_seen"], state["epoch"], state["batch"]) == (2, 8, 2, 0)
+    (note,) = state["bad_examples"]  # named once, though skipped in both epochs
+    assert "line 3 (row 2), image_1 'images/000002_1.png': UnidentifiedImageError" in note, note
+
+    crashing = _trainer(_config(tmp_path, model, data, overrides, name="resumed"))
+    real_step = crashing.run.optimizer_step
+
+    def optimizer_step(step=None):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_step(step=step)
+
+    crashing.run.optimizer_step = optimizer_step
+    with pytest.raises(KeyboardInterrupt):
+        crashing.train()
+    resumed = [*overrides, "checkpoint.resume_from=latest"]
+    _trainer(_config(tmp_path, model, data, resumed, name="resumed")).train()
+    for step in (3, 4):  # the data position, the skip counters and the named bad records continue exactly
+        assert _data_state(tmp_path / "resumed", step) == _data_state(tmp_path / "straight", step)
+
+
+def test_unreadable_data_set_stops_at_the_first_step_and_exports_nothing(tiny_pipeline_dir, tmp_path):
+    data = _break_images(_write_pairs(tmp_path / "pairs", num_pairs=4), range(4))
+    trainer = _trainer(_config(tmp_path, tiny_pipeline_dir("sd15"), data, ["checkpoint.every=1"]))
+    before = {k: v.clone() for k, v in trainer.run.trainable_state_dict().items()}
+    with pytest.raises(ValueError, match=r"optimizer step 1 .*no readable pair") as info:
+        trainer.train()
+    message = str(info.value)
+    named = set(re.findall(r"00000[0-3]_1\.png", message))
+    assert len(named) == 2, message  # the step's two pairs, by file
+    assert "UnidentifiedImageError" in message and "row " in message
+    assert not (tmp_path / "run" / "lora").exists() and not list((tmp_path / "run").glob("checkpoints/checkpoint-*"))
+    after = trainer.run.trainable_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_too_many_unreadable_pairs_stop_the_run_unless_allowed(tiny_pipeline_dir, tmp_path):
+    # 3 broken pairs of 10; 4 pairs per step (never all broken); the share is judged once an epoch (10 pairs) is seen.
+    data = _break_images(_write_pairs(tmp_path / "pairs", num_pairs=10), [0, 3, 6])
+    overrides = ["optim.gradient_accumulation_steps=2", "max_steps=3"]
+    model = tiny_pipeline_dir("sd15")
+    with pytest.raises(ValueError, match=r"data\.max_bad_fraction = 0\.1") as info:
+        _trainer(_config(tmp_path, model, data, overrides, name="strict")).train()
+    message = str(info.value)
+    # Epoch 0 (10 pairs, 3 broken) and 2 pairs of epoch 1 were drawn by the end of step 3.
+    assert re.search(r"\b[345] of the 12 pairs", message) and "optimizer step 3" in message, message
+    assert set(re.findall(r"00000\d_1\.png", message)) == {"000000_1.png", "000003_1.png", "000006_1.png"}
+    assert not (tmp_path / "strict" / "lora").exists()
+
+    _trainer(_config(tmp_path, model, data, [*overrides, "data.max_bad_fraction=0.5"], name="lenient")).train()
+    assert (tmp_path / "lenient" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert _metrics(tmp_path / "lenient")[3]["data/num_skipped"] >= 3
 
 
 # --- configs ---------------------------------------------------------------------------------------------------------
@@ -255,6 +330,17 @@ def test_config_errors_name_their_keys(tmp_path):
     with pytest.raises(ConfigError, match="reward"):
         load_config(DiffusionDPOConfig, {**base, "eval": {"every": 10, "prompts": ["a cat"]}})
     assert load_config(DiffusionDPOConfig, base).data.empty_caption_prob == 0.2
+
+
+def test_max_bad_fraction_is_validated():
+    base = {"model": {"path": "m"}}
+    assert load_config(DiffusionDPOConfig, {**base, "data": {"source": "d"}}).data.max_bad_fraction == 0.1
+    for value in (0.0, 1.0):
+        config = load_config(DiffusionDPOConfig, {**base, "data": {"source": "d", "max_bad_fraction": value}})
+        assert config.data.max_bad_fraction == value
+    for value in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match=r"data\.max_bad_fraction.*must be in \[0, 1\]"):
+            load_config(DiffusionDPOConfig, {**base, "data": {"source": "d", "max_bad_fraction": value}})
 
 
 # --- learning --------------------------------------------------------------------------------------------------------

@@ -1,0 +1,280 @@
+"""Fault injection on the checkpoint life cycle: crafted pickles, NaN gradients and weights, saves cut at every step.
+
+Each test reproduces a way a run could end with a checkpoint that runs code, holds NaN weights, or does not load.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from diffalign.config import TrainerConfig, load_config
+from diffalign.trainers.common import CheckpointError, TrainingDivergedError, TrainingRun, list_checkpoints
+
+
+def make_run(folder, output_dir, resume=None, **extra):
+    raw = {
+        "model": {"path": str(folder), "lora": {"rank": 2}},
+        "output_dir": str(output_dir),
+        "max_steps": 10,
+        "logging": {"log_with": "none"},
+        "optim": {"lr": 1e-2},
+        "ema": {"enabled": True, "decay": 0.5},
+        **extra,
+    }
+    raw.setdefault("checkpoint", {})["resume_from"] = resume
+    return TrainingRun(load_config(TrainerConfig, raw))
+
+
+def _backward(run):
+    loss = sum((p.float() ** 2).sum() for p in run.params) + sum(p.sum() for p in run.params)
+    run.backward(loss)
+
+
+def _step(run, step=None):
+    _backward(run)
+    return run.optimizer_step(step)
+
+
+def _weights(run):
+    return {name: value.clone() for name, value in run.trainable_state_dict().items()}
+
+
+def _assert_equal(found, expected):
+    assert found.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(found[name], expected[name]), name
+
+
+# --- no code from a checkpoint ---------------------------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: proof that loading a checkpoint file ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _checkpoint_files(path):
+    return sorted(p.relative_to(path) for p in path.rglob("*") if p.is_file())
+
+
+def test_checkpoint_files_are_tensors_and_json_only(tiny_pipeline_dir, tmp_path):
+    run = make_run(tiny_pipeline_dir("sd3"), tmp_path)
+    _step(run)
+    path = run.save(1, {"position": 3})
+    top_level = {p.name for p in path.iterdir() if p.is_file()}
+    assert top_level == {
+        "trainable.safetensors",
+        "optimizer.pt",
+        "lr_scheduler.json",
+        "ema.safetensors",
+        "rng-0.json",
+        "config.yaml",
+        "trainer_state.json",
+    }
+    json.loads((path / "lr_scheduler.json").read_text())
+    rng = json.loads((path / "rng-0.json").read_text())
+    assert set(rng) >= {"python", "numpy", "torch"}
+    torch.load(path / "optimizer.pt", weights_only=True)  # plain tensors and numbers
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "optimizer.pt",
+        "lr_scheduler.json",
+        "ema.safetensors",
+        "rng-0.json",
+        "trainable.safetensors",
+        "trainer_state.json",
+    ],
+)
+def test_a_crafted_pickle_in_a_checkpoint_file_is_refused_without_running(tiny_pipeline_dir, tmp_path, name):
+    run = make_run(tiny_pipeline_dir("sd3"), tmp_path / "run")
+    _step(run)
+    path = run.save(1, {})
+    marker = tmp_path / "payload-ran"
+    torch.save({"state": _Payload(marker)}, path / name)  # torch.save pickles
+    with pytest.raises(CheckpointError, match=rf"checkpoint-1.*{name}"):
+        make_run(tiny_pipeline_dir("sd3"), tmp_path / "run", resume="latest").resume()
+    assert not marker.exists(), "loading the checkpoint ran the payload"
+
+
+def test_a_checkpoint_written_with_pickles_is_refused_with_the_reason(tiny_pipeline_dir, tmp_path):
+    run = make_run(tiny_pipeline_dir("sd3"), tmp_path)
+    _step(run)
+    path = run.save(1, {})
+    (path / "lr_scheduler.json").unlink()
+    torch.save(run.lr_scheduler.state_dict(), path / "lr_scheduler.pt")  # the old pickle layout
+    with pytest.raises(CheckpointError, match="lr_scheduler.json.*pickle"):
+        make_run(tiny_pipeline_dir("sd3"), tmp_path, resume="latest").resume()
+
+
+def test_a_checkpoint_missing_a_file_names_it(tiny_pipeline_dir, tmp_path):
+    run = make_run(tiny_pipeline_dir("sd3"), tmp_path)
+    _step(run)
+    path = run.save(1, {})
+    (path / "optimizer.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"checkpoint-1 is missing optimizer.pt"):
+        make_run(tiny_pipeline_dir("sd3"), tmp_path, resume="latest").resume()
+
+
+def test_rng_state_round_trips_through_json(tiny_pipeline_dir, tmp_path):
+    import random
+
+    import numpy as np
+
+    run = make_run(tiny_pipeline_dir("sd3"), tmp_path)
+    _step(run)
+    run.save(1, {})
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.random(), np.random.rand(), torch.rand(5)  # move every stream on
+    make_run(tiny_pipeline_dir("sd3"), tmp_path, resume="latest").resume()
+    found = (random.random(), np.random.rand(), torch.rand(3))
+    assert found[:2] == expected[:2] and torch.equal(found[2], expected[2])
+
+
+# --- no NaN saved as latest ------------------------------------------------------------------------------------------
+
+
+def test_a_nan_gradient_without_clipping_stops_before_the_update(tiny_pipeline_dir, tmp_path):
+    run = make_run(tiny_pipeline_dir("sd3"), tmp_path, optim={"lr": 1e-2, "max_grad_norm": None})
+    _step(run)
+    run.save(1, {})
+    good = _weights(run)
+    _backward(run)
+    run.params[0].grad[0] = float("nan")  # the injected fault
+    with pytest.raises(TrainingDivergedError, match=r"gradient norm became nan at step 2.*checkpoint-1"):
+        run.optimizer_step(step=2)
+    _assert_equal(_weights(run), good)  # the step was not kept
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1"]
+
+
+def test_grad_norm_is_reported_without_clipping(tiny_pipeline_dir, tmp_path):
+    run = make_run(tiny_pipeline_dir("sd3"), tmp_path, optim={"lr": 1e-2, "max_grad_norm": None})
+    _backward(run)
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.params])).item()
+    metrics = run.optimizer_step()
+    assert metrics["grad_norm"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_an_update_that_overflows_the_weights_stops_the_run(tiny_pipeline_dir, tmp_path, monkeypatch):
+    run = make_run(tiny_pipeline_dir("sd3"), tmp_path, optim={"lr": 1e-2, "max_grad_norm": None})
+    real_step = run.optimizer.step
+
+    def overflowing_step(*args, **kwargs):  # the injected fault: an update that leaves an inf in the weights
+        result = real_step(*args, **kwargs)
+        with torch.no_grad():
+            run.params[1].view(-1)[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(run.optimizer, "step", overflowing_step)
+    with pytest.raises(TrainingDivergedError, match=r"trained weights became inf at step 1.*no checkpoint"):
+        _step(run, step=1)
+    with pytest.raises(TrainingDivergedError, match="trained weights"):
+        run.save(1, {})
+
+
+def test_non_finite_weights_are_never_written(tiny_pipeline_dir, tmp_path):
+    run = make_run(tiny_pipeline_dir("sd3"), tmp_path)
+    _step(run)
+    run.save(1, {})
+    with torch.no_grad():
+        run.params[-1].view(-1)[0] = float("nan")
+    with pytest.raises(TrainingDivergedError, match=r"checkpoint-1"):
+        run.save(2, {})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1"]
+    assert not any(p.name.endswith("checkpoint-2") for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_a_nan_in_the_ema_is_never_written(tiny_pipeline_dir, tmp_path):
+    run = make_run(tiny_pipeline_dir("sd3"), tmp_path)
+    _step(run)
+    run.ema.shadow[0].view(-1)[0] = float("inf")
+    with pytest.raises(TrainingDivergedError, match="EMA weights"):
+        run.save(1, {})
+    assert list_checkpoints(tmp_path) == []
+
+
+# --- saves cut short -------------------------------------------------------------------------------------------------
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after the cut runs, no ``except Exception`` catches it."""
+
+
+_CUT_POINTS = ("save_file", "torch.save", "write_text", "os.replace", "shutil.rmtree", "os.fsync", "rmtree_partial")
+
+
+def _count_save_operations(monkeypatch, cut_at=None):
+    """Patch the file operations ``save`` uses so that the ``cut_at``-th one (0-based) raises :class:`_Killed`;
+    returns the list the operations are recorded in. A cut ``shutil.rmtree`` first deletes one file, as a kill in
+    the middle of a delete would."""
+    import pathlib
+
+    import safetensors.torch
+
+    done = []
+
+    def wrap(name, real):
+        def operation(*args, **kwargs):
+            if cut_at is not None and len(done) == cut_at:
+                if name == "shutil.rmtree":
+                    files = sorted(p for p in pathlib.Path(args[0]).rglob("*") if p.is_file())
+                    if files:
+                        files[0].unlink()
+                raise _Killed(name)
+            done.append(name)
+            return real(*args, **kwargs)
+
+        return operation
+
+    monkeypatch.setattr(safetensors.torch, "save_file", wrap("save_file", safetensors.torch.save_file))
+    monkeypatch.setattr(torch, "save", wrap("torch.save", torch.save))
+    monkeypatch.setattr(pathlib.Path, "write_text", wrap("write_text", pathlib.Path.write_text))
+    monkeypatch.setattr(os, "replace", wrap("os.replace", os.replace))
+    monkeypatch.setattr(os, "fsync", wrap("os.fsync", os.fsync))
+    monkeypatch.setattr(shutil, "rmtree", wrap("shutil.rmtree", shutil.rmtree))
+    return done
+
+
+def test_a_save_cut_at_any_file_operation_leaves_a_loadable_latest(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """Re-saving an existing step (the final save after a periodic one) and pruning, cut after every operation."""
+    folder = tiny_pipeline_dir("sd3")
+    run = make_run(folder, tmp_path / "probe", checkpoint={"keep_last": 1})
+    _step(run)
+    run.save(1, {})
+    _step(run)
+    with monkeypatch.context() as patch:
+        operations = _count_save_operations(patch)
+        run.save(1, {})  # replaces an existing checkpoint
+        run.save(2, {})  # prunes checkpoint-1
+    assert len(operations) >= 10
+    assert operations.index("os.fsync") < operations.index("os.replace"), "files are synced before the rename"
+
+    for cut in range(len(operations)):
+        output = tmp_path / f"cut-{cut}"
+        run = make_run(folder, output, checkpoint={"keep_last": 1})
+        _step(run)
+        run.save(1, {"saved": 1})
+        _step(run)
+        with monkeypatch.context() as patch:
+            _count_save_operations(patch, cut_at=cut)
+            with pytest.raises(_Killed):
+                run.save(1, {"saved": 2})
+                run.save(2, {"saved": 3})
+        resumed = make_run(folder, output, resume="latest", checkpoint={"keep_last": 1})
+        state = resumed.resume()
+        assert state["saved"] in (1, 2, 3), cut
+        # The next save cleans up whatever the cut left behind.
+        _step(resumed)
+        resumed.save(3, {})
+        leftovers = [p.name for p in (output / "checkpoints").iterdir() if p.name.startswith(".")]
+        assert leftovers == [], (cut, leftovers)
