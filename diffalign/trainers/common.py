@@ -298,23 +298,27 @@ class TrainingRun:
         return self.accelerator.autocast()
 
     def backward(self, loss: Tensor, step: int | None = None) -> None:
-        """Backward with a finiteness check (stops the run; the last good checkpoint stays the newest)."""
+        """Backward with a finiteness check (stops the run; the last good checkpoint stays the newest).
+
+        ``step`` is the 0-based index of the trainer step, for the message.
+        """
         if not torch.isfinite(loss.detach()).all():
-            raise TrainingDivergedError(self._divergence_message("loss", loss.detach(), step))
+            raise TrainingDivergedError(self._divergence_message("loss", loss.detach(), _number(step)))
         self.accelerator.backward(loss)
 
-    def _check_finite(self, tensors: Sequence[Tensor], what: str, step: int | None) -> None:
-        """Stop the run when any of ``tensors`` holds NaN/inf (on any process)."""
+    def _check_finite(self, tensors: Sequence[Tensor], what: str, number: int | None) -> None:
+        """Stop the run when any of ``tensors`` holds NaN/inf (on any process); ``number``: the 1-based step."""
         finite = [bool(t.isfinite().all()) for t in tensors]
         if self._max_over_processes(float(not all(finite))) > 0:
             bad = next((t for t, ok in zip(tensors, finite) if not ok), None)
             value = bad[~bad.isfinite()].detach().float().cpu() if bad is not None else torch.tensor(math.nan)
-            raise TrainingDivergedError(self._divergence_message(what, value, step))
+            raise TrainingDivergedError(self._divergence_message(what, value, number))
 
-    def _divergence_message(self, what: str, value: Tensor, step: int | None) -> str:
+    def _divergence_message(self, what: str, value: Tensor, number: int | None) -> str:
+        """``number`` counts steps from 1, like the checkpoints and the metrics log."""
         checkpoints = list_checkpoints(self.output_dir)
         last = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was saved yet"
-        at = f" at step {step}" if step is not None else ""
+        at = f" in step {number}" if number is not None else ""
         return (
             f"{what} became {value.flatten()[0].item()}{at}; stopping ({last}). Try a lower optim.lr, "
             "optim.max_grad_norm, or mixed_precision: bf16 instead of fp16."
@@ -338,10 +342,10 @@ class TrainingRun:
         norm = float(self.accelerator.clip_grad_norm_(self.params, math.inf if max_norm is None else max_norm))
         if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDivergedError(self._divergence_message("gradient norm", torch.tensor(norm), step))
+            raise TrainingDivergedError(self._divergence_message("gradient norm", torch.tensor(norm), _number(step)))
         metrics["grad_norm"] = norm
         self.optimizer.step()
-        self._check_finite(self.params, "trained weights", step)
+        self._check_finite(self.params, "trained weights", _number(step))
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
         if self.ema is not None:
@@ -619,6 +623,11 @@ class TrainingRun:
             self.export_lora(self.output_dir / "lora")
         self.accelerator.end_training()
         return path
+
+
+def _number(step: int | None) -> int | None:
+    """The 1-based number of the 0-based trainer step ``step``."""
+    return None if step is None else step + 1
 
 
 def mean_metrics(window: list[dict[str, float]]) -> dict[str, float]:

@@ -3,6 +3,7 @@
 Each test reproduces a way a run could end with a checkpoint that runs code, holds NaN weights, or does not load.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -151,8 +152,8 @@ def test_a_nan_gradient_without_clipping_stops_before_the_update(tiny_pipeline_d
     good = _weights(run)
     _backward(run)
     run.params[0].grad[0] = float("nan")  # the injected fault
-    with pytest.raises(TrainingDivergedError, match=r"gradient norm became nan at step 2.*checkpoint-1"):
-        run.optimizer_step(step=2)
+    with pytest.raises(TrainingDivergedError, match=r"gradient norm became nan in step 2.*checkpoint-1"):
+        run.optimizer_step(step=1)  # 0-based: the second step
     _assert_equal(_weights(run), good)  # the step was not kept
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1"]
 
@@ -176,8 +177,8 @@ def test_an_update_that_overflows_the_weights_stops_the_run(tiny_pipeline_dir, t
         return result
 
     monkeypatch.setattr(run.optimizer, "step", overflowing_step)
-    with pytest.raises(TrainingDivergedError, match=r"trained weights became inf at step 1.*no checkpoint"):
-        _step(run, step=1)
+    with pytest.raises(TrainingDivergedError, match=r"trained weights became inf in step 1.*no checkpoint"):
+        _step(run, step=0)
     with pytest.raises(TrainingDivergedError, match="trained weights"):
         run.save(1, {})
 
@@ -259,22 +260,99 @@ def test_a_save_cut_at_any_file_operation_leaves_a_loadable_latest(tiny_pipeline
     assert len(operations) >= 10
     assert operations.index("os.fsync") < operations.index("os.replace"), "files are synced before the rename"
 
+    base = tmp_path / "base"  # checkpoint-1 saved, as every cut starts
+    run.output_dir = base
+    run.save(1, {"saved": 1})
     for cut in range(len(operations)):
         output = tmp_path / f"cut-{cut}"
-        run = make_run(folder, output, checkpoint={"keep_last": 1})
-        _step(run)
-        run.save(1, {"saved": 1})
-        _step(run)
+        shutil.copytree(base, output)
+        run.output_dir = output
         with monkeypatch.context() as patch:
             _count_save_operations(patch, cut_at=cut)
             with pytest.raises(_Killed):
                 run.save(1, {"saved": 2})
                 run.save(2, {"saved": 3})
-        resumed = make_run(folder, output, resume="latest", checkpoint={"keep_last": 1})
-        state = resumed.resume()
-        assert state["saved"] in (1, 2, 3), cut
+        latest = list_checkpoints(output)[-1]
+        assert run.resume(latest)["saved"] in (1, 2, 3), cut  # every file of it reads back
         # The next save cleans up whatever the cut left behind.
-        _step(resumed)
-        resumed.save(3, {})
+        run.save(3, {})
         leftovers = [p.name for p in (output / "checkpoints").iterdir() if p.name.startswith(".")]
         assert leftovers == [], (cut, leftovers)
+        assert [p.name for p in list_checkpoints(output)] == ["checkpoint-3"]
+
+
+def test_a_nan_gradient_in_a_training_run_stops_it_with_the_last_good_checkpoint_intact(
+    tiny_pipeline_dir, tmp_path, monkeypatch
+):
+    """Flow-GRPO without clipping, a checkpoint every step, and a NaN put into one gradient in the third step."""
+    from test_grpo import make_config
+
+    from diffalign.trainers.grpo import GRPOTrainer
+
+    config = make_config(
+        tiny_pipeline_dir("sd3"),
+        tmp_path,
+        max_steps=5,
+        **{"optim.max_grad_norm": None, "checkpoint.every": 1, "ema.enabled": True},
+    )
+    trainer = GRPOTrainer(config)
+    real_step = trainer.run.optimizer_step
+
+    def poisoned_step(step=None):
+        if step == 2:  # 0-based: the third step
+            trainer.run.params[0].grad.view(-1)[0] = float("nan")
+        return real_step(step)
+
+    monkeypatch.setattr(trainer.run, "optimizer_step", poisoned_step)
+    with pytest.raises(TrainingDivergedError, match=r"gradient norm became nan in step 3.*checkpoint-2"):
+        trainer.train()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2"]
+    assert not (tmp_path / "lora").exists(), "no final export of a diverged run"
+    resume = dataclasses.replace(config.checkpoint, resume_from="latest")
+    again = GRPOTrainer(dataclasses.replace(config, checkpoint=resume))
+    state = again.run.resume()
+    assert state["step"] == 2
+    assert all(bool(p.isfinite().all()) for p in again.run.params)
+
+
+@pytest.mark.slow  # subprocesses
+@pytest.mark.parametrize("seed", range(4))
+def test_kill_9_during_saves_never_leaves_a_latest_that_fails_to_load(tiny_pipeline_dir, tmp_path, seed):
+    """SIGKILL a process that does nothing but save, at a random time; then resume from ``latest``."""
+    import random
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    folder = tiny_pipeline_dir("sd3")
+    script = Path(__file__).with_name("save_loop_script.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(script), str(folder), str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    assert process.stdout.readline().strip() == "ready"
+    time.sleep(random.Random(seed).uniform(0.2, 3.0))
+    process.kill()
+    process.wait()
+    saved = len(list((tmp_path / "checkpoints").glob("*")))
+    run = make_run(folder, tmp_path, resume="latest", checkpoint={"keep_last": 2})
+    state = run.resume()
+    assert state["saved"] == state["step"] >= 1, saved
+    _step(run)
+    run.save(state["step"] + 1, {})  # and the folder takes the next save
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow  # subprocesses, minutes
+def test_soak_kill_and_resume_ends_bit_equal_to_an_uninterrupted_run(tmp_path):
+    """scripts/soak.py for one minute (the closing note's figures come from 30 minutes of it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "soak.py"
+    command = [sys.executable, str(script), "--minutes", "1", "--kill-every", "12", "--every", "2"]
+    result = subprocess.run([*command, "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert result.returncode == 0 and summary["ok"], summary
+    assert summary["kills"] >= 2 and summary["steps"] > 0, summary
