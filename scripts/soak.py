@@ -63,11 +63,15 @@ def _tail(log: Path) -> str:
     return log.read_text()[-3000:]
 
 
-def _newest_step(output: Path) -> int:
+def _newest(output: Path) -> Path | None:
     from diffalign.trainers.checkpoints import list_checkpoints
 
     found = list_checkpoints(output)
-    return int(found[-1].name.split("-")[-1]) if found else 0
+    return found[-1] if found else None
+
+
+def _step_of(checkpoint: Path | None) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint is not None else 0
 
 
 def killed_run(config_file: Path, output: Path, minutes: float, kill_every: float, rng: random.Random) -> dict:
@@ -87,7 +91,7 @@ def killed_run(config_file: Path, output: Path, minutes: float, kill_every: floa
             if process.returncode != 0:
                 raise RuntimeError(f"the soak run failed:\n{_tail(output.with_suffix('.log'))}")
         resumes += 1
-    return {"kills": kills, "launches": resumes, "steps": _newest_step(output)}
+    return {"kills": kills, "launches": resumes, "steps": _step_of(_newest(output))}
 
 
 def _state(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -140,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if process.wait() != 0:
         raise RuntimeError(f"the reference run failed:\n{_tail(reference.with_suffix('.log'))}")
     summary["reference_seconds"] = round(time.monotonic() - began)
-    name = f"checkpoint-{steps}"
-    differences = compare(killed / "checkpoints" / name, reference / "checkpoints" / name)
+    # The killed run's newest checkpoint may still sit under its .old- name (a kill between two renames).
+    differences = compare(_newest(killed), reference / "checkpoints" / f"checkpoint-{steps}")
     summary.update(ok=not differences, differing_tensors=len(differences), first_differences=differences[:3])
     print(json.dumps(summary))  # noqa: T201
     return 0 if not differences else 1

@@ -183,6 +183,11 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         _require(self.every >= 0, "every", f"must be >= 0 (0 = only at the end), got {self.every}")
         _require(self.keep_last is None or self.keep_last >= 1, "keep_last", "must be >= 1, or null to keep all")
+        _require(
+            not (self.overwrite and self.resume_from is not None),
+            ("overwrite", "resume_from"),
+            "overwrite starts afresh and deletes the run's checkpoints: it cannot go with resume_from",
+        )
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -273,6 +278,9 @@ class TrainerConfig:
 
     default_log_every: ClassVar[int] = 10
     """Trainer steps between logs when ``logging.log_every`` is null (a class constant, not a config key)."""
+    resume_safe_keys: ClassVar[tuple[str, ...]] = ()
+    """Dotted keys of this trainer that may change on resume without changing what it trains (besides the
+    bookkeeping keys every trainer has; a class constant)."""
 
     model: ModelConfig
     """The pipeline to align (model.path is required)."""

@@ -239,6 +239,7 @@ def run_demo(
     output = Path(output)
     aligned, unseen = demo_prompts(num_prompts, num_unseen)
     config = load_config(GRPOConfig, demo_config(model, output, minutes, seed, aligned))
+    (output / "metrics.json").unlink(missing_ok=True)  # the previous demo's summary (overwrite clears the rest)
     trainer = GRPOTrainer(config)
     protocol = load_protocol(model)
 

@@ -1,7 +1,7 @@
 """Checkpoint and run folders: what a checkpoint holds, how it is written so that a crash never leaves a ``latest``
 that does not load, how it is read without running code, and the one-run-per-folder rules.
 
-A checkpoint ``<output_dir>/checkpoints/checkpoint-<step>/`` holds only tensors and JSON:
+A checkpoint ``<output_dir>/checkpoints/checkpoint-<step>/`` holds tensors and JSON:
 
 ==========================  ==============================================================================
 ``trainable.safetensors``   the trained weights (LoRA or full), by parameter name
@@ -14,19 +14,23 @@ A checkpoint ``<output_dir>/checkpoints/checkpoint-<step>/`` holds only tensors 
 ``lora/``                   the LoRA in diffusers format (``pipe.load_lora_weights``)
 ==========================  ==============================================================================
 
-Nothing is unpickled: a file that is not in its format (a crafted pickle included) is refused with
-:class:`CheckpointError` before any of its content runs. Writing goes to ``.tmp-checkpoint-<step>``; every file
-and the folder are fsynced, an existing ``checkpoint-<step>`` is renamed away (``.old-...``) before the new one is
-renamed in, and only then deleted, so a kill at any point leaves either the old or the new checkpoint complete.
-Folders whose names start with a dot are leftovers of such a kill and are removed by the next save.
+Nothing runs code when read: ``optimizer.pt`` is the one ``torch.save`` file, and torch's ``weights_only`` reader
+accepts only tensors and plain containers; any other file that is not in its format (a crafted pickle included)
+is refused with :class:`CheckpointError` before any of its content runs. Writing goes to
+``.tmp-checkpoint-<step>``; every file and folder is fsynced, an existing ``checkpoint-<step>`` is renamed away
+(``.old-...``) before the new one is renamed in, and only then deleted, marker first, so a kill at any point leaves
+either the old or the new checkpoint complete. The next save tidies up after such a kill: an ``.old-`` folder
+whose successor never arrived gets its name back, the other dotted folders are deleted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
+import re
 import shutil
 import sys
 from collections.abc import Callable, Mapping
@@ -51,8 +55,9 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 # Files an output folder holds when a run has used it (removed by ``overwrite``); the tracker folder is added.
 RUN_ARTIFACTS = (CONFIG_FILE, METRICS_FILE, "checkpoints", "lora", "eval")
-# Config keys that say how a run is watched and kept, not what it trains: they may change on resume.
-BOOKKEEPING_KEYS = ("output_dir", "max_steps", "max_minutes", "logging", "checkpoint", "eval")
+# Config keys that say how a run is watched, kept or computed, not what it trains: they may change on resume
+# (``max_steps`` and ``max_minutes``: see :func:`changes_training`).
+BOOKKEEPING_KEYS = ("output_dir", "logging", "checkpoint", "eval", "gradient_checkpointing")
 
 
 class CheckpointError(ValueError):
@@ -63,6 +68,9 @@ class RunFolderError(ValueError):
     """The output folder does not fit the request: another run in it, nothing to resume, or a changed config."""
 
 
+logger = logging.getLogger(__name__)
+
+_STEP = re.compile(rf"{CHECKPOINT_PREFIX}([0-9]+)")
 # Name prefixes of the folders a save or a delete passes through.
 _TEMPORARY, _REPLACED, _DELETED = ".tmp-", ".old-", ".del-"
 
@@ -96,10 +104,9 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
         return []
     found: dict[int, Path] = {}
     for path in sorted(root.iterdir(), key=lambda p: p.name.startswith(_REPLACED)):  # real folders first
-        name = path.name.removeprefix(_REPLACED)
-        suffix = name.removeprefix(CHECKPOINT_PREFIX)
-        if name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and (path / COMPLETE_MARKER).is_file():
-            found.setdefault(int(suffix), path)
+        step = _STEP.fullmatch(path.name.removeprefix(_REPLACED))
+        if step is not None and (path / COMPLETE_MARKER).is_file():
+            found.setdefault(int(step[1]), path)
     return [found[step] for step in sorted(found)]
 
 
@@ -175,26 +182,38 @@ def write_tensors(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[s
 def commit_folder(tmp: Path, final: Path) -> None:
     """Make the complete folder ``tmp`` durable and rename it to ``final``, replacing an existing ``final`` so that
     a kill at any point leaves one of the two complete under the name ``final`` or a dotted leftover."""
-    for path in sorted(tmp.rglob("*")):
-        if path.is_file():
-            _fsync(path)
+    for path in sorted(tmp.rglob("*"), reverse=True):  # files before the folders holding them
+        _fsync(path) if path.is_file() else _fsync_folder(path)
     _fsync_folder(tmp)
     old = final.parent / f"{_REPLACED}{final.name}"
     if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        _delete(old)
         os.replace(final, old)
     os.replace(tmp, final)
     _fsync_folder(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    _delete(old)
 
 
 def remove_checkpoint(path: Path) -> None:
     """Delete a checkpoint folder: renamed away first, so a kill during the delete leaves no half folder that still
     looks complete."""
     doomed = path.parent / f"{_DELETED}{path.name}"
-    shutil.rmtree(doomed, ignore_errors=True)
+    _delete(doomed)
     os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    _fsync_folder(path.parent)
+    _delete(doomed)
+
+
+def _delete(folder: Path) -> None:
+    """Delete a checkpoint folder, its "complete" marker first: a half-deleted folder never looks complete."""
+    if not folder.exists():
+        return
+    (folder / COMPLETE_MARKER).unlink(missing_ok=True)
+    _fsync_folder(folder)
+    try:
+        shutil.rmtree(folder)
+    except OSError as err:  # a leftover: the next save tries again
+        logger.warning("could not delete %s: %s", folder, err)
 
 
 def remove_leftovers(root: Path) -> None:
@@ -208,7 +227,7 @@ def remove_leftovers(root: Path) -> None:
             os.replace(path, final)
     for path in root.iterdir():
         if path.name.startswith((_TEMPORARY, _REPLACED, _DELETED)):
-            shutil.rmtree(path, ignore_errors=True)
+            _delete(path)
 
 
 def _fsync(path: Path) -> None:
@@ -282,25 +301,36 @@ def read_torch(path: Path, map_location: Any = None) -> Any:
 
 
 def run_artifacts(output_dir: Path, config: Any) -> list[Path]:
-    """What a run wrote into ``output_dir`` (the tracker's folder included), present now."""
-    names = [*RUN_ARTIFACTS, config.logging.project]
-    with contextlib.suppress(Exception):  # the earlier run's tracker folder, when its config says another
-        names.append(yaml.safe_load((output_dir / CONFIG_FILE).read_text(encoding="utf-8"))["logging"]["project"])
-    return [output_dir / name for name in dict.fromkeys(names) if name and (output_dir / name).exists()]
+    """What a run wrote into ``output_dir``, present now: its config, logs, checkpoints, LoRA, evaluation grids and
+    tensorboard folder (``logging.project``, now or in the saved config, when it holds event files)."""
+    found = [output_dir / name for name in RUN_ARTIFACTS if (output_dir / name).exists()]
+    projects = [config.logging.project]
+    with contextlib.suppress(Exception):  # the earlier run's project, when its config names another
+        projects.append(yaml.safe_load((output_dir / CONFIG_FILE).read_text(encoding="utf-8"))["logging"]["project"])
+    for project in dict.fromkeys(projects):
+        folder = output_dir / str(project)
+        if _PLAIN_NAME.fullmatch(str(project)) and folder.is_dir() and any(folder.rglob("events.out.tfevents*")):
+            found.append(folder)
+    return found
 
 
-def check_output_dir(config: Any) -> Path | None:
+_PLAIN_NAME = re.compile(r"[\w][\w.\- ]*")  # one path component, not "." or ".."
+
+
+def check_output_dir(config: Any, announce: bool = True) -> Path | None:
     """Apply the one-run-per-folder rules to ``config.output_dir`` before anything is written; returns the checkpoint
-    to resume from (``None``: start fresh). Reads only, so every process can call it.
+    to resume from (``None``: start fresh). Reads only, so every process can call it; ``announce`` prints the
+    accepted config differences (the main process).
 
     Raises:
-        RunFolderError: a fresh start into a folder holding another run (without ``checkpoint.overwrite``),
-            ``resume_from: latest`` with no checkpoint, or a resume whose config changes the training trajectory
-            (without ``checkpoint.allow_config_change``).
+        RunFolderError: a fresh start (or a start from another run's checkpoint) into a folder holding another run
+            without ``checkpoint.overwrite``, ``resume_from: latest`` with no checkpoint, or a resume whose config
+            changes the training (without ``checkpoint.allow_config_change``).
     """
     output_dir, options = Path(config.output_dir), config.checkpoint
     checkpoint = resolve_checkpoint(options.resume_from, output_dir)
-    if checkpoint is None and options.resume_from is None and not options.overwrite:
+    continues_this_run = checkpoint is not None and _same_folder(checkpoint.parent, output_dir / "checkpoints")
+    if not continues_this_run and options.resume_from not in ("latest", "auto") and not options.overwrite:
         # A config.yaml alone is a run that stopped before logging or saving anything (a config error, say).
         found = [path for path in run_artifacts(output_dir, config) if path.name != CONFIG_FILE]
         if found:
@@ -310,8 +340,12 @@ def check_output_dir(config: Any) -> Path | None:
                 "replace it, or choose another output_dir"
             )
     if checkpoint is not None:
-        check_config_change(checkpoint, config)
+        check_config_change(checkpoint, config, announce)
     return checkpoint
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
 
 
 def clear_output_dir(config: Any) -> None:
@@ -326,7 +360,7 @@ def clear_output_dir(config: Any) -> None:
         say(f"overwrite: removed the earlier run's {', '.join(p.name for p in found)} from {config.output_dir}")
 
 
-def check_config_change(checkpoint: Path, config: Any) -> None:
+def check_config_change(checkpoint: Path, config: Any, announce: bool = True) -> None:
     """Compare ``config`` with the config the checkpoint was saved under; print every difference, and refuse the
     ones that change the training trajectory unless ``checkpoint.allow_config_change``."""
     saved_file = checkpoint / CONFIG_FILE
@@ -349,18 +383,30 @@ def check_config_change(checkpoint: Path, config: Any) -> None:
     changes = [key for key in changes if not key.startswith("checkpoint.")]
     if not changes:
         return
-    lines = "\n".join(
-        f"  {key}: {_show(saved.get(key, _MISSING))} -> {_show(new.get(key, _MISSING))}" for key in changes
-    )
-    trajectory = [key for key in changes if key.split(".")[0] not in BOOKKEEPING_KEYS]
+    described = [f"{key}: {_show(saved.get(key, _MISSING))} -> {_show(new.get(key, _MISSING))}" for key in changes]
+    trajectory = [key for key in changes if changes_training(key, config)]
     if trajectory and not allowed:
         raise RunFolderError(
             f"resuming from {checkpoint} with a config that changes the training ({', '.join(trajectory)}), so the "
-            f"run would no longer follow one config. The differences:\n{lines}\nRevert them, pass "
+            f"run would no longer follow one config; the differences: {'; '.join(described)}. Revert them, pass "
             "--allow-config-change (checkpoint.allow_config_change: true) to continue anyway, or start a new run in "
             "another output_dir"
         )
-    say(f"config changes since {checkpoint.name}:\n{lines}")
+    if announce:
+        say(f"config changes since {checkpoint.name}:\n" + "\n".join(f"  {line}" for line in described))
+
+
+def changes_training(key: str, config: Any) -> bool:
+    """Whether changing the dotted config ``key`` on resume changes what the run trains (not only how it is watched
+    and kept): everything but :data:`BOOKKEEPING_KEYS` and the config class's ``resume_safe_keys``. ``max_steps``
+    (and ``max_minutes`` with ``optim.lr_horizon: max_minutes``) set the length of a decaying schedule, so they count
+    unless the learning rate is constant."""
+    optim = config.optim
+    if key in ("max_steps", "max_minutes"):
+        horizon = key == "max_steps" or optim.lr_horizon == "max_minutes"
+        return horizon and optim.lr_scheduler not in ("constant", "constant_with_warmup")
+    safe = (*BOOKKEEPING_KEYS, *getattr(config, "resume_safe_keys", ()))
+    return not any(key == prefix or key.startswith(f"{prefix}.") for prefix in safe)
 
 
 _MISSING = object()

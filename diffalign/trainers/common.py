@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -73,6 +74,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+MAX_OVERFLOW_STREAK = 20
+"""fp16 loss-scale overflows in a row after which the run counts as diverged (each one halves the scale)."""
 
 
 class TrainingDivergedError(RuntimeError):
@@ -171,13 +176,13 @@ class TrainingRun:
         )
         set_seed(config.seed, device_specific=True)
         # Every process checks the folder before the main one writes to it (the check reads only).
-        self.resume_checkpoint = ckpt.check_output_dir(config)
+        self.resume_checkpoint = ckpt.check_output_dir(config, announce=self.is_main_process)
         self.accelerator.wait_for_everyone()
         if self.is_main_process:
             if config.checkpoint.overwrite:
                 ckpt.clear_output_dir(config)
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.output_dir / ckpt.CONFIG_FILE)
+            save_config(self._run_config(), self.output_dir / ckpt.CONFIG_FILE)
 
         use_lora = config.model.lora.rank > 0
         # LoRA: the frozen base runs in the mixed-precision dtype, the LoRA weights in fp32. Full fine-tuning
@@ -202,6 +207,8 @@ class TrainingRun:
         self.ema = EMA(self.params, config.ema.decay, config.ema.update_every) if config.ema.enabled else None
         self.optimizer_steps = 0
         self.schedule_steps = 0  # trainer steps the lr schedule has advanced (advance_schedule)
+        self.overflow_streak = 0  # fp16 loss-scale overflows in a row (optimizer_step)
+        self.last_saved_step: int | None = None
         if log_with is not None:
             run_config = {"method": getattr(config, "method", "train"), "seed": config.seed}
             self.accelerator.init_trackers(config.logging.project, config=run_config)
@@ -221,6 +228,12 @@ class TrainingRun:
     @property
     def use_lora(self) -> bool:
         return self.config.model.lora.rank > 0
+
+    def _run_config(self) -> TrainerConfig:
+        """The config as the run keeps it: ``overwrite`` and ``allow_config_change`` describe one launch, not the
+        run, so a saved config resumed later neither deletes the run nor accepts changes on its own."""
+        flags = dataclasses.replace(self.config.checkpoint, overwrite=False, allow_config_change=False)
+        return dataclasses.replace(self.config, checkpoint=flags)
 
     def _trainable_parameters(self) -> list[nn.Parameter]:
         lora = self.config.model.lora
@@ -308,9 +321,9 @@ class TrainingRun:
 
     def _check_finite(self, tensors: Sequence[Tensor], what: str, number: int | None) -> None:
         """Stop the run when any of ``tensors`` holds NaN/inf (on any process); ``number``: the 1-based step."""
-        finite = [bool(t.isfinite().all()) for t in tensors]
-        if self._max_over_processes(float(not all(finite))) > 0:
-            bad = next((t for t, ok in zip(tensors, finite) if not ok), None)
+        finite = torch.stack([t.detach().isfinite().all() for t in tensors]) if tensors else torch.ones(1, dtype=bool)
+        if self._max_over_processes(float(not finite.all())) > 0:  # one host sync
+            bad = next((t for t, ok in zip(tensors, finite.tolist()) if not ok), None)
             value = bad[~bad.isfinite()].detach().float().cpu() if bad is not None else torch.tensor(math.nan)
             raise TrainingDivergedError(self._divergence_message(what, value, number))
 
@@ -341,8 +354,11 @@ class TrainingRun:
         # With an infinite bound the gradients are only measured (scaled by exactly 1).
         norm = float(self.accelerator.clip_grad_norm_(self.params, math.inf if max_norm is None else max_norm))
         if not math.isfinite(norm):
+            if self._skip_overflow():
+                return {**metrics, "grad_norm": norm, "overflow_skipped": 1.0}
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDivergedError(self._divergence_message("gradient norm", torch.tensor(norm), _number(step)))
+        self.overflow_streak = 0
         metrics["grad_norm"] = norm
         self.optimizer.step()
         self._check_finite(self.params, "trained weights", _number(step))
@@ -351,6 +367,18 @@ class TrainingRun:
         if self.ema is not None:
             self.ema.step(self.optimizer_steps)
         return metrics
+
+    def _skip_overflow(self) -> bool:
+        """fp16 loss scaling: an inf/NaN gradient is how the scale finds its level. The grad scaler skips the update
+        and lowers the scale (inside ``optimizer.step``); only :data:`MAX_OVERFLOW_STREAK` overflows in a row mean
+        the run diverged. Returns whether the step was skipped (False without a grad scaler, or past the streak)."""
+        if getattr(self.accelerator, "scaler", None) is None or self.overflow_streak >= MAX_OVERFLOW_STREAK:
+            return False
+        self.optimizer.step()  # the scaler sees the inf, skips the update and lowers its scale
+        self.optimizer.zero_grad(set_to_none=True)
+        self.overflow_streak += 1
+        logger.warning("fp16 gradient overflow: update skipped, scale lowered (%d in a row)", self.overflow_streak)
+        return True
 
     def advance_schedule(self, done: int) -> None:
         """Move the learning-rate schedule to ``done`` finished trainer steps (``max_steps`` and ``warmup_steps`` count
@@ -473,9 +501,13 @@ class TrainingRun:
 
     # --- checkpoints ------------------------------------------------------------------------------------------------
 
-    def trainable_state_dict(self) -> dict[str, Tensor]:
+    def trainable_names(self) -> list[str]:
+        """The trained parameters' names in the denoiser, in ``self.params`` order."""
         names = {id(p): n for n, p in self.adapter.denoiser.named_parameters()}
-        return {names[id(p)]: p.detach().cpu().contiguous() for p in self.params}
+        return [names[id(p)] for p in self.params]
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return {name: p.detach().cpu().contiguous() for name, p in zip(self.trainable_names(), self.params)}
 
     def maybe_save(self, step: int, trainer_state: Mapping[str, Any]) -> Path | None:
         """Save when ``step`` (1-based count of completed steps) hits ``checkpoint.every``."""
@@ -505,12 +537,18 @@ class TrainingRun:
         ckpt.write_json(tmp / ckpt.rng_file(self.accelerator.process_index), rng_state())
         self.accelerator.wait_for_everyone()
         if self.is_main_process:
-            state = {"step": step, "optimizer_steps": self.optimizer_steps, "schedule_steps": self.schedule_steps}
+            state = {
+                "step": step,
+                "optimizer_steps": self.optimizer_steps,
+                "schedule_steps": self.schedule_steps,
+                "num_processes": self.accelerator.num_processes,
+            }
             ckpt.write_json(tmp / ckpt.COMPLETE_MARKER, {**state, **trainer_state})  # last: the "complete" marker
             ckpt.commit_folder(tmp, final)
             self._prune()
             logger.info("saved checkpoint %s", final)
         self.accelerator.wait_for_everyone()
+        self.last_saved_step = step
         return final
 
     def _write_main_files(self, folder: Path) -> None:
@@ -519,9 +557,9 @@ class TrainingRun:
         torch.save(self.optimizer.state_dict(), folder / ckpt.OPTIMIZER_FILE)
         ckpt.write_json(folder / ckpt.SCHEDULER_FILE, self.lr_scheduler.state_dict())
         if self.ema is not None:
-            shadow = dict(zip(self.trainable_state_dict(), self.ema.shadow))
+            shadow = dict(zip(self.trainable_names(), self.ema.shadow))
             ckpt.write_tensors(folder / ckpt.EMA_FILE, shadow, {"num_updates": str(self.ema.num_updates)})
-        save_config(self.config, folder / ckpt.CONFIG_FILE)
+        save_config(self._run_config(), folder / ckpt.CONFIG_FILE)
         if self.use_lora:
             self.export_lora(folder / "lora")
 
@@ -543,19 +581,24 @@ class TrainingRun:
     def resume(self, resume: str | os.PathLike | None = None) -> dict[str, Any]:
         """Restore the full state from a checkpoint; returns its trainer state, ``{"step": 0}`` for a fresh start.
 
+        Checkpoints of this run after the resumed one (an abandoned continuation) are deleted, and so are the
+        ``metrics.jsonl`` records after its step, so that the run folder holds one history.
+
         Args:
             resume: a checkpoint folder, ``"latest"`` or ``"auto"``; by default the one ``checkpoint.resume_from``
                 named when the run was built.
 
         Raises:
             CheckpointError: a file of the checkpoint is missing, damaged or not in diffalign's format.
+            RunFolderError: the checkpoint was saved by a different number of processes.
         """
         path = self.resume_checkpoint if resume is None else resolve_checkpoint(resume, self.output_dir)
         if path is None:
             if (resume or self.config.checkpoint.resume_from) is not None and self.is_main_process:
                 ckpt.say(f"no checkpoint in {self.output_dir / 'checkpoints'}; starting fresh")
-            self._restart_metrics(0)
+            self._restart_history(-1)  # a fresh start logs (and evaluates) step 0 again
             return {"step": 0}
+        state = self._check_checkpoint(path)
         self._load_weights(path)
         self.optimizer.load_state_dict(
             ckpt.read_file(path, ckpt.OPTIMIZER_FILE, lambda p: ckpt.read_torch(p, map_location=self.device))
@@ -563,14 +606,45 @@ class TrainingRun:
         self.lr_scheduler.load_state_dict(ckpt.read_file(path, ckpt.SCHEDULER_FILE, ckpt.read_json))
         if self.ema is not None:
             self._load_ema(path)
-        set_rng_state(ckpt.read_file(path, ckpt.rng_file(self.accelerator.process_index), ckpt.read_json))
-        state = ckpt.read_file(path, ckpt.COMPLETE_MARKER, ckpt.read_json)
+        rng = ckpt.rng_file(self.accelerator.process_index)
+        if (path / rng).is_file() or "num_processes" not in state:  # else: a new rank keeps its seeded streams
+            ckpt.read_file(path, rng, lambda p: set_rng_state(ckpt.read_json(p)))
         self.optimizer_steps = int(state.get("optimizer_steps", 0))
         self.schedule_steps = int(state.get("schedule_steps", state["step"]))
-        self._restart_metrics(int(state["step"]))
+        self.last_saved_step = int(state["step"])
+        self._restart_history(int(state["step"]))
         if self.is_main_process:
             ckpt.say(f"resumed from {path} (step {state['step']})")
         return state
+
+    def _check_checkpoint(self, path: Path) -> dict[str, Any]:
+        """The checkpoint's trainer state, once every file this process reads is known to be there (nothing is
+        loaded from a checkpoint that lacks a file)."""
+        state = ckpt.read_file(path, ckpt.COMPLETE_MARKER, ckpt.read_json)
+        saved_processes = int(state.get("num_processes", self.accelerator.num_processes))
+        if saved_processes != self.accelerator.num_processes and not self.config.checkpoint.allow_config_change:
+            raise RunFolderError(
+                f"{path} was saved by {saved_processes} process(es), this run has {self.accelerator.num_processes}: "
+                "the data split and the per-process random streams would differ. Launch as many processes, or pass "
+                "--allow-config-change to continue anyway (RNG states of missing ranks start from the seed)"
+            )
+        names = [ckpt.TRAINABLE_FILE, ckpt.OPTIMIZER_FILE, ckpt.SCHEDULER_FILE]
+        if saved_processes == self.accelerator.num_processes:
+            names.append(ckpt.rng_file(self.accelerator.process_index))
+        for name in names:
+            ckpt.read_file(path, name, lambda p: None)  # only the existence check
+        return state
+
+    def _restart_history(self, step: int) -> None:
+        """Forget what this run did after ``step``: later checkpoints (main process) and ``metrics.jsonl`` records."""
+        if self.is_main_process:
+            later = [p for p in list_checkpoints(self.output_dir) if int(p.name.rsplit("-", 1)[-1]) > step]
+            for path in later:
+                ckpt.remove_checkpoint(path)
+            if later:
+                ckpt.say(f"deleted the checkpoints after step {step}: {', '.join(p.name for p in later)}")
+            ckpt.truncate_metrics(self._metrics_file, step)
+        self.accelerator.wait_for_everyone()
 
     def _load_weights(self, path: Path) -> None:
         weights, _ = ckpt.read_file(path, ckpt.TRAINABLE_FILE, ckpt.read_tensors)
@@ -587,19 +661,17 @@ class TrainingRun:
 
     def _load_ema(self, path: Path) -> None:
         if not (path / ckpt.EMA_FILE).is_file() and not (path / "ema.pt").is_file():
-            ckpt.say(f"{path} has no EMA weights (saved with ema.enabled: false); the EMA starts from the weights")
+            self.ema = EMA(self.params, self.config.ema.decay, self.config.ema.update_every)
+            if self.is_main_process:
+                ckpt.say(f"{path} has no EMA weights (saved with ema.enabled: false); the EMA starts from them")
             return
         shadow, metadata = ckpt.read_file(path, ckpt.EMA_FILE, ckpt.read_tensors)
-        names = list(self.trainable_state_dict())
-        if sorted(shadow) != sorted(names) or "num_updates" not in metadata:
+        names = self.trainable_names()
+        if sorted(shadow) != sorted(names):
             raise CheckpointError(f"{path / ckpt.EMA_FILE} does not match the trained parameters; check model.lora")
+        if not metadata.get("num_updates", "").isdigit():
+            raise CheckpointError(f"{path / ckpt.EMA_FILE} lacks its num_updates metadata (not saved by diffalign)")
         self.ema.load_state_dict({"shadow": [shadow[name] for name in names], "num_updates": metadata["num_updates"]})
-
-    def _restart_metrics(self, step: int) -> None:
-        """Drop the ``metrics.jsonl`` records after ``step``: a resumed run logs those steps again."""
-        if self.is_main_process:
-            ckpt.truncate_metrics(self._metrics_file, step)
-        self.accelerator.wait_for_everyone()
 
     # --- evaluation -------------------------------------------------------------------------------------------------
 
@@ -617,7 +689,7 @@ class TrainingRun:
     def finish(self, trainer_state: Mapping[str, Any], step: int) -> Path:
         """Final checkpoint (unless the last step just saved one), LoRA export to ``<output_dir>/lora``."""
         path = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
-        if not (path / ckpt.COMPLETE_MARKER).is_file():
+        if self.last_saved_step != step:
             path = self.save(step, trainer_state)
         if self.is_main_process and self.use_lora:
             self.export_lora(self.output_dir / "lora")

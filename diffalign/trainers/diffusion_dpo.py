@@ -51,7 +51,7 @@ import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -160,6 +160,9 @@ class DPOLossConfig:
 @dataclasses.dataclass(kw_only=True)
 class DiffusionDPOConfig(TrainerConfig):
     """Config of the ``diffusion_dpo`` trainer (offline Diffusion-DPO from preference pairs)."""
+
+    resume_safe_keys: ClassVar[tuple[str, ...]] = ("reward", "data.num_workers", "data.max_bad_fraction")
+    """Offline DPO uses its reward for evaluation only; decoding workers and the bad-data limit change no draw."""
 
     method: Literal["diffusion_dpo"] = "diffusion_dpo"
     """Trainer name (``diffalign train`` picks the trainer from it)."""
@@ -458,9 +461,12 @@ class DiffusionDPOTrainer:
                 totals[key] = totals.get(key, 0.0) + float(value)
             count += 1
         self._check_data(step, kept, skipped, notes)  # raises before an update when the data is too bad
-        if count == 0:  # some process lacked a pair in every micro-batch (the same decision everywhere): no update
-            logger.warning("optimizer step %d had no micro-batch readable on every process; no update", step + 1)
-            return {"data/num_skipped": float(self.num_skipped)}
+        if count == 0:  # some process lacked a pair in every micro-batch (the same decision everywhere)
+            raise PreferenceDataError(
+                f"optimizer step {step + 1} trains nothing: in each of its micro-batches some process has no readable "
+                f"pair. First unreadable records: {'; '.join(self.bad_examples)}. Repair or remove them, or use a "
+                "larger data.batch_size"
+            )
         if not synced and self.run.accelerator.num_processes > 1:
             self._sync_gradients()
         metrics = {key: value / count for key, value in totals.items()}

@@ -211,9 +211,6 @@ class _Killed(BaseException):
     """Stands for SIGKILL: nothing after the cut runs, no ``except Exception`` catches it."""
 
 
-_CUT_POINTS = ("save_file", "torch.save", "write_text", "os.replace", "shutil.rmtree", "os.fsync", "rmtree_partial")
-
-
 def _count_save_operations(monkeypatch, cut_at=None):
     """Patch the file operations ``save`` uses so that the ``cut_at``-th one (0-based) raises :class:`_Killed`;
     returns the list the operations are recorded in. A cut ``shutil.rmtree`` first deletes one file, as a kill in
@@ -227,10 +224,8 @@ def _count_save_operations(monkeypatch, cut_at=None):
     def wrap(name, real):
         def operation(*args, **kwargs):
             if cut_at is not None and len(done) == cut_at:
-                if name == "shutil.rmtree":
-                    files = sorted(p for p in pathlib.Path(args[0]).rglob("*") if p.is_file())
-                    if files:
-                        files[0].unlink()
+                if name == "shutil.rmtree":  # the weights go first: a half folder must not pass as complete
+                    (pathlib.Path(args[0]) / "trainable.safetensors").unlink(missing_ok=True)
                 raise _Killed(name)
             done.append(name)
             return real(*args, **kwargs)
@@ -356,3 +351,26 @@ def test_soak_kill_and_resume_ends_bit_equal_to_an_uninterrupted_run(tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert result.returncode == 0 and summary["ok"], summary
     assert summary["kills"] >= 2 and summary["steps"] > 0, summary
+
+
+def test_fp16_overflows_are_skipped_by_the_grad_scaler_until_a_streak(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """With a grad scaler an inf gradient skips the update (the scaler lowers its scale); a long streak diverges."""
+    from diffalign.trainers.common import MAX_OVERFLOW_STREAK
+
+    run = make_run(tiny_pipeline_dir("sd3"), tmp_path)
+    # fp16 on a GPU has an active scaler; a disabled one lets the CPU take the same path.
+    monkeypatch.setattr(run.accelerator, "scaler", torch.amp.GradScaler("cpu", enabled=False))
+    calls = []
+    monkeypatch.setattr(run.optimizer, "step", lambda *a, **k: calls.append(1))  # the scaler would skip the update
+    good = _weights(run)
+    for streak in range(1, MAX_OVERFLOW_STREAK + 1):
+        _backward(run)
+        run.params[0].grad.view(-1)[0] = float("inf")
+        metrics = run.optimizer_step()
+        assert metrics["overflow_skipped"] == 1.0 and run.overflow_streak == streak
+    assert len(calls) == MAX_OVERFLOW_STREAK and run.optimizer_steps == 0
+    _assert_equal(_weights(run), good)
+    _backward(run)
+    run.params[0].grad.view(-1)[0] = float("inf")
+    with pytest.raises(TrainingDivergedError, match="gradient norm became inf"):
+        run.optimizer_step()

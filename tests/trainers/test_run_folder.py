@@ -165,3 +165,69 @@ def test_train_flags(model, tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().err
     assert main(["train", str(config), "--overwrite"]) == 0
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-1", "checkpoint-2"]
+
+
+# --- the review's cases ----------------------------------------------------------------------------------------------
+
+
+def test_overwrite_and_resume_exclude_each_other(tiny_pipeline_dir, tmp_path):
+    from diffalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot go with resume_from"):
+        make_run(tiny_pipeline_dir("sd3"), tmp_path, resume="latest", overwrite=True)
+
+
+def test_the_saved_config_does_not_keep_the_launch_flags(tiny_pipeline_dir, tmp_path):
+    folder = tiny_pipeline_dir("sd3")
+    _old_run(folder, tmp_path, steps=1)
+    make_run(folder, tmp_path, overwrite=True)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["checkpoint"]
+    assert saved["overwrite"] is False and saved["allow_config_change"] is False
+
+
+def test_a_folder_with_only_a_config_is_not_a_run(tiny_pipeline_dir, tmp_path):
+    folder = tiny_pipeline_dir("sd3")
+    make_run(folder, tmp_path, seed=1)  # stopped before logging or saving anything
+    make_run(folder, tmp_path, seed=2)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["seed"] == 2
+
+
+def test_resuming_an_older_checkpoint_drops_the_later_ones(tiny_pipeline_dir, tmp_path, capsys):
+    folder = tiny_pipeline_dir("sd3")
+    _old_run(folder, tmp_path, steps=3)
+    older = tmp_path / "checkpoints" / "checkpoint-1"
+    run = make_run(folder, tmp_path, resume=str(older), checkpoint={"keep_last": 1})
+    run.resume()
+    assert "deleted the checkpoints after step 1: checkpoint-2, checkpoint-3" in capsys.readouterr().err
+    _step(run)
+    run.save(2, {})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert _logged_steps(tmp_path) == [1]
+
+
+def test_a_longer_decaying_schedule_is_a_training_change(tiny_pipeline_dir, tmp_path):
+    folder = tiny_pipeline_dir("sd3")
+    linear = {"lr": 1e-2, "lr_scheduler": "linear"}
+    _old_run(folder, tmp_path, steps=1, optim=linear)
+    with pytest.raises(RunFolderError, match=r"changes the training \(max_steps\)"):
+        make_run(folder, tmp_path, resume="latest", optim=linear, max_steps=20)
+
+
+def test_a_resume_from_another_runs_checkpoint_into_a_used_folder_is_refused(tiny_pipeline_dir, tmp_path):
+    folder = tiny_pipeline_dir("sd3")
+    _old_run(folder, tmp_path / "a", steps=1)
+    _old_run(folder, tmp_path / "b", steps=1)
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        make_run(folder, tmp_path / "b", resume=str(tmp_path / "a" / "checkpoints" / "checkpoint-1"))
+    run = make_run(folder, tmp_path / "c", resume=str(tmp_path / "a" / "checkpoints" / "checkpoint-1"))
+    assert run.resume()["step"] == 1  # a warm start into a fresh folder is fine
+
+
+def test_a_checkpoint_of_another_process_count_is_refused(tiny_pipeline_dir, tmp_path):
+    folder = tiny_pipeline_dir("sd3")
+    _old_run(folder, tmp_path, steps=1)
+    marker = tmp_path / "checkpoints" / "checkpoint-1" / "trainer_state.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "num_processes": 2}))
+    with pytest.raises(RunFolderError, match="saved by 2 process"):
+        make_run(folder, tmp_path, resume="latest").resume()
+    assert make_run(folder, tmp_path, resume="latest", allow_config_change=True).resume()["step"] == 1
