@@ -10,23 +10,15 @@ import shutil
 
 import pytest
 import torch
+from test_common import make_run as common_make_run
 
-from diffalign.config import TrainerConfig, load_config
-from diffalign.trainers.common import CheckpointError, TrainingDivergedError, TrainingRun, list_checkpoints
+from diffalign.trainers.common import CheckpointError, TrainingDivergedError, list_checkpoints
 
 
 def make_run(folder, output_dir, resume=None, **extra):
-    raw = {
-        "model": {"path": str(folder), "lora": {"rank": 2}},
-        "output_dir": str(output_dir),
-        "max_steps": 10,
-        "logging": {"log_with": "none"},
-        "optim": {"lr": 1e-2},
-        "ema": {"enabled": True, "decay": 0.5},
-        **extra,
-    }
-    raw.setdefault("checkpoint", {})["resume_from"] = resume
-    return TrainingRun(load_config(TrainerConfig, raw))
+    """test_common's run with an EMA (its file is part of every checkpoint here)."""
+    extra.setdefault("ema", {"enabled": True, "decay": 0.5})
+    return common_make_run(folder, output_dir, resume=resume, **extra)
 
 
 def _backward(run):

@@ -16,7 +16,8 @@ from diffalign.trainers.common import (
 )
 
 
-def make_run(folder, output_dir, **extra):
+def make_run(folder, output_dir, resume=None, overwrite=False, allow_config_change=False, **extra):
+    """A LoRA run on a tiny pipeline; ``extra`` are top-level config groups, the flags go into ``checkpoint``."""
     raw = {
         "model": {"path": str(folder), "lora": {"rank": 2}},
         "output_dir": str(output_dir),
@@ -25,6 +26,8 @@ def make_run(folder, output_dir, **extra):
         "optim": {"lr": 1e-2},
         **extra,
     }
+    flags = {"resume_from": resume, "overwrite": overwrite, "allow_config_change": allow_config_change}
+    raw["checkpoint"] = {**raw.get("checkpoint", {}), **{key: value for key, value in flags.items() if value}}
     return TrainingRun(load_config(TrainerConfig, raw))
 
 

@@ -6,28 +6,10 @@ import json
 import pytest
 import yaml
 from test_cli import _grpo_yaml
+from test_common import make_run
 
 from diffalign.cli import main
-from diffalign.config import TrainerConfig, load_config
-from diffalign.trainers.common import RunFolderError, TrainingRun, list_checkpoints
-
-
-def make_run(folder, output_dir, resume=None, overwrite=False, allow_config_change=False, **extra):
-    raw = {
-        "model": {"path": str(folder), "lora": {"rank": 2}},
-        "output_dir": str(output_dir),
-        "max_steps": 10,
-        "logging": {"log_with": "none"},
-        "optim": {"lr": 1e-2},
-        **extra,
-    }
-    raw["checkpoint"] = {
-        **raw.get("checkpoint", {}),
-        "resume_from": resume,
-        "overwrite": overwrite,
-        "allow_config_change": allow_config_change,
-    }
-    return TrainingRun(load_config(TrainerConfig, raw))
+from diffalign.trainers.common import RunFolderError, list_checkpoints
 
 
 def _step(run):
