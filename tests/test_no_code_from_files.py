@@ -1,6 +1,7 @@
 """No file the library reads can run code: every ``torch.load`` is ``weights_only=True``, YAML goes through safe
 loaders, and there is no pickle, ``trust_remote_code=True``, ``allow_pickle=True``, ``eval`` or ``exec`` in the
-packages. The scan is a source audit of ``diffalign`` and ``rewards``; each rule is checked on a bad snippet too.
+packages and scripts. The scan is a source audit of ``diffalign``, ``rewards`` and ``scripts``; each rule is checked
+on a bad snippet too.
 """
 
 import ast
@@ -59,7 +60,7 @@ def violations(source: str) -> list[str]:
 
 def test_the_packages_never_run_code_from_a_file():
     problems = []
-    for package in ("diffalign", "rewards"):
+    for package in ("diffalign", "rewards", "scripts"):
         for path in sorted((ROOT / package).rglob("*.py")):
             problems += [f"{path.relative_to(ROOT)}:{v}" for v in violations(path.read_text(encoding="utf-8"))]
     assert problems == []

@@ -224,7 +224,7 @@ def prepare(args: argparse.Namespace, arch: BaseArch, ckpt: Path) -> tuple[Any, 
     cache_path = ckpt / "cache.pt"
     if cache_path.is_file():
         pipe.vae.load_state_dict(torch.load(ckpt / "vae.pt", weights_only=True))
-        cache = torch.load(cache_path, weights_only=False)
+        cache = torch.load(cache_path, weights_only=True)
         pipe.vae.register_to_config(**cache["vae_scaling"])
         pipe.vae.eval().requires_grad_(False)
         log(f"loaded the trained VAE and the cached latents of {len(cache['latents'])} scenes")
@@ -236,7 +236,7 @@ def prepare(args: argparse.Namespace, arch: BaseArch, ckpt: Path) -> tuple[Any, 
         # A later stage keeps the earlier stage's VAE and latent scaling: its transformer was trained on them.
         init = Path(args.init_from)
         pipe.vae.load_state_dict(torch.load(init / "vae.pt", weights_only=True))
-        pipe.vae.register_to_config(**torch.load(init / "cache.pt", weights_only=False)["vae_scaling"])
+        pipe.vae.register_to_config(**torch.load(init / "cache.pt", weights_only=True)["vae_scaling"])
         pipe.vae.eval().requires_grad_(False)
         log(f"took the VAE and its latent scaling from {init}")
     else:
@@ -288,12 +288,12 @@ def train(args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(args.seed + 2)
     step = 0
     if args.init_from and not (args.resume and (ckpt / "state.pt").is_file()):
-        init = torch.load(Path(args.init_from) / "state.pt", weights_only=False)
+        init = torch.load(Path(args.init_from) / "state.pt", weights_only=True)
         transformer.load_state_dict(init["transformer"])
         ema.load_state_dict(init["ema"])
         log(f"started from the transformer and EMA of {args.init_from} (step {init['step']}); new optimiser")
     if args.resume and (ckpt / "state.pt").is_file():
-        state = torch.load(ckpt / "state.pt", weights_only=False)
+        state = torch.load(ckpt / "state.pt", weights_only=True)
         transformer.load_state_dict(state["transformer"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])

@@ -355,7 +355,7 @@ def train(args: argparse.Namespace) -> None:
     opt = make_optimizer(model, args)
     rng, generator, step = random.Random(args.seed), torch.Generator().manual_seed(args.seed), 0
     if args.resume and (ckpt / "state.pt").is_file():
-        state = torch.load(ckpt / "state.pt", weights_only=False)
+        state = torch.load(ckpt / "state.pt", weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         rng.setstate(state["rng"])

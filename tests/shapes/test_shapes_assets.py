@@ -197,7 +197,7 @@ def test_train_base_smoke_resume_matches_uninterrupted(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_base.main(["--out", str(straight), "--steps", "3", *_TINY_BASE])
     train_base.main(["--out", str(resumed), "--steps", "2", *_TINY_BASE])
-    state = torch.load(tmp_path / "resumed.ckpt" / "state.pt", weights_only=False)
+    state = torch.load(tmp_path / "resumed.ckpt" / "state.pt", weights_only=True)
     assert state["step"] == 2
     with pytest.raises(SystemExit, match="--resume"):
         train_base.main(["--out", str(resumed), "--steps", "3", *_TINY_BASE])
@@ -239,8 +239,8 @@ def test_train_base_later_stage_starts_from_the_earlier_one(tmp_path):
         torch.testing.assert_close(vae_first[key], vae_second[key], atol=0, rtol=0)
     configs = [json.loads((folder / "vae" / "config.json").read_text()) for folder in (first, second)]
     assert configs[0]["scaling_factor"] == configs[1]["scaling_factor"]
-    ema_first = torch.load(tmp_path / "first.ckpt" / "state.pt", weights_only=False)["ema"]
-    ema_second = torch.load(tmp_path / "second.ckpt" / "state.pt", weights_only=False)["ema"]
+    ema_first = torch.load(tmp_path / "first.ckpt" / "state.pt", weights_only=True)["ema"]
+    ema_second = torch.load(tmp_path / "second.ckpt" / "state.pt", weights_only=True)["ema"]
     gaps = [(ema_second[k] - ema_first[k]).abs().max().item() for k in ema_first]
     assert 0 < max(gaps) < 0.1  # one step away from the first stage, not from a fresh initialisation
     recipe = json.loads((second / "diffalign_train.json").read_text())
@@ -311,7 +311,7 @@ def test_sample_batch_pairs_scenes_with_scenes_of_their_contrast_caption():
 
 def test_train_clip_patch_embedding_learns_at_its_lr_scale(tmp_path):
     train_clip.main(["--out", str(tmp_path / "clip"), "--steps", "2", "--lr", "1e-3", "--warmup", "1", *_TINY_CLIP])
-    state = torch.load(tmp_path / "clip.ckpt" / "state.pt", weights_only=False)
+    state = torch.load(tmp_path / "clip.ckpt" / "state.pt", weights_only=True)
     rest, patch = state["optimizer"]["param_groups"]
     assert rest["lr"] == pytest.approx(1e-3) and patch["lr"] == pytest.approx(0.02 * 1e-3)
     assert len(patch["params"]) == 1
