@@ -529,14 +529,13 @@ class TrainingRun:
         final = root / f"{CHECKPOINT_PREFIX}{step}"
         tmp = ckpt.temporary_folder(final)
         self.accelerator.wait_for_everyone()
-        if self.is_main_process:
+
+        def start() -> None:
             ckpt.remove_leftovers(root)
             tmp.mkdir(parents=True)
             self._write_main_files(tmp)
-        self.accelerator.wait_for_everyone()
-        ckpt.write_json(tmp / ckpt.rng_file(self.accelerator.process_index), rng_state())
-        self.accelerator.wait_for_everyone()
-        if self.is_main_process:
+
+        def complete() -> None:
             state = {
                 "step": step,
                 "optimizer_steps": self.optimizer_steps,
@@ -547,9 +546,26 @@ class TrainingRun:
             ckpt.commit_folder(tmp, final)
             self._prune()
             logger.info("saved checkpoint %s", final)
-        self.accelerator.wait_for_everyone()
+
+        self._together(start)
+        self._together(lambda: ckpt.write_json(tmp / ckpt.rng_file(self.accelerator.process_index), rng_state()), True)
+        self._together(complete)
         self.last_saved_step = step
         return final
+
+    def _together(self, work: Callable[[], None], every_process: bool = False) -> None:
+        """Run ``work`` on the main process (or on every process) and meet: an error on any process is raised on
+        all of them, so that none is left waiting at the next barrier while another has stopped."""
+        error: Exception | None = None
+        if every_process or self.is_main_process:
+            try:
+                work()
+            except Exception as err:  # noqa: BLE001 - raised again below, on every process
+                error = err
+        if self._max_over_processes(float(error is not None)) > 0:
+            if error is not None:
+                raise error
+            raise RuntimeError("another process failed while writing the run folder (its error is in its log)")
 
     def _write_main_files(self, folder: Path) -> None:
         """Everything of a checkpoint but the RNG states and the marker (main process)."""
@@ -637,14 +653,16 @@ class TrainingRun:
 
     def _restart_history(self, step: int) -> None:
         """Forget what this run did after ``step``: later checkpoints (main process) and ``metrics.jsonl`` records."""
-        if self.is_main_process:
+
+        def forget() -> None:
             later = [p for p in list_checkpoints(self.output_dir) if int(p.name.rsplit("-", 1)[-1]) > step]
             for path in later:
                 ckpt.remove_checkpoint(path)
             if later:
                 ckpt.say(f"deleted the checkpoints after step {step}: {', '.join(p.name for p in later)}")
             ckpt.truncate_metrics(self._metrics_file, step)
-        self.accelerator.wait_for_everyone()
+
+        self._together(forget)
 
     def _load_weights(self, path: Path) -> None:
         weights, _ = ckpt.read_file(path, ckpt.TRAINABLE_FILE, ckpt.read_tensors)
