@@ -250,6 +250,7 @@ def test_a_save_cut_at_any_file_operation_leaves_a_loadable_latest(tiny_pipeline
     base = tmp_path / "base"  # checkpoint-1 saved, as every cut starts
     run.output_dir = base
     run.save(1, {"saved": 1})
+    resumed_from = []
     for cut in range(len(operations)):
         output = tmp_path / f"cut-{cut}"
         shutil.copytree(base, output)
@@ -260,12 +261,14 @@ def test_a_save_cut_at_any_file_operation_leaves_a_loadable_latest(tiny_pipeline
                 run.save(1, {"saved": 2})
                 run.save(2, {"saved": 3})
         latest = list_checkpoints(output)[-1]
-        assert run.resume(latest)["saved"] in (1, 2, 3), cut  # every file of it reads back
+        resumed_from.append(run.resume(latest)["saved"])  # every file of it reads back
         # The next save cleans up whatever the cut left behind.
         run.save(3, {})
         leftovers = [p.name for p in (output / "checkpoints").iterdir() if p.name.startswith(".")]
         assert leftovers == [], (cut, leftovers)
         assert [p.name for p in list_checkpoints(output)] == ["checkpoint-3"]
+    # A later cut never resumes an older save, and each of the three saves becomes latest at some cut.
+    assert resumed_from == sorted(resumed_from) and set(resumed_from) == {1, 2, 3}, resumed_from
 
 
 def test_a_nan_gradient_in_a_training_run_stops_it_with_the_last_good_checkpoint_intact(
