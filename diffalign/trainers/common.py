@@ -616,8 +616,10 @@ class TrainingRun:
             return {"step": 0}
         state = self._check_checkpoint(path)
         self._load_weights(path)
+        # Read on the CPU: load_state_dict moves each state to its parameter's device (the training device as
+        # map_location fails in accelerate's CPU multi-process mode, tests/trainers/test_run_folder.py).
         self.optimizer.load_state_dict(
-            ckpt.read_file(path, ckpt.OPTIMIZER_FILE, lambda p: ckpt.read_torch(p, map_location=self.device))
+            ckpt.read_file(path, ckpt.OPTIMIZER_FILE, lambda p: ckpt.read_torch(p, map_location="cpu"))
         )
         self.lr_scheduler.load_state_dict(ckpt.read_file(path, ckpt.SCHEDULER_FILE, ckpt.read_json))
         if self.ema is not None:

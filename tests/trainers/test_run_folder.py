@@ -4,6 +4,7 @@ metrics log without repeated steps."""
 import json
 
 import pytest
+import torch
 import yaml
 from test_cli import _grpo_yaml
 from test_common import make_run
@@ -213,3 +214,34 @@ def test_a_checkpoint_of_another_process_count_is_refused(tiny_pipeline_dir, tmp
     with pytest.raises(RunFolderError, match="saved by 2 process"):
         make_run(folder, tmp_path, resume="latest").resume()
     assert make_run(folder, tmp_path, resume="latest", allow_config_change=True).resume()["step"] == 1
+
+
+@pytest.mark.slow  # three two-process launches
+def test_two_processes_resume_bit_exactly_and_refuse_one(model, tmp_path):
+    """accelerate's CPU mode with two processes: a run cut after step 2 and resumed ends where a straight run does."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def launch(config, *extra):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        command += ["-m", "diffalign.cli", "train", str(config), *extra]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stderr
+
+    straight = _grpo_yaml(tmp_path / "straight.yaml", model, tmp_path / "straight")
+    cut = _grpo_yaml(tmp_path / "cut.yaml", model, tmp_path / "cut")
+    launch(straight, "max_steps=3")
+    launch(cut, "max_steps=2")
+    log = launch(cut, "max_steps=3", "--resume", "latest")
+    assert log.count("resumed from") == 1, "printed by the main process only"
+    checkpoint = "checkpoints/checkpoint-3"
+    a, b = (load_file(str(tmp_path / run / checkpoint / "trainable.safetensors")) for run in ("straight", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "cut" / checkpoint / "rng-1.json").is_file()
+    assert main(["train", str(cut), "max_steps=4", "--resume", "latest"]) == 1  # one process: refused
