@@ -209,6 +209,7 @@ class TrainingRun:
         self.schedule_steps = 0  # trainer steps the lr schedule has advanced (advance_schedule)
         self.overflow_streak = 0  # fp16 loss-scale overflows in a row (optimizer_step)
         self.last_saved_step: int | None = None
+        self._pending_divergence: str | None = None  # a non-finite loss seen by backward (several processes)
         if log_with is not None:
             run_config = {"method": getattr(config, "method", "train"), "seed": config.seed}
             self.accelerator.init_trackers(config.logging.project, config=run_config)
@@ -313,10 +314,15 @@ class TrainingRun:
     def backward(self, loss: Tensor, step: int | None = None) -> None:
         """Backward with a finiteness check (stops the run; the last good checkpoint stays the newest).
 
-        ``step`` is the 0-based index of the trainer step, for the message.
+        ``step`` is the 0-based index of the trainer step, for the message. With several processes the error waits
+        for :meth:`optimizer_step`: the backward spreads the NaN to every process's gradients, so all of them stop
+        there together instead of one stopping while the others wait in the gradient all-reduce.
         """
         if not torch.isfinite(loss.detach()).all():
-            raise TrainingDivergedError(self._divergence_message("loss", loss.detach(), _number(step)))
+            message = self._divergence_message("loss", loss.detach(), _number(step))
+            if self.accelerator.num_processes == 1:
+                raise TrainingDivergedError(message)
+            self._pending_divergence = self._pending_divergence or message
         self.accelerator.backward(loss)
 
     def _check_finite(self, tensors: Sequence[Tensor], what: str, number: int | None) -> None:
@@ -354,6 +360,8 @@ class TrainingRun:
         # With an infinite bound the gradients are only measured (scaled by exactly 1).
         norm = float(self.accelerator.clip_grad_norm_(self.params, math.inf if max_norm is None else max_norm))
         if not math.isfinite(norm):
+            if self._pending_divergence is not None:  # a NaN loss on some process (see backward)
+                raise TrainingDivergedError(self._pending_divergence)
             if self._skip_overflow():
                 return {**metrics, "grad_norm": norm, "overflow_skipped": 1.0}
             self.optimizer.zero_grad(set_to_none=True)

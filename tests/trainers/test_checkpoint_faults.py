@@ -369,3 +369,18 @@ def test_fp16_overflows_are_skipped_by_the_grad_scaler_until_a_streak(tiny_pipel
     run.params[0].grad.view(-1)[0] = float("inf")
     with pytest.raises(TrainingDivergedError, match="gradient norm became inf"):
         run.optimizer_step()
+
+
+def test_with_several_processes_a_nan_loss_stops_the_run_at_the_update(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """One process raising in backward would leave the others waiting in the all-reduce: the backward goes on (the
+    NaN reaches every process's gradients) and the update stops all of them with the loss message."""
+    run = make_run(tiny_pipeline_dir("sd3"), tmp_path)
+    _step(run)
+    run.save(1, {})
+    good = _weights(run)
+    monkeypatch.setattr(type(run.accelerator), "num_processes", property(lambda self: 2))
+    loss = sum((p.float() ** 2).sum() for p in run.params) * float("nan")
+    run.backward(loss, step=1)  # no raise here
+    with pytest.raises(TrainingDivergedError, match=r"loss became nan in step 2.*checkpoint-1"):
+        run.optimizer_step(step=1)
+    _assert_equal(_weights(run), good)
