@@ -175,14 +175,11 @@ class TrainingRun:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir)),
         )
         set_seed(config.seed, device_specific=True)
-        # Every process checks the folder before the main one writes to it (the check reads only).
-        self.resume_checkpoint = ckpt.check_output_dir(config, announce=self.is_main_process)
-        self.accelerator.wait_for_everyone()
-        if self.is_main_process:
-            if config.checkpoint.overwrite:
-                ckpt.clear_output_dir(config)
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self._run_config(), self.output_dir / ckpt.CONFIG_FILE)
+        # Every process checks the folder (reading only) before the main one writes to it.
+        checked: list[Path | None] = []
+        self._together(lambda: checked.append(ckpt.check_output_dir(config, self.is_main_process)), every_process=True)
+        self.resume_checkpoint = checked[0]
+        self._together(self._prepare_output_dir)
 
         use_lora = config.model.lora.rank > 0
         # LoRA: the frozen base runs in the mixed-precision dtype, the LoRA weights in fp32. Full fine-tuning
@@ -229,6 +226,13 @@ class TrainingRun:
     @property
     def use_lora(self) -> bool:
         return self.config.model.lora.rank > 0
+
+    def _prepare_output_dir(self) -> None:
+        """Clear an earlier run (``checkpoint.overwrite``), create the folder and write the run's config.yaml."""
+        if self.config.checkpoint.overwrite:
+            ckpt.clear_output_dir(self.config)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self._run_config(), self.output_dir / ckpt.CONFIG_FILE)
 
     def _run_config(self) -> TrainerConfig:
         """The config as the run keeps it: ``overwrite`` and ``allow_config_change`` describe one launch, not the
