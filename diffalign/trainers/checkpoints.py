@@ -319,8 +319,7 @@ _PLAIN_NAME = re.compile(r"[\w][\w.\- ]*")  # one path component, not "." or "..
 
 def check_output_dir(config: Any, announce: bool = True) -> Path | None:
     """Apply the one-run-per-folder rules to ``config.output_dir`` before anything is written; returns the checkpoint
-    to resume from (``None``: start fresh). Reads only, so every process can call it; ``announce`` prints the
-    accepted config differences (the main process).
+    to resume from (``None``: start fresh). Reads only; ``announce`` prints the accepted config differences.
 
     Raises:
         RunFolderError: a fresh start (or a start from another run's checkpoint) into a folder holding another run

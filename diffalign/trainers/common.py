@@ -175,9 +175,13 @@ class TrainingRun:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir)),
         )
         set_seed(config.seed, device_specific=True)
-        # Every process checks the folder (reading only) before the main one writes to it.
-        checked: list[Path | None] = []
-        self._together(lambda: checked.append(ckpt.check_output_dir(config, self.is_main_process)), every_process=True)
+        # The main process decides (so that no filesystem cache can make processes disagree) and tells the others.
+        checked: list[Path | None] = [None]
+        self._together(lambda: checked.__setitem__(0, ckpt.check_output_dir(config)))
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(checked, from_process=0)
         self.resume_checkpoint = checked[0]
         self._together(self._prepare_output_dir)
 
