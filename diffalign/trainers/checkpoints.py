@@ -45,6 +45,8 @@ from torch import Tensor
 from diffalign.config import ConfigError, config_to_dict, load_config
 
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -67,8 +69,6 @@ class CheckpointError(ValueError):
 class RunFolderError(ValueError):
     """The output folder does not fit the request: another run in it, nothing to resume, or a changed config."""
 
-
-logger = logging.getLogger(__name__)
 
 _STEP = re.compile(rf"{CHECKPOINT_PREFIX}([0-9]+)")
 # Name prefixes of the folders a save or a delete passes through.
