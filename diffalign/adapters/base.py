@@ -132,12 +132,17 @@ class Schedule:
         alphas_cumprod: ``[T]`` epsilon/v families: ``alpha_bar`` at each step's timestep.
         alphas_cumprod_prev: ``[T]`` epsilon/v families: the ``alpha_bar`` each DDIM step moves to, computed as
             diffusers' ``DDIMScheduler.step`` does (``t - num_train_timesteps // T``; ``final_alpha_cumprod`` past 0).
+        stochastic_alphas_cumprod_prev: ``[T]`` epsilon/v families: where a *stochastic* DDIM step moves to. As in
+            ddpo-pytorch the previous timestep is clamped at 0, so the last step of a scheduler with
+            ``set_alpha_to_one=True`` keeps its noise (into ``alpha_bar = 1`` it would have none, and no log-prob);
+            equal to ``alphas_cumprod_prev`` otherwise. ``None``: use ``alphas_cumprod_prev``.
     """
 
     timesteps: Tensor
     sigmas: Tensor | None = None
     alphas_cumprod: Tensor | None = None
     alphas_cumprod_prev: Tensor | None = None
+    stochastic_alphas_cumprod_prev: Tensor | None = None
 
     def __len__(self) -> int:
         return self.timesteps.shape[0]
@@ -184,6 +189,8 @@ class DiffusionAdapter:
     guidance_embedded: ClassVar[bool] = False
     """The guidance scale is an input of the denoiser (FLUX.1-dev's guidance embedding), not two CFG branches;
     training calls then pass a guidance value too."""
+    clip_sample_range: float | None = None
+    """DDIM families: clamp each step's predicted ``x0`` to ``[-r, r]`` (the scheduler's ``clip_sample``)."""
 
     def __init__(
         self,

@@ -24,19 +24,21 @@ def _negative_list(negative_prompt: PromptInput | None, batch: int) -> list[str]
     return list(negative_prompt)
 
 
-def ddim_alpha_prods(scheduler, timestep: int | Tensor) -> tuple[Tensor, Tensor]:
+def ddim_alpha_prods(scheduler, timestep: int | Tensor, clamp_at_zero: bool = False) -> tuple[Tensor, Tensor]:
     """``(alpha_prod_t, alpha_prod_prev)`` of a DDIM step, exactly as ``DDIMScheduler.step`` picks them
     (the inputs of :func:`~diffalign.samplers.steps.ddim_step`).
 
     ``prev_timestep = t - num_train_timesteps // num_inference_steps``; ``alphas_cumprod[prev_timestep]`` when
     it is >= 0, else ``final_alpha_cumprod`` (1.0 with ``set_alpha_to_one=True``, else ``alphas_cumprod[0]``).
-    ddpo-pytorch clamps ``prev_timestep`` to 0 instead, which agrees for SD1.x (``set_alpha_to_one=False``) but
-    not for schedulers that set it to one.
+    ddpo-pytorch clamps ``prev_timestep`` to 0 instead (``clamp_at_zero``), which agrees for SD1.x
+    (``set_alpha_to_one=False``) but not for schedulers that set it to one: there the last step would move to
+    ``alpha_bar = 1`` and have no noise, so stochastic steps take the clamped value.
 
     Args:
         scheduler: A diffusers DDIM-style scheduler after ``set_timesteps`` (``alphas_cumprod``,
             ``final_alpha_cumprod``, ``config.num_train_timesteps``, ``num_inference_steps``).
         timestep: An entry of ``scheduler.timesteps``, or a ``[B]`` tensor of them.
+        clamp_at_zero: ``alphas_cumprod[0]`` past timestep 0 (ddpo-pytorch) instead of ``final_alpha_cumprod``.
 
     Returns:
         fp32 tensors of the shape of ``timestep`` (0-d or ``[B]``).
@@ -46,7 +48,8 @@ def ddim_alpha_prods(scheduler, timestep: int | Tensor) -> tuple[Tensor, Tensor]
     alphas_cumprod = scheduler.alphas_cumprod.float()
     timestep = torch.as_tensor(timestep, dtype=torch.long, device=alphas_cumprod.device)
     prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=alphas_cumprod.device)
+    final = alphas_cumprod[0] if clamp_at_zero else scheduler.final_alpha_cumprod
+    final = torch.as_tensor(final, dtype=torch.float32, device=alphas_cumprod.device)
     alpha_prod_prev = torch.where(prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], final)
     return alphas_cumprod[timestep], alpha_prod_prev
 
@@ -74,9 +77,15 @@ class StableDiffusionAdapter(DiffusionAdapter):
         self._scheduler = (
             scheduler if isinstance(scheduler, DDIMScheduler) else DDIMScheduler.from_config(scheduler.config)
         )
-        prediction_type = self._scheduler.config.prediction_type
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"{type(pipe).__name__}: prediction_type {prediction_type!r} is not supported")
+        config = self._scheduler.config
+        if config.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"{type(pipe).__name__}: prediction_type {config.prediction_type!r} is not supported")
+        if config.get("thresholding", False):
+            raise ValueError(
+                f"{type(pipe).__name__}: the scheduler's dynamic thresholding (thresholding: true) is not supported "
+                "by the DDIM/DDPO steps; set it to false in scheduler/scheduler_config.json"
+            )
+        self.clip_sample_range = float(config.clip_sample_range) if config.get("clip_sample", False) else None
         super().__init__(pipe, *args, **kwargs)
 
     @property
@@ -104,8 +113,14 @@ class StableDiffusionAdapter(DiffusionAdapter):
 
         timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device)
         alphas, alphas_prev = ddim_alpha_prods(self.scheduler, timesteps)
+        _, stochastic_prev = ddim_alpha_prods(self.scheduler, timesteps, clamp_at_zero=True)
         device = self.device
-        return Schedule(timesteps, alphas_cumprod=alphas.to(device), alphas_cumprod_prev=alphas_prev.to(device))
+        return Schedule(
+            timesteps,
+            alphas_cumprod=alphas.to(device),
+            alphas_cumprod_prev=alphas_prev.to(device),
+            stochastic_alphas_cumprod_prev=stochastic_prev.to(device),
+        )
 
     def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """``sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise`` (the scheduler's ``add_noise``)."""

@@ -171,16 +171,20 @@ def step_transition(
         if not bool((level > 0).all()):
             raise ValueError("per-row steps must all be stochastic (deterministic steps have no log-prob)")
     if adapter.prediction_type != "flow":
-        a_t, a_prev = schedule.alphas_cumprod[rows], schedule.alphas_cumprod_prev[rows]
+        stochastic = schedule.stochastic_alphas_cumprod_prev
+        # A stochastic step's target keeps noise at the end (see Schedule); per-row steps are all stochastic.
+        use_stochastic = stochastic is not None and (not isinstance(index, int) or level > 0)
+        a_prev = (stochastic if use_stochastic else schedule.alphas_cumprod_prev)[rows]
         return ddim_step(
             model_output,
             sample,
-            a_t,
+            schedule.alphas_cumprod[rows],
             a_prev,
             level,
             adapter.prediction_type,
             prev_sample=prev_sample,
             generator=generator,
+            clip_sample_range=adapter.clip_sample_range,
         )
     sigma, sigma_next = schedule.sigmas[rows], schedule.sigmas[rows + 1]
     if not isinstance(index, int):

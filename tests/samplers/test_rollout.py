@@ -212,3 +212,65 @@ def test_stop_after_returns_intermediate_latents(tiny_pipeline_dir):
     assert not torch.equal(full.final_latents, partial.final_latents)
     again = rollout(adapter, PROMPTS, ode_plan(6), seeds=0, decode=False, stop_after=6)
     assert torch.equal(full.final_latents, again.final_latents)
+
+
+def _with_scheduler(tiny_pipeline_dir, folder, family="sd15", **scheduler_options):
+    """A copy of a tiny DDIM pipeline whose scheduler config has ``scheduler_options``."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_pipeline_dir(family), folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **scheduler_options}))
+    return folder
+
+
+def _ode_matches_pipe(folder):
+    adapter = load_adapter(folder, height=SIZE, width=SIZE)
+    seeds = [3, 4]
+    traj = rollout(adapter, PROMPTS, ode_plan(4, kernel="ddim"), guidance_scale=3.0, seeds=seeds)
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    expected = pipe(
+        PROMPTS,
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        height=SIZE,
+        width=SIZE,
+        generator=generators,
+        output_type="pt",
+    ).images
+    return traj.images, expected, adapter
+
+
+def test_ddim_with_set_alpha_to_one_keeps_noise_in_its_stochastic_last_step(tiny_pipeline_dir, tmp_path):
+    """DDPO noises and trains the last DDIM step; into alpha_bar = 1 it would have no noise and no log-prob."""
+    folder = _with_scheduler(tiny_pipeline_dir, tmp_path / "sd15", set_alpha_to_one=True)
+    images, expected, adapter = _ode_matches_pipe(folder)  # the ODE keeps diffusers' final_alpha_cumprod = 1
+    assert (images - expected).abs().max().item() <= 1e-4
+    plan = sde_plan(4, 1.0, kernel="ddim", include_last=True)
+    traj = rollout(adapter, PROMPTS, plan, guidance_scale=3.0, seeds=[1, 2])
+    assert traj.log_probs.shape == (2, 4) and bool(traj.log_probs.isfinite().all())
+    schedule = adapter.set_timesteps(4)
+    assert schedule.alphas_cumprod_prev[-1].item() == 1.0
+    assert schedule.stochastic_alphas_cumprod_prev[-1].item() == adapter.scheduler.alphas_cumprod[0].item()
+    torch.testing.assert_close(schedule.stochastic_alphas_cumprod_prev[:-1], schedule.alphas_cumprod_prev[:-1])
+
+
+def test_ddim_applies_the_schedulers_clip_sample(tiny_pipeline_dir, tmp_path):
+    """SDXL keeps the scheduler's clip_sample (the SD1.x pipeline switches it off when it loads)."""
+    options = {"clip_sample": True, "clip_sample_range": 0.05}
+    folder = _with_scheduler(tiny_pipeline_dir, tmp_path / "clip", "sdxl", **options)
+    images, expected, adapter = _ode_matches_pipe(folder)
+    assert adapter.clip_sample_range == 0.05
+    assert (images - expected).abs().max().item() <= 1e-4
+    plain = _with_scheduler(tiny_pipeline_dir, tmp_path / "plain", "sdxl", clip_sample=False)
+    unclipped, _, _ = _ode_matches_pipe(plain)
+    assert (images - unclipped).abs().max().item() > 1e-2, "the clamp must have acted"
+
+
+def test_ddim_refuses_dynamic_thresholding(tiny_pipeline_dir, tmp_path):
+    folder = _with_scheduler(tiny_pipeline_dir, tmp_path / "thr", thresholding=True)
+    with pytest.raises(ValueError, match="thresholding"):
+        load_adapter(folder, height=SIZE, width=SIZE)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -362,3 +363,18 @@ def test_lr_schedule_counts_epochs_not_optimizer_steps(tiny_pipeline_dir, tmp_pa
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "lr" in line]
     assert trainer.run.optimizer_steps == 8
     assert [r["lr"] for r in records] == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])
+
+
+def test_ddpo_trains_with_a_set_alpha_to_one_scheduler(tiny_pipeline_dir, tmp_path):
+    """Every DDIM step is noised and trained in DDPO, the last one into alpha_bar = 1 too (ddpo-pytorch's clamp)."""
+    import shutil
+
+    folder = tmp_path / "sd15"
+    shutil.copytree(tiny_pipeline_dir("sd15"), folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "set_alpha_to_one": True}))
+    trainer = GRPOTrainer(make_config(folder, tmp_path / "run", family="sd15", max_steps=1))
+    before = [p.detach().clone() for p in trainer.run.params]
+    metrics = trainer.train()
+    assert math.isfinite(metrics["policy_loss"])
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, trainer.run.params))
