@@ -126,6 +126,8 @@ def load_adapter(
     source: Any,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
     **adapter_kwargs: Any,
 ) -> DiffusionAdapter:
     """Wrap a model in its family's adapter.
@@ -134,6 +136,8 @@ def load_adapter(
         source: a diffusers pipeline object, a local folder written by ``save_pretrained``, or a hub id.
         device: where to run (default: CPU, or the pipeline object's device).
         dtype: compute dtype of the denoiser and text encoders (default fp32; the VAE always stays fp32).
+        revision: hub revision (branch, tag or commit) of a hub id; diffusers ignores it for local folders.
+        variant: weight-file variant, e.g. ``fp16`` (``diffusion_pytorch_model.fp16.safetensors``).
         **adapter_kwargs: family options, e.g. ``height``, ``width``, ``max_sequence_length`` (SD3/FLUX).
 
     Raises:
@@ -142,6 +146,7 @@ def load_adapter(
     """
     pipe = source
     if isinstance(source, (str, os.PathLike)):
-        pipe = load_pipeline(source, dtype=dtype)
+        options = {"revision": revision, "variant": variant}
+        pipe = load_pipeline(source, dtype=dtype, **{key: value for key, value in options.items() if value})
     adapter_cls = adapter_class_for(type(pipe).__name__)
     return adapter_cls(pipe, device=device, dtype=dtype, **adapter_kwargs)

@@ -153,7 +153,7 @@ class LoggingConfig:
     project: str = "diffalign"
     """Tracker project name (the wandb project)."""
     run_name: str | None = None
-    """Run name in the tracker; null = the name of output_dir."""
+    """The wandb run's name; null = the name of output_dir (tensorboard writes to <output_dir>/<project>)."""
 
     def __post_init__(self) -> None:
         _require(

@@ -189,8 +189,14 @@ class TrainingRun:
         # LoRA: the frozen base runs in the mixed-precision dtype, the LoRA weights in fp32. Full fine-tuning
         # keeps fp32 master weights and relies on autocast.
         dtype = _weight_dtype(config.mixed_precision) if use_lora else torch.float32
+        model = config.model
         self.adapter = adapter or load_adapter(
-            config.model.path, device=self.accelerator.device, dtype=dtype, **dict(adapter_kwargs or {})
+            model.path,
+            device=self.accelerator.device,
+            dtype=dtype,
+            revision=model.revision,
+            variant=model.variant,
+            **dict(adapter_kwargs or {}),
         )
         self.adapter.set_attention_backend(config.model.attention)
         if config.gradient_checkpointing:
@@ -213,7 +219,11 @@ class TrainingRun:
         self._pending_divergence: str | None = None  # a non-finite loss seen by backward (several processes)
         if log_with is not None:
             run_config = {"method": getattr(config, "method", "train"), "seed": config.seed}
-            self.accelerator.init_trackers(config.logging.project, config=run_config)
+            # wandb names the run; tensorboard's run is the folder <output_dir>/<project>.
+            name = config.logging.run_name or self.output_dir.name
+            self.accelerator.init_trackers(
+                config.logging.project, config=run_config, init_kwargs={"wandb": {"name": name}}
+            )
         self._metrics_file = self.output_dir / ckpt.METRICS_FILE
         self._deadline: float | None = None
 

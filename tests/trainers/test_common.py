@@ -184,3 +184,41 @@ def test_a_step_without_an_update_still_advances_the_schedule_quietly(tiny_pipel
     run.advance_schedule(1)  # e.g. a GRPO epoch whose groups all tied: no optimizer step, the step still counts
     assert run.schedule_steps == 1 and run.lr_scheduler.get_last_lr()[0] == pytest.approx(9e-3)
     assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+
+
+def test_model_variant_and_revision_reach_the_loader(tmp_path, monkeypatch):
+    """model.variant loads the variant's weight files; model.revision is passed on for hub ids."""
+    from diffusers import DiffusionPipeline
+
+    from diffalign.adapters import load_adapter
+    from diffalign.testing import build_tiny_pipeline
+
+    folder = tmp_path / "fp16-only"
+    build_tiny_pipeline("sd3").save_pretrained(folder, variant="fp16")  # only *.fp16.safetensors files
+    with pytest.raises((OSError, ValueError)):
+        make_run(folder, tmp_path / "plain")
+    run = make_run(folder, tmp_path / "variant", model={"path": str(folder), "lora": {"rank": 2}, "variant": "fp16"})
+    assert run.params
+
+    seen = {}
+
+    def fake_from_pretrained(source, **kwargs):
+        seen.update(kwargs, source=source)
+        raise OSError("offline")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(OSError, match="offline"):
+        load_adapter("org/model", revision="abc123", variant="fp16")
+    assert seen["source"] == "org/model" and seen["revision"] == "abc123" and seen["variant"] == "fp16"
+
+
+def test_logging_run_name_names_the_wandb_run(tiny_pipeline_dir, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    calls = []
+    monkeypatch.setattr(Accelerator, "init_trackers", lambda self, project, **kwargs: calls.append((project, kwargs)))
+    folder = tiny_pipeline_dir("sd3")
+    make_run(folder, tmp_path / "a", logging={"log_with": "tensorboard", "run_name": "lr-sweep-3"})
+    make_run(folder, tmp_path / "run-b", logging={"log_with": "tensorboard"})
+    assert [kwargs["init_kwargs"]["wandb"]["name"] for _, kwargs in calls] == ["lr-sweep-3", "run-b"]
+    assert [project for project, _ in calls] == ["diffalign", "diffalign"]
