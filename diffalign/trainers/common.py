@@ -92,8 +92,10 @@ class TrainingDivergedError(RuntimeError):
 class EMA:
     """Exponential moving average of the trainable parameters (fp32 shadow copies).
 
-    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` with ``n`` the number of updates so far (diffusers'
-    ``EMAModel`` and Flow-GRPO's ``EMAModuleWrapper``); updates happen every ``update_every`` optimizer steps.
+    Updates happen every ``update_every`` optimizer steps, with the decay warming up as
+    ``min(decay, (1 + n) / (10 + n))`` where ``n`` counts the optimizer steps before this one, as Flow-GRPO's
+    ``EMAModuleWrapper`` counts them (with ``update_every = 1`` this is diffusers' ``EMAModel``, which counts
+    updates; with Flow-GRPO's 8 the first update already uses ``min(0.9, 8 / 17)``, not ``1 / 10``).
     """
 
     def __init__(self, params: list[nn.Parameter], decay: float, update_every: int = 1) -> None:
@@ -107,7 +109,8 @@ class EMA:
     def step(self, optimizer_step: int) -> None:
         if optimizer_step % self.update_every:
             return
-        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        steps_before = optimizer_step - 1
+        decay = min(self.decay, (1 + steps_before) / (10 + steps_before))
         for shadow, param in zip(self.shadow, self.params):
             shadow.lerp_(param.detach().float(), 1 - decay)
         self.num_updates += 1

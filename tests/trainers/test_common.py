@@ -119,6 +119,24 @@ def test_ema_decay_warmup_and_swap():
     assert torch.equal(param.data, torch.ones(3))
 
 
+def test_ema_warmup_counts_optimizer_steps_not_updates():
+    """Flow-GRPO's EMA updates every 8 optimizer steps and warms up on the optimizer step count."""
+    param = torch.nn.Parameter(torch.zeros(2))
+    ema = EMA([param], decay=0.9, update_every=8)
+    with torch.no_grad():
+        param.fill_(1.0)
+    for step in range(1, 8):
+        ema.step(step)
+    assert torch.equal(ema.shadow[0], torch.zeros(2)) and ema.num_updates == 0  # no update before step 8
+    ema.step(8)  # 7 optimizer steps before it: decay min(0.9, 8/17); counting updates would give 1/10
+    d = 8 / 17
+    torch.testing.assert_close(ema.shadow[0], torch.full((2,), 1 - d))
+    for step in range(9, 17):
+        ema.step(step)
+    d2 = 16 / 25  # step 16: 15 optimizer steps before it
+    torch.testing.assert_close(ema.shadow[0], torch.full((2,), (1 - d) * d2 + (1 - d2)))
+
+
 def test_metrics_are_logged_as_json_lines(tiny_pipeline_dir, tmp_path):
     run = make_run(tiny_pipeline_dir("sd3"), tmp_path)
     run.log(3, {"loss": torch.tensor(0.5), "lr": 1e-3})
