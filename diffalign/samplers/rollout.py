@@ -392,7 +392,7 @@ def _decode(adapter: DiffusionAdapter, latents: Tensor, grad: GradientPath) -> T
 def transition_log_probs(
     adapter: DiffusionAdapter,
     trajectory: Trajectory,
-    positions: Sequence[int] | int,
+    positions: Sequence[int] | int | Tensor,
     conditioning: Conditioning | None = None,
     samples: slice | Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -405,24 +405,31 @@ def transition_log_probs(
     Args:
         adapter: the model (LoRA on, or inside ``adapter.lora_disabled()`` for the reference).
         trajectory: a rollout's result.
-        positions: position(s) on the stored axis ``S`` to score.
+        positions: position(s) on the stored axis ``S`` to score, the same for every sample; or an int64 ``[b, n]``
+            tensor of each sample's own positions (DDPO's per-sample random steps).
         conditioning: override the trajectory's conditioning (e.g. a training sub-batch's).
         samples: a sub-batch of images (slice or index tensor); default all.
 
     Returns:
-        ``(log_probs [b, n], means [b, n, ...], stds [n])`` for the ``n`` positions; the means and the transition
-        stds serve the KL term.
+        ``(log_probs [b, n], means [b, n, ...], stds)`` for the ``n`` positions; the means and the transition
+        stds serve the KL term. ``stds`` is ``[n]`` for shared positions, ``[b, n]`` for per-sample ones.
     """
-    positions = [positions] if isinstance(positions, int) else list(positions)
+    per_sample = isinstance(positions, Tensor)
     samples = slice(None) if samples is None else samples
     cond = conditioning if conditioning is not None else trajectory.conditioning[samples]
-    # All positions in one denoiser call: rows are sample-major (sample 0 at every position, then sample 1, ...).
-    latents = trajectory.latents[samples][:, positions]
+    stored, next_stored = trajectory.latents[samples], trajectory.next_latents[samples]
+    if not per_sample:
+        shared = [positions] if isinstance(positions, int) else list(positions)
+        positions = torch.tensor(shared, dtype=torch.long).expand(stored.shape[0], len(shared))
+    # All positions in one denoiser call: rows are sample-major (sample 0 at each of its positions, then sample 1).
+    rows_of = torch.arange(stored.shape[0]).unsqueeze(1)
+    latents = stored[rows_of, positions]
     batch, count = latents.shape[:2]
     rows = latents.flatten(0, 1)
-    timesteps = trajectory.timesteps[positions].repeat(batch)
+    flat = positions.flatten().tolist()
+    timesteps = trajectory.timesteps[flat]
     output = adapter.predict(rows, timesteps, cond.repeat_interleave(count), trajectory.guidance_scale)
-    indices = [trajectory.step_indices[p] for p in positions] * batch
+    indices = [trajectory.step_indices[p] for p in flat]
     step = step_transition(
         adapter,
         trajectory.plan,
@@ -430,12 +437,12 @@ def transition_log_probs(
         indices,
         output,
         rows,
-        prev_sample=trajectory.next_latents[samples][:, positions].flatten(0, 1),
+        prev_sample=next_stored[rows_of, positions].flatten(0, 1),
     )
     stds = torch.as_tensor(step.std, dtype=torch.float32).flatten()
-    stds = stds.expand(batch * count) if stds.numel() == 1 else stds
+    stds = (stds.expand(batch * count) if stds.numel() == 1 else stds).view(batch, count)
     return (
         step.log_prob.view(batch, count),
         step.mean.view(batch, count, *step.mean.shape[1:]),
-        stds.view(batch, count)[0],
+        stds if per_sample else stds[0],
     )

@@ -49,7 +49,14 @@ from diffalign.eval.evaluator import Evaluator
 from diffalign.losses.advantages import PerPromptStatTracker, group_advantages, zero_std_ratio
 from diffalign.losses.policy_gradient import clipped_policy_loss, kl_to_reference
 from diffalign.rewarding import RewardLike, build_reward
-from diffalign.samplers.plan import StepPlan, random_window_plan, sde_plan, sliding_window_plan, window_bounds
+from diffalign.samplers.plan import (
+    StepPlan,
+    per_sample_train_steps,
+    random_window_plan,
+    sde_plan,
+    sliding_window_plan,
+    window_bounds,
+)
 from diffalign.samplers.rollout import InitialNoise, Trajectory, rollout, transition_log_probs
 from diffalign.seeding import derive_seed
 from diffalign.trainers.common import TrainingRun
@@ -73,7 +80,12 @@ class GRPOSamplingConfig:
     plan: Literal["sde", "window", "sliding"] = "sde"
     """``sde``: every step but the last stochastic; ``window``: Flow-GRPO-Fast; ``sliding``: MixGRPO."""
     train_fraction: float = 1.0
-    """``sde`` plan: the first fraction of the stochastic steps is trained (Flow-GRPO ``timestep_fraction``)."""
+    """``sde`` plan: the fraction of the stochastic steps trained (Flow-GRPO ``timestep_fraction``); which ones:
+    ``train_steps``."""
+    train_steps: Literal["auto", "first", "random"] = "auto"
+    """With ``train_fraction < 1``: ``first`` trains the noisiest steps in order (Flow-GRPO); ``random`` an
+    independent random subset for each sample, drawn again every epoch (ddpo-pytorch, DanceGRPO); ``auto``:
+    ``random`` with the ``ddim`` kernel (DDPO), ``first`` otherwise."""
     window_size: int = 2
     """``window``/``sliding`` plans: stochastic steps per rollout."""
     window_range: tuple[int, int] | None = None
@@ -109,6 +121,8 @@ class GRPOSamplingConfig:
             raise ConfigError("must be > 0: GRPO needs stochastic steps", key="noise_level")
         if self.lora_in_window_only and self.plan != "window":
             raise ConfigError(f"needs plan: window, got {self.plan!r}", key="lora_in_window_only")
+        if self.train_steps == "random" and self.plan != "sde":
+            raise ConfigError(f"needs plan: sde, got {self.plan!r}", key="train_steps")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -183,6 +197,12 @@ class GRPOConfig(TrainerConfig):
                 f"{self.sampling.guidance_scale}; set sampling.guidance_scale: 1 (the no-CFG recipe) "
                 "or train.cfg: true",
                 key=("train.cfg", "sampling.guidance_scale"),
+            )
+        if self.train.ratio_norm and self.sampling.train_steps == "random":
+            raise ConfigError(
+                "ratio_norm re-centres each step's log-ratio over the batch; with per-sample random steps a batch "
+                "mixes steps: use sampling.train_steps: first",
+                key=("train.ratio_norm", "sampling.train_steps"),
             )
 
 
@@ -272,6 +292,10 @@ class GRPOTrainer:
         if kernel == "auto":
             kernel = "sde" if self.adapter.prediction_type == "flow" else "ddim"
         self.kernel = kernel
+        steps = config.sampling.train_steps
+        self.random_train_steps = (steps == "random" or (steps == "auto" and kernel == "ddim")) and (
+            config.sampling.plan == "sde" and config.sampling.train_fraction < 1
+        )
         self.tracker = PerPromptStatTracker(config.train.buffer_size, config.train.min_count)
         if config.sampling.lora_in_window_only:
             self.adapter.lora_min_timestep = window_end_timestep(self.adapter, config.sampling)
@@ -366,13 +390,13 @@ class GRPOTrainer:
         size = self.config.train.batch_size
         return [order[i : i + size] for i in range(0, order.shape[0], size)]
 
-    def _step_loss(self, trajectory: Trajectory, samples: Tensor, positions: int | list[int], advantages: Tensor):
-        """Clipped policy loss (+ beta x KL) of ``samples`` at the stored ``positions``, in one denoiser call.
+    def _step_loss(self, trajectory: Trajectory, samples: Tensor, positions: Tensor, advantages: Tensor):
+        """Clipped policy loss (+ beta x KL) of ``samples`` at their stored ``positions`` (int64 ``[b, k]``, each
+        sample's own), in one denoiser call.
 
         The loss is the mean over samples x positions, i.e. the mean of the per-step losses.
         """
         train = self.config.train
-        positions = [positions] if isinstance(positions, int) else list(positions)
         guidance = trajectory.guidance_scale if train.cfg else 1.0
         traj = (
             trajectory
@@ -381,7 +405,7 @@ class GRPOTrainer:
         )
         with self.run.autocast():
             log_probs, means, stds = transition_log_probs(self.adapter, traj, positions, samples=samples)
-        old = trajectory.log_probs[samples][:, positions].to(log_probs.device)
+        old = trajectory.log_probs[samples].gather(1, positions).to(log_probs.device)
         if train.ratio_norm:
             # GRPO-Guard re-centres each step's log-ratio over the batch (steps are not mixed).
             log_probs = log_probs - (log_probs - old).mean(dim=0, keepdim=True).detach()
@@ -397,11 +421,11 @@ class GRPOTrainer:
                     kl_to_reference(
                         means[:, j],
                         ref_means[:, j],
-                        stds[j],
+                        stds[:, j],
                         convention=train.kl_convention,
-                        step_size=self._step_size(trajectory, position),
+                        step_size=self._step_sizes(trajectory, positions[:, j]),
                     ).mean()
-                    for j, position in enumerate(positions)
+                    for j in range(positions.shape[1])
                 ]
             ).mean()
             loss = loss + train.beta * kl
@@ -409,21 +433,35 @@ class GRPOTrainer:
         return loss, metrics
 
     @staticmethod
-    def _step_size(trajectory: Trajectory, position: int) -> float:
-        index = trajectory.step_indices[position]
+    def _step_sizes(trajectory: Trajectory, positions: Tensor) -> Tensor | float:
+        """``sigma - sigma_next`` of the steps at the stored ``positions`` (``[b]``); 1.0 for DDIM schedules."""
         sigmas = trajectory.schedule.sigmas
         if sigmas is None:
             return 1.0
-        return float(sigmas[index] - sigmas[index + 1])
+        index = torch.tensor([trajectory.step_indices[p] for p in positions.tolist()], device=sigmas.device)
+        return (sigmas[index] - sigmas[index + 1]).float()
+
+    def train_positions(self, trajectory: Trajectory, epoch: int) -> Tensor:
+        """Each local sample's trained positions on the stored axis, int64 ``[N, n]``: the plan's trained steps
+        for every sample, or with per-sample random steps an independent draw of ``n`` of the stored steps per
+        sample (``sampling.train_steps``), seeded by (seed, epoch, process)."""
+        num_samples = trajectory.log_probs.shape[0]
+        if not self.random_train_steps:
+            return torch.tensor(trajectory.trained_positions, dtype=torch.long).expand(num_samples, -1)
+        seed = derive_seed(self.config.seed, "grpo/train_steps", epoch, self.run.accelerator.process_index)
+        steps = per_sample_train_steps(trajectory.plan, num_samples, torch.Generator().manual_seed(seed))
+        position_of = {step: position for position, step in enumerate(trajectory.step_indices)}
+        return steps.apply_(position_of.__getitem__)
 
     def train_epoch(self, trajectory: Trajectory, advantages: Tensor, epoch: int) -> dict[str, float]:
         """Policy updates on one epoch's samples; returns the averaged metrics."""
         keep = torch.arange(advantages.shape[0])
         if self.config.train.filter_zero_advantage:
             keep = keep[advantages != 0]
-        positions = trajectory.trained_positions
-        chunk = self.config.train.timestep_chunk or len(positions)
-        chunks = [positions[i : i + chunk] for i in range(0, len(positions), chunk)]
+        positions = self.train_positions(trajectory, epoch)  # [N, n]
+        count_per_sample = positions.shape[1]
+        chunk = self.config.train.timestep_chunk or count_per_sample
+        chunks = [list(range(i, min(i + chunk, count_per_sample))) for i in range(0, count_per_sample, chunk)]
         totals: dict[str, float] = {}
         optimizer_metrics: dict[str, float] = {}
         count = 0
@@ -436,9 +474,9 @@ class GRPOTrainer:
                 for j, part in enumerate(chunks):
                     last = b == group_end - 1 and j == len(chunks) - 1
                     with self.run.accumulate(sync=last):
-                        loss, metrics = self._step_loss(trajectory, samples, part, advantages)
+                        loss, metrics = self._step_loss(trajectory, samples, positions[samples][:, part], advantages)
                         # Sum over steps of the per-step mean losses, averaged over steps and micro-batches.
-                        self.run.backward(loss * len(part) / (group_size * len(positions)), step=epoch)
+                        self.run.backward(loss * len(part) / (group_size * count_per_sample), step=epoch)
                     for key, value in metrics.items():
                         totals[key] = totals.get(key, 0.0) + float(value) * len(part)
                     count += len(part)

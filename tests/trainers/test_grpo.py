@@ -79,10 +79,41 @@ def test_first_inner_step_is_on_policy(family, tiny_pipeline_dir, tmp_path):
     advantages, _ = trainer.advantages(rewards, group_ids, trajectory.prompts)
     samples = torch.arange(4)
     for position in trajectory.trained_positions:
-        _, metrics = trainer._step_loss(trajectory, samples, position, advantages)
+        _, metrics = trainer._step_loss(trajectory, samples, torch.full((4, 1), position), advantages)
         assert abs(metrics["ratio_mean"].item() - 1) <= 1e-5
         assert metrics["clipfrac"].item() == 0
         assert metrics["kl"].item() == 0  # the LoRA is untouched: policy == reference
+    # Each sample at its own positions (DDPO's per-sample random steps): on-policy as well.
+    mixed = torch.stack([torch.randperm(len(trajectory.step_indices))[:2] for _ in range(4)])
+    _, metrics = trainer._step_loss(trajectory, samples, mixed, advantages)
+    assert abs(metrics["ratio_mean"].item() - 1) <= 1e-5 and metrics["kl"].item() == 0
+
+
+def test_ddpo_trains_a_random_subset_of_steps_per_sample(tiny_pipeline_dir, tmp_path):
+    """train_fraction < 1 with the ddim kernel: each sample trains its own uniform random subset each epoch
+    (ddpo-pytorch); flow kernels keep Flow-GRPO's first steps in order."""
+    ddpo = make_config(
+        tiny_pipeline_dir("sd15"), tmp_path / "ddpo", "sd15", **{"sampling.train_fraction": 0.5, "max_steps": 1}
+    )
+    trainer = GRPOTrainer(ddpo)
+    trajectory, *_ = trainer.sample_epoch(0)
+    stored = len(trajectory.step_indices)  # DDPO: all 4 steps
+    counts = torch.zeros(stored)
+    for epoch in range(300):
+        positions = trainer.train_positions(trajectory, epoch)
+        assert positions.shape == (trajectory.log_probs.shape[0], stored // 2)
+        assert all(len(set(row)) == len(row) for row in positions.tolist())  # no step twice in a sample
+        counts += torch.bincount(positions.flatten(), minlength=stored)
+    share = counts / counts.sum()
+    assert share.min().item() > 0.2 and share.max().item() < 0.3, share  # uniform: 0.25 each
+    assert not torch.equal(trainer.train_positions(trajectory, 0), trainer.train_positions(trajectory, 1))
+    assert torch.equal(trainer.train_positions(trajectory, 5), trainer.train_positions(trajectory, 5))
+    trainer.train()  # and it trains
+
+    flow = GRPOTrainer(make_config(tiny_pipeline_dir("sd3"), tmp_path / "flow", **{"sampling.train_fraction": 0.5}))
+    trajectory, *_ = flow.sample_epoch(0)
+    first = flow.train_positions(trajectory, 0)
+    assert first.tolist() == [trajectory.trained_positions] * first.shape[0]
 
 
 def test_advantages_are_group_normalised_with_global_std(tiny_pipeline_dir, tmp_path):
