@@ -36,10 +36,11 @@ has no readable pair at all (it would train nothing), or when the skipped share 
 ``data.max_bad_fraction``, judged from the end of the first step on once :data:`MIN_PAIRS_FOR_SHARE` pairs (or a
 whole epoch, for smaller data sets) were drawn.
 
-Deviations from the references: SFT can be added to the DPO loss (``dpo.sft_weight``); flow models draw ``sigma``
-directly from the logit-normal density (diffusers' SD3 scripts index the shifted training schedule instead); the
-implicit accuracy counts exact ties as 0.5 (see :func:`~diffalign.losses.dpo.dpo_loss_from_mse`). The full
-fine-tuning reference stays on the training device (the Salesforce SDXL script offloads it to the CPU).
+Deviations from the references: SFT can be added to the DPO loss (``dpo.sft_weight``); flow models map the drawn
+``sigma`` through the scheduler's static shift continuously (diffusers' SD3 scripts index the discrete shifted
+training schedule; ``dpo.sigma_shift: none`` keeps the unshifted density); the implicit accuracy counts exact ties
+as 0.5 (see :func:`~diffalign.losses.dpo.dpo_loss_from_mse`). The full fine-tuning reference stays on the training
+device (the Salesforce SDXL script offloads it to the CPU).
 
 Launch: ``diffalign train configs/dpo/sd15_pickapic.yaml`` (``accelerate launch -m diffalign.cli train ...`` on
 several GPUs). AI-feedback pairs: ``diffalign pairs ...`` (:mod:`diffalign.data.ai_feedback`).
@@ -75,6 +76,16 @@ from diffalign.trainers.common import TrainingRun
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
+
+
+def shifted_sigmas(sigmas: Tensor, scheduler_config: Any) -> Tensor:
+    """``shift * s / (1 + (shift - 1) * s)`` with the flow scheduler's static ``shift`` (SD3: 3); unchanged when
+    the scheduler shifts dynamically with the resolution (FLUX) or has no shift. ``sigmas``: any shape, in [0, 1]."""
+    shift = float(scheduler_config.get("shift", 1.0))
+    if scheduler_config.get("use_dynamic_shifting", False) or shift == 1.0:
+        return sigmas
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
 
 MIN_PAIRS_FOR_SHARE = 20
 """Pairs drawn before the share of unreadable ones is compared with ``data.max_bad_fraction`` (a whole epoch of a
@@ -144,6 +155,11 @@ class DPOLossConfig:
     """Mean of the logit-normal timestep density (SD3 / flow_grpo: 0)."""
     logit_std: float = 1.0
     """Std of the logit-normal timestep density (SD3 / flow_grpo: 1)."""
+    sigma_shift: Literal["scheduler", "none"] = "scheduler"
+    """Flow models: ``scheduler`` maps each drawn sigma through the scheduler's static shift,
+    ``shift s / (1 + (shift - 1) s)``, as diffusers' SD3 scripts and flow_grpo's SD3 DPO draw from the shifted
+    training schedule (median sigma 0.75 at SD3's shift 3); schedulers with dynamic shifting (FLUX) are not
+    shifted. ``none``: sigma as drawn from the density."""
     flux_guidance: float = 1.0
     """Guidance value fed to denoisers that take it as an input (``guidance_embedded`` families: FLUX.1-dev) during
     training; other families train without CFG and ignore it."""
@@ -308,6 +324,8 @@ class DiffusionDPOTrainer:
             logit_std=dpo.logit_std,
             generator=generator,
         )
+        if flow and dpo.sigma_shift == "scheduler":
+            u = shifted_sigmas(u, self.adapter.scheduler.config)
         return u * num_train if flow else (u * num_train).long().clamp(max=num_train - 1)
 
     def conditioning(self, batch: Batch) -> Conditioning:

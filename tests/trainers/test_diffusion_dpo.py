@@ -430,3 +430,18 @@ def test_learning_from_ai_feedback_pairs_raises_redness(tiny_pipeline_dir, tmp_p
     message = f"held-out redness {before.mean():.4f} -> {after.mean():.4f}, per image {gain.tolist()}"
     assert gain.mean().item() > 0.01, message
     assert (gain > 0).sum().item() >= 12, message
+
+
+@pytest.mark.parametrize(
+    ("family", "option", "median"),
+    [("sd3", "scheduler", 0.75), ("sd3", "none", 0.5), ("flux", "scheduler", 0.5)],
+)
+def test_flow_sigmas_follow_the_shifted_training_schedule(tiny_pipeline_dir, tmp_path, family, option, median):
+    """SD3 (static shift 3): median sigma 3 * 0.5 / (1 + 2 * 0.5) = 0.75, as diffusers' SD3 scripts draw it;
+    FLUX shifts with the resolution at sampling only, and its training density is not shifted."""
+    data = _write_pairs(tmp_path / "pairs")
+    config = _config(tmp_path, tiny_pipeline_dir(family), data, [f"dpo.sigma_shift={option}"])
+    trainer = _trainer(config, family)
+    sigmas = trainer.sample_timesteps(10_000, torch.Generator().manual_seed(0)) / 1000
+    assert abs(sigmas.median().item() - median) < 0.02
+    assert 0 < sigmas.min().item() and sigmas.max().item() < 1
