@@ -62,6 +62,8 @@ class StepPlan:
             keeps; each must have a noise level > 0.
         trained: Increasing subset of ``stored`` that the policy loss uses.
         ode_solver: Solver of the deterministic steps, one of :data:`ODE_SOLVERS`.
+        log_prob: ``"gaussian"`` (the transition's log-density) or ``"unnormalized"`` (the ``cps`` kernel only:
+            flow_grpo's CPS score ``-mean((x' - mean)^2)``, docs/samplers.md#cps-step).
     """
 
     num_steps: int
@@ -70,6 +72,7 @@ class StepPlan:
     stored: tuple[int, ...]
     trained: tuple[int, ...]
     ode_solver: str = "euler"
+    log_prob: str = "gaussian"
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
@@ -78,6 +81,10 @@ class StepPlan:
             raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {self.kernel!r}")
         if self.ode_solver not in ODE_SOLVERS:
             raise ValueError(f"ode_solver must be one of {ODE_SOLVERS}, got {self.ode_solver!r}")
+        if self.log_prob not in ("gaussian", "unnormalized"):
+            raise ValueError(f"log_prob must be 'gaussian' or 'unnormalized', got {self.log_prob!r}")
+        if self.log_prob == "unnormalized" and self.kernel != "cps":
+            raise ValueError(f"the unnormalized log-prob is the cps kernel's score, not the {self.kernel!r} kernel's")
         if self.kernel == "ddim" and self.ode_solver != "euler":
             raise ValueError("the ddim kernel has no higher-order ODE solver here; use ode_solver='euler'")
         if len(self.noise_levels) != self.num_steps:

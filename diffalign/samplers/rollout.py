@@ -187,12 +187,12 @@ def step_transition(
             clip_sample_range=adapter.clip_sample_range,
         )
     sigma, sigma_next = schedule.sigmas[rows], schedule.sigmas[rows + 1]
-    if not isinstance(index, int):
+    if not isinstance(index, int) or level > 0:
+        options = {"unnormalized_log_prob": True} if plan.log_prob == "unnormalized" else {}
         kernel = KERNELS[plan.kernel]
-        return kernel(model_output, sample, sigma, sigma_next, level, prev_sample=prev_sample, generator=generator)
-    if level > 0:
-        kernel = KERNELS[plan.kernel]
-        return kernel(model_output, sample, sigma, sigma_next, level, prev_sample=prev_sample, generator=generator)
+        return kernel(
+            model_output, sample, sigma, sigma_next, level, prev_sample=prev_sample, generator=generator, **options
+        )
     if plan.ode_solver == "dpm_solver_2m":
         sigma_prev = schedule.sigmas[index - 1] if prev_x0 is not None else None
         return dpm_solver_2m_step(model_output, sample, sigma, sigma_next, prev_x0=prev_x0, sigma_prev=sigma_prev)

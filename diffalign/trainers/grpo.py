@@ -137,9 +137,14 @@ class GRPOTrainConfig:
     """Advantages are clipped to ``[-adv_clip_max, adv_clip_max]``."""
     beta: float = 0.0
     """KL coefficient to the reference (Flow-GRPO SD3.5: 0.04 geneval, 0.01 pickscore; 0 for FLUX)."""
+    log_prob: Literal["gaussian", "unnormalized"] = "gaussian"
+    """The log-probability the ratio uses: the transition's Gaussian log-density, or with the ``cps`` kernel
+    flow_grpo's unnormalised CPS score ``-mean((x' - mean)^2)`` (its CPS recipes and their clip range 1e-5 were
+    tuned on it; the log-ratio scale differs by ``1 / (2 std^2)``; docs/methods/grpo.md, CPS section)."""
     kl_convention: Literal["flow_grpo", "true_kl"] = "flow_grpo"
     """``flow_grpo``: divide the squared mean difference by ``2 std_dev_t^2`` (= true KL x dt, the reference's
-    code); ``true_kl``: by the step variance. beta values do not carry over between the two."""
+    code); ``true_kl``: by the step variance. beta values do not carry over between the two. With the ``cps``
+    kernel both are the true KL, as flow_grpo's CPS code divides by the CPS step variance."""
     cfg: bool = True
     """Re-evaluate the policy with CFG during training (the no-CFG recipe sets this false and guidance 1)."""
     advantage: Literal["group", "running"] = "group"
@@ -197,6 +202,11 @@ class GRPOConfig(TrainerConfig):
                 f"{self.sampling.guidance_scale}; set sampling.guidance_scale: 1 (the no-CFG recipe) "
                 "or train.cfg: true",
                 key=("train.cfg", "sampling.guidance_scale"),
+            )
+        if self.train.log_prob == "unnormalized" and self.sampling.kernel != "cps":
+            raise ConfigError(
+                f"the unnormalized log-prob is the cps kernel's score; sampling.kernel is {self.sampling.kernel!r}",
+                key=("train.log_prob", "sampling.kernel"),
             )
         if self.train.ratio_norm and self.sampling.train_steps == "random":
             raise ConfigError(
@@ -292,6 +302,9 @@ class GRPOTrainer:
         if kernel == "auto":
             kernel = "sde" if self.adapter.prediction_type == "flow" else "ddim"
         self.kernel = kernel
+        # flow_grpo's KL form divides by the SDE's std_dev_t^2 = std^2 / |dt|; its CPS code divides by the CPS
+        # std^2 itself, i.e. the true KL: the same name means that here too.
+        self.kl_convention = "true_kl" if kernel == "cps" else config.train.kl_convention
         steps = config.sampling.train_steps
         self.random_train_steps = (steps == "random" or (steps == "auto" and kernel == "ddim")) and (
             config.sampling.plan == "sde" and config.sampling.train_fraction < 1
@@ -333,7 +346,7 @@ class GRPOTrainer:
         seeds = epoch_image_seeds(seed, epoch, total)
         noise_seeds = [seeds[i - i % images_per_group] for i in range(total)][local]
         seeds = seeds[local]
-        plan = build_plan(sampling, self.kernel, epoch, seed)
+        plan = dataclasses.replace(build_plan(sampling, self.kernel, epoch, seed), log_prob=self.config.train.log_prob)
 
         futures: list[Future] = []
 
@@ -422,7 +435,7 @@ class GRPOTrainer:
                         means[:, j],
                         ref_means[:, j],
                         stds[:, j],
-                        convention=train.kl_convention,
+                        convention=self.kl_convention,
                         step_size=self._step_sizes(trajectory, positions[:, j]),
                     ).mean()
                     for j in range(positions.shape[1])

@@ -409,3 +409,27 @@ def test_ddpo_trains_with_a_set_alpha_to_one_scheduler(tiny_pipeline_dir, tmp_pa
     metrics = trainer.train()
     assert math.isfinite(metrics["policy_loss"])
     assert any(not torch.equal(a, p.detach()) for a, p in zip(before, trainer.run.params))
+
+
+def test_cps_unnormalized_log_prob_and_kl_convention(tiny_pipeline_dir, tmp_path):
+    """train.log_prob: unnormalized stores and re-scores flow_grpo's CPS score -mean((x' - mean)^2) (ratio 1 on
+    policy); the flow_grpo KL convention is the true KL under CPS."""
+    from diffalign.config import ConfigError
+    from diffalign.samplers.rollout import transition_log_probs
+
+    options = {"sampling.kernel": "cps", "sampling.noise_level": 0.8, "train.log_prob": "unnormalized"}
+    trainer = GRPOTrainer(make_config(tiny_pipeline_dir("sd3"), tmp_path, **options))
+    assert trainer.kl_convention == "true_kl"
+    trajectory, rewards, _, group_ids = trainer.sample_epoch(0)
+    assert trajectory.plan.log_prob == "unnormalized"
+    positions = list(range(len(trajectory.step_indices)))
+    with torch.no_grad():
+        rescored, means, _ = transition_log_probs(trainer.adapter, trajectory, positions)
+    expected = -((trajectory.next_latents - means) ** 2).mean(dim=(2, 3, 4))  # the anchor's formula, by hand
+    torch.testing.assert_close(trajectory.log_probs, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rescored, trajectory.log_probs, atol=1e-6, rtol=1e-6)
+    advantages, _ = trainer.advantages(rewards, group_ids, trajectory.prompts)
+    _, metrics = trainer._step_loss(trajectory, torch.arange(4), torch.zeros(4, 1, dtype=torch.long), advantages)
+    assert abs(metrics["ratio_mean"].item() - 1) <= 1e-5
+    with pytest.raises(ConfigError, match="cps kernel"):
+        make_config(tiny_pipeline_dir("sd3"), tmp_path, **{"train.log_prob": "unnormalized"})
