@@ -71,7 +71,9 @@ def _newest(output: Path) -> Path | None:
 
 
 def _step_of(checkpoint: Path | None) -> int:
-    return int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint is not None else 0
+    from diffalign.trainers.checkpoints import checkpoint_step
+
+    return checkpoint_step(checkpoint) if checkpoint is not None else 0
 
 
 def killed_run(config_file: Path, output: Path, minutes: float, kill_every: float, rng: random.Random) -> dict:

@@ -104,10 +104,16 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
         return []
     found: dict[int, Path] = {}
     for path in sorted(root.iterdir(), key=lambda p: p.name.startswith(_REPLACED)):  # real folders first
-        step = _STEP.fullmatch(path.name.removeprefix(_REPLACED))
+        step = checkpoint_step(path)
         if step is not None and (path / COMPLETE_MARKER).is_file():
-            found.setdefault(int(step[1]), path)
+            found.setdefault(step, path)
     return [found[step] for step in sorted(found)]
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a ``checkpoint-<step>`` folder (also under its ``.old-`` name); None for other names."""
+    match = _STEP.fullmatch(path.name.removeprefix(_REPLACED))
+    return int(match[1]) if match else None
 
 
 def resolve_checkpoint(resume: str | os.PathLike | None, output_dir: str | os.PathLike) -> Path | None:
@@ -253,12 +259,17 @@ def _fsync_folder(path: Path) -> None:
 _PICKLED_NAMES = {SCHEDULER_FILE: "lr_scheduler.pt", EMA_FILE: "ema.pt"}
 
 
+def pickled_name(name: str) -> str | None:
+    """The name the file ``name`` had when checkpoints held pickles (None for files that were never pickles)."""
+    return _PICKLED_NAMES.get(name, name.replace(".json", ".pt") if name.startswith("rng-") else None)
+
+
 def read_file(checkpoint: Path, name: str, reader: Callable[[Path], Any]) -> Any:
     """``reader(checkpoint / name)``; a missing or unreadable file raises :class:`CheckpointError` naming the
     checkpoint, the file and what to do."""
     path = checkpoint / name
     if not path.is_file():
-        pickled = _PICKLED_NAMES.get(name, name.replace(".json", ".pt") if name.startswith("rng-") else None)
+        pickled = pickled_name(name)
         if pickled is not None and (checkpoint / pickled).is_file():
             raise CheckpointError(
                 f"{checkpoint} holds {pickled} where this version reads {name}: it was written by an older "

@@ -686,7 +686,7 @@ class TrainingRun:
         """Forget what this run did after ``step``: later checkpoints (main process) and ``metrics.jsonl`` records."""
 
         def forget() -> None:
-            later = [p for p in list_checkpoints(self.output_dir) if int(p.name.rsplit("-", 1)[-1]) > step]
+            later = [p for p in list_checkpoints(self.output_dir) if ckpt.checkpoint_step(p) > step]
             for path in later:
                 ckpt.remove_checkpoint(path)
             if later:
@@ -709,7 +709,7 @@ class TrainingRun:
                 by_name[name].copy_(value.to(by_name[name].device))
 
     def _load_ema(self, path: Path) -> None:
-        if not (path / ckpt.EMA_FILE).is_file() and not (path / "ema.pt").is_file():
+        if not any((path / name).is_file() for name in (ckpt.EMA_FILE, ckpt.pickled_name(ckpt.EMA_FILE))):
             self.ema = EMA(self.params, self.config.ema.decay, self.config.ema.update_every)
             if self.is_main_process:
                 ckpt.say(f"{path} has no EMA weights (saved with ema.enabled: false); the EMA starts from them")
