@@ -15,7 +15,12 @@ from diffalign.losses.dpo import (
     dpo_loss_from_mse,
     per_sample_mse,
 )
-from diffalign.losses.policy_gradient import clipped_policy_loss, kl_to_reference, ratio_normalization
+from diffalign.losses.policy_gradient import (
+    clipped_policy_loss,
+    grpo_guard_log_ratio,
+    kl_to_reference,
+    recentred_log_ratio,
+)
 from diffalign.losses.reward_backprop import (
     ALIGNPROP_AESTHETIC_TARGET,
     REFL_HINGE_TARGET,
@@ -38,10 +43,11 @@ __all__ = [
     "dpo_loss_from_mse",
     "group_advantages",
     "group_stds",
+    "grpo_guard_log_ratio",
     "kl_to_reference",
     "nonzero_advantage_mask",
     "per_sample_mse",
-    "ratio_normalization",
+    "recentred_log_ratio",
     "refl_step_range",
     "reward_loss",
     "sample_refl_step",

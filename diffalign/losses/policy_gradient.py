@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 
-__all__ = ["clipped_policy_loss", "kl_to_reference", "ratio_normalization"]
+__all__ = ["clipped_policy_loss", "grpo_guard_log_ratio", "kl_to_reference", "recentred_log_ratio"]
 
 
 def clipped_policy_loss(
@@ -27,7 +27,8 @@ def clipped_policy_loss(
     clip_range: float,
     adv_clip_max: float | None = None,
     *,
-    ratio_norm: bool = False,
+    log_ratio: Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017, Eq. 7) as Flow-GRPO and DDPO compute it.
 
@@ -43,13 +44,17 @@ def clipped_policy_loss(
         clip_range: PPO ``epsilon`` (flow_grpo / ddpo 1e-4; Flow-GRPO-Fast and CPS 1e-5).
         adv_clip_max: clamp advantages to ``[-adv_clip_max, adv_clip_max]`` first (5 in every reference);
             ``None`` leaves them as they are.
-        ratio_norm: re-centre the log-ratio over the batch first (:func:`ratio_normalization`, GRPO-Guard).
+        log_ratio: ``[B]`` the log-ratio the surrogate exponentiates when a ratio guard transforms it
+            (:func:`recentred_log_ratio`, :func:`grpo_guard_log_ratio`); default ``log_probs - old_log_probs``.
+        weights: ``[B]`` per-element loss weights (detached here; GRPO-Guard's ``1 / |dt|``); the loss is then
+            ``mean(weights * max(...))``. Default 1.
 
     Returns:
         ``(loss, metrics)``: the scalar loss and detached 0-d tensors ``policy_loss``, ``clipfrac``
         (``|ratio - 1| > clip_range``), ``clipfrac_gt_one`` (``ratio - 1 > clip_range``), ``clipfrac_lt_one``
         (``1 - ratio > clip_range``), ``ratio_mean`` (of the ratio used in the loss) and ``approx_kl``
-        ``= 0.5 * mean((log_probs - old_log_probs)^2)`` (of the raw log-ratio).
+        ``= 0.5 * mean((log_probs - old_log_probs)^2)`` (of the raw log-ratio). ``policy_loss`` includes the
+        weights.
     """
     if log_probs.shape != old_log_probs.shape or log_probs.shape != advantages.shape:
         raise ValueError(
@@ -59,19 +64,24 @@ def clipped_policy_loss(
     advantages = advantages.detach()
     if adv_clip_max is not None:
         advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
-    log_ratio = log_probs - old_log_probs.detach()
-    used = ratio_normalization(log_ratio) if ratio_norm else log_ratio
+    raw_log_ratio = log_probs - old_log_probs.detach()
+    used = raw_log_ratio if log_ratio is None else log_ratio
+    if used.shape != raw_log_ratio.shape:
+        raise ValueError(f"log_ratio has shape {tuple(used.shape)}, expected {tuple(raw_log_ratio.shape)}")
     ratio = torch.exp(used)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    per_element = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_element = per_element * weights.detach().to(per_element.dtype)
+    loss = per_element.mean()
     with torch.no_grad():
         metrics = {
             "policy_loss": loss.detach(),
             "clipfrac": ((ratio - 1.0).abs() > clip_range).float().mean(),
             "clipfrac_gt_one": (ratio - 1.0 > clip_range).float().mean(),
             "clipfrac_lt_one": (1.0 - ratio > clip_range).float().mean(),
-            "approx_kl": 0.5 * (log_ratio**2).mean(),
+            "approx_kl": 0.5 * (raw_log_ratio**2).mean(),
             "ratio_mean": ratio.mean(),
         }
     return loss, metrics
@@ -134,29 +144,55 @@ def kl_to_reference(
     return kl.mean(dim=tuple(range(1, kl.ndim)))
 
 
-def ratio_normalization(log_ratio: Tensor, target_std: float | None = None, eps: float = 1e-12) -> Tensor:
-    """GRPO-Guard's RatioNorm, as a documented simple version (docs/methods/grpo.md#rationorm; follows the paper's
-    description, not its code, which was not read).
+def recentred_log_ratio(log_ratio: Tensor) -> Tensor:
+    """The log-ratio of one step re-centred over the batch (``train.ratio_guard: recenter``; docs/methods/grpo.md,
+    "Ratio guards").
 
-    Why: with ``x' ~ N(mu_old, s^2)`` the expected log-ratio is ``-||mu - mu_old||^2 / (2 s^2) < 0`` (a KL), so
-    the ratio distribution of a step is shifted below 1, most at low-noise steps; one-sided PPO clipping then
-    stops bounding positive-advantage updates. Here the log-ratio of one step is re-centred over the batch so
-    that its batch mean is 0 (geometric-mean ratio 1); the subtracted mean is detached (a constant shift, like a
-    baseline), so the gradient of each sample's log-prob is unchanged. With ``target_std`` the centred log-ratio
-    is also rescaled to that (detached) batch std, so that one ``clip_range`` means the same at every step.
-    GRPO-Guard's second part, per-step gradient reweighting, is not implemented.
+    Subtracts the batch mean, detached: the ratios of the batch then have geometric mean 1, and the gradient of each
+    sample's log-prob is unchanged (a constant shift). A simple stand-in for GRPO-Guard's per-sample correction
+    (:func:`grpo_guard_log_ratio`) that needs no stored means.
 
     Args:
-        log_ratio: ``[B]`` ``log_probs - old_log_probs`` of one timestep (do not mix steps in one call).
-        target_std: optional std to give the centred log-ratio (e.g. ``clip_range``); ``None`` only re-centres.
-        eps: floor of the batch std when rescaling.
+        log_ratio: ``[B]`` ``log_probs - old_log_probs`` of one timestep, or ``[B, k]`` of ``k`` timesteps, each
+            column re-centred on its own (do not mix steps in a column).
+
+    Returns:
+        The re-centred log-ratio, shaped as ``log_ratio``.
+    """
+    return log_ratio - log_ratio.detach().mean(dim=0, keepdim=True)
+
+
+def grpo_guard_log_ratio(
+    log_probs: Tensor, old_log_probs: Tensor, mean: Tensor, old_mean: Tensor, std: Tensor | float
+) -> Tensor:
+    """GRPO-Guard's normalised log-ratio (Wang et al. 2025, arXiv 2510.22319; docs/methods/grpo.md, "Ratio guards").
+
+    With the stored sample ``x' = mu_old + s * xi`` of a Gaussian step of std ``s`` (the rollout's mean ``mu_old``,
+    ``xi ~ N(0, I)``) and the current mean ``mu``, the Gaussian log-ratio is
+    ``mean(xi * (mu - mu_old)) / s - mean((mu - mu_old)^2) / (2 s^2)`` (means over the non-batch dims): its
+    expectation is negative and grows as ``s`` shrinks. GRPO-Guard adds the bias term back (with its gradient
+    through ``mu``) and multiplies by ``s``:
+
+        ``s * (log_probs - old_log_probs + mean((mu - mu_old)^2) / (2 s^2)) = mean(xi * (mu - mu_old))``,
+
+    centred at 0 for every sample and step, with a spread that no longer carries the ``1 / s`` factor (so its clip
+    range is far smaller than Flow-GRPO's; verl-omni's example uses 2e-6).
+
+    Args:
+        log_probs: ``[B]`` Gaussian log-probs of the stored transitions under the current policy (mean over dims).
+        old_log_probs: ``[B]`` the same at sampling time (detached here).
+        mean: ``[B, ...]`` the current transition means ``mu`` (with gradients).
+        old_mean: ``[B, ...]`` the transition means recorded at sampling time (detached here).
+        std: the transitions' std ``s``: a float, 0-d, ``[B]`` or ``[B, 1, ...]``; > 0.
 
     Returns:
         ``[B]`` normalised log-ratio (exponentiate for the ratio).
     """
-    centred = log_ratio - log_ratio.detach().mean()
-    if target_std is None:
-        return centred
-    if log_ratio.numel() < 2:
-        raise ValueError("rescaling the log-ratio needs a batch of at least 2")
-    return centred * (target_std / centred.detach().std(correction=0).clamp_min(eps))
+    if mean.shape != old_mean.shape or mean.shape[0] != log_probs.shape[0]:
+        raise ValueError(f"mean {tuple(mean.shape)}, old_mean {tuple(old_mean.shape)}, log_probs {log_probs.shape}")
+    scale = torch.as_tensor(std, dtype=torch.float32, device=log_probs.device).reshape(-1)
+    if not bool((scale > 0).all()):
+        raise ValueError("std must be > 0: a deterministic step has no ratio")
+    drift = (mean.float() - old_mean.detach().float()) ** 2
+    bias = drift.mean(dim=tuple(range(1, drift.ndim))) / (2 * scale**2)
+    return scale * (log_probs - old_log_probs.detach() + bias)

@@ -106,6 +106,8 @@ class Trajectory:
         guidance_scale: the CFG scale used (re-scoring must use the same).
         plan: the step plan sampled with.
         schedule: the timestep schedule sampled with.
+        means: ``[B, S, ...]`` fp32 means of the stored transitions at sampling time (GRPO-Guard's ``mu_old``), or
+            ``None`` unless the rollout was asked to store them.
     """
 
     prompts: list[str]
@@ -122,6 +124,7 @@ class Trajectory:
     guidance_scale: float
     plan: StepPlan
     schedule: Schedule
+    means: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -226,6 +229,7 @@ class _SampledChunk:
     produced: list[Tensor]
     log_probs: list[Tensor]
     final: Tensor
+    means: list[Tensor] | None = None
 
 
 def _sample_chunk(
@@ -238,9 +242,10 @@ def _sample_chunk(
     guidance_scale: float,
     grad: GradientPath,
     stop_after: int,
+    store_means: bool = False,
 ) -> _SampledChunk:
     stored = set(plan.stored)
-    chunk = _SampledChunk([], [], [], latents.float())
+    chunk = _SampledChunk([], [], [], latents.float(), [] if store_means else None)
     latents = chunk.final
     prev_x0 = None
     for i in range(stop_after):
@@ -253,6 +258,8 @@ def _sample_chunk(
             chunk.entering.append(latents.detach())
             chunk.produced.append(step.prev_sample.detach())
             chunk.log_probs.append(step.log_prob.detach())
+            if chunk.means is not None:
+                chunk.means.append(step.mean.detach().float())
         # DPM-Solver++(2M) history is only valid along a deterministic path (restart after stochastic steps).
         deterministic = plan.noise_levels[i] == 0 and adapter.prediction_type == "flow"
         prev_x0 = predict_x0(output.detach().float(), latents.detach(), schedule.sigmas[i]) if deterministic else None
@@ -288,6 +295,7 @@ def rollout(
     stop_after: int | None = None,
     decode: bool = True,
     on_chunk: Callable[[slice, Tensor | None], None] | None = None,
+    store_means: bool = False,
 ) -> Trajectory:
     """Sample ``len(prompts) * num_images_per_prompt`` images with ``plan``.
 
@@ -308,6 +316,8 @@ def rollout(
         decode: decode the final latents into images.
         on_chunk: called as ``on_chunk(images_slice, images)`` after each chunk is sampled and decoded, so that
             the caller can score it (e.g. in a thread) while the next chunk samples.
+        store_means: also keep each stored transition's mean (``Trajectory.means``, GRPO-Guard); one more
+            latent per stored step.
 
     Returns:
         A :class:`Trajectory`.
@@ -346,7 +356,16 @@ def rollout(
     for start in range(0, count, chunk):
         sl = slice(start, start + chunk)
         part = _sample_chunk(
-            adapter, plan, schedule, cond[sl], latents[sl], generators[sl], guidance_scale, grad, stop_after
+            adapter,
+            plan,
+            schedule,
+            cond[sl],
+            latents[sl],
+            generators[sl],
+            guidance_scale,
+            grad,
+            stop_after,
+            store_means,
         )
         parts.append(part)
         chunk_images = _decode(adapter, part.final, grad) if decode else None
@@ -377,6 +396,7 @@ def rollout(
         guidance_scale=guidance_scale,
         plan=plan,
         schedule=schedule,
+        means=stack("means") if store_means else None,
     )
 
 

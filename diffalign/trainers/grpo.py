@@ -47,7 +47,12 @@ from diffalign.config import ConfigError, TrainerConfig
 from diffalign.data.prompts import load_prompts
 from diffalign.eval.evaluator import Evaluator
 from diffalign.losses.advantages import PerPromptStatTracker, group_advantages, zero_std_ratio
-from diffalign.losses.policy_gradient import clipped_policy_loss, kl_to_reference
+from diffalign.losses.policy_gradient import (
+    clipped_policy_loss,
+    grpo_guard_log_ratio,
+    kl_to_reference,
+    recentred_log_ratio,
+)
 from diffalign.rewarding import RewardLike, build_reward
 from diffalign.samplers.plan import (
     StepPlan,
@@ -157,8 +162,12 @@ class GRPOTrainConfig:
     """``running``: below this many rewards a prompt uses the batch statistics."""
     filter_zero_advantage: bool = True
     """Drop samples whose advantage is exactly zero (groups with identical rewards)."""
-    ratio_norm: bool = False
-    """GRPO-Guard-style re-centring of each step's log-ratio over the batch."""
+    ratio_guard: Literal["none", "recenter", "grpo_guard"] = "none"
+    """Correction of the per-step importance ratio, whose mean sits below 1 (docs/methods/grpo.md, "Ratio
+    guards"): ``grpo_guard`` is GRPO-Guard as published (adds back the per-sample bias
+    ``mean((mu - mu_old)^2) / (2 s^2)``, rescales the log-ratio by the step std ``s`` and weights each step's loss
+    by ``1 / |dt|``; flow kernels, Gaussian log-prob; its clip range is ~1e-6, not 1e-4); ``recenter`` subtracts
+    each step's detached batch-mean log-ratio (a simpler stand-in, gradient unchanged); ``none``."""
     num_inner_epochs: int = 1
     """Passes over each epoch's samples."""
     timestep_chunk: int = 0
@@ -208,12 +217,38 @@ class GRPOConfig(TrainerConfig):
                 f"the unnormalized log-prob is the cps kernel's score; sampling.kernel is {self.sampling.kernel!r}",
                 key=("train.log_prob", "sampling.kernel"),
             )
-        if self.train.ratio_norm and self.sampling.train_steps == "random":
-            raise ConfigError(
-                "ratio_norm re-centres each step's log-ratio over the batch; with per-sample random steps a batch "
-                "mixes steps: use sampling.train_steps: first",
-                key=("train.ratio_norm", "sampling.train_steps"),
-            )
+        if self.train.ratio_guard == "grpo_guard":
+            if self.train.log_prob != "gaussian":
+                raise ConfigError(
+                    "GRPO-Guard's bias term is that of the Gaussian log-density: use train.log_prob: gaussian",
+                    key=("train.ratio_guard", "train.log_prob"),
+                )
+        # The kernel and the train-step choice may still be "auto" here; the trainer checks them again resolved.
+        check_ratio_guard(self.train.ratio_guard, self.sampling.kernel, uses_random_train_steps(self.sampling, "auto"))
+
+
+def uses_random_train_steps(sampling: GRPOSamplingConfig, kernel: str) -> bool:
+    """Whether each sample trains its own random subset of steps (``sampling.train_steps`` resolved for
+    ``kernel``; ``"auto"`` when the kernel is not known yet, which counts only an explicit ``random``)."""
+    random_steps = sampling.train_steps == "random" or (sampling.train_steps == "auto" and kernel == "ddim")
+    return random_steps and sampling.plan == "sde" and sampling.train_fraction < 1
+
+
+def check_ratio_guard(ratio_guard: str, kernel: str, random_train_steps: bool) -> None:
+    """Refuse ratio guards the sampling set-up cannot support (``kernel`` may be ``"auto"``: not checked)."""
+    if ratio_guard == "grpo_guard" and kernel == "ddim":
+        raise ConfigError(
+            "grpo_guard weights each step by 1 / |dt| of a flow schedule; the ddim kernel (DDPO) has none: "
+            "use train.ratio_guard: recenter or none",
+            key=("train.ratio_guard", "sampling.kernel"),
+        )
+    if ratio_guard == "recenter" and random_train_steps:
+        raise ConfigError(
+            "ratio_guard: recenter re-centres each step's log-ratio over the batch; with per-sample random train "
+            "steps (sampling.train_steps: random, or auto with the ddim kernel) a batch mixes steps: set "
+            "sampling.train_steps: first",
+            key=("train.ratio_guard", "sampling.train_steps"),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -305,10 +340,8 @@ class GRPOTrainer:
         # flow_grpo's KL form divides by the SDE's std_dev_t^2 = std^2 / |dt|; its CPS code divides by the CPS
         # std^2 itself, i.e. the true KL: the same name means that here too.
         self.kl_convention = "true_kl" if kernel == "cps" else config.train.kl_convention
-        steps = config.sampling.train_steps
-        self.random_train_steps = (steps == "random" or (steps == "auto" and kernel == "ddim")) and (
-            config.sampling.plan == "sde" and config.sampling.train_fraction < 1
-        )
+        self.random_train_steps = uses_random_train_steps(config.sampling, kernel)
+        check_ratio_guard(config.train.ratio_guard, kernel, self.random_train_steps)
         self.tracker = PerPromptStatTracker(config.train.buffer_size, config.train.min_count)
         if config.sampling.lora_in_window_only:
             self.adapter.lora_min_timestep = window_end_timestep(self.adapter, config.sampling)
@@ -363,6 +396,7 @@ class GRPOTrainer:
             negative_prompt=sampling.negative_prompt,
             initial_noise=InitialNoise(seeds=noise_seeds) if sampling.same_noise_per_prompt else None,
             on_chunk=score_chunk,
+            store_means=self.config.train.ratio_guard == "grpo_guard",
         )
         results = [f.result() for f in futures]
         rewards = torch.cat([r[0] for r in results])
@@ -419,12 +453,15 @@ class GRPOTrainer:
         with self.run.autocast():
             log_probs, means, stds = transition_log_probs(self.adapter, traj, positions, samples=samples)
         old = trajectory.log_probs[samples].gather(1, positions).to(log_probs.device)
-        if train.ratio_norm:
-            # GRPO-Guard re-centres each step's log-ratio over the batch (steps are not mixed).
-            log_probs = log_probs - (log_probs - old).mean(dim=0, keepdim=True).detach()
+        log_ratio, weights = self._guarded_log_ratio(trajectory, samples, positions, log_probs, old, means, stds)
         step_advantages = advantages[samples].to(log_probs.device).unsqueeze(1).expand_as(old)
         loss, metrics = clipped_policy_loss(
-            log_probs.flatten(), old.flatten(), step_advantages.flatten(), train.clip_range
+            log_probs.flatten(),
+            old.flatten(),
+            step_advantages.flatten(),
+            train.clip_range,
+            log_ratio=None if log_ratio is None else log_ratio.flatten(),
+            weights=None if weights is None else weights.flatten(),
         )
         if train.beta > 0:
             with torch.no_grad(), self.run.reference(), self.run.autocast():
@@ -445,14 +482,42 @@ class GRPOTrainer:
             metrics["kl"] = kl.detach()
         return loss, metrics
 
+    def _guarded_log_ratio(
+        self,
+        trajectory: Trajectory,
+        samples: Tensor,
+        positions: Tensor,
+        log_probs: Tensor,
+        old: Tensor,
+        means: Tensor,
+        stds: Tensor,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The ``train.ratio_guard`` log-ratio ``[b, k]`` and per-element loss weights ``[b, k]`` (``None``: the
+        plain log-ratio, unit weights). ``means`` ``[b, k, ...]`` and ``stds`` (``[k]`` or ``[b, k]``) are the
+        current transitions' (:func:`transition_log_probs`)."""
+        guard = self.config.train.ratio_guard
+        if guard == "recenter":
+            return recentred_log_ratio(log_probs - old), None
+        if guard != "grpo_guard":
+            return None, None
+        rows = torch.arange(positions.shape[0]).unsqueeze(1)
+        old_means = trajectory.means[samples][rows, positions].to(means.device)
+        std = stds.to(log_probs.device).expand_as(old)
+        guarded = grpo_guard_log_ratio(
+            log_probs.flatten(), old.flatten(), means.flatten(0, 1), old_means.flatten(0, 1), std.flatten()
+        )
+        # GRPO-Guard's reweighting: each step's loss over |dt|, so every step pulls with a comparable gradient.
+        return guarded.view_as(old), 1.0 / self._step_sizes(trajectory, positions).to(log_probs.device)
+
     @staticmethod
     def _step_sizes(trajectory: Trajectory, positions: Tensor) -> Tensor | float:
-        """``sigma - sigma_next`` of the steps at the stored ``positions`` (``[b]``); 1.0 for DDIM schedules."""
+        """``sigma - sigma_next`` of the steps at the stored ``positions`` (any shape, e.g. ``[b]`` or ``[b, k]``);
+        1.0 for DDIM schedules."""
         sigmas = trajectory.schedule.sigmas
         if sigmas is None:
             return 1.0
-        index = torch.tensor([trajectory.step_indices[p] for p in positions.tolist()], device=sigmas.device)
-        return (sigmas[index] - sigmas[index + 1]).float()
+        index = torch.tensor([trajectory.step_indices[p] for p in positions.flatten().tolist()], device=sigmas.device)
+        return (sigmas[index] - sigmas[index + 1]).float().view(positions.shape)
 
     def train_positions(self, trajectory: Trajectory, epoch: int) -> Tensor:
         """Each local sample's trained positions on the stored axis, int64 ``[N, n]``: the plan's trained steps

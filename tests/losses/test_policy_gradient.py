@@ -1,4 +1,4 @@
-"""PPO-clip loss, KL to the reference and RatioNorm against closed forms (docs/methods/grpo.md#clipped-policy-loss)."""
+"""PPO-clip loss, KL to the reference and the ratio guards against closed forms (docs/methods/grpo.md)."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from diffalign.losses import clipped_policy_loss, kl_to_reference, ratio_normalization
+from diffalign.losses import clipped_policy_loss, grpo_guard_log_ratio, kl_to_reference, recentred_log_ratio
 from diffalign.samplers.steps import flow_sde_step
 
 
@@ -63,27 +63,85 @@ def test_shape_mismatch_raises():
         clipped_policy_loss(torch.zeros(3), torch.zeros(3), torch.zeros(2), 1e-4)
 
 
-def test_ratio_normalization_recentres_and_keeps_gradients():
+def test_recentred_log_ratio_keeps_gradients():
     log_ratio = torch.tensor([-0.3, -0.1, -0.2], requires_grad=True)
-    out = ratio_normalization(log_ratio)
+    out = recentred_log_ratio(log_ratio)
     assert out.detach().tolist() == pytest.approx([-0.1, 0.1, 0.0], abs=1e-7)
     weights = torch.tensor([1.0, 2.0, 3.0])
     (weights * out).sum().backward()
     assert log_ratio.grad.tolist() == weights.tolist()  # the subtracted mean is a constant
 
-    scaled = ratio_normalization(torch.tensor([1.0, 3.0, 5.0, 7.0]), target_std=1e-4)
-    assert scaled.std(correction=0).item() == pytest.approx(1e-4, rel=1e-5)
-    assert scaled.mean().item() == pytest.approx(0.0, abs=1e-9)
 
-
-def test_ratio_norm_in_the_loss():
+def test_recentred_ratio_in_the_loss():
     # A uniform shift of the log-ratio (the mean < 1 bias) is removed: ratio 1, loss -mean(A), nothing clipped.
     logp = torch.full((3,), -0.01)
     adv = torch.tensor([1.0, -1.0, 3.0])
-    loss, m = clipped_policy_loss(logp, torch.zeros(3), adv, 1e-4, ratio_norm=True)
+    loss, m = clipped_policy_loss(logp, torch.zeros(3), adv, 1e-4, log_ratio=recentred_log_ratio(logp))
     assert loss.item() == pytest.approx(-1.0)
     assert m["clipfrac"].item() == 0.0
     assert m["approx_kl"].item() == pytest.approx(0.5 * 1e-4)  # of the raw log-ratio
+
+
+def _guard_case(seed=0, std=(0.3, 0.05, 0.12)):
+    """Stored Gaussian transitions x' = mu_old + s xi and a current mean mu (leaf), float64."""
+    g = torch.Generator().manual_seed(seed)
+    old_mean = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    xi = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    s = torch.tensor(std, dtype=torch.float64)
+    stored = old_mean + s.view(-1, 1, 1, 1) * xi
+    mean = (old_mean + 0.02 * torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)).requires_grad_()
+
+    def log_prob(mu):  # the Gaussian log-density of the stored sample, mean over the non-batch dims
+        return Normal(mu, s.view(-1, 1, 1, 1)).log_prob(stored).mean(dim=(1, 2, 3))
+
+    return old_mean, xi, s, mean, log_prob
+
+
+def test_grpo_guard_log_ratio_hand_computed():
+    old_mean, xi, s, mean, log_prob = _guard_case()
+    guarded = grpo_guard_log_ratio(log_prob(mean), log_prob(old_mean), mean, old_mean, s)
+    # The anchor's closed form: s * (log ratio + mean(dmu^2) / (2 s^2)) = mean(xi * dmu), per sample.
+    expected = (xi * (mean - old_mean)).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(guarded.double(), expected.detach(), atol=1e-6, rtol=0)
+    # Its gradient through mu is xi / D (the bias term's gradient cancels the raw ratio's pull-back term).
+    guarded.sum().backward()
+    torch.testing.assert_close(mean.grad, xi / xi[0].numel(), atol=1e-6, rtol=0)
+    # The raw log-ratio is biased below 0, more at the small-std sample; the guarded one is not scaled by 1 / s.
+    raw = (log_prob(mean) - log_prob(old_mean)).detach()
+    bias = ((mean - old_mean) ** 2).mean(dim=(1, 2, 3)).detach() / (2 * s**2)
+    torch.testing.assert_close(raw, expected.detach() / s - bias, atol=1e-9, rtol=0)
+
+
+def test_grpo_guard_on_policy_ratio_one():
+    old_mean, _, s, _, log_prob = _guard_case(seed=1)
+    same = old_mean.clone().requires_grad_()
+    guarded = grpo_guard_log_ratio(log_prob(same), log_prob(old_mean), same, old_mean, s)
+    assert guarded.abs().max().item() == 0.0
+    _, m = clipped_policy_loss(log_prob(same), log_prob(old_mean), torch.ones(3), 1e-6, log_ratio=guarded)
+    assert m["ratio_mean"].item() == 1.0 and m["clipfrac"].item() == 0.0
+
+
+def test_grpo_guard_loss_matches_the_published_form():
+    """verl-omni's GRPOGuardLoss for one step: mean(max(-A r, -A clip(r))) / |dt| with r = exp(guarded ratio)."""
+    old_mean, _, s, mean, log_prob = _guard_case(seed=2, std=(0.2, 0.2, 0.2))
+    dt = 0.0625
+    adv = torch.tensor([1.5, -0.5, 2.0], dtype=torch.float64)
+    clip = 2e-6
+    guarded = grpo_guard_log_ratio(log_prob(mean), log_prob(old_mean), mean, old_mean, s)
+    loss, _ = clipped_policy_loss(
+        log_prob(mean), log_prob(old_mean), adv, clip, log_ratio=guarded, weights=torch.full((3,), 1 / dt)
+    )
+    r = [math.exp(v) for v in guarded.tolist()]
+    a = adv.tolist()
+    per = [max(-a[i] * r[i], -a[i] * min(max(r[i], 1 - clip), 1 + clip)) for i in range(3)]
+    assert loss.item() == pytest.approx(sum(per) / 3 / dt, rel=1e-9)
+
+
+def test_weights_scale_each_element():
+    logp = torch.tensor([0.0, 0.0])
+    loss, m = clipped_policy_loss(logp, logp, torch.tensor([1.0, 2.0]), 1e-4, weights=torch.tensor([3.0, 0.5]))
+    assert loss.item() == pytest.approx(-(3.0 * 1 + 0.5 * 2) / 2)
+    assert m["policy_loss"].item() == pytest.approx(loss.item())
 
 
 # --- KL --------------------------------------------------------------------------------------------------------

@@ -433,3 +433,87 @@ def test_cps_unnormalized_log_prob_and_kl_convention(tiny_pipeline_dir, tmp_path
     assert abs(metrics["ratio_mean"].item() - 1) <= 1e-5
     with pytest.raises(ConfigError, match="cps kernel"):
         make_config(tiny_pipeline_dir("sd3"), tmp_path, **{"train.log_prob": "unnormalized"})
+
+
+def test_grpo_guard_as_published(tiny_pipeline_dir, tmp_path):
+    """train.ratio_guard: grpo_guard -- ratio 1 on policy with loss weights 1 / |dt|; after an update the guarded
+    log-ratio is the anchor's s * (log ratio + mean(dmu^2) / (2 s^2)) = mean(xi * dmu), computed here by hand from
+    the stored transition means."""
+    from diffalign.samplers.rollout import transition_log_probs
+
+    options = {"train.ratio_guard": "grpo_guard", "train.clip_range": 2e-6}
+    trainer = GRPOTrainer(make_config(tiny_pipeline_dir("sd3"), tmp_path, **options))
+    trajectory, rewards, _, group_ids = trainer.sample_epoch(0)
+    assert trajectory.means is not None and trajectory.means.shape == trajectory.latents.shape
+    advantages, _ = trainer.advantages(rewards, group_ids, trajectory.prompts)
+    samples, positions = torch.arange(4), torch.tensor([trajectory.trained_positions] * 4)
+    loss, metrics = trainer._step_loss(trajectory, samples, positions, advantages)
+    assert abs(metrics["ratio_mean"].item() - 1) <= 1e-6 and metrics["clipfrac"].item() == 0
+    sigmas = trajectory.schedule.sigmas
+    dt = torch.stack(
+        [sigmas[trajectory.step_indices[p]] - sigmas[trajectory.step_indices[p] + 1] for p in positions[0]]
+    )
+    on_policy = (-advantages[:4].clamp(-5, 5).unsqueeze(1) / dt.unsqueeze(0)).mean()  # ratio 1: -A / |dt|
+    assert loss.item() == pytest.approx(on_policy.item(), rel=1e-5)
+
+    with torch.no_grad():  # move the LoRA off the rollout policy
+        for param in trainer.run.params:
+            param.add_(0.05 * torch.randn_like(param))
+    log_ratio, weights = trainer._guarded_log_ratio(
+        trajectory, samples, positions, *_current(trainer, trajectory, samples, positions)
+    )
+    with torch.no_grad():
+        _, means, stds = transition_log_probs(trainer.adapter, trajectory, positions, samples=samples)
+    old_means = trajectory.means[:4][torch.arange(4).unsqueeze(1), positions]
+    next_latents = trajectory.next_latents[:4][torch.arange(4).unsqueeze(1), positions]
+    s = stds.view(4, -1, 1, 1, 1)
+    xi = (next_latents - old_means) / s
+    expected = (xi * (means - old_means)).mean(dim=(2, 3, 4))
+    assert expected.abs().max() > 1e-6  # the update moved the means
+    torch.testing.assert_close(log_ratio.detach(), expected, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(weights, (1 / dt).expand(4, -1))
+
+
+def _current(trainer, trajectory, samples, positions):
+    """(log_probs, old log_probs, means, stds) of the stored transitions under the current weights."""
+    from diffalign.samplers.rollout import transition_log_probs
+
+    with torch.no_grad():
+        log_probs, means, stds = transition_log_probs(trainer.adapter, trajectory, positions, samples=samples)
+    return log_probs, trajectory.log_probs[samples].gather(1, positions), means, stds
+
+
+def test_recenter_guard_and_its_refusals(tiny_pipeline_dir, tmp_path):
+    from diffalign.config import ConfigError
+
+    trainer = GRPOTrainer(make_config(tiny_pipeline_dir("sd3"), tmp_path, **{"train.ratio_guard": "recenter"}))
+    trajectory, rewards, _, group_ids = trainer.sample_epoch(0)
+    assert trajectory.means is None  # only grpo_guard stores the old means
+    advantages, _ = trainer.advantages(rewards, group_ids, trajectory.prompts)
+    samples, positions = torch.arange(4), torch.tensor([trajectory.trained_positions] * 4)
+    _, metrics = trainer._step_loss(trajectory, samples, positions, advantages)
+    assert abs(metrics["ratio_mean"].item() - 1) <= 1e-6
+    with torch.no_grad():
+        for param in trainer.run.params:
+            param.add_(0.05 * torch.randn_like(param))
+    log_ratio, weights = trainer._guarded_log_ratio(
+        trajectory, samples, positions, *_current(trainer, trajectory, samples, positions)
+    )
+    assert weights is None
+    torch.testing.assert_close(log_ratio.mean(dim=0), torch.zeros(positions.shape[1]), atol=1e-7, rtol=0)
+
+    sd15 = tiny_pipeline_dir("sd15")
+    with pytest.raises(ConfigError, match="ddim kernel"):  # auto resolves to ddim on an epsilon model
+        GRPOTrainer(make_config(sd15, tmp_path / "a", "sd15", **{"train.ratio_guard": "grpo_guard"}))
+    with pytest.raises(ConfigError, match="mixes steps"):  # DDPO's per-sample random steps (auto)
+        GRPOTrainer(
+            make_config(
+                sd15, tmp_path / "b", "sd15", **{"train.ratio_guard": "recenter", "sampling.train_fraction": 0.5}
+            )
+        )
+    with pytest.raises(ConfigError, match="mixes steps"):
+        make_config(sd15, tmp_path, **{"train.ratio_guard": "recenter", "sampling.train_steps": "random",
+                                       "sampling.train_fraction": 0.5})  # fmt: skip
+    with pytest.raises(ConfigError, match="Gaussian"):
+        make_config(sd15, tmp_path, **{"train.ratio_guard": "grpo_guard", "sampling.kernel": "cps",
+                                       "train.log_prob": "unnormalized"})  # fmt: skip
