@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -217,6 +218,10 @@ class DiffusionAdapter:
         self.lora_min_timestep: float | None = None
         """The LoRA acts only at timesteps above this (scheduler scale); ``None``: at every timestep. Saved beside
         the LoRA weights (:data:`LORA_SCOPE_NAME`) and restored by :meth:`load_lora`."""
+        self.timestep_shift: float | None = None
+        """Flow families: a fixed shift ``sigma -> shift * sigma / (1 + (shift - 1) * sigma)`` of the sampling
+        schedule in place of the scheduler's own (static, or resolution-dependent with dynamic shifting); ``None``
+        keeps the scheduler's (``model.timestep_shift``; MixGRPO and DanceGRPO sample FLUX with 3)."""
         self.height = height or self.default_resolution
         self.width = width or self.default_resolution
         self._check_resolution()
@@ -395,6 +400,24 @@ class DiffusionAdapter:
         raise NotImplementedError
 
     # --- images <-> latents -----------------------------------------------------------------------------------------
+
+    def flow_shift_options(self, mu: Callable[[], float]) -> dict[str, float]:
+        """``retrieve_timesteps`` options that shift a flow schedule: the fixed :attr:`timestep_shift` when set,
+        else the scheduler's own (``mu()``, the resolution-dependent shift, when it shifts dynamically).
+
+        A dynamic scheduler's exponential time shift with ``mu = log(shift)`` is the static shift ``shift``; a
+        static scheduler takes the fixed shift through ``set_shift``.
+        """
+        config = self.scheduler.config
+        dynamic = bool(config.get("use_dynamic_shifting", False))
+        if not dynamic:  # set on every call, so that clearing timestep_shift restores the scheduler's own
+            self.scheduler.set_shift(self.timestep_shift or config.get("shift", 1.0))
+            return {}
+        if self.timestep_shift is None:
+            return {"mu": mu()}
+        if config.get("time_shift_type", "exponential") != "exponential":
+            raise ValueError("model.timestep_shift needs the scheduler's exponential time shift (time_shift_type)")
+        return {"mu": math.log(self.timestep_shift)}
 
     def decode(self, latents: Tensor) -> Tensor:
         """Decode latents into images ``[B, 3, H, W]`` float32 in ``[0, 1]``; differentiable.

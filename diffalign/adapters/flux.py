@@ -106,14 +106,18 @@ class FluxAdapter(DiffusionAdapter):
         if config.get("use_flow_sigmas", False):
             sigmas = None
         h, w = self._latent_hw
-        mu = calculate_shift(
-            (h // 2) * (w // 2),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, sigmas=sigmas, mu=mu)
+
+        def mu() -> float:
+            return calculate_shift(
+                (h // 2) * (w // 2),
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.15),
+            )
+
+        shift = self.flow_shift_options(mu)
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, sigmas=sigmas, **shift)
         return Schedule(timesteps, sigmas=self.scheduler.sigmas.to(self.device))
 
     def decode(self, latents: Tensor) -> Tensor:

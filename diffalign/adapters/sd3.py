@@ -73,16 +73,18 @@ class StableDiffusion3Adapter(DiffusionAdapter):
         )
 
         config = self.scheduler.config
-        kwargs = {}
-        if config.get("use_dynamic_shifting", None):
+
+        def mu() -> float:
             patch = self.denoiser.config.patch_size
             seq_len = (self.height // self.vae_scale_factor // patch) * (self.width // self.vae_scale_factor // patch)
-            kwargs["mu"] = calculate_shift(
+            return calculate_shift(
                 seq_len,
                 config.get("base_image_seq_len", 256),
                 config.get("max_image_seq_len", 4096),
                 config.get("base_shift", 0.5),
                 config.get("max_shift", 1.16),
             )
-        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, **kwargs)
+
+        shift = self.flow_shift_options(mu)
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, **shift)
         return Schedule(timesteps, sigmas=self.scheduler.sigmas.to(self.device))

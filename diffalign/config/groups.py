@@ -81,9 +81,19 @@ class ModelConfig:
     """LoRA adapter settings; lora.rank = 0 means full fine-tuning."""
     attention: Literal["sdpa", "xformers"] = "sdpa"
     """Attention kernel: PyTorch scaled-dot-product attention, or xformers (needs the diffalign[xformers] extra)."""
+    timestep_shift: float | None = None
+    """Flow models (SD3, FLUX): sample with the fixed schedule shift ``sigma -> shift * sigma / (1 + (shift - 1) *
+    sigma)`` instead of the scheduler's own (SD3's static 3, FLUX's resolution-dependent shift); MixGRPO and
+    DanceGRPO use 3 on FLUX. Null keeps the scheduler's. Flow-DPO's timestep density follows it
+    (``dpo.sigma_shift: scheduler``)."""
 
     def __post_init__(self) -> None:
         _require(bool(str(self.path).strip()), "path", "is empty; give a hub id or a local pipeline folder")
+        _require(
+            self.timestep_shift is None or self.timestep_shift > 0,
+            "timestep_shift",
+            f"must be > 0 (1 = unshifted), or null for the scheduler's, got {self.timestep_shift}",
+        )
 
 
 @dataclasses.dataclass(kw_only=True)

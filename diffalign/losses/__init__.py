@@ -7,6 +7,7 @@ from diffalign.losses.advantages import (
     group_advantages,
     group_stds,
     nonzero_advantage_mask,
+    per_reward_advantages,
     zero_std_ratio,
 )
 from diffalign.losses.dpo import (
@@ -46,6 +47,7 @@ __all__ = [
     "grpo_guard_log_ratio",
     "kl_to_reference",
     "nonzero_advantage_mask",
+    "per_reward_advantages",
     "per_sample_mse",
     "recentred_log_ratio",
     "refl_step_range",

@@ -19,7 +19,7 @@ Rewards and prompts must be gathered over processes first: a group is spread ove
 """
 
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ __all__ = [
     "group_advantages",
     "group_stds",
     "nonzero_advantage_mask",
+    "per_reward_advantages",
     "zero_std_ratio",
 ]
 
@@ -91,6 +92,41 @@ def group_advantages(rewards: Tensor, group_ids: GroupIds, global_std: bool = Tr
     mean, std, _ = _group_mean_std(r, index, num_groups)
     scale = r.std(correction=0) if global_std else std[index]
     return ((r - mean[index]) / (scale + eps)).to(rewards.dtype)
+
+
+def per_reward_advantages(
+    parts: Mapping[str, Tensor],
+    weights: Mapping[str, float],
+    group_ids: GroupIds,
+    global_std: bool = True,
+    eps: float = 1e-4,
+) -> Tensor:
+    """Multi-reward advantages as MixGRPO and DanceGRPO aggregate them (``train.advantage_aggregation:
+    per_reward``; docs/methods/grpo.md#several-rewards): each reward is normalised on its own
+    (:func:`group_advantages`), and the advantages are summed with the weights normalised to sum 1.
+
+    ``A_i = sum_k (w_k / sum_j w_j) * group_advantages(r_k)_i``. Unlike normalising the weighted sum of the rewards
+    (``sum``), a reward with a large scale or spread cannot drown the others.
+
+    Args:
+        parts: ``{name: [N]}`` each reward's scores (gathered over processes).
+        weights: ``{name: weight}`` for every name of ``parts``; their sum must be > 0.
+        group_ids: ``[N]`` group of each sample.
+        global_std: as in :func:`group_advantages`.
+        eps: as in :func:`group_advantages`.
+
+    Returns:
+        ``[N]`` advantages (float64 when the parts are).
+    """
+    if set(parts) != set(weights) or not parts:
+        raise ValueError(f"parts {sorted(parts)} and weights {sorted(weights)} must name the same rewards")
+    total = sum(weights.values())
+    if not total > 0:
+        raise ValueError(f"the reward weights must sum to > 0 to be normalised, got {dict(weights)}")
+    return sum(
+        (weights[name] / total) * group_advantages(values, group_ids, global_std=global_std, eps=eps)
+        for name, values in parts.items()
+    )
 
 
 def group_stds(rewards: Tensor, group_ids: GroupIds) -> Tensor:

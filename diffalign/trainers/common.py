@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from diffalign.adapters import DiffusionAdapter, load_adapter
-from diffalign.config import TrainerConfig, save_config
+from diffalign.config import ConfigError, TrainerConfig, save_config
 from diffalign.trainers import checkpoints as ckpt
 from diffalign.trainers.checkpoints import (
     CHECKPOINT_PREFIX,
@@ -202,6 +202,11 @@ class TrainingRun:
             **dict(adapter_kwargs or {}),
         )
         self.adapter.set_attention_backend(config.model.attention)
+        if config.model.timestep_shift is not None:
+            if self.adapter.prediction_type != "flow":
+                family = type(self.adapter).__name__
+                raise ConfigError(f"shifts a flow schedule; {family} is not a flow model", key="model.timestep_shift")
+            self.adapter.timestep_shift = config.model.timestep_shift
         if config.gradient_checkpointing:
             self.adapter.enable_gradient_checkpointing()
         self.params = self._trainable_parameters()

@@ -78,11 +78,12 @@ logger = logging.getLogger(__name__)
 Batch = dict[str, Any]
 
 
-def shifted_sigmas(sigmas: Tensor, scheduler_config: Any) -> Tensor:
-    """``shift * s / (1 + (shift - 1) * s)`` with the flow scheduler's static ``shift`` (SD3: 3); unchanged when
-    the scheduler shifts dynamically with the resolution (FLUX) or has no shift. ``sigmas``: any shape, in [0, 1]."""
-    shift = float(scheduler_config.get("shift", 1.0))
-    if scheduler_config.get("use_dynamic_shifting", False) or shift == 1.0:
+def shifted_sigmas(sigmas: Tensor, scheduler_config: Any, fixed_shift: float | None = None) -> Tensor:
+    """``shift * s / (1 + (shift - 1) * s)`` with ``fixed_shift`` (``model.timestep_shift``) or else the flow
+    scheduler's static ``shift`` (SD3: 3); unchanged without a fixed shift when the scheduler shifts dynamically with
+    the resolution (FLUX) or has no shift. ``sigmas``: any shape, in [0, 1]."""
+    shift = float(scheduler_config.get("shift", 1.0)) if fixed_shift is None else fixed_shift
+    if (fixed_shift is None and scheduler_config.get("use_dynamic_shifting", False)) or shift == 1.0:
         return sigmas
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
@@ -159,10 +160,12 @@ class DPOLossConfig:
     """Flow models: ``scheduler`` maps each drawn sigma through the scheduler's static shift,
     ``shift s / (1 + (shift - 1) s)``, as diffusers' SD3 scripts and flow_grpo's SD3 DPO draw from the shifted
     training schedule (median sigma 0.75 at SD3's shift 3); schedulers with dynamic shifting (FLUX) are not
-    shifted. ``none``: sigma as drawn from the density."""
-    flux_guidance: float = 1.0
+    shifted unless ``model.timestep_shift`` fixes a shift. ``none``: sigma as drawn from the density."""
+    flux_guidance: float | None = None
     """Guidance value fed to denoisers that take it as an input (``guidance_embedded`` families: FLUX.1-dev) during
-    training; other families train without CFG and ignore it."""
+    training; null = the guidance the model samples with (``eval.guidance_scale``, else the family default: 3.5
+    for FLUX.1-dev), so that the preference is learned at the guidance it is used at. Other families train without
+    CFG and ignore it."""
 
     def __post_init__(self) -> None:
         if self.beta is not None and self.beta <= 0:
@@ -221,6 +224,9 @@ class DiffusionDPOTrainer:
         self.adapter = self.run.adapter
         self.resolution = self._check_resolution(resolution)
         self.beta = config.dpo.beta if config.dpo.beta is not None else self.adapter.default_dpo_beta
+        sampled_at = config.eval.guidance_scale or self.adapter.default_guidance_scale
+        self.training_guidance = config.dpo.flux_guidance if config.dpo.flux_guidance is not None else sampled_at
+        """The guidance-embedding value in training (``dpo.flux_guidance``; guidance-embedded families only)."""
         self.dataset = self._load_dataset()
         self.num_batches = self._num_batches()
         reward = reward if reward is not None else config.reward
@@ -325,7 +331,7 @@ class DiffusionDPOTrainer:
             generator=generator,
         )
         if flow and dpo.sigma_shift == "scheduler":
-            u = shifted_sigmas(u, self.adapter.scheduler.config)
+            u = shifted_sigmas(u, self.adapter.scheduler.config, self.adapter.timestep_shift)
         return u * num_train if flow else (u * num_train).long().clamp(max=num_train - 1)
 
     def conditioning(self, batch: Batch) -> Conditioning:
@@ -362,7 +368,7 @@ class DiffusionDPOTrainer:
         target = adapter.training_target(latents, noise, timesteps)
         cond = self.conditioning(batch)
         cond = cond if sft_only else Conditioning.cat([cond, cond])
-        guidance = self.config.dpo.flux_guidance if adapter.guidance_embedded else 1.0
+        guidance = self.training_guidance if adapter.guidance_embedded else 1.0
         with run.autocast():
             pred = adapter.predict(noisy, timesteps, cond, guidance)
         if sft_only:

@@ -46,7 +46,12 @@ from torch import Tensor
 from diffalign.config import ConfigError, TrainerConfig
 from diffalign.data.prompts import load_prompts
 from diffalign.eval.evaluator import Evaluator
-from diffalign.losses.advantages import PerPromptStatTracker, group_advantages, zero_std_ratio
+from diffalign.losses.advantages import (
+    PerPromptStatTracker,
+    group_advantages,
+    per_reward_advantages,
+    zero_std_ratio,
+)
 from diffalign.losses.policy_gradient import (
     clipped_policy_loss,
     grpo_guard_log_ratio,
@@ -156,6 +161,10 @@ class GRPOTrainConfig:
     """``group``: Flow-GRPO per-prompt normalisation of each epoch; ``running``: DDPO's per-prompt buffer."""
     global_std: bool = True
     """``group``: divide by the std of all rewards of the epoch (Flow-GRPO default) instead of the group's."""
+    advantage_aggregation: Literal["sum", "per_reward"] = "sum"
+    """Several rewards (``reward: {name: weight, ...}``): ``sum`` normalises their weighted sum within each group
+    (Flow-GRPO); ``per_reward`` normalises each reward within its group and sums the advantages with the weights
+    normalised to sum 1 (MixGRPO, DanceGRPO; docs/methods/grpo.md#several-rewards). ``group`` advantages only."""
     buffer_size: int = 16
     """``running``: rewards kept per prompt."""
     min_count: int = 16
@@ -222,6 +231,18 @@ class GRPOConfig(TrainerConfig):
                 raise ConfigError(
                     "GRPO-Guard's bias term is that of the Gaussian log-density: use train.log_prob: gaussian",
                     key=("train.ratio_guard", "train.log_prob"),
+                )
+        if self.train.advantage_aggregation == "per_reward":
+            if self.train.advantage != "group":
+                raise ConfigError(
+                    "per_reward normalises each reward within its group: it needs train.advantage: group",
+                    key=("train.advantage_aggregation", "train.advantage"),
+                )
+            if not isinstance(self.reward, dict) or len(self.reward) < 2:
+                raise ConfigError(
+                    f"per_reward aggregates several rewards; reward is {self.reward!r}: give a mapping such as "
+                    "{hpsv2.1: 1.0, pickscore: 1.0}, or use advantage_aggregation: sum",
+                    key=("train.advantage_aggregation", "reward"),
                 )
         # The kernel and the train-step choice may still be "auto" here; the trainer checks them again resolved.
         check_ratio_guard(self.train.ratio_guard, self.sampling.kernel, uses_random_train_steps(self.sampling, "auto"))
@@ -332,6 +353,11 @@ class GRPOTrainer:
         self.run = run or TrainingRun(config, adapter_kwargs=kwargs)
         self.adapter = self.run.adapter
         self.reward = build_reward(reward if reward is not None else config.reward, device=self.run.device)
+        if config.train.advantage_aggregation == "per_reward" and not hasattr(self.reward, "weights"):
+            raise ConfigError(
+                f"per_reward needs a weighted sum of rewards, got {self.reward!r}",
+                key="train.advantage_aggregation",
+            )
         self.prompts = load_prompts(config.sampling.prompts)
         kernel = config.sampling.kernel
         if kernel == "auto":
@@ -410,8 +436,11 @@ class GRPOTrainer:
 
     # --- advantages -------------------------------------------------------------------------------------------------
 
-    def advantages(self, rewards: Tensor, group_ids: Tensor, prompts: list[str]) -> tuple[Tensor, dict[str, float]]:
-        """Advantages of the local samples, computed on the rewards gathered from every process."""
+    def advantages(
+        self, rewards: Tensor, group_ids: Tensor, prompts: list[str], parts: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Advantages of the local samples, computed on the rewards gathered from every process (``parts``: each
+        reward's local ``[b]`` scores, for ``train.advantage_aggregation: per_reward``)."""
         accelerator = self.run.accelerator
         all_rewards = accelerator.gather(rewards.to(self.run.device)).cpu()
         all_groups = accelerator.gather(group_ids.to(self.run.device)).cpu()
@@ -419,6 +448,14 @@ class GRPOTrainer:
         train = self.config.train
         if train.advantage == "running":
             advantages = self.tracker.update(all_prompts, all_rewards)
+        elif train.advantage_aggregation == "per_reward":
+            if parts is None:
+                raise ValueError("advantage_aggregation: per_reward needs each reward's scores (parts)")
+            all_parts = {
+                name: accelerator.gather(self._oriented(name, v).to(self.run.device)).cpu()
+                for name, v in parts.items()
+            }
+            advantages = per_reward_advantages(all_parts, self.reward.weights, all_groups, global_std=train.global_std)
         else:
             advantages = group_advantages(all_rewards, all_groups, global_std=train.global_std)
         stats = {
@@ -428,6 +465,12 @@ class GRPOTrainer:
         }
         local = self._local_slice(all_rewards.shape[0])
         return advantages[local].clamp(-train.adv_clip_max, train.adv_clip_max), stats
+
+    def _oriented(self, name: str, values: Tensor) -> Tensor:
+        """A part's scores through the sum's normalisation (its sign matters to a per-reward advantage; its
+        positive scale and shift do not)."""
+        shift, scale = getattr(self.reward, "normalize", {}).get(name, (0.0, 1.0))
+        return (values - shift) / scale
 
     # --- training ---------------------------------------------------------------------------------------------------
 
@@ -547,17 +590,21 @@ class GRPOTrainer:
         for inner in range(self.config.train.num_inner_epochs):
             batches = self._micro_batches(keep, epoch, inner)
             for b, samples in enumerate(batches):
-                group_end = min((b // accumulation + 1) * accumulation, len(batches))
-                group_size = group_end - (b // accumulation) * accumulation
+                group_start = (b // accumulation) * accumulation
+                group_end = min(group_start + accumulation, len(batches))
+                # Every sample of the optimizer step weighs the same, also in a short last micro-batch.
+                group_samples = sum(len(batch) for batch in batches[group_start:group_end])
                 for j, part in enumerate(chunks):
                     last = b == group_end - 1 and j == len(chunks) - 1
                     with self.run.accumulate(sync=last):
                         loss, metrics = self._step_loss(trajectory, samples, positions[samples][:, part], advantages)
-                        # Sum over steps of the per-step mean losses, averaged over steps and micro-batches.
-                        self.run.backward(loss * len(part) / (group_size * count_per_sample), step=epoch)
+                        # The loss is a mean over this call's samples x steps: the step's gradient is the mean
+                        # over all of its samples x trained steps.
+                        share = len(samples) * len(part) / (group_samples * count_per_sample)
+                        self.run.backward(loss * share, step=epoch)
                     for key, value in metrics.items():
-                        totals[key] = totals.get(key, 0.0) + float(value) * len(part)
-                    count += len(part)
+                        totals[key] = totals.get(key, 0.0) + float(value) * len(samples) * len(part)
+                    count += len(samples) * len(part)
                 if b == group_end - 1:
                     optimizer_metrics = self.run.optimizer_step(step=epoch)
         averaged = {key: value / max(count, 1) for key, value in totals.items()}
@@ -570,7 +617,7 @@ class GRPOTrainer:
         began = time.perf_counter()
         trajectory, rewards, parts, group_ids = self.sample_epoch(epoch)
         sampled = time.perf_counter()
-        advantages, stats = self.advantages(rewards, group_ids, trajectory.prompts)
+        advantages, stats = self.advantages(rewards, group_ids, trajectory.prompts, parts)
         for name, values in parts.items():
             stats[f"reward/{name}"] = self.run.accelerator.gather(values.to(self.run.device)).mean().item()
         metrics = {**stats, **self.train_epoch(trajectory, advantages, epoch)}

@@ -296,3 +296,26 @@ def test_gradient_checkpointing_switch(tiny_pipeline_dir):
     assert adapter.denoiser.is_gradient_checkpointing
     adapter.enable_gradient_checkpointing(False)
     assert not adapter.denoiser.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_fixed_timestep_shift_replaces_the_schedulers(family, tiny_pipeline_dir):
+    """model.timestep_shift: the sampling sigmas are shift * s / (1 + (shift - 1) * s) of the unshifted schedule
+    (MixGRPO's sd3_time_shift), for a dynamic (FLUX) and a static (SD3) scheduler alike."""
+    from diffalign.adapters import load_adapter
+
+    adapter = load_adapter(tiny_pipeline_dir(family), height=32, width=32)
+    native = adapter.set_timesteps(8).sigmas.clone()
+    if family == "flux":  # the pipeline's linear sigmas
+        s = torch.linspace(1.0, 1 / 8, 8, dtype=torch.float64)
+    else:  # diffusers spaces SD3's timesteps between the training schedule's ends
+        scheduler = adapter.scheduler
+        s = torch.linspace(scheduler.sigma_max, scheduler.sigma_min, 8, dtype=torch.float64)
+    for shift in (2.0, 1.0):
+        adapter.timestep_shift = shift
+        sigmas = adapter.set_timesteps(8).sigmas
+        torch.testing.assert_close(sigmas[:-1].double(), shift * s / (1 + (shift - 1) * s), atol=1e-6, rtol=0)
+        assert sigmas[-1].item() == 0.0
+        assert not torch.allclose(native, sigmas)  # neither FLUX's dynamic shift nor SD3's 3
+    adapter.timestep_shift = None
+    torch.testing.assert_close(adapter.set_timesteps(8).sigmas, native)  # the scheduler's own again

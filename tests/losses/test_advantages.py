@@ -12,6 +12,7 @@ from diffalign.losses import (
     group_advantages,
     group_stds,
     nonzero_advantage_mask,
+    per_reward_advantages,
     zero_std_ratio,
 )
 
@@ -129,3 +130,37 @@ def test_tracker_validates():
         PerPromptStatTracker(buffer_size=4, min_count=8)
     with pytest.raises(ValueError):
         PerPromptStatTracker().update(["a"], torch.tensor([1.0, 2.0]))
+
+
+def test_per_reward_advantages_hand_made_three_rewards():
+    """MixGRPO's aggregation: each reward normalised within its group (population std + 1e-4 here, per group),
+    then summed with weights normalised to sum 1 -- against values computed by hand."""
+    groups = [0, 0, 0, 1, 1, 1]
+    parts = {
+        "hps": torch.tensor([0.20, 0.30, 0.40, 0.25, 0.25, 0.28], dtype=torch.float64),
+        "pick": torch.tensor([21.0, 23.0, 22.0, 20.0, 24.0, 22.0], dtype=torch.float64),
+        "ir": torch.tensor([-1.0, 1.0, 0.0, 0.5, 0.5, 0.5], dtype=torch.float64),
+    }
+    weights = {"hps": 1.0, "pick": 2.0, "ir": 1.0}
+
+    def by_hand(values):  # (r - group mean) / (group population std + 1e-4)
+        out = []
+        for g in (0, 1):
+            rows = [v for v, gi in zip(values.tolist(), groups) if gi == g]
+            mean = sum(rows) / 3
+            std = math.sqrt(sum((r - mean) ** 2 for r in rows) / 3)
+            out += [(r - mean) / (std + 1e-4) for r in rows]
+        return out
+
+    hand = {name: by_hand(values) for name, values in parts.items()}
+    expected = [0.25 * hand["hps"][i] + 0.5 * hand["pick"][i] + 0.25 * hand["ir"][i] for i in range(6)]
+    got = per_reward_advantages(parts, weights, torch.tensor(groups), global_std=False)
+    assert got.tolist() == pytest.approx(expected, abs=1e-6)
+    # The constant "ir" group contributes 0, and the aggregation differs from normalising the weighted sum.
+    assert hand["ir"][3:] == [0.0, 0.0, 0.0]
+    total = sum(weights[k] * v for k, v in parts.items())
+    assert not torch.allclose(got, group_advantages(total, torch.tensor(groups), global_std=False))
+    with pytest.raises(ValueError, match="sum to > 0"):
+        per_reward_advantages(parts, {"hps": 1.0, "pick": -1.0, "ir": 0.0}, torch.tensor(groups))
+    with pytest.raises(ValueError, match="same rewards"):
+        per_reward_advantages(parts, {"hps": 1.0}, torch.tensor(groups))

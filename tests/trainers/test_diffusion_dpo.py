@@ -445,3 +445,25 @@ def test_flow_sigmas_follow_the_shifted_training_schedule(tiny_pipeline_dir, tmp
     sigmas = trainer.sample_timesteps(10_000, torch.Generator().manual_seed(0)) / 1000
     assert abs(sigmas.median().item() - median) < 0.02
     assert 0 < sigmas.min().item() and sigmas.max().item() < 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [((), 3.5), (("eval.guidance_scale=2.5",), 2.5), (("dpo.flux_guidance=1.0",), 1.0)],
+)
+def test_flux_dpo_trains_at_the_guidance_it_samples_with(
+    overrides, expected, tiny_pipeline_dir, pairs_dir, tmp_path, monkeypatch
+):
+    """FLUX.1-dev's guidance embedding sees the sampling guidance in training (3.5 by default), not 1."""
+    trainer = _trainer(_config(tmp_path, tiny_pipeline_dir("flux"), pairs_dir, overrides), "flux")
+    seen = []
+    predict = trainer.adapter.predict
+
+    def record(latents, timesteps, cond, guidance_scale=1.0):
+        seen.append(guidance_scale)
+        return predict(latents, timesteps, cond, guidance_scale)
+
+    monkeypatch.setattr(trainer.adapter, "predict", record)
+    _, _, batch = next(trainer.batch_stream(0, 0))
+    trainer.loss(batch, torch.Generator().manual_seed(0))
+    assert seen and set(seen) == {expected}

@@ -203,7 +203,7 @@ def _gradients_of_first_update(config):
 
 def test_loss_is_invariant_to_batch_and_accumulation_split(tiny_pipeline_dir, tmp_path):
     folder = tiny_pipeline_dir("sd3")
-    splits = [(8, 1), (4, 2), (2, 4)]
+    splits = [(8, 1), (4, 2), (2, 4), (3, 3)]  # 3 x 3: micro-batches of 3, 3 and 2 samples, weighted by size
     grads = [
         _gradients_of_first_update(
             make_config(
@@ -517,3 +517,24 @@ def test_recenter_guard_and_its_refusals(tiny_pipeline_dir, tmp_path):
     with pytest.raises(ConfigError, match="Gaussian"):
         make_config(sd15, tmp_path, **{"train.ratio_guard": "grpo_guard", "sampling.kernel": "cps",
                                        "train.log_prob": "unnormalized"})  # fmt: skip
+
+
+def test_per_reward_advantage_aggregation_in_the_trainer(tiny_pipeline_dir, tmp_path):
+    from diffalign.config import ConfigError
+    from diffalign.losses.advantages import per_reward_advantages
+
+    reward = {"diffalign.testing:redness": 1.0, "jpeg_compressibility": 3.0}
+    options = {"reward": reward, "train.advantage_aggregation": "per_reward", "train.global_std": False}
+    trainer = GRPOTrainer(make_config(tiny_pipeline_dir("sd3"), tmp_path, **options))
+    trajectory, rewards, parts, group_ids = trainer.sample_epoch(0)
+    advantages, _ = trainer.advantages(rewards, group_ids, trajectory.prompts, parts)
+    expected = per_reward_advantages(parts, reward, group_ids, global_std=False)
+    torch.testing.assert_close(advantages, expected.clamp(-5, 5).to(advantages.dtype))
+    summed = group_advantages(rewards, group_ids, global_std=False)
+    assert not torch.allclose(advantages, summed.to(advantages.dtype), atol=1e-3)  # not the sum's advantages
+    assert math.isfinite(trainer.train_epoch(trajectory, advantages, 0)["policy_loss"])
+
+    with pytest.raises(ConfigError, match="several rewards"):
+        make_config(tiny_pipeline_dir("sd3"), tmp_path, **{"train.advantage_aggregation": "per_reward"})
+    with pytest.raises(ConfigError, match="advantage: group"):
+        make_config(tiny_pipeline_dir("sd3"), tmp_path, **{**options, "train.advantage": "running"})
