@@ -122,12 +122,34 @@ def load_pipeline(source: str | os.PathLike, dtype: torch.dtype | None = None, *
         ) from err
 
 
+def load_vae(source: str | os.PathLike) -> Any:
+    """An ``AutoencoderKL`` from a folder or hub id holding one (its ``config.json`` at the top, as
+    ``madebyollin/sdxl-vae-fp16-fix``), or a pipeline folder's ``vae/`` subfolder; loaded in fp32 (the adapters keep
+    the VAE in fp32)."""
+    from diffusers import AutoencoderKL
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return AutoencoderKL.from_pretrained(str(path))
+        if (path / "vae" / "config.json").is_file():
+            return AutoencoderKL.from_pretrained(str(path), subfolder="vae")
+        raise FileNotFoundError(f"no VAE in {path}: expected config.json (an AutoencoderKL folder) or vae/config.json")
+    try:
+        return AutoencoderKL.from_pretrained(str(source))
+    except OSError as err:
+        raise OSError(
+            f"could not load the VAE {str(source)!r} ({err}). Offline? Download it once and pass the local folder."
+        ) from err
+
+
 def load_adapter(
     source: Any,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     revision: str | None = None,
     variant: str | None = None,
+    vae_path: str | os.PathLike | None = None,
     **adapter_kwargs: Any,
 ) -> DiffusionAdapter:
     """Wrap a model in its family's adapter.
@@ -138,6 +160,8 @@ def load_adapter(
         dtype: compute dtype of the denoiser and text encoders (default fp32; the VAE always stays fp32).
         revision: hub revision (branch, tag or commit) of a hub id; diffusers ignores it for local folders.
         variant: weight-file variant, e.g. ``fp16`` (``diffusion_pytorch_model.fp16.safetensors``).
+        vae_path: a VAE to use instead of the pipeline's (:func:`load_vae`), e.g. the fp16-safe SDXL VAE
+            ``madebyollin/sdxl-vae-fp16-fix``; only with a folder or hub id as ``source``.
         **adapter_kwargs: family options, e.g. ``height``, ``width``, ``max_sequence_length`` (SD3/FLUX).
 
     Raises:
@@ -147,6 +171,11 @@ def load_adapter(
     pipe = source
     if isinstance(source, (str, os.PathLike)):
         options = {"revision": revision, "variant": variant}
-        pipe = load_pipeline(source, dtype=dtype, **{key: value for key, value in options.items() if value})
+        options = {key: value for key, value in options.items() if value}
+        if vae_path is not None:
+            options["vae"] = load_vae(vae_path)
+        pipe = load_pipeline(source, dtype=dtype, **options)
+    elif vae_path is not None:
+        raise ValueError("vae_path replaces the VAE of a pipeline loaded from a folder or hub id, not of a built one")
     adapter_cls = adapter_class_for(type(pipe).__name__)
     return adapter_cls(pipe, device=device, dtype=dtype, **adapter_kwargs)

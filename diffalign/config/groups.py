@@ -77,6 +77,10 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) to load; null = the default branch. Ignored for local folders."""
     variant: str | None = None
     """Weight file variant to load, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors); null = the default."""
+    vae_path: str | None = None
+    """A VAE to use instead of the pipeline's: an AutoencoderKL folder or hub id (e.g. madebyollin/sdxl-vae-fp16-fix,
+    the SDXL VAE that does not overflow in fp16, as DiffusionDPO's SDXL script), or a pipeline folder whose vae/ is
+    taken. Null = the pipeline's own."""
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     """LoRA adapter settings; lora.rank = 0 means full fine-tuning."""
     attention: Literal["sdpa", "xformers"] = "sdpa"
@@ -98,8 +102,13 @@ class ModelConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class OptimConfig:
-    """AdamW optimizer, gradient clipping and learning-rate schedule."""
+    """Optimizer (AdamW or Adafactor), gradient clipping and learning-rate schedule."""
 
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    """``adamw`` (torch's AdamW, or bitsandbytes' 8-bit one with ``use_8bit_adam``), or ``adafactor``:
+    transformers' Adafactor with a fixed learning rate (``relative_step`` and ``scale_parameter`` off, update
+    clipping 1.0), as DiffusionDPO trains SDXL; it keeps factored second moments (far less optimizer memory than
+    AdamW) and has no ``betas`` / ``eps`` of AdamW's kind (leave them at their defaults)."""
     lr: float = 1e-4
     """Peak learning rate (after warmup)."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -127,6 +136,14 @@ class OptimConfig:
     """Use bitsandbytes' 8-bit AdamW to save optimizer memory (needs bitsandbytes and a CUDA device)."""
 
     def __post_init__(self) -> None:
+        if self.optimizer == "adafactor":
+            adam_only = [key for key, default in _ADAM_DEFAULTS.items() if _plain(getattr(self, key)) != default]
+            _require(
+                not adam_only,
+                [*adam_only, "optimizer"],
+                f"{', '.join(adam_only)} belong to AdamW; Adafactor has no such setting: remove them, "
+                "or use optimizer: adamw",
+            )
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _require(all(0.0 <= b < 1.0 for b in self.betas), "betas", f"must both be in [0, 1), got {self.betas}")
         _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
@@ -149,6 +166,14 @@ class OptimConfig:
             "warmup_steps > 0 has no effect with lr_scheduler = constant; "
             "use lr_scheduler = constant_with_warmup, or warmup_steps = 0",
         )
+
+
+_ADAM_DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-8, "use_8bit_adam": False}
+"""AdamW-only settings at their defaults (``optim.optimizer: adafactor`` refuses any other value)."""
+
+
+def _plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -114,7 +114,7 @@ def sample_truncation_steps(
     *,
     gaussian_mean: float = 8.0,
     gaussian_std: float = 5.0,
-    uniform_range: tuple[int, int] = (1, 20),
+    uniform_range: tuple[int, int] = (1, 49),
     max_tries: int = 10_000,
 ) -> int:
     """Number ``K`` of final denoising steps whose model calls keep gradients (AlignProp, DRaFT-K).
@@ -126,8 +126,8 @@ def sample_truncation_steps(
     - ``"fixed"``: ``K = k`` (DRaFT-K; AlignProp ``fixed`` ``value=49`` at 50 steps is ``k=1``); ``1 <= k <=
       num_steps``, ``k = num_steps`` being full DRaFT.
     - ``"uniform"``: ``K`` uniform on ``uniform_range`` (inclusive) intersected with ``[1, num_steps - 1]``.
-      Default ``(1, 20)`` = AlignProp's ``uniform`` ``{min: 30, max: 50}`` (``torch.randint``, max exclusive)
-      at 50 steps; TRL's ``(0, 50)`` is ``(1, 49)``.
+      Default ``(1, 49)`` = AlignProp's ``uniform`` ``{min: 0, max: 50}`` at 50 steps (``b = torch.randint(0,
+      50)`` redrawn until ``1 <= b < 50``, ``K = 50 - b``; AlignProp ``config/alignprop_config.py`` at b22918a).
     - ``"gaussian"``: ``b = int(N(num_steps - gaussian_mean, gaussian_std))`` until ``1 <= b < num_steps``;
       defaults (8, 5) = AlignProp's ``{mean: 42, std: 5}`` at 50 steps (E[K] ~ 8.5: ``int`` truncates).
 

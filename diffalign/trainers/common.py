@@ -199,6 +199,7 @@ class TrainingRun:
             dtype=dtype,
             revision=model.revision,
             variant=model.variant,
+            vae_path=model.vae_path,
             **dict(adapter_kwargs or {}),
         )
         self.adapter.set_attention_backend(config.model.attention)
@@ -274,6 +275,19 @@ class TrainingRun:
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         optim = self.config.optim
+        if optim.optimizer == "adafactor":
+            from transformers.optimization import Adafactor
+
+            # A fixed learning rate (the schedule drives it), as DiffusionDPO's SDXL script configures it.
+            return Adafactor(
+                self.params,
+                lr=optim.lr,
+                weight_decay=optim.weight_decay,
+                clip_threshold=1.0,
+                scale_parameter=False,
+                relative_step=False,
+                warmup_init=False,
+            )
         kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, eps=optim.eps)
         if optim.use_8bit_adam:
             try:
@@ -324,6 +338,26 @@ class TrainingRun:
         """Keep a frozen copy of the current denoiser as the reference (full fine-tuning only)."""
         if not self.use_lora and self._reference_denoiser is None:
             self._reference_denoiser = copy.deepcopy(self.adapter.denoiser).requires_grad_(False).eval()
+
+    def offload_frozen(self) -> list[str]:
+        """Keep the frozen text encoders, the VAE and the reference copy (full fine-tuning; take it first with
+        :meth:`snapshot_reference`) in CPU memory; accelerate's ``cpu_offload`` hooks move each module's weights to
+        the training device for its forward only. Saves their GPU memory at the cost of host-to-device copies, as
+        DiffusionDPO's SDXL script does. Returns the names of the offloaded modules."""
+        from accelerate import cpu_offload
+
+        pipe, device = self.adapter.pipe, self.accelerator.device
+        names = [
+            name
+            for name, module in pipe.components.items()
+            if isinstance(module, nn.Module) and (name == "vae" or name.startswith("text_encoder"))
+        ]
+        for name in names:
+            cpu_offload(getattr(pipe, name), execution_device=device)
+        if self._reference_denoiser is not None:
+            cpu_offload(self._reference_denoiser, execution_device=device)
+            names.append("reference")
+        return names
 
     # --- optimisation -----------------------------------------------------------------------------------------------
 

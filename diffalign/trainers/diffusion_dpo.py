@@ -161,6 +161,15 @@ class DPOLossConfig:
     ``shift s / (1 + (shift - 1) s)``, as diffusers' SD3 scripts and flow_grpo's SD3 DPO draw from the shifted
     training schedule (median sigma 0.75 at SD3's shift 3); schedulers with dynamic shifting (FLUX) are not
     shifted unless ``model.timestep_shift`` fixes a shift. ``none``: sigma as drawn from the density."""
+    offload_frozen: bool = False
+    """Keep the frozen text encoders, the VAE and (full fine-tuning) the reference denoiser in CPU memory, each moved
+    to the GPU only for its forward (accelerate's ``cpu_offload``), as DiffusionDPO's SDXL script offloads them:
+    less GPU memory, slower steps. Results are unchanged."""
+    micro_conditioning: Literal["per_pair", "constant"] = "per_pair"
+    """SDXL's size/crop conditioning in training: ``per_pair`` gives each pair its true original size and crop (as
+    diffusers' SDXL training scripts); ``constant`` gives every pair the training resolution with no crop,
+    ``(res, res, 0, 0, res, res)``, as DiffusionDPO's SDXL script (docs/methods/dpo.md#sdxl-micro-conditioning).
+    Families without size conditioning refuse ``constant``."""
     flux_guidance: float | None = None
     """Guidance value fed to denoisers that take it as an input (``guidance_embedded`` families: FLUX.1-dev) during
     training; null = the guidance the model samples with (``eval.guidance_scale``, else the family default: 3.5
@@ -224,6 +233,11 @@ class DiffusionDPOTrainer:
         self.adapter = self.run.adapter
         self.resolution = self._check_resolution(resolution)
         self.beta = config.dpo.beta if config.dpo.beta is not None else self.adapter.default_dpo_beta
+        if config.dpo.micro_conditioning == "constant" and self.adapter.family != "sdxl":
+            raise ConfigError(
+                f"only SDXL is conditioned on image size and crop; {self.adapter.family} has nothing to make constant",
+                key="dpo.micro_conditioning",
+            )
         sampled_at = config.eval.guidance_scale or self.adapter.default_guidance_scale
         self.training_guidance = config.dpo.flux_guidance if config.dpo.flux_guidance is not None else sampled_at
         """The guidance-embedding value in training (``dpo.flux_guidance``; guidance-embedded families only)."""
@@ -234,6 +248,8 @@ class DiffusionDPOTrainer:
         self.evaluator = Evaluator.from_config(config, self.adapter, self.reward, self.run.output_dir)
         if config.dpo.loss == "dpo":
             self.run.snapshot_reference()  # full fine-tuning: freeze the initial weights (a no-op with LoRA)
+        if config.dpo.offload_frozen:
+            self.run.offload_frozen()
         self.position = (0, 0)  # (epoch, index of the next batch in that epoch)
         # Over all processes, so every process holds (and a checkpoint stores) the same values.
         self.num_skipped = 0  # pairs drawn whose image failed to decode
@@ -338,6 +354,8 @@ class DiffusionDPOTrainer:
         """``[B]`` text conditioning of the captions, with each pair's original size and crop for the families
         conditioned on them (SDXL)."""
         cond = self.adapter.encode_prompt(batch["captions"], with_negative=False)
+        if self.config.dpo.micro_conditioning == "constant":  # the encoder's default: the training size, no crop
+            return cond
         return self.adapter.with_size_conditioning(cond, batch["original_sizes"], batch["crop_top_lefts"])
 
     def loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:

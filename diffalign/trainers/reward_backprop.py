@@ -133,8 +133,9 @@ class BackpropConfig:
     """``gaussian``: mean of K (AlignProp's ``backprop_timestep`` mean 42 at 50 steps = K 8)."""
     gaussian_std: float = 5.0
     """``gaussian``: std of K (AlignProp: 5)."""
-    uniform_range: tuple[int, int] = (1, 20)
-    """``uniform``: inclusive range of K (AlignProp ``{min: 30, max: 50}`` at 50 steps = K in 1..20)."""
+    uniform_range: tuple[int, int] = (1, 49)
+    """``uniform``: inclusive range of K, intersected with ``[1, num_steps - 1]`` (AlignProp's ``{min: 0, max:
+    50}`` at 50 steps: K in 1..49)."""
     num_renoise: int = 2
     """``draft_lv``: re-noised copies n of the final sample (paper: n = 2)."""
     refl_step_range: tuple[int, int] | None = None

@@ -240,3 +240,45 @@ def test_logging_run_name_names_the_wandb_run(tiny_pipeline_dir, tmp_path, monke
     make_run(folder, tmp_path / "run-b", logging={"log_with": "tensorboard"})
     assert [kwargs["init_kwargs"]["wandb"]["name"] for _, kwargs in calls] == ["lr-sweep-3", "run-b"]
     assert [project for project, _ in calls] == ["diffalign", "diffalign"]
+
+
+def test_adafactor_as_diffusiondpo_configures_it(tiny_pipeline_dir, tmp_path):
+    from transformers.optimization import Adafactor
+
+    from diffalign.config import ConfigError
+
+    run = make_run(tiny_pipeline_dir("sd15"), tmp_path, optim={"optimizer": "adafactor", "lr": 1e-3})
+    optimizer = run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer
+    assert isinstance(optimizer, Adafactor)
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 1e-3 and group["weight_decay"] == 1e-2 and group["clip_threshold"] == 1.0
+    assert not group["relative_step"] and not group["scale_parameter"] and not group["warmup_init"]
+    before = [p.detach().clone() for p in run.params]
+    _fake_step(run)
+    assert any(not torch.equal(b, p.detach()) for b, p in zip(before, run.params))
+    with pytest.raises(ConfigError, match=r"optim\.betas.*belong to AdamW"):
+        make_run(tiny_pipeline_dir("sd15"), tmp_path / "x", optim={"optimizer": "adafactor", "betas": [0.9, 0.99]})
+
+
+def test_vae_path_replaces_the_pipelines_vae(tiny_pipeline_dir, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from diffalign.adapters import load_adapter
+
+    folder = tiny_pipeline_dir("sdxl")
+    own = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    other = AutoencoderKL.from_config(own.config)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.1)
+    other.save_pretrained(tmp_path / "vae_fix")
+    run = make_run(folder, tmp_path / "run", model={"path": str(folder), "vae_path": str(tmp_path / "vae_fix")})
+    for name, param in run.adapter.vae.state_dict().items():
+        torch.testing.assert_close(param, other.state_dict()[name])
+    assert not torch.equal(
+        run.adapter.vae.state_dict()["decoder.conv_out.bias"], own.state_dict()["decoder.conv_out.bias"]
+    )
+    from_pipeline = load_adapter(folder, vae_path=folder)  # a pipeline folder: its vae/ is taken
+    torch.testing.assert_close(from_pipeline.vae.state_dict()["decoder.conv_out.bias"], own.decoder.conv_out.bias)
+    with pytest.raises(FileNotFoundError, match="no VAE"):
+        load_adapter(folder, vae_path=tmp_path)

@@ -131,6 +131,12 @@ def test_sdxl_micro_conditioning_uses_true_size_and_crop(tiny_pipeline_dir, tmp_
     # 40x48 -> shorter side 32: 32x38, center crop left (38 - 32) / 2 = 3 (transform of diffalign.data.preference).
     expected = torch.tensor([[40.0, 48.0, 0.0, 3.0, 32.0, 32.0]] * 2)
     assert torch.equal(cond.embeds["time_ids"].float().cpu(), expected)
+    # DiffusionDPO's constant: the training size and no crop for every pair, whatever the image was.
+    constant = _config(tmp_path, tiny_pipeline_dir("sdxl"), data, ["dpo.micro_conditioning=constant"], name="const")
+    cond = _trainer(constant, "sdxl").conditioning(batch)
+    assert torch.equal(cond.embeds["time_ids"].float().cpu(), torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2))
+    with pytest.raises(ConfigError, match="only SDXL"):
+        _trainer(_config(tmp_path, tiny_pipeline_dir("sd15"), data, ["dpo.micro_conditioning=constant"], name="x"))
 
 
 # --- updates and export ----------------------------------------------------------------------------------------------
@@ -467,3 +473,19 @@ def test_flux_dpo_trains_at_the_guidance_it_samples_with(
     _, _, batch = next(trainer.batch_stream(0, 0))
     trainer.loss(batch, torch.Generator().manual_seed(0))
     assert seen and set(seen) == {expected}
+
+
+def test_offloaded_frozen_modules_give_the_same_loss(tiny_pipeline_dir, pairs_dir, tmp_path):
+    """dpo.offload_frozen keeps text encoders, VAE and the reference copy off the device between their forwards
+    (their parameters are placeholders outside a forward) and changes nothing in the result."""
+    losses = []
+    for offload in (False, True):
+        overrides = ["model.lora.rank=0", f"dpo.offload_frozen={str(offload).lower()}"]
+        trainer = _trainer(_config(tmp_path, tiny_pipeline_dir("sd15"), pairs_dir, overrides, name=str(offload)))
+        _, _, batch = next(trainer.batch_stream(0, 0))
+        losses.append(trainer.loss(batch, torch.Generator().manual_seed(0))[0].detach())
+        if offload:
+            reference = trainer.run._reference_denoiser
+            for module in (trainer.adapter.pipe.text_encoder, trainer.adapter.vae, reference):
+                assert next(module.parameters()).device.type == "meta"  # the weights live in the hook's CPU copy
+    torch.testing.assert_close(losses[1], losses[0])
