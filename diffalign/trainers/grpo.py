@@ -133,6 +133,14 @@ class GRPOSamplingConfig:
             raise ConfigError(f"needs plan: window, got {self.plan!r}", key="lora_in_window_only")
         if self.train_steps == "random" and self.plan != "sde":
             raise ConfigError(f"needs plan: sde, got {self.plan!r}", key="train_steps")
+        if self.ode_solver != "euler" and self.plan == "sde":
+            # DPM-Solver++(2M) restarts its history after every stochastic step: the sde plan's one deterministic
+            # step (the last) would be an Euler step whatever this says.
+            raise ConfigError(
+                "the sde plan's only ODE step follows a stochastic one, where DPM-Solver++(2M) has no history (it is "
+                "an Euler step): use plan: window or sliding, or ode_solver: euler",
+                key=("ode_solver", "plan"),
+            )
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -190,6 +198,12 @@ class GRPOTrainConfig:
         if self.timestep_chunk < 0:
             raise ConfigError(
                 f"must be >= 0 (0 = all trained steps at once), got {self.timestep_chunk}", key="timestep_chunk"
+            )
+        if self.advantage == "running" and not 1 <= self.min_count <= self.buffer_size:
+            raise ConfigError(
+                f"needs 1 <= min_count <= buffer_size (a prompt's own statistics need min_count rewards in its "
+                f"buffer), got min_count {self.min_count}, buffer_size {self.buffer_size}",
+                key=("min_count", "buffer_size"),
             )
 
 
@@ -368,7 +382,9 @@ class GRPOTrainer:
         self.kl_convention = "true_kl" if kernel == "cps" else config.train.kl_convention
         self.random_train_steps = uses_random_train_steps(config.sampling, kernel)
         check_ratio_guard(config.train.ratio_guard, kernel, self.random_train_steps)
-        self.tracker = PerPromptStatTracker(config.train.buffer_size, config.train.min_count)
+        running = config.train.advantage == "running"
+        self.tracker = PerPromptStatTracker(config.train.buffer_size, config.train.min_count) if running else None
+        """DDPO's per-prompt reward buffers (``train.advantage: running``); ``None`` for group advantages."""
         if config.sampling.lora_in_window_only:
             self.adapter.lora_min_timestep = window_end_timestep(self.adapter, config.sampling)
         self.evaluator = Evaluator.from_config(config, self.adapter, self.reward, self.run.output_dir)
@@ -629,7 +645,7 @@ class GRPOTrainer:
         """Run ``max_steps`` epochs on the shared step loop (resuming when ``checkpoint.resume_from`` is set, stopping
         early when ``max_minutes`` are spent); returns the last epoch's metrics."""
         state = self.run.resume()
-        if "tracker" in state:
+        if "tracker" in state and self.tracker is not None:
             self.tracker.load_state_dict(state["tracker"])
         try:
             return self.run.run_steps(
@@ -645,7 +661,7 @@ class GRPOTrainer:
             self._scorer.shutdown()
 
     def trainer_state(self) -> dict[str, Any]:
-        return {"tracker": self.tracker.state_dict()}
+        return {"tracker": self.tracker.state_dict()} if self.tracker is not None else {}
 
 
 def _gather_strings(accelerator, strings: list[str]) -> list[str]:
