@@ -3,23 +3,33 @@
 Independent of diffalign: it never imports it.
 
 Every reward follows one protocol, ``reward.score(images, prompts) -> Tensor[B]`` float32, with ``images`` a float
-tensor ``[B, 3, H, W]`` in [0, 1] on any device::
+tensor ``[B, 3, H, W]`` in [0, 1] on any device (rewards that declare ``takes_metadata`` also get per-image
+metadata, ``score(images, prompts, metadata)``)::
 
     import rewards
 
     pick = rewards.load("pickscore", device="cuda", dtype="bf16")           # hub id, or path="/local/folder"
     scores = pick.score(images, prompts)                                    # differentiable
     total, parts = rewards.WeightedSum({"pickscore": 1.0, "aesthetic": 0.5}).score_parts(images, prompts)
+    pick26 = rewards.load({"pickscore": {"scale": 1 / 26, "dtype": "bf16"}})  # flow_grpo's PickScore/26
     mine = rewards.load("path/to/my_reward.py:score_fn")                    # a plain function, wrapped and checked
 
 Model weights load lazily (first score) and are cached per process; heavy libraries (transformers, open_clip) are
 imported only then.
 """
 
-from rewards.base import Reward, RewardInputError, RewardOutputError
-from rewards.composite import WeightedSum
+from rewards.base import Reward, RewardInputError, RewardOutputError, metadata_kwargs
+from rewards.composite import RewardSpecError, Term, WeightedSum, parse_term
 from rewards.model import ModelReward, clear_cache
-from rewards.registry import FunctionReward, UnknownRewardError, available, load, register, unregister
+from rewards.registry import (
+    FunctionReward,
+    UnknownRewardError,
+    available,
+    factory_options,
+    load,
+    register,
+    unregister,
+)
 
 
 # Built-in rewards register themselves on import; their heavy imports happen only when weights load.
@@ -32,11 +42,16 @@ __all__ = [
     "Reward",
     "RewardInputError",
     "RewardOutputError",
+    "RewardSpecError",
+    "Term",
     "UnknownRewardError",
     "WeightedSum",
     "available",
     "clear_cache",
+    "factory_options",
     "load",
+    "metadata_kwargs",
+    "parse_term",
     "register",
     "unregister",
 ]

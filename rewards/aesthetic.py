@@ -92,6 +92,8 @@ class AestheticScore(ModelReward):
         filename: the head's file name inside a folder or hub repository.
         clip_path: hub id or local folder of the CLIP ViT-L/14 backbone (a ``CLIPModel`` or
             ``CLIPVisionModelWithProjection`` folder).
+        revision: hub revision (branch, tag or commit) of the head's ``path`` when it is a hub id; ignored for a
+            local path. The backbone ``clip_path`` is another repository and uses its default branch.
     """
 
     name = "aesthetic"
@@ -105,18 +107,20 @@ class AestheticScore(ModelReward):
         path: str | os.PathLike = AESTHETIC_HEAD_REPO,
         filename: str = AESTHETIC_HEAD_FILE,
         clip_path: str | os.PathLike = AESTHETIC_BACKBONE,
+        revision: str | None = None,
     ) -> None:
         super().__init__(device=device, dtype=dtype)
         self.path = os.fspath(path)
         self.filename = filename
         self.clip_path = os.fspath(clip_path)
+        self.revision = revision
 
     def weights_key(self) -> tuple:
-        return (self.path, self.filename, self.clip_path)
+        return (self.path, self.revision, self.filename, self.clip_path)
 
     def build(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, nn.Module]:
         backbone = from_pretrained(_vision_tower_class(), self.clip_path, "aesthetic CLIP backbone")
-        head = load_head(resolve_file(self.path, self.filename, "aesthetic predictor head"))
+        head = load_head(resolve_file(self.path, self.filename, "aesthetic predictor head", self.revision))
         return freeze(backbone, device, dtype), freeze(head, device, torch.float32)
 
     def _score_with(self, bundle: tuple[Any, nn.Module], images: Tensor, prompts: list[str] | None) -> Tensor:

@@ -1,9 +1,13 @@
-"""The reward protocol: ``score(images, prompts) -> Tensor[B]`` with input and output checks.
+"""The reward protocol: ``score(images, prompts, metadata=None) -> Tensor[B]`` with input and output checks.
 
 Every reward, built-in or user-written, goes through :meth:`Reward.score`, which checks the inputs (rank, channels,
-dtype, value range, prompt count), runs the subclass's :meth:`Reward._score` and checks its output (shape ``[B]``,
-finite), so that a wrong call fails loudly instead of returning a silently wrong score
+dtype, value range, prompt count, per-image metadata), runs the subclass's :meth:`Reward._score` and checks its
+output (shape ``[B]``, finite), so that a wrong call fails loudly instead of returning a silently wrong score
 (docs/rewards.md#the-protocol).
+
+Per-image metadata (the other fields of a JSONL prompt record, as flow_grpo's GenEval prompt files carry) reaches
+only rewards that declare ``takes_metadata = True``; every other reward is called exactly as before, so rewards
+written without metadata keep working (docs/rewards.md#per-prompt-metadata).
 
 Gradient policy: :meth:`score` never enters ``torch.no_grad`` itself. Callers who want no graph wrap the call in
 ``torch.no_grad()``/``torch.inference_mode()``; otherwise a differentiable reward keeps the graph back to the images.
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,57 +42,75 @@ class RewardOutputError(ValueError):
 class Reward:
     """Base class of every reward: ``score(images, prompts) -> Tensor[B]`` float32.
 
-    Subclasses set ``name``, ``differentiable`` and ``needs_prompts`` and implement :meth:`_score`; they receive
-    checked inputs and their output is checked. Calling the object is the same as calling :meth:`score`.
+    Subclasses set ``name``, ``differentiable``, ``needs_prompts`` and ``takes_metadata`` and implement
+    :meth:`_score`; they receive checked inputs and their output is checked. Calling the object is the same as
+    calling :meth:`score`.
 
     Attributes:
         name: the registry name (or the spec a custom reward was loaded from); used in error messages and logs.
         differentiable: whether gradients reach the images. Reward backprop trainers require it.
         needs_prompts: whether ``prompts`` must be given (aesthetic and JPEG rewards ignore them).
+        takes_metadata: whether :meth:`_score` receives the per-image metadata as a third argument,
+            ``_score(images, prompts, metadata)`` with ``metadata`` a list of ``B`` dicts (empty dicts when the
+            caller has none). Rewards without it never see metadata.
     """
 
     name: str = "reward"
     differentiable: bool = False
     needs_prompts: bool = True
+    takes_metadata: bool = False
 
-    def score(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
+    def score(
+        self, images: Tensor, prompts: Sequence[str] | None = None, metadata: Sequence[Mapping[str, Any]] | None = None
+    ) -> Tensor:
         """Score a batch of images against their prompts.
 
         Args:
             images: float tensor ``[B, 3, H, W]`` with values in [0, 1], on any device.
             prompts: ``B`` strings, one per image; may be ``None`` for rewards with ``needs_prompts = False``.
+            metadata: ``B`` dicts, one per image (e.g. the fields of its JSONL prompt record), or ``None``; passed
+                on only when ``takes_metadata`` is set, ignored otherwise.
 
         Returns:
             Tensor ``[B]`` float32 on the images' device, with a graph back to ``images`` when the reward is
             differentiable and grad mode is on.
 
         Raises:
-            RewardInputError: wrong rank, channels, dtype or value range, or a prompt count that is not ``B``.
+            RewardInputError: wrong rank, channels, dtype or value range, a prompt count that is not ``B``, or
+                metadata that is not ``B`` dicts (for a reward that takes it).
             RewardOutputError: the reward produced a wrong shape or a non-finite value.
         """
         check_images(images, self.name)
         prompt_list = check_prompts(prompts, images.shape[0], self.name, required=self.needs_prompts)
+        # Only a reward that declares takes_metadata gets the third argument: older rewards keep their signature.
+        extra = (check_metadata(metadata, images.shape[0], self.name),) if self.takes_metadata else ()
         if images.shape[0] == 0:
             return torch.zeros(0, dtype=torch.float32, device=images.device)
-        scores = self._score(images, prompt_list)
+        scores = self._score(images, prompt_list, *extra)
         return check_scores(scores, images.shape[0], self.name, device=images.device)
 
     __call__ = score
 
-    def score_parts(self, images: Tensor, prompts: Sequence[str] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def score_parts(
+        self, images: Tensor, prompts: Sequence[str] | None = None, metadata: Sequence[Mapping[str, Any]] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The score and the named scores that explain it, for logs and reports.
 
         A weighted sum reports each of its terms, a verifier may add its strict all-correct flag; a plain reward
-        reports itself, ``{self.name: total}``, which is this default.
+        reports itself, ``{self.name: total}``, which is this default. ``metadata`` is as in :meth:`score`.
 
         Returns:
             ``(total [B], {name: [B]})``, both as :meth:`score` returns them.
         """
-        total = self.score(images, prompts)
+        total = self.score(images, prompts, **metadata_kwargs(self, metadata))
         return total, {self.name: total}
 
     def _score(self, images: Tensor, prompts: list[str] | None) -> Tensor | Sequence[float]:
-        """Compute the scores of checked inputs; ``images`` is ``[B, 3, H, W]`` float in [0, 1], ``B >= 1``."""
+        """Compute the scores of checked inputs; ``images`` is ``[B, 3, H, W]`` float in [0, 1], ``B >= 1``.
+
+        A reward with ``takes_metadata`` implements ``_score(images, prompts, metadata)`` instead, ``metadata``
+        being ``B`` dicts aligned with the images.
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -180,6 +202,52 @@ def check_prompts(prompts: Any, batch_size: int, name: str, required: bool = Tru
             f"reward {name!r}: prompts must be strings; item {bad[0]} is {type(prompt_list[bad[0]]).__name__}."
         )
     return prompt_list
+
+
+def check_metadata(metadata: Any, batch_size: int, name: str) -> list[dict[str, Any]]:
+    """Check that ``metadata`` holds one mapping per image and return shallow copies as a list of dicts.
+
+    Args:
+        metadata: a sequence of ``batch_size`` mappings, or ``None`` (then every image gets an empty dict, as an
+            image from a plain-text prompt file has no metadata).
+        batch_size: ``B``, the number of images.
+        name: the reward's name, quoted in the error.
+
+    Returns:
+        ``B`` dicts (copies: a reward that edits its metadata does not change the caller's).
+
+    Raises:
+        RewardInputError: a bare mapping, a wrong length, or an item that is not a mapping.
+    """
+    if metadata is None:
+        return [{} for _ in range(batch_size)]
+    if isinstance(metadata, Mapping):
+        raise RewardInputError(
+            f"reward {name!r}: metadata must be a list of {batch_size} dicts, one per image, got a single mapping; "
+            "use [metadata] * len(images) to give every image the same one."
+        )
+    if isinstance(metadata, (str, bytes)) or not isinstance(metadata, Sequence):
+        raise RewardInputError(
+            f"reward {name!r}: metadata must be a list of {batch_size} dicts, got {type(metadata).__name__}."
+        )
+    if len(metadata) != batch_size:
+        raise RewardInputError(f"reward {name!r}: got {len(metadata)} metadata dicts for {batch_size} images.")
+    bad = [i for i, item in enumerate(metadata) if not isinstance(item, Mapping)]
+    if bad:
+        raise RewardInputError(
+            f"reward {name!r}: metadata must be dicts; item {bad[0]} is {type(metadata[bad[0]]).__name__}."
+        )
+    return [dict(item) for item in metadata]
+
+
+def metadata_kwargs(reward: Any, metadata: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
+    """``{"metadata": metadata}`` for a reward that takes metadata, else ``{}``.
+
+    Callers spread it into ``reward.score(images, prompts, **metadata_kwargs(reward, metadata))``, so that rewards
+    written before metadata existed, which may override ``score``/``score_parts`` with the two-argument signature,
+    are called exactly as before.
+    """
+    return {"metadata": metadata} if getattr(reward, "takes_metadata", False) else {}
 
 
 def check_scores(scores: Any, batch_size: int, name: str, device: torch.device | None = None) -> Tensor:

@@ -42,6 +42,8 @@ class CLIPScore(ModelReward):
         tokenizer_path: hub id or local folder of its tokenizer; ``None`` uses ``path``.
         scale: the weight ``w`` in ``w * cos`` (100 as torchmetrics; 2.5 for Hessel's CLIPScore).
         clamp: clamp each score at 0 (kills the gradient of negatively aligned images).
+        revision: hub revision (branch, tag or commit) of ``path`` when it is a hub id (and of the tokenizer when
+            it comes from the same repository); ignored for a local path.
     """
 
     name = "clip_score"
@@ -55,19 +57,22 @@ class CLIPScore(ModelReward):
         tokenizer_path: str | os.PathLike | None = None,
         scale: float = 100.0,
         clamp: bool = False,
+        revision: str | None = None,
     ) -> None:
         super().__init__(device=device, dtype=dtype)
         self.path = os.fspath(path)
         self.tokenizer_path = os.fspath(tokenizer_path) if tokenizer_path is not None else self.path
         self.scale = float(scale)
         self.clamp = bool(clamp)
+        self.revision = revision
 
     def weights_key(self) -> tuple:
-        return (self.path, self.tokenizer_path)
+        return (self.path, self.revision, self.tokenizer_path)
 
     def build(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-        model = freeze(hf_clip.load_clip_model(self.path, "CLIP score model"), device, dtype)
-        return model, hf_clip.load_tokenizer(self.tokenizer_path, "CLIP score tokenizer")
+        model = freeze(hf_clip.load_clip_model(self.path, "CLIP score model", self.revision), device, dtype)
+        tokenizer_revision = self.revision if self.tokenizer_path == self.path else None
+        return model, hf_clip.load_tokenizer(self.tokenizer_path, "CLIP score tokenizer", tokenizer_revision)
 
     def _score_with(self, bundle: tuple[Any, Any], images: Tensor, prompts: list[str] | None) -> Tensor:
         model, tokenizer = bundle

@@ -28,18 +28,19 @@ def has_tokenizer(location: str | os.PathLike) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in _TOKENIZER_FILES)
 
 
-def load_clip_model(location: str | os.PathLike, what: str) -> Any:
-    """``CLIPModel`` from a hub id or a local folder (``config.json`` + weights)."""
+def load_clip_model(location: str | os.PathLike, what: str, revision: str | None = None) -> Any:
+    """``CLIPModel`` from a hub id (at ``revision``) or a local folder (``config.json`` + weights)."""
     from transformers import CLIPModel
 
-    return from_pretrained(CLIPModel, location, what)
+    return from_pretrained(CLIPModel, location, what, revision=revision)
 
 
-def load_tokenizer(location: str | os.PathLike, what: str) -> Any:
-    """The CLIP tokenizer of a hub id or a local folder (``vocab.json`` + ``merges.txt`` or ``tokenizer.json``)."""
+def load_tokenizer(location: str | os.PathLike, what: str, revision: str | None = None) -> Any:
+    """The CLIP tokenizer of a hub id (at ``revision``) or a local folder (``vocab.json`` + ``merges.txt`` or
+    ``tokenizer.json``)."""
     from transformers import AutoTokenizer
 
-    return from_pretrained(AutoTokenizer, location, what)
+    return from_pretrained(AutoTokenizer, location, what, revision=revision)
 
 
 def image_embeddings(model: Any, pixel_values: Tensor) -> Tensor:

@@ -68,6 +68,7 @@ class HPSv2(ModelReward):
         dtype: model dtype; scores are float32.
         path: the checkpoint: a ``.pt`` file, a folder holding the version's file name, or a hub repository id.
         model: the open_clip architecture: a registered name (``"ViT-H-14"``) or a path to a model config ``.json``.
+        revision: hub revision (branch, tag or commit) of ``path`` when it is a hub id; ignored for a local path.
     """
 
     name = "hpsv2"
@@ -80,19 +81,21 @@ class HPSv2(ModelReward):
         dtype: torch.dtype | str | None = None,
         path: str | os.PathLike = HPS_REPO,
         model: str | os.PathLike = HPS_ARCH,
+        revision: str | None = None,
     ) -> None:
         super().__init__(device=device, dtype=dtype)
         self.path = os.fspath(path)
         self.model = os.fspath(model)
+        self.revision = revision
 
     def weights_key(self) -> tuple:
-        return (self.path, HPS_FILES[self.version], self.model)
+        return (self.path, self.revision, HPS_FILES[self.version], self.model)
 
     def build(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
         import open_clip
 
         model_name = open_clip_model_name(self.model)
-        checkpoint = resolve_file(self.path, HPS_FILES[self.version], f"HPS{self.version} checkpoint")
+        checkpoint = resolve_file(self.path, HPS_FILES[self.version], f"HPS{self.version} checkpoint", self.revision)
         model = open_clip.create_model(model_name, pretrained=None, output_dict=True)
         model.load_state_dict(load_open_clip_state(checkpoint), strict=True)
         return freeze(model, device, dtype), open_clip.get_tokenizer(model_name)

@@ -160,6 +160,8 @@ class ImageReward(ModelReward):
         med_config: BLIP's ``med_config.json``; ``None`` looks next to the checkpoint (same folder or repository).
         tokenizer_path: hub id or local folder of the ``bert-base-uncased`` tokenizer (``vocab.txt``).
         vision_num_heads: attention heads of the ViT (16 for ViT-L; the checkpoint does not store it).
+        revision: hub revision (branch, tag or commit) of ``path`` when it is a hub id, also used for the
+            ``med_config`` found there; ignored for a local path.
     """
 
     name = "imagereward"
@@ -173,27 +175,29 @@ class ImageReward(ModelReward):
         med_config: str | os.PathLike | None = None,
         tokenizer_path: str | os.PathLike = IMAGEREWARD_TOKENIZER,
         vision_num_heads: int = 16,
+        revision: str | None = None,
     ) -> None:
         super().__init__(device=device, dtype=dtype)
         self.path = os.fspath(path)
         self.med_config = None if med_config is None else os.fspath(med_config)
         self.tokenizer_path = os.fspath(tokenizer_path)
         self.vision_num_heads = int(vision_num_heads)
+        self.revision = revision
 
     def weights_key(self) -> tuple:
-        return (self.path, self.med_config, self.tokenizer_path, self.vision_num_heads)
+        return (self.path, self.revision, self.med_config, self.tokenizer_path, self.vision_num_heads)
 
     def _med_config_path(self) -> Path:
         if self.med_config is not None:
             return resolve_file(self.med_config, MED_CONFIG_FILE, "ImageReward med_config")
         if Path(self.path).expanduser().is_file():
             return resolve_file(Path(self.path).expanduser().parent, MED_CONFIG_FILE, "ImageReward med_config")
-        return resolve_file(self.path, MED_CONFIG_FILE, "ImageReward med_config")
+        return resolve_file(self.path, MED_CONFIG_FILE, "ImageReward med_config", self.revision)
 
     def build(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, nn.Module, Any]:
         from transformers import BlipTextModel, BlipVisionModel
 
-        checkpoint = resolve_file(self.path, IMAGEREWARD_FILE, "ImageReward checkpoint")
+        checkpoint = resolve_file(self.path, IMAGEREWARD_FILE, "ImageReward checkpoint", self.revision)
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         vision_state, text_state, head_state = split_checkpoint(dict(state))
         med = json.loads(self._med_config_path().read_text())

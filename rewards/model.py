@@ -7,7 +7,9 @@ process-wide cache keyed by ``(reward class, weight locations and options, devic
 
 A location is a local file or folder when it exists on disk, otherwise a hub repository id (``owner/name``); both
 go through the same code (``from_pretrained`` for HF folders, :func:`resolve_file` for single checkpoint files).
-Nothing here forces a download: with ``HF_HUB_OFFLINE=1`` a hub id resolves only from the local HF cache.
+Nothing here forces a download: with ``HF_HUB_OFFLINE=1`` a hub id resolves only from the local HF cache. A
+``revision`` (branch, tag or commit) pins a hub id's files, as ``from_pretrained(..., revision=)`` and
+``hf_hub_download(..., revision=)`` do; it is ignored for local paths, which have no revisions.
 """
 
 from __future__ import annotations
@@ -62,13 +64,14 @@ def is_hub_id(location: str | os.PathLike) -> bool:
     return text.count("/") <= 1 and "\\" not in text
 
 
-def resolve_file(location: str | os.PathLike, filename: str, what: str) -> Path:
+def resolve_file(location: str | os.PathLike, filename: str, what: str, revision: str | None = None) -> Path:
     """Find a single checkpoint file given a file path, a folder holding ``filename``, or a hub repo id.
 
     Args:
         location: local file, local folder, or hub repository id.
         filename: the file's name inside a folder or a hub repository.
         what: a label for error messages, e.g. ``"HPSv2.1 checkpoint"``.
+        revision: the hub revision (branch, tag or commit) of a hub id; ``None`` = the default branch.
 
     Returns:
         The local path of the file (for a hub id, its copy in the HF cache).
@@ -90,16 +93,22 @@ def resolve_file(location: str | os.PathLike, filename: str, what: str) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id=os.fspath(location), filename=filename))
+        return Path(hf_hub_download(repo_id=os.fspath(location), filename=filename, revision=revision))
     except Exception as err:  # the hub raises many types (offline, gated, missing entry); all mean "not available"
+        at = f" at revision {revision!r}" if revision is not None else ""
         raise OSError(
-            f"{what}: could not get {filename!r} from the hub repository {os.fspath(location)!r} ({err}). "
+            f"{what}: could not get {filename!r} from the hub repository {os.fspath(location)!r}{at} ({err}). "
             f"Download it and pass the local file or folder as path=..."
         ) from err
 
 
-def from_pretrained(cls: Any, location: str | os.PathLike, what: str, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(location)`` for a local folder or a hub id, with an actionable error."""
+def from_pretrained(
+    cls: Any, location: str | os.PathLike, what: str, revision: str | None = None, **kwargs: Any
+) -> Any:
+    """``cls.from_pretrained(location)`` for a local folder or a hub id (at ``revision``, a hub id's branch, tag or
+    commit; ignored for a local folder), with an actionable error."""
+    if revision is not None and is_hub_id(location):
+        kwargs["revision"] = revision
     try:
         return cls.from_pretrained(os.fspath(location), **kwargs)
     except OSError as err:

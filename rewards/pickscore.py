@@ -1,8 +1,8 @@
 """PickScore (Kirstain et al., 2023): a CLIP-H/14 fine-tuned on Pick-a-Pic preferences (docs/rewards.md#pickscore).
 
 Score: ``exp(logit_scale) * cos(text, image)`` per (image, prompt) pair, the PickScore README formula without the
-softmax over candidates; about 18-24 on real images (flow_grpo divides by 26 to get ~0.7-0.9; use
-``WeightedSum(..., normalize=...)`` for that).
+softmax over candidates; about 18-24 on real images (flow_grpo divides by 26 to get ~0.7-0.9; use a weighted-sum
+term ``{"pickscore": {"scale": 1 / 26}}`` for that, docs/rewards.md#weighted-sums).
 
 Preprocessing: the LAION ViT-H/14 ``CLIPImageProcessor`` settings (shortest edge 224, centre crop 224 with the HF
 floor rule, bicubic, OpenAI mean/std), done in torch so that gradients reach the images.
@@ -37,6 +37,8 @@ class PickScore(ModelReward):
         path: hub id or local folder of the ``CLIPModel`` (``config.json`` + ``model.safetensors``).
         tokenizer_path: hub id or local folder of the CLIP tokenizer. ``None``: the model folder when it holds
             tokenizer files, else the LAION ViT-H/14 repository (as in the reference).
+        revision: hub revision (branch, tag or commit) of ``path`` when it is a hub id (and of the tokenizer when
+            it comes from the same repository); ignored for a local path.
     """
 
     name = "pickscore"
@@ -48,19 +50,22 @@ class PickScore(ModelReward):
         dtype: torch.dtype | str | None = None,
         path: str | os.PathLike = PICKSCORE_MODEL,
         tokenizer_path: str | os.PathLike | None = None,
+        revision: str | None = None,
     ) -> None:
         super().__init__(device=device, dtype=dtype)
         self.path = os.fspath(path)
         if tokenizer_path is None:
             tokenizer_path = self.path if hf_clip.has_tokenizer(self.path) else PICKSCORE_PROCESSOR
         self.tokenizer_path = os.fspath(tokenizer_path)
+        self.revision = revision
 
     def weights_key(self) -> tuple:
-        return (self.path, self.tokenizer_path)
+        return (self.path, self.revision, self.tokenizer_path)
 
     def build(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-        model = freeze(hf_clip.load_clip_model(self.path, "PickScore model"), device, dtype)
-        return model, hf_clip.load_tokenizer(self.tokenizer_path, "PickScore tokenizer")
+        model = freeze(hf_clip.load_clip_model(self.path, "PickScore model", self.revision), device, dtype)
+        tokenizer_revision = self.revision if self.tokenizer_path == self.path else None
+        return model, hf_clip.load_tokenizer(self.tokenizer_path, "PickScore tokenizer", tokenizer_revision)
 
     def _score_with(self, bundle: tuple[Any, Any], images: Tensor, prompts: list[str] | None) -> Tensor:
         model, tokenizer = bundle

@@ -6,7 +6,8 @@
 - ``"package.module:callable"`` or ``"path/to/file.py:callable"``: a :class:`~rewards.base.Reward` subclass (built
   with ``device``, ``dtype`` and the options), a ``Reward`` instance, or a plain scoring function
   ``fn(images, prompts) -> Tensor[B] | list[float]``, which is wrapped in :class:`FunctionReward`;
-- a ``{name: weight}`` mapping, built as :class:`~rewards.composite.WeightedSum`;
+- a ``{name: weight}`` or ``{name: {weight:, scale:, shift:, device:, dtype:, <factory options>}}`` mapping, built
+  as :class:`~rewards.composite.WeightedSum`;
 - a ``Reward`` instance (returned as is) or a scoring function (wrapped).
 
 Factories registered from outside this package (e.g. a library's own verifier reward) use the same decorator,
@@ -145,13 +146,13 @@ def available() -> list[str]:
 
 
 def load(
-    spec: str | Reward | Mapping[str, float] | Callable[..., Any],
+    spec: str | Reward | Mapping[str, float | Mapping[str, Any]] | Callable[..., Any],
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     **options: Any,
 ) -> Reward:
     """Build a reward from a registered name, a custom ``"module:callable"``/``"file.py:callable"`` spec, a
-    ``{name: weight}`` mapping, a ``Reward`` or a scoring function.
+    ``{name: weight}`` or ``{name: {option: value}}`` mapping (a weighted sum), a ``Reward`` or a scoring function.
 
     Model weights are not read here: they load at the first score (or ``reward.load_weights()``) and are cached per
     process, keyed by reward, weight location, device and dtype.
@@ -160,8 +161,9 @@ def load(
         spec: what to load (see the module docstring).
         device: where a model-backed reward runs; ``None`` follows the device of the first batch.
         dtype: the model's dtype; scores are float32 whatever this is.
-        **options: passed to the factory, e.g. ``path=`` (weights location) for model-backed rewards, or
-            ``differentiable=True`` for a wrapped function.
+        **options: passed to the factory, e.g. ``path=``/``revision=`` (weights location) for model-backed rewards,
+            or ``differentiable=True`` for a wrapped function; for a mapping, ``WeightedSum``'s ``options`` and
+            ``normalize``.
 
     Returns:
         The reward.
@@ -169,6 +171,7 @@ def load(
     Raises:
         UnknownRewardError: an unknown name (a ``KeyError``, with a did-you-mean and the available names).
         TypeError: an option the factory does not accept, or a spec of an unsupported type.
+        RewardSpecError: a malformed term of a mapping (a ``ValueError`` naming the key).
         ImportError, FileNotFoundError, AttributeError: a custom spec that cannot be resolved.
     """
     if isinstance(spec, Reward):
@@ -188,6 +191,43 @@ def load(
     if ":" in spec:
         return _from_object(_resolve_custom(spec), spec, device, dtype, options)
     raise UnknownRewardError(_unknown_name_message(spec))
+
+
+def factory_options(name: str) -> list[str] | None:
+    """The options a registered reward's factory takes besides ``device`` and ``dtype``, read from its signature
+    without building it (no weights are read; an entry point's module is imported).
+
+    Returns:
+        The option names in signature order, or ``None`` when they cannot be listed cheaply: ``name`` is not a
+        registered name (a custom ``module:callable`` spec is imported only when loaded), its entry point fails to
+        import (``load`` reports that), or the factory takes ``**kwargs`` or has no introspectable signature.
+    """
+    if ":" in name:
+        return None
+    try:
+        factory = _factory(name)
+    except (ImportError, TypeError):
+        return None
+    return None if factory is None else _signature_options(factory)
+
+
+def _signature_options(factory: Callable[..., Any]) -> list[str] | None:
+    """Keyword parameters of ``factory`` other than ``self``/``device``/``dtype``; None if it takes ``**kwargs``."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in keyword_kinds and p.name not in ("self", "device", "dtype")]
+
+
+def unknown_option_message(name: str, option: str, accepted: Sequence[str]) -> str:
+    """``"reward 'pickscore' does not take option 'pth'. Did you mean 'path'? Its options: [...]"``."""
+    close = difflib.get_close_matches(option, accepted, n=2, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"reward {name!r} does not take option {option!r}.{hint} Its options: {list(accepted)}."
 
 
 def _unknown_name_message(name: str) -> str:
@@ -221,7 +261,7 @@ def _call_factory(
         unknown = [k for k in kwargs if k not in params] if not takes_any else []
         if unknown:
             accepted = [p for p in params if p not in ("self", "device", "dtype")]
-            raise TypeError(f"reward {name!r} does not accept {sorted(unknown)}; its options are {accepted}.")
+            raise TypeError(unknown_option_message(name, sorted(unknown)[0], accepted))
     reward = factory(**kwargs)
     if not isinstance(reward, Reward):
         raise TypeError(f"the factory of reward {name!r} returned {type(reward).__name__}, not a rewards.Reward")
@@ -298,6 +338,9 @@ class FunctionReward(Reward):
     The function receives checked inputs (``[B, 3, H, W]`` float in [0, 1], a list of ``B`` prompts) and its output
     is checked (shape ``[B]``, finite), errors naming the reward.
 
+    A function with a parameter named ``metadata`` (``fn(images, prompts, metadata)``) also receives the per-image
+    metadata, ``B`` dicts aligned with the images (docs/rewards.md#per-prompt-metadata).
+
     Args:
         fn: the scoring function.
         name: the reward's name (the spec it was loaded from).
@@ -305,19 +348,35 @@ class FunctionReward(Reward):
             ``differentiable`` attribute, else ``False`` (a reward backprop trainer then refuses it instead of
             silently training on a constant).
         needs_prompts: whether prompts are required; defaults to ``fn.needs_prompts``, else ``True``.
+        takes_metadata: whether ``fn`` is called with ``metadata=``; defaults to ``fn.takes_metadata``, else
+            whether its signature has a ``metadata`` parameter.
     """
 
     def __init__(
         self,
-        fn: Callable[[Tensor, Sequence[str] | None], Any],
+        fn: Callable[..., Any],
         name: str,
         differentiable: bool | None = None,
         needs_prompts: bool | None = None,
+        takes_metadata: bool | None = None,
     ) -> None:
         self.fn = fn
         self.name = name
         self.differentiable = bool(getattr(fn, "differentiable", False) if differentiable is None else differentiable)
         self.needs_prompts = bool(getattr(fn, "needs_prompts", True) if needs_prompts is None else needs_prompts)
+        if takes_metadata is None:
+            takes_metadata = getattr(fn, "takes_metadata", None)
+        self.takes_metadata = bool(_has_parameter(fn, "metadata") if takes_metadata is None else takes_metadata)
 
-    def _score(self, images: Tensor, prompts: list[str] | None) -> Any:
+    def _score(self, images: Tensor, prompts: list[str] | None, *metadata: list[dict[str, Any]]) -> Any:
+        if self.takes_metadata:
+            return self.fn(images, prompts, metadata=metadata[0])
         return self.fn(images, prompts)
+
+
+def _has_parameter(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn``'s signature names a parameter ``name`` (False when it has no introspectable signature)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False

@@ -1,6 +1,8 @@
 """Tests for diffalign.config: YAML + overrides -> validated dataclasses, errors that name their keys."""
 
 import dataclasses
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -221,7 +223,10 @@ def test_dotted_override_into_a_dict_field():
         ("optim.lr=fast", "optim.lr: expected float, got 'fast' (str) (from override 'optim.lr=fast')"),
         ("seed.value=3", "seed: int has no sub-keys; set the value as a whole: seed=VALUE"),
         ("optim.betas=[0.9,", "optim.betas: cannot parse override value '[0.9,' as YAML"),
-        ("reward.pickscore=high", "reward.pickscore: expected float, got 'high' (str) (from override"),
+        (
+            "reward.pickscore=high",
+            "reward.pickscore: expected float or dict[str, Any], got 'high' (str) (from override",
+        ),
     ],
 )
 def test_bad_override_names_the_key(override, expected):
@@ -252,17 +257,87 @@ def test_reward_accepts_a_name_a_spec_or_weights(reward):
 @pytest.mark.parametrize(
     ("reward", "expected"),
     [
-        (3, "reward: expected str or dict[str, float] or null, got 3 (int)"),
-        ({"pickscore": "high"}, "reward.pickscore: expected float, got 'high' (str)"),
+        (3, "reward: expected str or dict[str, float or dict[str, Any]] or null, got 3 (int)"),
+        ({"pickscore": "high"}, "reward.pickscore: expected float or dict[str, Any], got 'high' (str)"),
         ({}, "reward: is an empty mapping"),
         ("two words", "reward: 'two words' is not a reward name"),
         ("module:", "reward: 'module:' is not a reward name"),
         ({"pkg:fn()": 1.0}, "reward.pkg:fn(): 'pkg:fn()' is not a reward name"),
-        ({"clip": float("nan")}, "reward.clip: weight must be finite"),
+        ({"clip": float("nan")}, "reward.clip: weight must be a finite number, got nan"),
     ],
 )
 def test_bad_reward_names_the_key(reward, expected):
     assert str(error_of({**MINIMAL, "reward": reward})).startswith(expected)
+
+
+FLOW_GRPO_PICKSCORE = {"weight": 1.0, "scale": 0.038461538461538464}  # PickScore / 26, as flow_grpo scores it
+
+
+def test_reward_accepts_term_mappings_mixed_with_weights_and_round_trips(tmp_path):
+    reward = {
+        "pickscore": {**FLOW_GRPO_PICKSCORE, "path": "/models/PickScore_v1", "revision": "main", "dtype": "bf16"},
+        "aesthetic": 0.5,
+        "imagereward": {"weight": 2, "shift": 0.5, "device": "cuda:1"},  # a device need not exist at config time
+        "clip_score": {"scale": 0.01, "options": {"scale": 2.5, "clamp": True}},  # the factory's own scale
+        "my_pkg.rewards:score": {"anything": 1},  # a custom spec's options are checked when it loads
+    }
+    cfg = load_config(TrainerConfig, {**MINIMAL, "reward": reward})
+    assert cfg.reward == reward
+    saved = save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(TrainerConfig, saved).reward == reward
+
+
+def test_a_single_reward_takes_options_as_a_one_entry_mapping():
+    cfg = load_config(TrainerConfig, {**MINIMAL, "reward": {"pickscore": {"scale": 0.038461538461538464}}})
+    assert cfg.reward == {"pickscore": {"scale": 0.038461538461538464}}
+
+
+def test_dotted_override_into_a_reward_term():
+    source = {**MINIMAL, "reward": {"pickscore": dict(FLOW_GRPO_PICKSCORE), "aesthetic": 0.5}}
+    cfg = load_config(TrainerConfig, source, ["reward.pickscore.weight=0.25", "reward.aesthetic.dtype=bf16"])
+    assert cfg.reward == {"pickscore": {"weight": 0.25, "scale": 0.038461538461538464}, "aesthetic": {"dtype": "bf16"}}
+
+
+@pytest.mark.parametrize(
+    ("term", "expected"),
+    [
+        ({"weight": "high"}, "reward.pickscore.weight: must be a finite number, got 'high'"),
+        ({"weight": True}, "reward.pickscore.weight: must be a finite number, got True"),
+        ({"scale": float("inf")}, "reward.pickscore.scale: must be a finite number, got inf"),
+        ({"scale": 0}, "reward.pickscore.scale: must not be 0; to log a reward without training on it use weight: 0"),
+        ({"shift": None}, "reward.pickscore.shift: must be a finite number, got None"),
+        ({"pth": "/m"}, "reward.pickscore.pth: reward 'pickscore' does not take option 'pth'. Did you mean 'path'?"),
+        ({"revison": "v1"}, "reward.pickscore.revison: reward 'pickscore' does not take option 'revison'. Did you"),
+        ({"options": {"tokenizer": "/t"}}, "reward.pickscore.options.tokenizer: reward 'pickscore' does not take"),
+        ({"options": ["path"]}, "reward.pickscore.options: must be a mapping of factory options, got ['path']"),
+        ({"path": "/a", "options": {"path": "/b"}}, "reward.pickscore.options.path: is also given as pickscore.path"),
+        ({"device": "gpu0"}, "reward.pickscore.device: 'gpu0' is not a device; use e.g. cpu, cuda or cuda:1"),
+        ({"dtype": "bf17"}, "reward.pickscore.dtype: unknown dtype 'bf17'; use one of"),
+    ],
+)
+def test_bad_reward_term_names_the_key(term, expected):
+    assert str(error_of({**MINIMAL, "reward": {"pickscore": term}})).startswith(expected)
+
+
+def test_unknown_option_error_lists_the_factory_options_and_the_term_keys():
+    message = str(error_of({**MINIMAL, "reward": {"clip_score": {"clmap": True}}}))
+    assert "Did you mean 'clamp'?" in message
+    assert "['path', 'tokenizer_path', 'scale', 'clamp', 'revision']" in message
+    assert "also takes weight, scale, shift, device, dtype, options" in message
+
+
+def test_checking_reward_options_loads_no_model_library():
+    """Options are checked against the factory's signature: transformers and open_clip stay unimported."""
+    code = (
+        "import sys\n"
+        "from diffalign.config import TrainerConfig, load_config\n"
+        "reward = {'pickscore': {'path': '/m', 'dtype': 'bf16'}, 'hpsv2.1': {'model': 'ViT-H-14'}}\n"
+        "load_config(TrainerConfig, {'model': {'path': 'x'}, 'reward': reward})\n"
+        "heavy = [m for m in ('transformers', 'open_clip', 'huggingface_hub') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 # --- cross-field checks ----------------------------------------------------------------------------------------

@@ -103,3 +103,125 @@ def test_a_part_named_reward_does_not_overwrite_the_total():
     scores = score_with_parts(weighted, IMAGES, PROMPTS)
     torch.testing.assert_close(scores["reward"], 5.0 + 0.5 * redness(IMAGES))
     torch.testing.assert_close(scores["reward_part"], torch.full((3,), 5.0))
+
+
+# --- reward terms from a config value --------------------------------------------------------------------------------
+
+
+def test_build_reward_from_term_mappings_scales_shifts_and_weights():
+    weighted = build_reward(
+        {"diffalign.testing:redness": {"weight": 2.0, "scale": 0.5, "shift": 0.1}, "jpeg_compressibility": 0.001}
+    )
+    scores = score_with_parts(weighted, IMAGES, PROMPTS)
+    red, jpeg = redness(IMAGES), scores["jpeg_compressibility"]
+    torch.testing.assert_close(scores["diffalign.testing:redness"], red)  # parts stay raw
+    torch.testing.assert_close(scores["reward"], 2.0 * 0.5 * (red - 0.1) + 0.001 * jpeg)
+
+
+def test_a_single_reward_with_options_is_scaled_too():
+    scores = score_with_parts(
+        build_reward({"diffalign.testing:redness": {"scale": 4.0, "shift": -1.0}}), IMAGES, PROMPTS
+    )
+    torch.testing.assert_close(scores["reward"], 4.0 * (redness(IMAGES) + 1.0))
+    torch.testing.assert_close(scores["diffalign.testing:redness"], redness(IMAGES))
+
+
+def test_per_reward_path_dtype_and_device_reach_a_model_reward(tmp_path):
+    reward = build_reward(
+        {"pickscore": {"scale": 0.038461538461538464, "path": str(tmp_path), "dtype": "bf16", "device": "cpu"}},
+        device="meta",  # the trainer's device: the term's own wins
+    )
+    pick = reward.rewards["pickscore"]
+    assert (pick.path, pick.dtype, pick.device) == (str(tmp_path), torch.bfloat16, torch.device("cpu"))
+    assert reward.terms["pickscore"].scale == 1 / 26
+
+
+def test_a_bad_term_names_its_key():
+    with pytest.raises(rewards.RewardSpecError, match=r"^pickscore\.pth: .*Did you mean 'path'\?"):
+        build_reward({"pickscore": {"pth": "/m"}})
+
+
+# --- per-prompt metadata through training and evaluation -------------------------------------------------------------
+
+METADATA_REWARD = '''
+import torch
+
+from diffalign.testing import redness
+
+CALLS = []
+
+
+def signed_redness(images, prompts, metadata):
+    """Redness times each prompt record's ``sign``; records what it was given."""
+    CALLS.append((list(prompts), [dict(m) for m in metadata]))
+    return redness(images) * torch.tensor([float(m["sign"]) for m in metadata], device=images.device)
+
+
+signed_redness.differentiable = True
+'''
+
+RECORDS = [
+    {"prompt": "a red circle", "sign": 1, "tag": "colour"},
+    {"prompt": "a blue square", "sign": -1, "tag": "shape"},
+]
+
+
+@pytest.fixture
+def jsonl_backprop(tiny_pipeline_dir, tmp_path):
+    """``make(reward, **overrides) -> RewardBackpropTrainer`` on a tiny SD1.5, with JSONL training and eval prompts."""
+    from diffalign.config import load_config
+    from diffalign.trainers.reward_backprop import RewardBackpropConfig, RewardBackpropTrainer
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    (tmp_path / "metadata_reward.py").write_text(METADATA_REWARD)
+
+    def make(reward, **backprop):
+        raw = {
+            "model": {"path": str(tiny_pipeline_dir("sd15")), "lora": {"rank": 4}},
+            "reward": reward,
+            "output_dir": str(tmp_path / "run"),
+            "logging": {"log_with": "none"},
+            "checkpoint": {"every": 0},
+            "eval": {"every": 1, "prompts": str(prompts), "seeds": [0, 1], "num_steps": 2},
+            "sampling": {"prompts": str(prompts), "num_steps": 3, "batch_size": 4, "resolution": 16},
+            "backprop": {"mode": "draft_k", "k": 1, **backprop},
+        }
+        return RewardBackpropTrainer(load_config(RewardBackpropConfig, raw))
+
+    return make, tmp_path / "metadata_reward.py"
+
+
+@pytest.mark.parametrize("mode", ["draft_k", "draft_lv"])
+def test_a_metadata_reward_gets_each_images_jsonl_record_in_training_and_evaluation(jsonl_backprop, mode):
+    make, reward_file = jsonl_backprop
+    spec = f"{reward_file}:signed_redness"
+    trainer = make({spec: {"weight": 2.0}, "diffalign.testing:redness": 0.5}, mode=mode)
+    calls = trainer.reward.rewards[spec].fn.__globals__["CALLS"]
+    loss, _ = trainer.micro_batch_loss(step=0, micro=0)
+    assert torch.isfinite(loss)
+    (prompts, metadata), *_ = calls
+    assert len(prompts) == 4 * (2 if mode == "draft_lv" else 1)  # DRaFT-LV scores n re-noised copies
+    assert [m["prompt"] for m in metadata] == prompts  # aligned with the images
+    assert all(m == next(r for r in RECORDS if r["prompt"] == m["prompt"]) for m in metadata)
+    assert prompts == trainer.micro_batch_prompts(0, 0)[0] * (2 if mode == "draft_lv" else 1)
+
+    calls.clear()
+    images, scores = trainer.evaluator.score()
+    (prompts, metadata), *_ = calls
+    assert prompts == ["a red circle", "a red circle", "a blue square", "a blue square"]  # prompt-major, 2 seeds
+    assert [m["sign"] for m in metadata] == [1, 1, -1, -1] and metadata[0]["tag"] == "colour"
+    signs = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    torch.testing.assert_close(scores[spec], redness(images) * signs)
+    torch.testing.assert_close(scores["reward"], 2.0 * redness(images) * signs + 0.5 * redness(images))
+
+
+def test_a_reward_without_metadata_trains_and_evaluates_on_jsonl_prompts(jsonl_backprop):
+    make, _ = jsonl_backprop
+    trainer = make("diffalign.testing:redness")
+    assert trainer.prompts == ["a red circle", "a blue square"]
+    assert trainer.prompt_metadata == RECORDS
+    metrics = trainer.train_step(0)
+    assert all(torch.isfinite(torch.tensor(value)) for value in metrics.values())
+    images, scores = trainer.evaluator.score()
+    torch.testing.assert_close(scores["reward"], redness(images))

@@ -10,7 +10,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from diffalign.config.loader import ConfigError
 from diffalign.seeding import USER_SEED_LIMIT, is_user_seed
@@ -232,7 +232,8 @@ class EvalConfig:
     every: int = 0
     """Evaluate every this many optimizer steps; 0 disables evaluation during training."""
     prompts: list[str] | Path | None = None
-    """Evaluation prompts: a list, or a text file with one prompt per line. Required when every > 0."""
+    """Evaluation prompts: a list, a text file with one prompt per line, or a JSONL file of ``{"prompt": ...,
+    <metadata>}`` records (the metadata reaches rewards that take it). Required when every > 0."""
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     """Seeds; each prompt is sampled once per seed, with the same noise at every evaluation."""
     num_steps: int | None = None
@@ -282,6 +283,11 @@ class EMAConfig:
 _REWARD_NAME = re.compile(r"[\w.\-]+")
 _REWARD_FORMS = "a reward name (pickscore), 'package.module:function' or 'path/to/file.py:function'"
 
+RewardSpec = str | dict[str, float | dict[str, Any]]
+"""The type of a config's ``reward``: a name or spec, or a mapping of names/specs to a weight or to a term mapping
+``{weight, scale, shift, device, dtype, options, <factory option>: value}`` (docs/rewards.md#weighted-sums).
+Trainer configs that redeclare ``reward`` use it too."""
+
 
 def _reward_spec_problem(spec: str) -> str | None:
     """Why ``spec`` is not a reward name or ``target:callable`` spec; None if it is one."""
@@ -293,16 +299,30 @@ def _reward_spec_problem(spec: str) -> str | None:
     return f"{spec!r} is not {_REWARD_FORMS}"
 
 
-def _check_reward(reward: str | dict[str, float] | None) -> None:
+def _check_reward(reward: RewardSpec | None) -> None:
     if isinstance(reward, str):
         problem = _reward_spec_problem(reward)
         _require(problem is None, "reward", str(problem))
     elif reward is not None:
         _require(bool(reward), "reward", "is an empty mapping; give at least one, e.g. {pickscore: 1.0}")
-        for name, weight in reward.items():
+        for name, term in reward.items():
             problem = _reward_spec_problem(name)
             _require(problem is None, f"reward.{name}", str(problem))
-            _require(math.isfinite(weight), f"reward.{name}", f"weight must be finite, got {weight}")
+            if isinstance(term, dict):
+                _check_reward_term(name, term)
+            else:
+                _require(math.isfinite(term), f"reward.{name}", f"weight must be a finite number, got {term}")
+
+
+def _check_reward_term(name: str, term: dict[str, Any]) -> None:
+    """A term mapping's weight, scale, shift, device, dtype and factory options, checked by ``rewards.parse_term``
+    (options against the registered factory's signature, with a did-you-mean; nothing loads)."""
+    from rewards import RewardSpecError, parse_term  # lazy: torch loads only for configs with term mappings
+
+    try:
+        parse_term(name, term)
+    except RewardSpecError as err:
+        raise ConfigError(err.message, key="reward." + ".".join(err.key)) from None
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -319,10 +339,13 @@ class TrainerConfig:
 
     model: ModelConfig
     """The pipeline to align (model.path is required)."""
-    reward: str | dict[str, float] | None = None
+    reward: RewardSpec | None = None
     """Reward: a registered name (pickscore), a user function ('package.module:function' or
-    'path/to/file.py:function'), or a mapping of those to weights ({pickscore: 1.0, aesthetic: 0.5}); null for
-    trainers that need none (offline Diffusion-DPO)."""
+    'path/to/file.py:function'), or a mapping of those to weights ({pickscore: 1.0, aesthetic: 0.5}) or to options
+    ({pickscore: {weight: 1.0, scale: 0.038461538461538464, shift: 0, path: ..., revision: ..., dtype: bf16,
+    device: cuda:1}}: the term is weight * scale * (score - shift); other keys go to the reward's loader). A
+    one-entry mapping is how a single reward gets options. Null for trainers that need none (offline
+    Diffusion-DPO). See docs/rewards.md#weighted-sums."""
     output_dir: Path = Path("outputs")
     """Run folder: checkpoints, logs, evaluation grids, the final weights and the resolved config.yaml."""
     seed: int = 42

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffalign.adapters import DiffusionAdapter
-from diffalign.data.prompts import load_prompts
+from diffalign.data.prompts import load_prompt_records
 from diffalign.eval.grid import image_grid
 from diffalign.rewarding import score_with_parts
 from diffalign.samplers.plan import ode_plan
@@ -27,6 +28,8 @@ class Evaluator:
         guidance_scale: CFG scale.
         output_dir: grids go to ``<output_dir>/eval/step-<step>.png``.
         batch_size: images per denoiser batch.
+        metadata: one dict per prompt (a JSONL prompt record's fields), passed with every image of that prompt to a
+            reward that takes metadata; ``None``: none.
     """
 
     def __init__(
@@ -39,9 +42,15 @@ class Evaluator:
         guidance_scale: float,
         output_dir: str | Path | None = None,
         batch_size: int = 8,
+        metadata: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
+        if metadata is not None and len(metadata) != len(prompts):
+            raise ValueError(
+                f"Evaluator: {len(metadata)} metadata dicts for {len(prompts)} prompts; give one per prompt"
+            )
         self.adapter, self.reward = adapter, reward
         self.prompts, self.seeds = prompts, seeds
+        self.metadata = [dict(m) for m in metadata] if metadata is not None else [{} for _ in prompts]
         self.num_steps, self.guidance_scale = num_steps, guidance_scale
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.batch_size = batch_size
@@ -62,15 +71,17 @@ class Evaluator:
         guidance = evaluation.guidance_scale
         if guidance is None:
             guidance = getattr(sampling, "guidance_scale", adapter.default_guidance_scale)
+        records = load_prompt_records(evaluation.prompts)
         return cls(
             adapter,
             reward,
-            load_prompts(evaluation.prompts),
+            [record.prompt for record in records],
             list(evaluation.seeds),
             num_steps,
             guidance,
             output_dir,
             evaluation.batch_size,
+            metadata=[record.metadata for record in records],
         )
 
     def sample(self) -> torch.Tensor:
@@ -88,10 +99,12 @@ class Evaluator:
         return trajectory.images
 
     def score(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """:meth:`sample`, and every image's scores by part (each ``[P * S]``, prompt-major)."""
+        """:meth:`sample`, and every image's scores by part (each ``[P * S]``, prompt-major); each image's prompt
+        metadata goes with it to a reward that takes metadata."""
         images = self.sample()
         prompts = [p for p in self.prompts for _ in self.seeds]
-        return images, score_with_parts(self.reward, images, prompts)
+        metadata = [m for m in self.metadata for _ in self.seeds]
+        return images, score_with_parts(self.reward, images, prompts, metadata)
 
     def __call__(self, step: int) -> dict[str, float]:
         images, scores = self.score()

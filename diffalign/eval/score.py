@@ -23,7 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from diffalign.data.prompts import load_prompts
+from diffalign.data.prompts import PromptRecord, load_prompt_records
 from diffalign.rewarding import build_reward, score_with_parts
 
 
@@ -54,12 +54,18 @@ def build_rewards(specs: Sequence[str], device: torch.device | str | None = None
     return built
 
 
-def reward_scores(rewards: Mapping[str, Any], images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+def reward_scores(
+    rewards: Mapping[str, Any],
+    images: Tensor,
+    prompts: list[str],
+    metadata: Sequence[Mapping[str, Any]] | None = None,
+) -> dict[str, Tensor]:
     """Scores of ``images`` under every reward: ``{label: [B]}``, plus ``label.part`` for composite rewards
-    (a weighted sum's parts) and verifiers (``label.strict``)."""
+    (a weighted sum's parts) and verifiers (``label.strict``). ``metadata`` (``B`` dicts) reaches the rewards that
+    take it."""
     scores: dict[str, Tensor] = {}
     for label, reward in rewards.items():
-        parts = score_with_parts(reward, images, prompts)
+        parts = score_with_parts(reward, images, prompts, metadata)
         scores[label] = parts.pop("reward")
         scores.update({f"{label}.{name}": values for name, values in parts.items()})
     return scores
@@ -90,12 +96,18 @@ def list_images(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
 
 
 def image_prompts(prompts: str | os.PathLike | Sequence[str], count: int) -> list[str]:
-    """One prompt per image: a text file (one line per image), a list, or a single text used for every image.
+    """One prompt per image: a text or JSONL file (one line per image), a list, or a single text used for every
+    image.
 
     A string is read as a file when one exists there; one that looks like a path but names no file is an error
     (see :func:`~diffalign.data.prompts.load_prompts`), never the prompt.
     """
-    found = load_prompts(prompts)
+    return [record.prompt for record in image_prompt_records(prompts, count)]
+
+
+def image_prompt_records(prompts: str | os.PathLike | Sequence[str], count: int) -> list[PromptRecord]:
+    """:func:`image_prompts` with each prompt's metadata (a JSONL record's fields; empty otherwise)."""
+    found = load_prompt_records(prompts)
     if len(found) == 1:
         return found * count
     if len(found) != count:
@@ -113,7 +125,9 @@ def load_image(path: str | os.PathLike) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
 
 
-def _read_all(files: list[Path], prompts: list[str]) -> tuple[list[tuple[Path, str, Tensor]], list[str]]:
+def _read_all(
+    files: list[Path], prompts: list[PromptRecord]
+) -> tuple[list[tuple[Path, PromptRecord, Tensor]], list[str]]:
     loaded, skipped = [], []
     for path, prompt in zip(files, prompts):
         try:
@@ -195,8 +209,9 @@ def score_images(
 
     Args:
         images: a folder (its PNG/JPEG files in sorted order) or a list of files and folders.
-        prompts: a text file with one prompt per image, a list, or one text for all images (a string that looks
-            like a path but names no file is an error, not the text).
+        prompts: a text file with one prompt per image, a JSONL file with one record per image (its fields reach
+            rewards that take metadata), a list, or one text for all images (a string that looks like a path but
+            names no file is an error, not the text).
         rewards: ``{label: reward}`` (see :func:`build_rewards`).
         batch_size: images per reward call.
         device: where the images go before scoring (default: CPU).
@@ -206,14 +221,17 @@ def score_images(
         ValueError: the prompts do not match the images, or no image could be read.
     """
     files = list_images(images)
-    loaded, skipped = _read_all(files, image_prompts(prompts, len(files)))
+    loaded, skipped = _read_all(files, image_prompt_records(prompts, len(files)))
     if not loaded:
         raise ValueError(f"none of the {len(files)} image file(s) could be read (see the warnings above)")
     records = []
     for batch in _batches(loaded, batch_size):
         pixels = torch.stack([item[2] for item in batch]).to(device or "cpu")
-        scores = reward_scores(rewards, pixels, [item[1] for item in batch])
-        for i, (path, prompt, _) in enumerate(batch):
+        records_of_batch = [item[1] for item in batch]
+        scores = reward_scores(
+            rewards, pixels, [r.prompt for r in records_of_batch], [r.metadata for r in records_of_batch]
+        )
+        for i, (path, record, _) in enumerate(batch):
             values = {name: float(v[i]) for name, v in scores.items()}
-            records.append({"image": str(path), "prompt": prompt, "scores": values})
+            records.append({"image": str(path), "prompt": record.prompt, "scores": values})
     return ScoreReport(records, skipped)

@@ -44,7 +44,8 @@ import torch
 from torch import Tensor
 
 from diffalign.config import ConfigError, TrainerConfig
-from diffalign.data.prompts import load_prompts
+from diffalign.config.groups import RewardSpec
+from diffalign.data.prompts import load_prompt_records
 from diffalign.eval.evaluator import Evaluator
 from diffalign.losses.advantages import (
     PerPromptStatTracker,
@@ -70,6 +71,7 @@ from diffalign.samplers.plan import (
 from diffalign.samplers.rollout import InitialNoise, Trajectory, rollout, transition_log_probs
 from diffalign.seeding import derive_seed
 from diffalign.trainers.common import TrainingRun
+from rewards import metadata_kwargs
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -77,7 +79,8 @@ class GRPOSamplingConfig:
     """How training rollouts are sampled."""
 
     prompts: list[str] | Path
-    """Training prompts: a list, or a text file with one prompt per line."""
+    """Training prompts: a list, a text file with one prompt per line, or a JSONL file of records
+    ``{"prompt": ..., <metadata>}`` whose fields reach rewards that take metadata (docs/rewards.md)."""
     num_steps: int = 10
     """Denoising steps of training rollouts (denoising reduction: evaluation may use more)."""
     guidance_scale: float = 4.5
@@ -215,8 +218,9 @@ class GRPOConfig(TrainerConfig):
     """Trainer name (``diffalign train`` picks the trainer from it)."""
     default_log_every: ClassVar[int] = 1
     """An epoch is a large step: each one is logged unless ``logging.log_every`` says otherwise."""
-    reward: str | dict[str, float] = "shapes"
-    """Reward: a registered name, ``module:fn`` / ``file.py:fn``, or a ``{name: weight}`` mapping."""
+    reward: RewardSpec = "shapes"
+    """Reward: a registered name, ``module:fn`` / ``file.py:fn``, or a mapping of those to weights or to term
+    options (``{pickscore: {weight: 1.0, scale: 0.038461538461538464}}``, docs/rewards.md#weighted-sums)."""
     max_steps: int = 100
     """Epochs: each samples a batch of groups and trains on it."""
     sampling: GRPOSamplingConfig
@@ -372,7 +376,9 @@ class GRPOTrainer:
                 f"per_reward needs a weighted sum of rewards, got {self.reward!r}",
                 key="train.advantage_aggregation",
             )
-        self.prompts = load_prompts(config.sampling.prompts)
+        records = load_prompt_records(config.sampling.prompts)
+        self.prompts = [record.prompt for record in records]
+        self.prompt_metadata = [record.metadata for record in records]
         kernel = config.sampling.kernel
         if kernel == "auto":
             kernel = "sde" if self.adapter.prediction_type == "flow" else "ddim"
@@ -412,11 +418,14 @@ class GRPOTrainer:
             ``(trajectory, rewards [b], reward_parts {name: [b]}, group_ids [b])`` for the local images.
         """
         sampling, seed = self.config.sampling, self.config.seed
-        groups = epoch_prompts(self.prompts, sampling.prompts_per_epoch, seed, epoch)
+        # Indices, not texts: two records may share a prompt. The shuffle depends on the length only: same draws.
+        group_indices = epoch_prompts(range(len(self.prompts)), sampling.prompts_per_epoch, seed, epoch)
+        groups = [self.prompts[i] for i in group_indices]
         images_per_group = sampling.images_per_prompt
         total = len(groups) * images_per_group
         local = self._local_slice(total)
         image_prompts = [p for p in groups for _ in range(images_per_group)][local]
+        image_metadata = [self.prompt_metadata[i] for i in group_indices for _ in range(images_per_group)][local]
         group_ids = torch.arange(len(groups)).repeat_interleave(images_per_group)[local]
         seeds = epoch_image_seeds(seed, epoch, total)
         noise_seeds = [seeds[i - i % images_per_group] for i in range(total)][local]
@@ -426,7 +435,7 @@ class GRPOTrainer:
         futures: list[Future] = []
 
         def score_chunk(chunk: slice, images: Tensor | None) -> None:
-            futures.append(self._scorer.submit(self._score, images, image_prompts[chunk]))
+            futures.append(self._scorer.submit(self._score, images, image_prompts[chunk], image_metadata[chunk]))
 
         trajectory = rollout(
             self.adapter,
@@ -446,8 +455,10 @@ class GRPOTrainer:
         return trajectory, rewards, parts, group_ids
 
     @torch.no_grad()
-    def _score(self, images: Tensor, prompts: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
-        total, parts = self.reward.score_parts(images, prompts)
+    def _score(
+        self, images: Tensor, prompts: list[str], metadata: list[dict] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        total, parts = self.reward.score_parts(images, prompts, **metadata_kwargs(self.reward, metadata))
         return total.float().cpu(), {k: v.float().cpu() for k, v in parts.items()}
 
     # --- advantages -------------------------------------------------------------------------------------------------
@@ -485,8 +496,7 @@ class GRPOTrainer:
     def _oriented(self, name: str, values: Tensor) -> Tensor:
         """A part's scores through the sum's normalisation (its sign matters to a per-reward advantage; its
         positive scale and shift do not)."""
-        shift, scale = getattr(self.reward, "normalize", {}).get(name, (0.0, 1.0))
-        return (values - shift) / scale
+        return self.reward.normalized_part(name, values)
 
     # --- training ---------------------------------------------------------------------------------------------------
 

@@ -66,7 +66,8 @@ from torch.utils.checkpoint import checkpoint
 import rewards
 from diffalign.adapters.base import Conditioning, DiffusionAdapter, Schedule
 from diffalign.config import ConfigError, TrainerConfig
-from diffalign.data.prompts import load_prompts
+from diffalign.config.groups import RewardSpec
+from diffalign.data.prompts import load_prompt_records
 from diffalign.eval.evaluator import Evaluator
 from diffalign.losses.reward_backprop import (
     refl_step_range,
@@ -93,7 +94,8 @@ class BackpropSamplingConfig:
     """How the training trajectories are sampled."""
 
     prompts: list[str] | Path
-    """Training prompts: a list, or a text file with one prompt per line."""
+    """Training prompts: a list, a text file with one prompt per line, or a JSONL file of records
+    ``{"prompt": ..., <metadata>}`` whose fields reach rewards that take metadata."""
     num_steps: int = 50
     """Denoising steps T (AlignProp and DRaFT: 50 DDIM steps; ReFL: 40)."""
     guidance_scale: float = 5.0
@@ -178,8 +180,9 @@ class RewardBackpropConfig(TrainerConfig):
 
     method: Literal["reward_backprop"] = "reward_backprop"
     """Trainer name (``diffalign train`` picks the trainer from it)."""
-    reward: str | dict[str, float] = "aesthetic"
-    """A differentiable reward: a registered name, ``module:fn`` / ``file.py:fn``, or a ``{name: weight}`` map."""
+    reward: RewardSpec = "aesthetic"
+    """A differentiable reward: a registered name, ``module:fn`` / ``file.py:fn``, or a mapping of those to weights
+    or to term options (``{pickscore: {scale: 0.038461538461538464, dtype: bf16}}``, docs/rewards.md#weighted-sums)."""
     max_steps: int = 100
     """Optimizer steps."""
     sampling: BackpropSamplingConfig
@@ -304,7 +307,9 @@ class RewardBackpropTrainer:
         if config.gradient_checkpointing and not config.backprop.checkpoint_blocks:
             # The runtime turned on per-block checkpointing; per-call checkpointing alone keeps memory flat in K.
             self.adapter.enable_gradient_checkpointing(False)
-        self.prompts = load_prompts(config.sampling.prompts)
+        records = load_prompt_records(config.sampling.prompts)
+        self.prompts = [record.prompt for record in records]
+        self.prompt_metadata = [record.metadata for record in records]
         self.plan = sampling_plan(config.sampling.num_steps, self.adapter.prediction_type, config.sampling.eta)
         self.evaluator = Evaluator.from_config(config, self.adapter, self.reward, self.run.output_dir)
 
@@ -314,11 +319,22 @@ class RewardBackpropTrainer:
         process = self.run.accelerator.process_index
         return derive_seed(self.config.seed, f"backprop/{purpose}", step, micro, process, *more)
 
-    def micro_batch_prompts(self, step: int, micro: int) -> tuple[list[str], list[int]]:
-        """The micro-batch's prompts (drawn with replacement, as AlignProp's prompt functions) and image seeds."""
+    def micro_batch(self, step: int, micro: int) -> tuple[list[str], list[dict[str, Any]], list[int]]:
+        """The micro-batch's prompts (drawn with replacement, as AlignProp's prompt functions), their metadata
+        (:attr:`prompt_metadata`, aligned) and image seeds.
+
+        The draw is ``rng.choices`` over the prompt indices, the same random calls as over the prompts themselves
+        (``choices`` picks ``population[floor(random() * n)]``), so runs keep the prompts they drew before.
+        """
         rng = random.Random(self._seed("prompts", step, micro))
-        prompts = rng.choices(self.prompts, k=self.config.sampling.batch_size)
-        return prompts, [self._seed("image", step, micro, i) for i in range(len(prompts))]
+        indices = rng.choices(range(len(self.prompts)), k=self.config.sampling.batch_size)
+        seeds = [self._seed("image", step, micro, i) for i in range(len(indices))]
+        return [self.prompts[i] for i in indices], [self.prompt_metadata[i] for i in indices], seeds
+
+    def micro_batch_prompts(self, step: int, micro: int) -> tuple[list[str], list[int]]:
+        """The micro-batch's prompts and image seeds (:meth:`micro_batch` without the metadata)."""
+        prompts, _, seeds = self.micro_batch(step, micro)
+        return prompts, seeds
 
     def num_grad_steps(self, step: int, micro: int) -> int:
         """``K`` of this trajectory (alignprop / draft_k), drawn once per micro-batch."""
@@ -411,7 +427,7 @@ class RewardBackpropTrainer:
     def micro_batch_loss(self, step: int, micro: int) -> tuple[Tensor, dict[str, float]]:
         """Sample one micro-batch with the mode's gradient path and return ``(loss, metrics)``."""
         backprop = self.config.backprop
-        prompts, seeds = self.micro_batch_prompts(step, micro)
+        prompts, metadata, seeds = self.micro_batch(step, micro)
         metrics: dict[str, float] = {}
         if backprop.mode in ("alignprop", "draft_k"):
             num_grad = self.num_grad_steps(step, micro)
@@ -419,13 +435,13 @@ class RewardBackpropTrainer:
             metrics["num_grad_steps"] = float(num_grad)
         elif backprop.mode == "draft_lv":
             images = self.renoised_images(prompts, seeds, step, micro)
-            prompts = prompts * backprop.num_renoise
+            prompts, metadata = prompts * backprop.num_renoise, metadata * backprop.num_renoise
         else:
             mid = self.refl_step(step, micro)
             images = self.refl_images(prompts, seeds, mid)
             metrics["refl_step"] = float(mid)
-        rewards = self.reward.score(images, prompts)
-        loss, loss_metrics = reward_loss(rewards, backprop.loss, backprop.weight, backprop.target)
+        scores = self.reward.score(images, prompts, **rewards.metadata_kwargs(self.reward, metadata))
+        loss, loss_metrics = reward_loss(scores, backprop.loss, backprop.weight, backprop.target)
         metrics.update({key: float(value) for key, value in loss_metrics.items()})
         return loss, metrics
 

@@ -277,3 +277,63 @@ def test_hps_registers_an_open_clip_config_file(tiny_hps, tmp_path):
     torch.testing.assert_close(
         ours, hps_reference_scores(config, folder / "HPS_v2_compressed.pt", images, PROMPTS[:2])
     )
+
+
+# --- hub revisions ---------------------------------------------------------------------------------------------------
+
+
+def fake_hub_repo(cache, repo_id, revisions):
+    """An offline HF cache holding ``repo_id`` at several revisions: ``{revision: {file name: source path}}``.
+
+    The layout is huggingface_hub's (``models--owner--name/refs/<revision>`` holds a commit hash, the files sit in
+    ``snapshots/<hash>/``), so ``hf_hub_download(repo_id, name, revision=...)`` resolves from it with
+    ``HF_HUB_OFFLINE=1``.
+    """
+    import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    for number, (revision, files) in enumerate(revisions.items()):
+        commit = f"{number + 1:040x}"
+        (repo / "refs" / revision).write_text(commit)
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for name, source in files.items():
+            shutil.copy(source, snapshot / name)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty HF cache folder that huggingface_hub (and transformers through it) reads instead of the user's."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_revision_picks_the_hub_files_of_that_revision(tiny_hps, hub_cache, fresh_reward_cache):
+    config, folder = tiny_hps
+    v20, v21 = folder / "HPS_v2_compressed.pt", folder / "HPS_v2.1_compressed.pt"
+    # Two revisions of one repository whose HPS_v2_compressed.pt differ: main has the v2.0 weights, "old" the v2.1.
+    fake_hub_repo(hub_cache, "owner/hps", {"main": {v20.name: v20}, "old": {v20.name: v21}})
+    images = smooth_images(2, 224, 224)
+    at_main = rewards.load("hpsv2", path="owner/hps", model=config).score(images, PROMPTS[:2])
+    at_old = rewards.load("hpsv2", path="owner/hps", model=config, revision="old").score(images, PROMPTS[:2])
+    torch.testing.assert_close(at_main, hps_reference_scores(config, v20, images, PROMPTS[:2]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(at_old, hps_reference_scores(config, v21, images, PROMPTS[:2]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(OSError, match="'owner/hps' at revision 'missing'"):
+        rewards.load("hpsv2", path="owner/hps", model=config, revision="missing").score(images, PROMPTS[:2])
+
+
+def test_revision_reaches_from_pretrained_for_hub_ids_only(tiny_clip_dir, hub_cache, fresh_reward_cache):
+    files = {p.name: p for p in tiny_clip_dir.iterdir() if p.is_file()}
+    fake_hub_repo(hub_cache, "owner/pick", {"v1": files})
+    images = smooth_images(2, 224, 224)
+    local = rewards.load("pickscore", path=tiny_clip_dir, revision="ignored-for-local-paths").score(
+        images, PROMPTS[:2]
+    )
+    # The repository has no main branch: only revision="v1" finds the model (and its tokenizer, same repository).
+    hub = rewards.load("pickscore", path="owner/pick", tokenizer_path="owner/pick", revision="v1")
+    torch.testing.assert_close(hub.score(images, PROMPTS[:2]), local)
+    with pytest.raises(OSError, match="PickScore model.*owner/pick"):
+        rewards.load("pickscore", path="owner/pick", tokenizer_path="owner/pick").score(images, PROMPTS[:2])

@@ -538,3 +538,23 @@ def test_per_reward_advantage_aggregation_in_the_trainer(tiny_pipeline_dir, tmp_
         make_config(tiny_pipeline_dir("sd3"), tmp_path, **{"train.advantage_aggregation": "per_reward"})
     with pytest.raises(ConfigError, match="advantage: group"):
         make_config(tiny_pipeline_dir("sd3"), tmp_path, **{**options, "train.advantage": "running"})
+
+
+def test_jsonl_prompt_metadata_reaches_a_reward_that_takes_it(tiny_pipeline_dir, tmp_path):
+    """A JSONL prompt file's records reach a reward with a ``metadata`` parameter, aligned with its images."""
+    prompts = tmp_path / "prompts.jsonl"
+    records = [{"prompt": "a red circle", "tag": "circle", "count": 1}, {"prompt": "a blue square", "tag": "square"}]
+    prompts.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    seen: list[tuple[str, dict]] = []
+
+    def tagged_redness(images, prompts, metadata):
+        seen.extend(zip(prompts, metadata))
+        return redness(images)
+
+    config = make_config(tiny_pipeline_dir("sd3"), tmp_path / "run", **{"sampling.prompts": str(prompts)})
+    trainer = GRPOTrainer(config, reward=tagged_redness)
+    trainer.sample_epoch(0)
+    assert len(seen) == 8  # 2 groups x 4 images
+    by_prompt = {r["prompt"]: r for r in records}
+    assert all(meta == by_prompt[prompt] for prompt, meta in seen)
+    assert {prompt for prompt, _ in seen} == set(by_prompt)
