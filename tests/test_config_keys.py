@@ -1098,6 +1098,16 @@ def _(grpo_config):
     assert len(set(slow)) == 1 and len(set(fast)) == 3
 
 
+@probe("grpo", "sampling.window_draw")
+def _(grpo_with):
+    window = {"sampling.plan": "window", "sampling.num_steps": 6, "sampling.window_range": [0, 4], "seed": 3}
+    window["sampling.batch_size"] = 2
+    per_chunk = grpo_with(window).epoch_plans(0, 8)
+    per_epoch = grpo_with({**window, "sampling.window_draw": "per_epoch"}).epoch_plans(0, 8)
+    assert isinstance(per_chunk, list) and len(set(per_chunk)) > 1  # the 4 chunks draw their own windows
+    assert not isinstance(per_epoch, list)  # one plan for the epoch
+
+
 @probe("grpo", "sampling.ode_solver")
 def _(grpo_with):
     window = {

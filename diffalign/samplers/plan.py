@@ -13,6 +13,7 @@ docs/methods/grpo.md):
 :func:`random_fraction_plan` a random subset of the stochastic steps is trained (DDPO / DanceGRPO shuffle).
 :func:`random_window_plan`  SDE only in a window of random start, ODE elsewhere (Flow-GRPO-Fast).
 :func:`sliding_window_plan` SDE only in a window that moves with the training iteration (MixGRPO).
+:func:`union_plan`          the plans of several rollout chunks as one (a Fast window drawn per chunk).
 ==========================  ====================================================================================
 
 Denoising reduction (Flow-GRPO: 10 sampling steps for training, 40 for evaluation) is two plans built
@@ -20,6 +21,7 @@ independently, e.g. ``sde_plan(10, 0.7)`` and ``ode_plan(40)``; the step count i
 """
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +40,7 @@ __all__ = [
     "sde_plan",
     "sliding_window_plan",
     "sliding_window_start",
+    "union_plan",
     "window_bounds",
 ]
 
@@ -272,6 +275,36 @@ def random_window_plan(
         raise ValueError(f"a window of {window_size} steps does not fit in {(low, high)} of {num_steps} steps")
     start = _randint(low, high - window_size, generator)
     return _window_plan(num_steps, noise_level, (start, start + window_size), kernel, ode_solver)
+
+
+def union_plan(plans: Sequence[StepPlan]) -> StepPlan:
+    """One plan covering several chunks' plans (e.g. a Flow-GRPO-Fast window drawn for each rollout chunk): a step
+    is stochastic, stored or trained when it is in any of them.
+
+    The plans must agree on everything but their windows: step count, kernel, ODE solver, log-prob, and the noise
+    level of every step that is stochastic in more than one, so that re-scoring a sample's own steps with the union
+    plan uses the kernel it was sampled with.
+
+    Raises:
+        ValueError: no plans, or plans that disagree.
+    """
+    if not plans:
+        raise ValueError("union_plan needs at least one plan")
+    first = plans[0]
+    shared = ("num_steps", "kernel", "ode_solver", "log_prob")
+    for plan in plans[1:]:
+        differing = [name for name in shared if getattr(plan, name) != getattr(first, name)]
+        if differing:
+            raise ValueError(f"the plans differ in {differing}; only their stochastic steps may differ")
+    levels = []
+    for i in range(first.num_steps):
+        nonzero = {plan.noise_levels[i] for plan in plans} - {0.0}
+        if len(nonzero) > 1:
+            raise ValueError(f"the plans give step {i} different noise levels {sorted(nonzero)}")
+        levels.append(nonzero.pop() if nonzero else 0.0)
+    stored = tuple(sorted({i for plan in plans for i in plan.stored}))
+    trained = tuple(sorted({i for plan in plans for i in plan.trained}))
+    return StepPlan(first.num_steps, first.kernel, tuple(levels), stored, trained, first.ode_solver, first.log_prob)
 
 
 def sliding_window_start(

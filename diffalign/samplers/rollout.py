@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from diffalign.adapters.base import Conditioning, DiffusionAdapter, Schedule
-from diffalign.samplers.plan import StepPlan
+from diffalign.samplers.plan import StepPlan, union_plan
 from diffalign.samplers.steps import KERNELS, StepOutput, ddim_step, dpm_solver_2m_step, ode_step, predict_x0
 
 
@@ -108,6 +108,10 @@ class Trajectory:
         schedule: the timestep schedule sampled with.
         means: ``[B, S, ...]`` fp32 means of the stored transitions at sampling time (GRPO-Guard's ``mu_old``), or
             ``None`` unless the rollout was asked to store them.
+        trained_steps: ``[B, n]`` int64 plan indices of each image's own trained steps when the chunks were sampled
+            with plans of their own (``plan`` is then their :func:`~diffalign.samplers.plan.union_plan`; at a stored
+            step outside an image's own plan the transition was deterministic and its log-prob is NaN); ``None``
+            when every image has ``plan.trained``.
     """
 
     prompts: list[str]
@@ -125,6 +129,7 @@ class Trajectory:
     plan: StepPlan
     schedule: Schedule
     means: Tensor | None = None
+    trained_steps: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -235,6 +240,7 @@ class _SampledChunk:
 def _sample_chunk(
     adapter: DiffusionAdapter,
     plan: StepPlan,
+    stored_steps: Sequence[int],
     schedule: Schedule,
     cond: Conditioning,
     latents: Tensor,
@@ -244,7 +250,7 @@ def _sample_chunk(
     stop_after: int,
     store_means: bool = False,
 ) -> _SampledChunk:
-    stored = set(plan.stored)
+    stored = set(stored_steps)
     chunk = _SampledChunk([], [], [], latents.float(), [] if store_means else None)
     latents = chunk.final
     prev_x0 = None
@@ -257,7 +263,9 @@ def _sample_chunk(
         if i in stored:
             chunk.entering.append(latents.detach())
             chunk.produced.append(step.prev_sample.detach())
-            chunk.log_probs.append(step.log_prob.detach())
+            # A step stored for another chunk's plan is deterministic here: it has no log-prob.
+            no_log_prob = torch.full((latents.shape[0],), float("nan"), device=latents.device)
+            chunk.log_probs.append(no_log_prob if step.log_prob is None else step.log_prob.detach())
             if chunk.means is not None:
                 chunk.means.append(step.mean.detach().float())
         # DPM-Solver++(2M) history is only valid along a deterministic path (restart after stochastic steps).
@@ -282,7 +290,7 @@ def _resolve_seeds(seeds: int | Sequence[int] | None, count: int) -> list[int]:
 def rollout(
     adapter: DiffusionAdapter,
     prompts: Sequence[str],
-    plan: StepPlan,
+    plan: StepPlan | Sequence[StepPlan],
     *,
     num_images_per_prompt: int = 1,
     guidance_scale: float = 1.0,
@@ -302,7 +310,10 @@ def rollout(
     Args:
         adapter: the model family's adapter (its working resolution is used).
         prompts: ``P`` prompts; images are laid out prompt-major (``[p0, p0, ..., p1, ...]``).
-        plan: which steps are stochastic / stored (:mod:`diffalign.samplers.plan`).
+        plan: which steps are stochastic / stored (:mod:`diffalign.samplers.plan`); or one plan per chunk of
+            ``chunk_size`` images (Flow-GRPO-Fast's window drawn per sampling call), stored over their
+            :func:`~diffalign.samplers.plan.union_plan` with each image's own trained steps in
+            ``Trajectory.trained_steps``.
         num_images_per_prompt: ``K``, the group size.
         guidance_scale: CFG scale (FLUX: the guidance embedding).
         negative_prompt: CFG's unconditional text (default: the pipeline's default).
@@ -322,9 +333,12 @@ def rollout(
     Returns:
         A :class:`Trajectory`.
     """
-    _check_plan(adapter, plan)
     prompts = list(prompts)
     count = len(prompts) * num_images_per_prompt
+    chunk = chunk_size or count
+    chunk_plans = _chunk_plans(plan, -(-count // chunk))
+    plan = union_plan(chunk_plans)
+    _check_plan(adapter, plan)
     stop_after = plan.num_steps if stop_after is None else stop_after
     if not 0 < stop_after <= plan.num_steps:
         raise ValueError(f"stop_after must be in [1, {plan.num_steps}], got {stop_after}")
@@ -350,14 +364,14 @@ def rollout(
         latents = adapter.prepare_latents(count, make_generators(noise_seeds, adapter.device))
     schedule = adapter.set_timesteps(plan.num_steps)
 
-    chunk = chunk_size or count
     parts: list[_SampledChunk] = []
     decoded = []
-    for start in range(0, count, chunk):
+    for start, chunk_plan in zip(range(0, count, chunk), chunk_plans):
         sl = slice(start, start + chunk)
         part = _sample_chunk(
             adapter,
-            plan,
+            chunk_plan,
+            plan.stored,
             schedule,
             cond[sl],
             latents[sl],
@@ -397,7 +411,29 @@ def rollout(
         plan=plan,
         schedule=schedule,
         means=stack("means") if store_means else None,
+        trained_steps=_own_trained_steps(chunk_plans, count, chunk),
     )
+
+
+def _chunk_plans(plan: StepPlan | Sequence[StepPlan], num_chunks: int) -> list[StepPlan]:
+    """The plan of each chunk: ``plan`` for all, or the given per-chunk plans (one per chunk, same trained count)."""
+    if isinstance(plan, StepPlan):
+        return [plan] * num_chunks
+    plans = list(plan)
+    if len(plans) != num_chunks:
+        raise ValueError(f"got {len(plans)} plans for {num_chunks} chunks of images")
+    if len({len(p.trained) for p in plans}) > 1:
+        raise ValueError("per-chunk plans must train the same number of steps")
+    return plans
+
+
+def _own_trained_steps(chunk_plans: list[StepPlan], count: int, chunk: int) -> Tensor | None:
+    """``[B, n]`` each image's trained steps when the chunks' plans differ, else ``None``."""
+    if len(set(chunk_plans)) <= 1:
+        return None
+    starts = range(0, count, chunk)
+    rows = [plan.trained for start, plan in zip(starts, chunk_plans) for _ in range(min(chunk, count - start))]
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def _decode(adapter: DiffusionAdapter, latents: Tensor, grad: GradientPath) -> Tensor:

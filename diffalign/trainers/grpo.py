@@ -103,6 +103,10 @@ class GRPOSamplingConfig:
     """``window``/``sliding`` plans: stochastic steps per rollout."""
     window_range: tuple[int, int] | None = None
     """``window`` plan: the window's start is drawn in ``[lo, hi - window_size]``; default ``(0, num_steps // 2)``."""
+    window_draw: Literal["per_chunk", "per_epoch"] = "per_chunk"
+    """``window`` plan: a window for each rollout chunk (``batch_size`` images of a process), as flow_grpo's fast
+    script draws one per sampling call; or one window for the whole epoch, so that every sample shares its
+    trained steps (needed by ``train.ratio_guard: recenter``)."""
     lora_in_window_only: bool = False
     """``window`` plan with a LoRA: the LoRA acts only at the timesteps of ``window_range`` (those GRPO trains),
     and the base model takes the steps after it, in rollouts and at evaluation; the saved LoRA records the limit
@@ -263,7 +267,14 @@ class GRPOConfig(TrainerConfig):
                     key=("train.advantage_aggregation", "reward"),
                 )
         # The kernel and the train-step choice may still be "auto" here; the trainer checks them again resolved.
-        check_ratio_guard(self.train.ratio_guard, self.sampling.kernel, uses_random_train_steps(self.sampling, "auto"))
+        check_ratio_guard(self.train.ratio_guard, self.sampling.kernel, mixes_steps(self.sampling, "auto"))
+
+
+def mixes_steps(sampling: GRPOSamplingConfig, kernel: str) -> bool:
+    """Whether the samples of a micro-batch may train different steps: per-sample random steps, or a window drawn
+    per rollout chunk (``kernel`` as in :func:`uses_random_train_steps`)."""
+    per_chunk_windows = sampling.plan == "window" and sampling.window_draw == "per_chunk"
+    return per_chunk_windows or uses_random_train_steps(sampling, kernel)
 
 
 def uses_random_train_steps(sampling: GRPOSamplingConfig, kernel: str) -> bool:
@@ -273,7 +284,7 @@ def uses_random_train_steps(sampling: GRPOSamplingConfig, kernel: str) -> bool:
     return random_steps and sampling.plan == "sde" and sampling.train_fraction < 1
 
 
-def check_ratio_guard(ratio_guard: str, kernel: str, random_train_steps: bool) -> None:
+def check_ratio_guard(ratio_guard: str, kernel: str, steps_mixed: bool) -> None:
     """Refuse ratio guards the sampling set-up cannot support (``kernel`` may be ``"auto"``: not checked)."""
     if ratio_guard == "grpo_guard" and kernel == "ddim":
         raise ConfigError(
@@ -281,12 +292,12 @@ def check_ratio_guard(ratio_guard: str, kernel: str, random_train_steps: bool) -
             "use train.ratio_guard: recenter or none",
             key=("train.ratio_guard", "sampling.kernel"),
         )
-    if ratio_guard == "recenter" and random_train_steps:
+    if ratio_guard == "recenter" and steps_mixed:
         raise ConfigError(
-            "ratio_guard: recenter re-centres each step's log-ratio over the batch; with per-sample random train "
-            "steps (sampling.train_steps: random, or auto with the ddim kernel) a batch mixes steps: set "
-            "sampling.train_steps: first",
-            key=("train.ratio_guard", "sampling.train_steps"),
+            "ratio_guard: recenter re-centres each step's log-ratio over the batch, but a batch mixes steps with "
+            "per-sample random train steps (sampling.train_steps: random, or auto with the ddim kernel) or a window "
+            "per rollout chunk: set sampling.train_steps: first, or sampling.window_draw: per_epoch",
+            key=("train.ratio_guard", "sampling.train_steps", "sampling.window_draw"),
         )
 
 
@@ -310,10 +321,13 @@ def epoch_image_seeds(seed: int, epoch: int, count: int) -> list[int]:
     return [derive_seed(seed, "grpo/image", epoch, i) for i in range(count)]
 
 
-def build_plan(sampling: GRPOSamplingConfig, kernel: str, epoch: int, seed: int) -> StepPlan:
-    """The epoch's step plan (a new random window per epoch; the sliding window moves with the epoch)."""
+def build_plan(
+    sampling: GRPOSamplingConfig, kernel: str, epoch: int, seed: int, window_key: tuple[int, ...] = ()
+) -> StepPlan:
+    """The epoch's step plan: a random window drawn from (seed, epoch, ``window_key``) -- ``window_key`` names the
+    rollout chunk (process, chunk) when windows are drawn per chunk --; the sliding window moves with the epoch."""
     if sampling.plan == "window":
-        generator = random.Random(derive_seed(seed, "grpo/window", epoch))
+        generator = random.Random(derive_seed(seed, "grpo/window", epoch, *window_key))
         return random_window_plan(
             sampling.num_steps,
             sampling.noise_level,
@@ -387,7 +401,7 @@ class GRPOTrainer:
         # std^2 itself, i.e. the true KL: the same name means that here too.
         self.kl_convention = "true_kl" if kernel == "cps" else config.train.kl_convention
         self.random_train_steps = uses_random_train_steps(config.sampling, kernel)
-        check_ratio_guard(config.train.ratio_guard, kernel, self.random_train_steps)
+        check_ratio_guard(config.train.ratio_guard, kernel, mixes_steps(config.sampling, kernel))
         running = config.train.advantage == "running"
         self.tracker = PerPromptStatTracker(config.train.buffer_size, config.train.min_count) if running else None
         """DDPO's per-prompt reward buffers (``train.advantage: running``); ``None`` for group advantages."""
@@ -430,7 +444,7 @@ class GRPOTrainer:
         seeds = epoch_image_seeds(seed, epoch, total)
         noise_seeds = [seeds[i - i % images_per_group] for i in range(total)][local]
         seeds = seeds[local]
-        plan = dataclasses.replace(build_plan(sampling, self.kernel, epoch, seed), log_prob=self.config.train.log_prob)
+        plan = self.epoch_plans(epoch, len(image_prompts))
 
         futures: list[Future] = []
 
@@ -453,6 +467,20 @@ class GRPOTrainer:
         rewards = torch.cat([r[0] for r in results])
         parts = {name: torch.cat([r[1][name] for r in results]) for name in results[0][1]}
         return trajectory, rewards, parts, group_ids
+
+    def epoch_plans(self, epoch: int, num_local_images: int) -> StepPlan | list[StepPlan]:
+        """The epoch's step plan, or with ``window_draw: per_chunk`` one window plan per rollout chunk of this
+        process (seeded by seed, epoch, process and chunk)."""
+        sampling, seed = self.config.sampling, self.config.seed
+
+        def plan(*window_key: int) -> StepPlan:
+            drawn = build_plan(sampling, self.kernel, epoch, seed, window_key)
+            return dataclasses.replace(drawn, log_prob=self.config.train.log_prob)
+
+        if sampling.plan != "window" or sampling.window_draw == "per_epoch":
+            return plan()
+        process = self.run.accelerator.process_index
+        return [plan(process, chunk) for chunk in range(-(-num_local_images // sampling.batch_size))]
 
     @torch.no_grad()
     def _score(
@@ -590,14 +618,17 @@ class GRPOTrainer:
 
     def train_positions(self, trajectory: Trajectory, epoch: int) -> Tensor:
         """Each local sample's trained positions on the stored axis, int64 ``[N, n]``: the plan's trained steps
-        for every sample, or with per-sample random steps an independent draw of ``n`` of the stored steps per
-        sample (``sampling.train_steps``), seeded by (seed, epoch, process)."""
+        for every sample, its chunk's own window (``window_draw: per_chunk``), or with per-sample random steps an
+        independent draw of ``n`` of the stored steps per sample (``sampling.train_steps``), seeded by (seed,
+        epoch, process)."""
         num_samples = trajectory.log_probs.shape[0]
+        position_of = {step: position for position, step in enumerate(trajectory.step_indices)}
+        if trajectory.trained_steps is not None:  # each chunk's own window
+            return trajectory.trained_steps.clone().apply_(position_of.__getitem__)
         if not self.random_train_steps:
             return torch.tensor(trajectory.trained_positions, dtype=torch.long).expand(num_samples, -1)
         seed = derive_seed(self.config.seed, "grpo/train_steps", epoch, self.run.accelerator.process_index)
         steps = per_sample_train_steps(trajectory.plan, num_samples, torch.Generator().manual_seed(seed))
-        position_of = {step: position for position, step in enumerate(trajectory.step_indices)}
         return steps.apply_(position_of.__getitem__)
 
     def train_epoch(self, trajectory: Trajectory, advantages: Tensor, epoch: int) -> dict[str, float]:

@@ -115,3 +115,20 @@ def test_step_plan_is_frozen():
     plan = sde_plan(4, 0.7)
     with pytest.raises(AttributeError):
         plan.num_steps = 5
+
+
+def test_union_plan_covers_each_chunks_window():
+    from diffalign.samplers.plan import random_window_plan, union_plan
+
+    first = random_window_plan(6, 0.7, 2, (0, 4), random.Random(0))
+    plans = [first] + [random_window_plan(6, 0.7, 2, (0, 4), random.Random(seed)) for seed in range(1, 20)]
+    union = union_plan(plans)
+    windows = {plan.stored for plan in plans}
+    assert len(windows) > 1
+    assert union.stored == union.trained == tuple(sorted({i for w in windows for i in w}))
+    assert all((union.noise_levels[i] == 0.7) == (i in union.stored) for i in range(6))
+    assert union_plan([first]) == first
+    with pytest.raises(ValueError, match="noise levels"):
+        union_plan([first, random_window_plan(6, 0.9, 2, (0, 4), random.Random(0))])
+    with pytest.raises(ValueError, match="differ in"):
+        union_plan([first, random_window_plan(6, 0.7, 2, (0, 4), random.Random(0), kernel="cps")])

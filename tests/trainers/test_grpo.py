@@ -160,6 +160,7 @@ def test_window_plan_trains_only_the_window_steps(tiny_pipeline_dir, tmp_path):
             "sampling.window_size": 2,
             "sampling.num_steps": 6,
             "sampling.window_range": [0, 4],
+            "sampling.window_draw": "per_epoch",
         },
     )
     trainer = GRPOTrainer(config)
@@ -514,6 +515,8 @@ def test_recenter_guard_and_its_refusals(tiny_pipeline_dir, tmp_path):
     with pytest.raises(ConfigError, match="mixes steps"):
         make_config(sd15, tmp_path, **{"train.ratio_guard": "recenter", "sampling.train_steps": "random",
                                        "sampling.train_fraction": 0.5})  # fmt: skip
+    with pytest.raises(ConfigError, match="mixes steps"):  # a Fast window per rollout chunk (the default draw)
+        make_config(sd15, tmp_path, **{"train.ratio_guard": "recenter", "sampling.plan": "window"})
     with pytest.raises(ConfigError, match="Gaussian"):
         make_config(sd15, tmp_path, **{"train.ratio_guard": "grpo_guard", "sampling.kernel": "cps",
                                        "train.log_prob": "unnormalized"})  # fmt: skip
@@ -558,3 +561,36 @@ def test_jsonl_prompt_metadata_reaches_a_reward_that_takes_it(tiny_pipeline_dir,
     by_prompt = {r["prompt"]: r for r in records}
     assert all(meta == by_prompt[prompt] for prompt, meta in seen)
     assert {prompt for prompt, _ in seen} == set(by_prompt)
+
+
+def test_fast_window_drawn_per_rollout_chunk(tiny_pipeline_dir, tmp_path):
+    """window_draw: per_chunk (flow_grpo's fast script: a window per sampling call): each chunk of sampling.batch_size
+    images has its own window, stored over their union; each image trains its own window, on policy."""
+    window = {
+        "sampling.plan": "window",
+        "sampling.window_size": 2,
+        "sampling.num_steps": 6,
+        "sampling.window_range": [0, 4],
+        "sampling.batch_size": 2,
+        "seed": 3,
+    }
+    trainer = GRPOTrainer(make_config(tiny_pipeline_dir("sd3"), tmp_path, **window))
+    plans = trainer.epoch_plans(0, 8)
+    assert len(plans) == 4 and plans == trainer.epoch_plans(0, 8)  # 4 chunks of 2 images, reproducible
+    draws = {plan.trained for epoch in range(6) for plan in trainer.epoch_plans(epoch, 8)}
+    assert draws == {(0, 1), (1, 2), (2, 3)}  # every start in [0, 4 - 2] occurs
+    trajectory, rewards, _, group_ids = trainer.sample_epoch(0)
+    own = torch.tensor([plan.trained for plan in plans for _ in range(2)])
+    assert len(set(plans)) > 1  # seed 3: the chunks of epoch 0 got different windows
+    assert torch.equal(trajectory.trained_steps, own)
+    assert set(trajectory.step_indices) == {step for plan in plans for step in plan.stored}
+    positions = trainer.train_positions(trajectory, 0)
+    stored_at = torch.tensor(trajectory.step_indices)[positions]
+    assert torch.equal(stored_at, own)
+    # Log-probs exist at each image's own window steps only (NaN where its step was an ODE step).
+    own_mask = torch.zeros_like(trajectory.log_probs, dtype=torch.bool).scatter_(1, positions, True)
+    assert trajectory.log_probs[own_mask].isfinite().all() and trajectory.log_probs[~own_mask].isnan().all()
+    advantages, _ = trainer.advantages(rewards, group_ids, trajectory.prompts)
+    _, metrics = trainer._step_loss(trajectory, torch.arange(8), positions, advantages)
+    assert abs(metrics["ratio_mean"].item() - 1) <= 1e-5
+    assert math.isfinite(trainer.train_epoch(trajectory, advantages, 0)["policy_loss"])
