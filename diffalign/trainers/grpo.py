@@ -631,11 +631,25 @@ class GRPOTrainer:
         steps = per_sample_train_steps(trajectory.plan, num_samples, torch.Generator().manual_seed(seed))
         return steps.apply_(position_of.__getitem__)
 
+    def kept_samples(self, advantages: Tensor) -> Tensor:
+        """Indices of the local samples trained this epoch, int64 ``[k]``: with ``train.filter_zero_advantage`` those
+        with a non-zero advantage, topped up with zero-advantage ones to the largest such count on any process.
+
+        Every process must run the same number of micro-batches and optimizer steps, since their gradients are
+        all-reduced together (a process with fewer would leave the others waiting); flow_grpo likewise re-admits
+        filtered samples. A zero-advantage sample adds no policy gradient (only its KL term, when ``beta > 0``).
+        """
+        index = torch.arange(advantages.shape[0])
+        if not self.config.train.filter_zero_advantage:
+            return index
+        nonzero, zero = index[advantages != 0], index[advantages == 0]
+        count = torch.tensor([nonzero.shape[0]], device=self.run.device)
+        target = int(self.run.accelerator.gather(count).max())
+        return torch.cat([nonzero, zero[: target - nonzero.shape[0]]]).sort().values
+
     def train_epoch(self, trajectory: Trajectory, advantages: Tensor, epoch: int) -> dict[str, float]:
         """Policy updates on one epoch's samples; returns the averaged metrics."""
-        keep = torch.arange(advantages.shape[0])
-        if self.config.train.filter_zero_advantage:
-            keep = keep[advantages != 0]
+        keep = self.kept_samples(advantages)
         positions = self.train_positions(trajectory, epoch)  # [N, n]
         count_per_sample = positions.shape[1]
         chunk = self.config.train.timestep_chunk or count_per_sample

@@ -46,11 +46,17 @@ def main() -> None:
     advantages, _ = trainer.advantages(rewards, group_ids, trajectory.prompts)
     trainer.train_epoch(trajectory, advantages, 0)
     checksum = sum(p.detach().double().abs().sum().item() for p in run.params)
+    # Zero-advantage filtering left rank 1 with nothing to train: both ranks must still step together.
+    uneven = advantages.clone() if run.accelerator.process_index == 0 else torch.zeros_like(advantages)
+    steps_before = run.optimizer_steps
+    trainer.train_epoch(trajectory, uneven, 1)
     record = {
         "world_size": run.accelerator.num_processes,
         "advantages": advantages.tolist(),
         "initial_checksum": initial,
         "param_checksum": checksum,
+        "uneven_steps": run.optimizer_steps - steps_before,
+        "uneven_checksum": sum(p.detach().double().abs().sum().item() for p in run.params),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{run.accelerator.process_index}.json").write_text(json.dumps(record))
