@@ -1237,6 +1237,16 @@ def _(grpo, grpo_with, grpo_epoch):
     assert unguarded.item() == pytest.approx(-1.0, abs=1e-5) and guarded.item() < -2.0
 
 
+@probe("grpo", "train.ratio_norm")
+def _(grpo_config):
+    # The deprecated name of ratio_guard: recenter (configs saved before ratio_guard still load and resume).
+    assert grpo_config({"train.ratio_norm": True}).train.ratio_guard == "recenter"
+    assert grpo_config({"train.ratio_norm": False}).train.ratio_guard == "none"
+    with pytest.raises(ConfigError) as caught:
+        grpo_config({"train.ratio_norm": True, "train.ratio_guard": "grpo_guard"})
+    assert "train.ratio_norm" in caught.value.issues[0].keys
+
+
 @probe("grpo", "train.advantage_aggregation")
 def _(grpo_with):
     parts = {"a": torch.tensor([0.0, 1.0, 5.0, 9.0]), "b": torch.tensor([3.0, 1.0, 0.0, 0.5])}

@@ -28,9 +28,11 @@ logger = logging.getLogger(__name__)
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 """The file diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` reads."""
 LORA_SCOPE_NAME = "diffalign_lora.json"
-"""Beside a saved LoRA that acts on part of the trajectory only: ``{"min_timestep": t}`` (it is off at
-timesteps ``<= t``). ``pipe.load_lora_weights`` ignores it; honour it with a ``callback_on_step_end`` that calls
-``pipe.disable_lora()`` once the next timestep is at or below ``t``."""
+"""Beside a saved LoRA that acts on part of the trajectory only, or was trained on a fixed schedule shift:
+``{"min_timestep": t, "timestep_shift": s}`` (each key only when set; the LoRA is off at timesteps ``<= t``).
+``pipe.load_lora_weights`` ignores it; honour ``t`` with a ``callback_on_step_end`` that calls
+``pipe.disable_lora()`` once the next timestep is at or below ``t``, and ``s`` with ``pipe.scheduler.set_shift(s)``
+(static schedulers) or ``mu=log(s)`` (FLUX's dynamic shift)."""
 
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
 PromptInput = str | Sequence[str]
@@ -221,7 +223,9 @@ class DiffusionAdapter:
         self.timestep_shift: float | None = None
         """Flow families: a fixed shift ``sigma -> shift * sigma / (1 + (shift - 1) * sigma)`` of the sampling
         schedule in place of the scheduler's own (static, or resolution-dependent with dynamic shifting); ``None``
-        keeps the scheduler's (``model.timestep_shift``; MixGRPO and DanceGRPO sample FLUX with 3)."""
+        keeps the scheduler's (``model.timestep_shift``; MixGRPO and DanceGRPO sample FLUX with 3). Saved beside the
+        LoRA weights (:data:`LORA_SCOPE_NAME`) and restored by :meth:`load_lora`, so the LoRA samples on the schedule
+        it was trained on."""
         self.height = height or self.default_resolution
         self.width = width or self.default_resolution
         self._check_resolution()
@@ -578,11 +582,13 @@ class DiffusionAdapter:
             folder,
             **{f"{self.denoiser_name}_lora_layers": weights, f"{self.denoiser_name}_lora_adapter_metadata": config},
         )
-        scope = folder / LORA_SCOPE_NAME
-        if self.lora_min_timestep is not None:
-            scope.write_text(json.dumps({"min_timestep": self.lora_min_timestep}) + "\n")
+        # How the LoRA is meant to be sampled: where it acts, and the schedule shift it was trained with.
+        scope = {"min_timestep": self.lora_min_timestep, "timestep_shift": self.timestep_shift}
+        scope = {key: value for key, value in scope.items() if value is not None}
+        if scope:
+            (folder / LORA_SCOPE_NAME).write_text(json.dumps(scope) + "\n")
         else:
-            scope.unlink(missing_ok=True)
+            (folder / LORA_SCOPE_NAME).unlink(missing_ok=True)
         return folder
 
     def load_lora(self, folder: str | os.PathLike) -> list[nn.Parameter]:
@@ -596,8 +602,10 @@ class DiffusionAdapter:
             str(folder), prefix=self.denoiser_name, adapter_name="default", weight_name=LORA_WEIGHTS_NAME
         )
         self.denoiser.set_adapter("default")
-        scope = folder / LORA_SCOPE_NAME
-        self.lora_min_timestep = json.loads(scope.read_text())["min_timestep"] if scope.is_file() else None
+        scope_file = folder / LORA_SCOPE_NAME
+        scope = json.loads(scope_file.read_text()) if scope_file.is_file() else {}
+        self.lora_min_timestep = scope.get("min_timestep")
+        self.timestep_shift = scope.get("timestep_shift")
         params = []
         for name, p in self.denoiser.named_parameters():
             if "lora_" in name:

@@ -137,7 +137,8 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.optimizer == "adafactor":
-            adam_only = [key for key, default in _ADAM_DEFAULTS.items() if _plain(getattr(self, key)) != default]
+            defaults = {field.name: field.default for field in dataclasses.fields(self)}
+            adam_only = [key for key in _ADAM_ONLY if _plain(getattr(self, key)) != _plain(defaults[key])]
             _require(
                 not adam_only,
                 [*adam_only, "optimizer"],
@@ -168,8 +169,8 @@ class OptimConfig:
         )
 
 
-_ADAM_DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-8, "use_8bit_adam": False}
-"""AdamW-only settings at their defaults (``optim.optimizer: adafactor`` refuses any other value)."""
+_ADAM_ONLY = ("betas", "eps", "use_8bit_adam")
+"""AdamW's own settings: ``optim.optimizer: adafactor`` refuses any but their defaults."""
 
 
 def _plain(value: Any) -> Any:

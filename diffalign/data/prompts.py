@@ -69,6 +69,12 @@ def load_prompts(source: str | os.PathLike | Sequence[str], *, literal_hint: str
     return [record.prompt for record in load_prompt_records(source, literal_hint=literal_hint)]
 
 
+def load_prompts_and_metadata(source: str | os.PathLike | Sequence[str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """:func:`load_prompt_records` as two aligned lists, ``(prompts, metadata)``, the form trainers keep them in."""
+    records = load_prompt_records(source)
+    return [record.prompt for record in records], [record.metadata for record in records]
+
+
 def load_prompt_records(
     source: str | os.PathLike | Sequence[str], *, literal_hint: str = "['TEXT']"
 ) -> list[PromptRecord]:

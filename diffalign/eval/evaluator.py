@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from diffalign.adapters import DiffusionAdapter
-from diffalign.data.prompts import load_prompt_records
+from diffalign.data.prompts import load_prompts_and_metadata
 from diffalign.eval.grid import image_grid
 from diffalign.rewarding import score_with_parts
 from diffalign.samplers.plan import ode_plan
@@ -71,17 +71,17 @@ class Evaluator:
         guidance = evaluation.guidance_scale
         if guidance is None:
             guidance = getattr(sampling, "guidance_scale", adapter.default_guidance_scale)
-        records = load_prompt_records(evaluation.prompts)
+        prompts, metadata = load_prompts_and_metadata(evaluation.prompts)
         return cls(
             adapter,
             reward,
-            [record.prompt for record in records],
+            prompts,
             list(evaluation.seeds),
             num_steps,
             guidance,
             output_dir,
             evaluation.batch_size,
-            metadata=[record.metadata for record in records],
+            metadata=metadata,
         )
 
     def sample(self) -> torch.Tensor:

@@ -66,8 +66,9 @@ def clipped_policy_loss(
         advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
     raw_log_ratio = log_probs - old_log_probs.detach()
     used = raw_log_ratio if log_ratio is None else log_ratio
-    if used.shape != raw_log_ratio.shape:
-        raise ValueError(f"log_ratio has shape {tuple(used.shape)}, expected {tuple(raw_log_ratio.shape)}")
+    for name, value in (("log_ratio", used), ("weights", weights)):
+        if value is not None and value.shape != raw_log_ratio.shape:
+            raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(raw_log_ratio.shape)}")
     ratio = torch.exp(used)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)

@@ -20,6 +20,7 @@ Denoising reduction (Flow-GRPO: 10 sampling steps for training, 40 for evaluatio
 independently, e.g. ``sde_plan(10, 0.7)`` and ``ode_plan(40)``; the step count is the plan's ``num_steps``.
 """
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -291,6 +292,8 @@ def union_plan(plans: Sequence[StepPlan]) -> StepPlan:
     if not plans:
         raise ValueError("union_plan needs at least one plan")
     first = plans[0]
+    if all(plan == first for plan in plans):
+        return first
     shared = ("num_steps", "kernel", "ode_solver", "log_prob")
     for plan in plans[1:]:
         differing = [name for name in shared if getattr(plan, name) != getattr(first, name)]
@@ -304,7 +307,7 @@ def union_plan(plans: Sequence[StepPlan]) -> StepPlan:
         levels.append(nonzero.pop() if nonzero else 0.0)
     stored = tuple(sorted({i for plan in plans for i in plan.stored}))
     trained = tuple(sorted({i for plan in plans for i in plan.trained}))
-    return StepPlan(first.num_steps, first.kernel, tuple(levels), stored, trained, first.ode_solver, first.log_prob)
+    return dataclasses.replace(first, noise_levels=tuple(levels), stored=stored, trained=trained)
 
 
 def sliding_window_start(

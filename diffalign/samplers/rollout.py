@@ -136,7 +136,8 @@ class Trajectory:
 
     @property
     def trained_positions(self) -> list[int]:
-        """Positions in the stored axis ``S`` of the plan's trained steps."""
+        """Positions in the stored axis ``S`` of the plan's trained steps (with per-chunk plans, of their union's:
+        each image's own steps are ``trained_steps``)."""
         return [self.step_indices.index(i) for i in self.plan.trained]
 
 

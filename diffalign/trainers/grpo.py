@@ -38,14 +38,14 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor
 
 from diffalign.config import ConfigError, TrainerConfig
 from diffalign.config.groups import RewardSpec
-from diffalign.data.prompts import load_prompt_records
+from diffalign.data.prompts import load_prompts_and_metadata
 from diffalign.eval.evaluator import Evaluator
 from diffalign.losses.advantages import (
     PerPromptStatTracker,
@@ -192,6 +192,9 @@ class GRPOTrainConfig:
     ``mean((mu - mu_old)^2) / (2 s^2)``, rescales the log-ratio by the step std ``s`` and weights each step's loss
     by ``1 / |dt|``; flow kernels, Gaussian log-prob; its clip range is ~1e-6, not 1e-4); ``recenter`` subtracts
     each step's detached batch-mean log-ratio (a simpler stand-in, gradient unchanged); ``none``."""
+    ratio_norm: bool | None = None
+    """Deprecated, the name of ``ratio_guard: recenter`` in runs saved before ``ratio_guard`` existed (their
+    config.yaml holds it, so they still resume): ``true`` sets ``ratio_guard: recenter``; leave it unset."""
     num_inner_epochs: int = 1
     """Passes over each epoch's samples."""
     timestep_chunk: int = 0
@@ -202,6 +205,14 @@ class GRPOTrainConfig:
         for key in ("batch_size", "num_inner_epochs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, key)}", key=key)
+        if self.ratio_norm is not None:
+            if self.ratio_norm and self.ratio_guard not in ("none", "recenter"):
+                raise ConfigError(
+                    f"ratio_norm (deprecated) means ratio_guard: recenter, not {self.ratio_guard}",
+                    key=("ratio_norm", "ratio_guard"),
+                )
+            self.ratio_guard = "recenter" if self.ratio_norm else self.ratio_guard
+            self.ratio_norm = None  # resolved into ratio_guard; saved configs then compare equal
         if self.timestep_chunk < 0:
             raise ConfigError(
                 f"must be >= 0 (0 = all trained steps at once), got {self.timestep_chunk}", key="timestep_chunk"
@@ -260,14 +271,14 @@ class GRPOConfig(TrainerConfig):
                     "per_reward normalises each reward within its group: it needs train.advantage: group",
                     key=("train.advantage_aggregation", "train.advantage"),
                 )
-            if not isinstance(self.reward, dict) or len(self.reward) < 2:
-                raise ConfigError(
-                    f"per_reward aggregates several rewards; reward is {self.reward!r}: give a mapping such as "
-                    "{hpsv2.1: 1.0, pickscore: 1.0}, or use advantage_aggregation: sum",
-                    key=("train.advantage_aggregation", "reward"),
-                )
-        # The kernel and the train-step choice may still be "auto" here; the trainer checks them again resolved.
-        check_ratio_guard(self.train.ratio_guard, self.sampling.kernel, mixes_steps(self.sampling, "auto"))
+        kernel = self.sampling.kernel  # may still be "auto": the trainer checks again with the resolved one
+        check_ratio_guard(self.train.ratio_guard, kernel, mixes_steps(self.sampling, kernel))
+        if self.train.ratio_guard == "recenter" and self.train.batch_size < 2:
+            raise ConfigError(
+                "ratio_guard: recenter re-centres over the micro-batch: with one sample its ratio is always 1 and the "
+                "clip never acts; raise train.batch_size or use ratio_guard: none",
+                key=("train.ratio_guard", "train.batch_size"),
+            )
 
 
 def mixes_steps(sampling: GRPOSamplingConfig, kernel: str) -> bool:
@@ -275,6 +286,17 @@ def mixes_steps(sampling: GRPOSamplingConfig, kernel: str) -> bool:
     per rollout chunk (``kernel`` as in :func:`uses_random_train_steps`)."""
     per_chunk_windows = sampling.plan == "window" and sampling.window_draw == "per_chunk"
     return per_chunk_windows or uses_random_train_steps(sampling, kernel)
+
+
+def check_several_rewards(reward: Any) -> None:
+    """``advantage_aggregation: per_reward`` needs a weighted sum of two or more rewards (the one built from
+    ``reward:``, or the one passed to the trainer)."""
+    if not hasattr(reward, "normalized_part") or len(getattr(reward, "weights", {})) < 2:
+        raise ConfigError(
+            f"per_reward normalises several rewards one by one; the reward is {reward!r}: give a mapping such as "
+            "{hpsv2.1: 1.0, pickscore: 1.0}, or use advantage_aggregation: sum",
+            key=("train.advantage_aggregation", "reward"),
+        )
 
 
 def uses_random_train_steps(sampling: GRPOSamplingConfig, kernel: str) -> bool:
@@ -304,10 +326,14 @@ def check_ratio_guard(ratio_guard: str, kernel: str, steps_mixed: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def epoch_prompts(prompts: Sequence[str], count: int, seed: int, epoch: int) -> list[str]:
-    """The epoch's prompts, identical on every process: a seeded draw without replacement (cycling the list)."""
+T = TypeVar("T")
+
+
+def epoch_prompts(prompts: Sequence[T], count: int, seed: int, epoch: int) -> list[T]:
+    """The epoch's prompts (or prompt indices), identical on every process: a seeded draw without replacement
+    (cycling the list); the draw depends on the length of ``prompts`` only."""
     rng = random.Random(derive_seed(seed, "grpo/prompts", epoch))
-    chosen: list[str] = []
+    chosen: list[T] = []
     while len(chosen) < count:
         order = list(prompts)
         rng.shuffle(order)
@@ -385,14 +411,9 @@ class GRPOTrainer:
         self.run = run or TrainingRun(config, adapter_kwargs=kwargs)
         self.adapter = self.run.adapter
         self.reward = build_reward(reward if reward is not None else config.reward, device=self.run.device)
-        if config.train.advantage_aggregation == "per_reward" and not hasattr(self.reward, "weights"):
-            raise ConfigError(
-                f"per_reward needs a weighted sum of rewards, got {self.reward!r}",
-                key="train.advantage_aggregation",
-            )
-        records = load_prompt_records(config.sampling.prompts)
-        self.prompts = [record.prompt for record in records]
-        self.prompt_metadata = [record.metadata for record in records]
+        if config.train.advantage_aggregation == "per_reward":
+            check_several_rewards(self.reward)
+        self.prompts, self.prompt_metadata = load_prompts_and_metadata(config.sampling.prompts)
         kernel = config.sampling.kernel
         if kernel == "auto":
             kernel = "sde" if self.adapter.prediction_type == "flow" else "ddim"
@@ -506,10 +527,9 @@ class GRPOTrainer:
         elif train.advantage_aggregation == "per_reward":
             if parts is None:
                 raise ValueError("advantage_aggregation: per_reward needs each reward's scores (parts)")
-            all_parts = {
-                name: accelerator.gather(self._oriented(name, v).to(self.run.device)).cpu()
-                for name, v in parts.items()
-            }
+            # Each part through its term's shift and scale: a negative scale turns the reward around.
+            oriented = {name: self.reward.normalized_part(name, values) for name, values in parts.items()}
+            all_parts = {name: accelerator.gather(v.to(self.run.device)).cpu() for name, v in oriented.items()}
             advantages = per_reward_advantages(all_parts, self.reward.weights, all_groups, global_std=train.global_std)
         else:
             advantages = group_advantages(all_rewards, all_groups, global_std=train.global_std)
@@ -520,11 +540,6 @@ class GRPOTrainer:
         }
         local = self._local_slice(all_rewards.shape[0])
         return advantages[local].clamp(-train.adv_clip_max, train.adv_clip_max), stats
-
-    def _oriented(self, name: str, values: Tensor) -> Tensor:
-        """A part's scores through the sum's normalisation (its sign matters to a per-reward advantage; its
-        positive scale and shift do not)."""
-        return self.reward.normalized_part(name, values)
 
     # --- training ---------------------------------------------------------------------------------------------------
 

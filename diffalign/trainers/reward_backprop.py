@@ -67,7 +67,7 @@ import rewards
 from diffalign.adapters.base import Conditioning, DiffusionAdapter, Schedule
 from diffalign.config import ConfigError, TrainerConfig
 from diffalign.config.groups import RewardSpec
-from diffalign.data.prompts import load_prompt_records
+from diffalign.data.prompts import load_prompts_and_metadata
 from diffalign.eval.evaluator import Evaluator
 from diffalign.losses.reward_backprop import (
     refl_step_range,
@@ -307,9 +307,7 @@ class RewardBackpropTrainer:
         if config.gradient_checkpointing and not config.backprop.checkpoint_blocks:
             # The runtime turned on per-block checkpointing; per-call checkpointing alone keeps memory flat in K.
             self.adapter.enable_gradient_checkpointing(False)
-        records = load_prompt_records(config.sampling.prompts)
-        self.prompts = [record.prompt for record in records]
-        self.prompt_metadata = [record.metadata for record in records]
+        self.prompts, self.prompt_metadata = load_prompts_and_metadata(config.sampling.prompts)
         self.plan = sampling_plan(config.sampling.num_steps, self.adapter.prediction_type, config.sampling.eta)
         self.evaluator = Evaluator.from_config(config, self.adapter, self.reward, self.run.output_dir)
 

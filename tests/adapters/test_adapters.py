@@ -319,3 +319,17 @@ def test_fixed_timestep_shift_replaces_the_schedulers(family, tiny_pipeline_dir)
         assert not torch.allclose(native, sigmas)  # neither FLUX's dynamic shift nor SD3's 3
     adapter.timestep_shift = None
     torch.testing.assert_close(adapter.set_timesteps(8).sigmas, native)  # the scheduler's own again
+
+
+def test_saved_lora_records_the_schedule_shift_it_was_trained_on(tiny_pipeline_dir, tmp_path):
+    adapter = load_adapter(tiny_pipeline_dir("flux"), height=SIZE, width=SIZE, **_family_kwargs("flux"))
+    adapter.add_lora(rank=4)
+    adapter.timestep_shift = 3.0
+    folder = adapter.save_lora(tmp_path / "lora")
+    assert json.loads((folder / "diffalign_lora.json").read_text()) == {"timestep_shift": 3.0}
+    fresh = load_adapter(tiny_pipeline_dir("flux"), height=SIZE, width=SIZE, **_family_kwargs("flux"))
+    fresh.load_lora(folder)
+    assert fresh.timestep_shift == 3.0
+    torch.testing.assert_close(fresh.set_timesteps(6).sigmas, adapter.set_timesteps(6).sigmas)
+    adapter.timestep_shift = None
+    assert not (adapter.save_lora(tmp_path / "plain") / "diffalign_lora.json").exists()

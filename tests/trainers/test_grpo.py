@@ -529,19 +529,27 @@ def test_per_reward_advantage_aggregation_in_the_trainer(tiny_pipeline_dir, tmp_
     from diffalign.config import ConfigError
     from diffalign.losses.advantages import per_reward_advantages
 
-    reward = {"diffalign.testing:redness": 1.0, "jpeg_compressibility": 3.0}
+    # A negative scale turns redness into a cost: its advantages flip before the weighted sum.
+    reward = {"diffalign.testing:redness": {"weight": 1.0, "scale": -2.0}, "jpeg_compressibility": 3.0}
     options = {"reward": reward, "train.advantage_aggregation": "per_reward", "train.global_std": False}
     trainer = GRPOTrainer(make_config(tiny_pipeline_dir("sd3"), tmp_path, **options))
     trajectory, rewards, parts, group_ids = trainer.sample_epoch(0)
     advantages, _ = trainer.advantages(rewards, group_ids, trajectory.prompts, parts)
-    expected = per_reward_advantages(parts, reward, group_ids, global_std=False)
+    oriented = {**parts, "diffalign.testing:redness": -2.0 * parts["diffalign.testing:redness"]}
+    weights = {"diffalign.testing:redness": 1.0, "jpeg_compressibility": 3.0}
+    expected = per_reward_advantages(oriented, weights, group_ids, global_std=False)
     torch.testing.assert_close(advantages, expected.clamp(-5, 5).to(advantages.dtype))
     summed = group_advantages(rewards, group_ids, global_std=False)
     assert not torch.allclose(advantages, summed.to(advantages.dtype), atol=1e-3)  # not the sum's advantages
     assert math.isfinite(trainer.train_epoch(trajectory, advantages, 0)["policy_loss"])
 
+    # A weighted sum passed to the trainer serves as well; a single reward is refused.
+    direct = make_config(
+        tiny_pipeline_dir("sd3"), tmp_path / "direct", **{"train.advantage_aggregation": "per_reward"}
+    )
+    assert GRPOTrainer(direct, reward=trainer.reward).reward is trainer.reward
     with pytest.raises(ConfigError, match="several rewards"):
-        make_config(tiny_pipeline_dir("sd3"), tmp_path, **{"train.advantage_aggregation": "per_reward"})
+        GRPOTrainer(direct)
     with pytest.raises(ConfigError, match="advantage: group"):
         make_config(tiny_pipeline_dir("sd3"), tmp_path, **{**options, "train.advantage": "running"})
 
