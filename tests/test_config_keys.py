@@ -1237,6 +1237,46 @@ def _(grpo, grpo_with, grpo_epoch):
     assert unguarded.item() == pytest.approx(-1.0, abs=1e-5) and guarded.item() < -2.0
 
 
+@probe("grpo", "sampling.precompute_text_embeddings")
+def _(grpo, grpo_config):
+    trainer = GRPOTrainer(grpo_config({"sampling.precompute_text_embeddings": True}))
+    assert grpo.adapter.text_cache is None
+    assert not trainer.adapter.text_cache.missing(trainer.prompts, with_negative=True)
+
+
+@probe("grpo", "model.offload_text_encoders")
+def _(grpo_config):
+    cached = {"sampling.precompute_text_embeddings": True}
+    kept = GRPOTrainer(grpo_config(cached)).adapter
+    released = GRPOTrainer(grpo_config({**cached, "model.offload_text_encoders": "delete"})).adapter
+    assert all(getattr(kept.pipe, name) is not None for name in kept.text_encoder_names)
+    assert all(getattr(released.pipe, name) is None for name in released.text_encoder_names)
+    with pytest.raises(ConfigError) as caught:
+        grpo_config({"model.offload_text_encoders": "cpu"})  # nothing cached
+    assert "model.offload_text_encoders" in caught.value.issues[0].keys
+
+
+@probe("backprop", "sampling.precompute_text_embeddings")
+def _(backprop, backprop_config):
+    trainer = RewardBackpropTrainer(backprop_config({"sampling.precompute_text_embeddings": True}))
+    assert backprop.adapter.text_cache is None and len(trainer.adapter.text_cache) == len(set(trainer.prompts))
+
+
+@probe("backprop", "model.offload_text_encoders")
+def _(backprop_config):
+    values = {"sampling.precompute_text_embeddings": True, "model.offload_text_encoders": "cpu"}
+    adapter = RewardBackpropTrainer(backprop_config(values)).adapter
+    assert adapter.text_encoders_released == "cpu"
+    assert all(getattr(adapter.pipe, name).device.type == "cpu" for name in adapter.text_encoder_names)
+
+
+@probe("dpo", "model.offload_text_encoders")
+def _(dpo_config):
+    with pytest.raises(ConfigError) as caught:  # DPO encodes each caption as it comes
+        dpo_config({"model.offload_text_encoders": "delete"})
+    assert "model.offload_text_encoders" in caught.value.issues[0].keys
+
+
 @probe("grpo", "train.ratio_norm")
 def _(grpo_config):
     # The deprecated name of ratio_guard: recenter (configs saved before ratio_guard still load and resume).

@@ -17,10 +17,14 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
+
+
+if TYPE_CHECKING:
+    from diffalign.adapters.text_cache import TextEmbeddingCache
 
 
 logger = logging.getLogger(__name__)
@@ -220,6 +224,11 @@ class DiffusionAdapter:
         self.lora_min_timestep: float | None = None
         """The LoRA acts only at timesteps above this (scheduler scale); ``None``: at every timestep. Saved beside
         the LoRA weights (:data:`LORA_SCOPE_NAME`) and restored by :meth:`load_lora`."""
+        self.text_cache: TextEmbeddingCache | None = None
+        """Per-prompt text conditionings that :meth:`encode_prompt` answers from
+        (:mod:`diffalign.adapters.text_cache`); ``None``: every call encodes."""
+        self.text_encoders_released: str | None = None
+        """``"cpu"`` or ``"delete"`` after :meth:`release_text_encoders`; ``None`` while they are in place."""
         self.timestep_shift: float | None = None
         """Flow families: a fixed shift ``sigma -> shift * sigma / (1 + (shift - 1) * sigma)`` of the sampling
         schedule in place of the scheduler's own (static, or resolution-dependent with dynamic shifting); ``None``
@@ -307,8 +316,60 @@ class DiffusionAdapter:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("encode_prompt got no prompts")
+        cache = self.text_cache
+        if cache is not None and (cached := cache.lookup(prompts, negative_prompt, with_negative)) is not None:
+            return cached.to(self.device)
+        if self.text_encoders_released is not None:
+            missing = cache.missing(prompts, negative_prompt, with_negative) if cache is not None else prompts
+            raise RuntimeError(
+                f"the text encoders were released (model.offload_text_encoders: {self.text_encoders_released}) and "
+                f"{len(missing)} prompt(s) are not in the text-embedding cache, e.g. {missing[0]!r}: precompute every "
+                "prompt the run uses, or keep the encoders (model.offload_text_encoders: keep)"
+            )
         with torch.no_grad():
-            return self._encode(prompts, negative_prompt, with_negative)
+            cond = self._encode(prompts, negative_prompt, with_negative)
+        if cache is not None:
+            cache.store(prompts, cond, negative_prompt, with_negative)
+        return cond
+
+    def precompute_text_embeddings(
+        self,
+        prompts: Sequence[str],
+        negative_prompt: str | None = None,
+        with_negative: bool = True,
+        batch_size: int = 16,
+    ) -> int:
+        """Encode the prompts missing from :attr:`text_cache` (created if there is none), ``batch_size`` at a time;
+        returns how many were encoded. Rows are encoded independently (padded to the fixed text length), so the
+        cached conditioning equals what an uncached call returns up to float rounding."""
+        from diffalign.adapters.text_cache import TextEmbeddingCache
+
+        if self.text_cache is None:
+            self.text_cache = TextEmbeddingCache()
+        missing = self.text_cache.missing(list(prompts), negative_prompt, with_negative)
+        for start in range(0, len(missing), batch_size):
+            self.encode_prompt(missing[start : start + batch_size], negative_prompt, with_negative)
+        return len(missing)
+
+    def release_text_encoders(self, mode: Literal["cpu", "delete"]) -> list[str]:
+        """Free the text encoders' device memory once every prompt is cached: ``cpu`` moves them to the CPU,
+        ``delete`` drops them from the pipeline. :meth:`encode_prompt` then answers from :attr:`text_cache` only
+        (a missing prompt is an error that names it). Returns the released components' names."""
+        if mode not in ("cpu", "delete"):
+            raise ValueError(f"mode must be 'cpu' or 'delete', got {mode!r}")
+        names = [name for name in self.text_encoder_names if getattr(self.pipe, name, None) is not None]
+        for name in names:
+            if mode == "cpu":
+                getattr(self.pipe, name).to("cpu")
+            else:
+                self.pipe.register_modules(**{name: None})
+        self.text_encoders_released = mode
+        return names
+
+    @property
+    def text_encoder_names(self) -> list[str]:
+        """The pipeline's text-encoder components (``text_encoder``, ``text_encoder_2``, ...)."""
+        return [name for name in self.pipe.components if name.startswith("text_encoder")]
 
     def _encode(self, prompts: list[str], negative_prompt: PromptInput | None, with_negative: bool) -> Conditioning:
         raise NotImplementedError

@@ -85,6 +85,10 @@ class ModelConfig:
     """LoRA adapter settings; lora.rank = 0 means full fine-tuning."""
     attention: Literal["sdpa", "xformers"] = "sdpa"
     """Attention kernel: PyTorch scaled-dot-product attention, or xformers (needs the diffalign[xformers] extra)."""
+    offload_text_encoders: Literal["keep", "cpu", "delete"] = "keep"
+    """After the trainer has cached every prompt's text embeddings (``sampling.precompute_text_embeddings``), move
+    the text encoders to the CPU (``cpu``) or drop them (``delete``) to free their GPU memory (T5-XXL: ~9 GB in
+    bf16); ``keep`` leaves them in place. Needs the precomputed cache."""
     timestep_shift: float | None = None
     """Flow models (SD3, FLUX): sample with the fixed schedule shift ``sigma -> shift * sigma / (1 + (shift - 1) *
     sigma)`` instead of the scheduler's own (SD3's static 3, FLUX's resolution-dependent shift); MixGRPO and

@@ -84,6 +84,11 @@ class Evaluator:
             metadata=metadata,
         )
 
+    def text_uses(self) -> list[tuple[list[str], str | None, bool]]:
+        """How the evaluation encodes its prompts, ``[(prompts, negative_prompt, with_negative)]``, for a trainer's
+        text-embedding cache (:meth:`~diffalign.trainers.common.TrainingRun.cache_text_embeddings`)."""
+        return [(list(self.prompts), None, self.guidance_scale > 1)]
+
     def sample(self) -> torch.Tensor:
         """``[P * S, 3, H, W]`` images, prompt-major."""
         seeds = [seed for _ in self.prompts for seed in self.seeds]

@@ -146,6 +146,17 @@ def _weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
+def check_text_cache(offload_text_encoders: str, precomputed: bool) -> None:
+    """``model.offload_text_encoders`` needs every prompt cached first (``sampling.precompute_text_embeddings``)."""
+    if offload_text_encoders != "keep" and not precomputed:
+        raise ConfigError(
+            f"offload_text_encoders: {offload_text_encoders} needs every prompt's text embeddings cached first "
+            "(sampling.precompute_text_embeddings: true, GRPO and reward backprop); DPO encodes each caption as it "
+            "comes, so it keeps them",
+            key=("model.offload_text_encoders", "sampling.precompute_text_embeddings"),
+        )
+
+
 class TrainingRun:
     """Everything a trainer needs besides its own loop; see the module docstring for the life cycle.
 
@@ -338,6 +349,19 @@ class TrainingRun:
         """Keep a frozen copy of the current denoiser as the reference (full fine-tuning only)."""
         if not self.use_lora and self._reference_denoiser is None:
             self._reference_denoiser = copy.deepcopy(self.adapter.denoiser).requires_grad_(False).eval()
+
+    def cache_text_embeddings(self, uses: Sequence[tuple[Sequence[str], str | None, bool]]) -> int:
+        """Encode each prompt of ``uses`` -- ``(prompts, negative_prompt, with_negative)`` as the trainer's rollouts
+        and evaluation will ask for them -- once into the adapter's text-embedding cache, then release the text
+        encoders as ``model.offload_text_encoders`` says. Returns how many encodings were made.
+
+        Every process encodes all the prompts (they are few next to the training it saves)."""
+        encoded = sum(self.adapter.precompute_text_embeddings(*use) for use in uses)
+        mode = self.config.model.offload_text_encoders
+        if mode != "keep":
+            released = self.adapter.release_text_encoders(mode)
+            logger.info("text embeddings cached (%d); text encoders %s: %s", encoded, mode, ", ".join(released))
+        return encoded
 
     def offload_frozen(self) -> list[str]:
         """Keep the frozen text encoders, the VAE and the reference copy (full fine-tuning; take it first with

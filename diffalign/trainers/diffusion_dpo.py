@@ -70,7 +70,7 @@ from diffalign.eval.evaluator import Evaluator
 from diffalign.losses.dpo import diffusion_dpo_loss, diffusion_sft_loss
 from diffalign.rewarding import RewardLike, build_reward
 from diffalign.seeding import derive_seed
-from diffalign.trainers.common import TrainingRun
+from diffalign.trainers.common import TrainingRun, check_text_cache
 
 
 logger = logging.getLogger(__name__)
@@ -203,6 +203,8 @@ class DiffusionDPOConfig(TrainerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # DPO encodes each pair's caption as it comes (a data set's captions are not known up front).
+        check_text_cache(self.model.offload_text_encoders, precomputed=False)
         if self.eval.every > 0 and self.reward is None:
             raise ConfigError(
                 "evaluation scores its images with a reward: set reward (e.g. pickscore), or eval.every = 0",

@@ -70,7 +70,7 @@ from diffalign.samplers.plan import (
 )
 from diffalign.samplers.rollout import InitialNoise, Trajectory, rollout, transition_log_probs
 from diffalign.seeding import derive_seed
-from diffalign.trainers.common import TrainingRun
+from diffalign.trainers.common import TrainingRun, check_text_cache
 from rewards import metadata_kwargs
 
 
@@ -125,6 +125,10 @@ class GRPOSamplingConfig:
     """All images of a group start from the same noise (Flow-GRPO ``same_latent``)."""
     negative_prompt: str | None = None
     """CFG's unconditional text (default: the pipeline's)."""
+    precompute_text_embeddings: bool = False
+    """Encode every training and evaluation prompt once at the start and answer the rollouts from that cache
+    (docs/performance.md#text-embedding-cache); with ``model.offload_text_encoders`` the encoders then leave the
+    GPU. Off: prompts are encoded at every rollout."""
     resolution: int | None = None
     """Image side (default: the model's native resolution)."""
 
@@ -254,6 +258,7 @@ class GRPOConfig(TrainerConfig):
                 "or train.cfg: true",
                 key=("train.cfg", "sampling.guidance_scale"),
             )
+        check_text_cache(self.model.offload_text_encoders, self.sampling.precompute_text_embeddings)
         if self.train.log_prob == "unnormalized" and self.sampling.kernel != "cps":
             raise ConfigError(
                 f"the unnormalized log-prob is the cps kernel's score; sampling.kernel is {self.sampling.kernel!r}",
@@ -429,6 +434,10 @@ class GRPOTrainer:
         if config.sampling.lora_in_window_only:
             self.adapter.lora_min_timestep = window_end_timestep(self.adapter, config.sampling)
         self.evaluator = Evaluator.from_config(config, self.adapter, self.reward, self.run.output_dir)
+        if config.sampling.precompute_text_embeddings:
+            sampling = config.sampling
+            uses = [(self.prompts, sampling.negative_prompt, sampling.guidance_scale > 1)]
+            self.run.cache_text_embeddings(uses + (self.evaluator.text_uses() if self.evaluator else []))
         self.run.snapshot_reference() if config.train.beta > 0 else None
         self._scorer = ThreadPoolExecutor(max_workers=1)
 

@@ -81,7 +81,7 @@ from diffalign.samplers.plan import StepPlan
 from diffalign.samplers.rollout import GradientPath, rollout
 from diffalign.samplers.steps import predict_x0
 from diffalign.seeding import derive_seed
-from diffalign.trainers.common import TrainingRun
+from diffalign.trainers.common import TrainingRun, check_text_cache
 
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,10 @@ class BackpropSamplingConfig:
     """Image side (default: the model's native resolution)."""
     negative_prompt: str | None = None
     """CFG's unconditional text (default: the pipeline's)."""
+    precompute_text_embeddings: bool = False
+    """Encode every training and evaluation prompt once at the start and answer the rollouts from that cache
+    (docs/performance.md#text-embedding-cache); with ``model.offload_text_encoders`` the encoders then leave the
+    GPU. Off: prompts are encoded at every rollout."""
 
     def __post_init__(self) -> None:
         for key in ("num_steps", "batch_size"):
@@ -190,6 +194,7 @@ class RewardBackpropConfig(TrainerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_text_cache(self.model.offload_text_encoders, self.sampling.precompute_text_embeddings)
         steps, backprop = self.sampling.num_steps, self.backprop
         uses_k = backprop.mode == "draft_k" or (backprop.mode == "alignprop" and backprop.truncation == "fixed")
         if uses_k and backprop.k > steps:
@@ -310,6 +315,10 @@ class RewardBackpropTrainer:
         self.prompts, self.prompt_metadata = load_prompts_and_metadata(config.sampling.prompts)
         self.plan = sampling_plan(config.sampling.num_steps, self.adapter.prediction_type, config.sampling.eta)
         self.evaluator = Evaluator.from_config(config, self.adapter, self.reward, self.run.output_dir)
+        if config.sampling.precompute_text_embeddings:
+            sampling = config.sampling
+            uses = [(self.prompts, sampling.negative_prompt, sampling.guidance_scale > 1)]
+            self.run.cache_text_embeddings(uses + (self.evaluator.text_uses() if self.evaluator else []))
 
     # --- per-micro-batch draws ---------------------------------------------------------------------------------------
 

@@ -605,3 +605,33 @@ def test_fast_window_drawn_per_rollout_chunk(tiny_pipeline_dir, tmp_path):
     _, metrics = trainer._step_loss(trajectory, torch.arange(8), positions, advantages)
     assert abs(metrics["ratio_mean"].item() - 1) <= 1e-5
     assert math.isfinite(trainer.train_epoch(trajectory, advantages, 0)["policy_loss"])
+
+
+def test_text_embedding_cache_gives_the_same_rollouts_and_losses(tiny_pipeline_dir, tmp_path):
+    """sampling.precompute_text_embeddings with model.offload_text_encoders: delete: the encoders leave the pipeline
+    and an epoch samples and trains as without the cache (rows encoded in other batches: 1e-5)."""
+    from diffalign.config import ConfigError
+
+    folder = tiny_pipeline_dir("sd3")
+    evaluation = {"eval.every": 1, "eval.prompts": ["a purple star"], "eval.seeds": [0]}
+    plain = GRPOTrainer(make_config(folder, tmp_path / "plain", **evaluation))
+    cached = GRPOTrainer(
+        make_config(
+            folder,
+            tmp_path / "cached",
+            **evaluation,
+            **{"sampling.precompute_text_embeddings": True, "model.offload_text_encoders": "delete"},
+        )
+    )
+    assert all(getattr(cached.adapter.pipe, name) is None for name in cached.adapter.text_encoder_names)
+    assert len(cached.adapter.text_cache) == 3  # 2 training prompts and the evaluation one
+    results = []
+    for trainer in (plain, cached):
+        trajectory, rewards, _, group_ids = trainer.sample_epoch(0)
+        advantages, _ = trainer.advantages(rewards, group_ids, trajectory.prompts)
+        loss, _ = trainer._step_loss(trajectory, torch.arange(4), torch.zeros(4, 1, dtype=torch.long), advantages)
+        results.append((trajectory.final_latents, rewards, loss.detach(), trainer.evaluator.sample()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="needs every prompt's text embeddings cached"):
+        make_config(folder, tmp_path, **{"model.offload_text_encoders": "cpu"})
