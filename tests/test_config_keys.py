@@ -1405,6 +1405,15 @@ def _(grpo, grpo_with, grpo_epoch, monkeypatch):
     assert (len(once), updates_once) == (2, 2) and (len(twice), updates_twice) == (4, 4)
 
 
+@probe("grpo", "train.max_rescore_rows")
+def _(grpo, grpo_with):
+    # The base: 2 samples x 2 (CFG) = 4 rows per trained step; a budget of 4 re-scores one step per call.
+    assert grpo.rescore_chunk(3) == 3 and grpo_with({"train.max_rescore_rows": 4}).rescore_chunk(3) == 1
+    with pytest.raises(ConfigError) as caught:
+        grpo_with({"train.max_rescore_rows": 3})
+    assert "train.max_rescore_rows" in caught.value.issues[0].keys
+
+
 @probe("grpo", "train.timestep_chunk")
 def _(grpo, grpo_with, grpo_epoch, monkeypatch):
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])

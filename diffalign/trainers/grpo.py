@@ -201,9 +201,13 @@ class GRPOTrainConfig:
     config.yaml holds it, so they still resume): ``true`` sets ``ratio_guard: recenter``; leave it unset."""
     num_inner_epochs: int = 1
     """Passes over each epoch's samples."""
-    timestep_chunk: int = 0
-    """Trained steps re-scored per denoiser call (0: all of a micro-batch's trained steps in one batched call,
-    the fastest; lower it to bound activation memory). The gradient is the same either way."""
+    timestep_chunk: int | Literal["auto"] = "auto"
+    """Trained steps re-scored per denoiser call: ``auto`` takes the most that keep a call within
+    ``max_rescore_rows`` rows; 0 all of a micro-batch's trained steps in one call (the fastest, for small models
+    and the CPU); a number that many. The gradient is the same either way."""
+    max_rescore_rows: int = 32
+    """``timestep_chunk: auto``: the most denoiser rows one re-scoring call may hold (micro-batch samples x steps,
+    x2 with CFG), which bounds its activation memory."""
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "num_inner_epochs"):
@@ -217,10 +221,13 @@ class GRPOTrainConfig:
                 )
             self.ratio_guard = "recenter" if self.ratio_norm else self.ratio_guard
             self.ratio_norm = None  # resolved into ratio_guard; saved configs then compare equal
-        if self.timestep_chunk < 0:
+        if self.timestep_chunk != "auto" and self.timestep_chunk < 0:
             raise ConfigError(
-                f"must be >= 0 (0 = all trained steps at once), got {self.timestep_chunk}", key="timestep_chunk"
+                f"must be 'auto' or >= 0 (0 = all trained steps at once), got {self.timestep_chunk}",
+                key="timestep_chunk",
             )
+        if self.max_rescore_rows < 1:
+            raise ConfigError(f"must be >= 1, got {self.max_rescore_rows}", key="max_rescore_rows")
         if self.advantage == "running" and not 1 <= self.min_count <= self.buffer_size:
             raise ConfigError(
                 f"needs 1 <= min_count <= buffer_size (a prompt's own statistics need min_count rewards in its "
@@ -427,6 +434,13 @@ class GRPOTrainer:
         # std^2 itself, i.e. the true KL: the same name means that here too.
         self.kl_convention = "true_kl" if kernel == "cps" else config.train.kl_convention
         self.random_train_steps = uses_random_train_steps(config.sampling, kernel)
+        if config.train.timestep_chunk == "auto" and self._rows_per_step() > config.train.max_rescore_rows:
+            raise ConfigError(
+                f"one trained step of a micro-batch is {self._rows_per_step()} denoiser rows (train.batch_size, x2 "
+                f"with CFG), more than train.max_rescore_rows ({config.train.max_rescore_rows}): lower "
+                "train.batch_size or raise max_rescore_rows",
+                key=("train.max_rescore_rows", "train.batch_size"),
+            )
         check_ratio_guard(config.train.ratio_guard, kernel, mixes_steps(config.sampling, kernel))
         running = config.train.advantage == "running"
         self.tracker = PerPromptStatTracker(config.train.buffer_size, config.train.min_count) if running else None
@@ -655,6 +669,20 @@ class GRPOTrainer:
         steps = per_sample_train_steps(trajectory.plan, num_samples, torch.Generator().manual_seed(seed))
         return steps.apply_(position_of.__getitem__)
 
+    def rescore_chunk(self, count_per_sample: int) -> int:
+        """Trained steps re-scored per denoiser call (``train.timestep_chunk``): with ``auto`` the most that keep a
+        call of ``train.batch_size`` samples (twice the rows with CFG) within ``train.max_rescore_rows``."""
+        train = self.config.train
+        if train.timestep_chunk != "auto":
+            return train.timestep_chunk or count_per_sample
+        return max(1, min(count_per_sample, train.max_rescore_rows // self._rows_per_step()))
+
+    def _rows_per_step(self) -> int:
+        """Denoiser rows of one trained step of a micro-batch: ``train.batch_size``, twice that with a CFG batch."""
+        train = self.config.train
+        guided = train.cfg and self.config.sampling.guidance_scale > 1 and not self.adapter.guidance_embedded
+        return train.batch_size * (2 if guided else 1)
+
     def kept_samples(self, advantages: Tensor) -> Tensor:
         """Indices of the local samples trained this epoch, int64 ``[k]``: with ``train.filter_zero_advantage`` those
         with a non-zero advantage, topped up with zero-advantage ones to the largest such count on any process.
@@ -676,7 +704,7 @@ class GRPOTrainer:
         keep = self.kept_samples(advantages)
         positions = self.train_positions(trajectory, epoch)  # [N, n]
         count_per_sample = positions.shape[1]
-        chunk = self.config.train.timestep_chunk or count_per_sample
+        chunk = self.rescore_chunk(count_per_sample)
         chunks = [list(range(i, min(i + chunk, count_per_sample))) for i in range(0, count_per_sample, chunk)]
         totals: dict[str, float] = {}
         optimizer_metrics: dict[str, float] = {}

@@ -185,8 +185,8 @@ def test_window_plan_trains_only_the_window_steps(tiny_pipeline_dir, tmp_path):
     assert len(calls) == 2  # two micro-batches of 4 images, both window steps re-scored in one batched call
 
 
-def _gradients_of_first_update(config):
-    trainer = GRPOTrainer(config)
+def _gradients_of_first_update(config, trainer=None):
+    trainer = trainer or GRPOTrainer(config)
     trajectory, rewards, _, group_ids = trainer.sample_epoch(0)
     advantages, _ = trainer.advantages(rewards, group_ids, trajectory.prompts)
     captured = []
@@ -635,3 +635,31 @@ def test_text_embedding_cache_gives_the_same_rollouts_and_losses(tiny_pipeline_d
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="needs every prompt's text embeddings cached"):
         make_config(folder, tmp_path, **{"model.offload_text_encoders": "cpu"})
+
+
+def test_auto_rescore_chunk_keeps_the_gradient_and_its_row_budget(tiny_pipeline_dir, tmp_path):
+    """timestep_chunk: auto with a 16-row budget: 4 samples x 2 (CFG) = 8 rows a step, so 2 of the 3 trained steps per
+    call; the gradient equals re-scoring everything at once (0), and no call exceeds 16 rows."""
+    from diffalign.config import ConfigError
+
+    folder = tiny_pipeline_dir("sd3")
+    one_update = {"optim.gradient_accumulation_steps": 2}
+    all_at_once = _gradients_of_first_update(
+        make_config(folder, tmp_path / "all", **one_update, **{"train.timestep_chunk": 0})
+    )
+    config = make_config(folder, tmp_path / "auto", **one_update, **{"train.max_rescore_rows": 16})
+    trainer = GRPOTrainer(config)
+    assert trainer.rescore_chunk(3) == 2
+    rows: list[int] = []
+    handle = trainer.adapter.denoiser.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        chunked = _gradients_of_first_update(config, trainer)
+    finally:
+        handle.remove()
+    assert rows[-4:] == [16, 8, 16, 8] and max(rows) <= 16  # the two micro-batches' calls come last
+    scale = all_at_once.abs().max().item()
+    torch.testing.assert_close(chunked, all_at_once, rtol=1e-4, atol=1e-4 * scale)
+    with pytest.raises(ConfigError, match="max_rescore_rows"):
+        GRPOTrainer(make_config(folder, tmp_path / "small", **{"train.max_rescore_rows": 4}))
