@@ -678,6 +678,30 @@ class TrainingRun:
         with self.ema.swapped_in():
             return self.adapter.save_lora(folder)
 
+    def export_model(self, folder: str | os.PathLike) -> Path:
+        """The fully fine-tuned pipeline as a diffusers folder (``save_pretrained``; the EMA weights when EMA is on),
+        loadable with ``DiffusionPipeline.from_pretrained`` and by ``diffalign sample|grid --model``.
+
+        Modules offloaded to the CPU (``dpo.offload_frozen``) get their weights back first. Text encoders deleted
+        after caching (``model.offload_text_encoders: delete``) are not in the folder: load it with those of
+        ``model.path`` (a warning says so)."""
+        from accelerate.hooks import remove_hook_from_module
+
+        pipe = self.adapter.pipe
+        for module in pipe.components.values():
+            if isinstance(module, nn.Module) and hasattr(module, "_hf_hook"):
+                remove_hook_from_module(module, recurse=True)  # puts the offloaded weights back
+        if self.adapter.text_encoders_released == "delete":
+            warnings.warn(
+                f"the text encoders were deleted during training, so {folder} has none: load it with "
+                f"text_encoder*=... from {self.config.model.path}",
+                stacklevel=2,
+            )
+        context = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+        with context:
+            pipe.save_pretrained(folder)
+        return Path(folder)
+
     def _prune(self) -> None:
         keep = self.config.checkpoint.keep_last
         if keep is None:
@@ -799,12 +823,15 @@ class TrainingRun:
         return metrics
 
     def finish(self, trainer_state: Mapping[str, Any], step: int) -> Path:
-        """Final checkpoint (unless the last step just saved one), LoRA export to ``<output_dir>/lora``."""
+        """Final checkpoint (unless the last step just saved one), then the trained weights for use: the LoRA in
+        ``<output_dir>/lora``, or a fully fine-tuned model as a diffusers pipeline folder in ``<output_dir>/model``."""
         path = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
         if self.last_saved_step != step:
             path = self.save(step, trainer_state)
         if self.is_main_process and self.use_lora:
             self.export_lora(self.output_dir / "lora")
+        elif self.is_main_process:
+            self.export_model(self.output_dir / "model")
         self.accelerator.end_training()
         return path
 

@@ -489,3 +489,27 @@ def test_offloaded_frozen_modules_give_the_same_loss(tiny_pipeline_dir, pairs_di
             for module in (trainer.adapter.pipe.text_encoder, trainer.adapter.vae, reference):
                 assert next(module.parameters()).device.type == "meta"  # the weights live in the hook's CPU copy
     torch.testing.assert_close(losses[1], losses[0])
+
+
+def test_full_finetuning_writes_a_loadable_model_folder(tiny_pipeline_dir, pairs_dir, tmp_path):
+    """A full fine-tune ends with <output_dir>/model, a diffusers pipeline holding the trained UNet (also with the
+    frozen modules offloaded during training), which diffalign sample takes as --model."""
+    from diffalign.cli import main
+
+    overrides = ["model.lora.rank=0", "dpo.offload_frozen=true", "max_steps=1"]
+    trainer = _trainer(_config(tmp_path, tiny_pipeline_dir("sd15"), pairs_dir, overrides))
+    trainer.train()
+    folder = trainer.run.output_dir / "model"
+    assert not (trainer.run.output_dir / "lora").exists()
+    loaded = DiffusionPipeline.from_pretrained(folder)
+    trained = trainer.adapter.denoiser.state_dict()
+    base = DiffusionPipeline.from_pretrained(tiny_pipeline_dir("sd15"))
+    assert any(not torch.equal(trained[name], base.unet.state_dict()[name]) for name in trained)  # the step moved it
+    for name, value in loaded.unet.state_dict().items():
+        torch.testing.assert_close(value, trained[name].cpu())
+    base_encoder = base.text_encoder.state_dict()
+    for name, value in loaded.text_encoder.state_dict().items():  # the offloaded encoder came back whole
+        torch.testing.assert_close(value, base_encoder[name])
+    out = tmp_path / "sample.png"
+    args = ["sample", "--model", str(folder), "--prompt", "a red circle", "--steps", "2", "--out", str(out)]
+    assert main([*args, "--height", "32", "--width", "32"]) == 0 and out.is_file()

@@ -202,6 +202,7 @@ def _gradients_of_first_update(config, trainer=None):
     return captured[0]
 
 
+@pytest.mark.slow  # several full epochs compared; the slow suite runs in CI
 def test_loss_is_invariant_to_batch_and_accumulation_split(tiny_pipeline_dir, tmp_path):
     folder = tiny_pipeline_dir("sd3")
     splits = [(8, 1), (4, 2), (2, 4), (3, 3)]  # 3 x 3: micro-batches of 3, 3 and 2 samples, weighted by size
@@ -637,6 +638,7 @@ def test_text_embedding_cache_gives_the_same_rollouts_and_losses(tiny_pipeline_d
         make_config(folder, tmp_path, **{"model.offload_text_encoders": "cpu"})
 
 
+@pytest.mark.slow  # several full epochs compared; the slow suite runs in CI
 def test_auto_rescore_chunk_keeps_the_gradient_and_its_row_budget(tiny_pipeline_dir, tmp_path):
     """timestep_chunk: auto with a 16-row budget: 4 samples x 2 (CFG) = 8 rows a step, so 2 of the 3 trained steps per
     call; the gradient equals re-scoring everything at once (0), and no call exceeds 16 rows."""
