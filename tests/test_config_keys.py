@@ -598,6 +598,20 @@ def _(shared_run, sd3_dir, tmp_path):
     torch.testing.assert_close(replaced, own + 1.0)
 
 
+@probe("shared", "model.max_sequence_length")
+def _(shared_run, sd15_dir):
+    def text_length(run):
+        return (
+            run.adapter.encode_prompt(["a red circle"], with_negative=False).embeds["encoder_hidden_states"].shape[1]
+        )
+
+    default, short = text_length(shared_run()), text_length(shared_run({"model.max_sequence_length": 8}))
+    assert short < default  # SD3 joins CLIP's 77 tokens and T5's: only T5's part shrinks
+    with pytest.raises(ConfigError) as caught:
+        shared_run({"model.path": str(sd15_dir), "model.max_sequence_length": 8})
+    assert "model.max_sequence_length" in caught.value.issues[0].keys
+
+
 @probe("shared", "optim.eps")
 def _(shared_run):
     assert param_group(shared_run())["eps"] == pytest.approx(1e-8)

@@ -85,6 +85,9 @@ class ModelConfig:
     """LoRA adapter settings; lora.rank = 0 means full fine-tuning."""
     attention: Literal["sdpa", "xformers"] = "sdpa"
     """Attention kernel: PyTorch scaled-dot-product attention, or xformers (needs the diffalign[xformers] extra)."""
+    max_sequence_length: int | None = None
+    """T5 tokens per prompt for SD3 and FLUX (null: the pipeline's default, 256 for SD3, 512 for FLUX); flow_grpo
+    encodes SD3.5 prompts at 128. Families without T5 refuse it."""
     offload_text_encoders: Literal["keep", "cpu", "delete"] = "keep"
     """After the trainer has cached every prompt's text embeddings (``sampling.precompute_text_embeddings``), move
     the text encoders to the CPU (``cpu``) or drop them (``delete``) to free their GPU memory (T5-XXL: ~9 GB in
@@ -97,6 +100,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(bool(str(self.path).strip()), "path", "is empty; give a hub id or a local pipeline folder")
+        _require(
+            self.max_sequence_length is None or self.max_sequence_length >= 1,
+            "max_sequence_length",
+            f"must be >= 1, or null for the pipeline's default, got {self.max_sequence_length}",
+        )
         _require(
             self.timestep_shift is None or self.timestep_shift > 0,
             "timestep_shift",

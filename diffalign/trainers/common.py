@@ -213,12 +213,7 @@ class TrainingRun:
             vae_path=model.vae_path,
             **dict(adapter_kwargs or {}),
         )
-        self.adapter.set_attention_backend(config.model.attention)
-        if config.model.timestep_shift is not None:
-            if self.adapter.prediction_type != "flow":
-                family = type(self.adapter).__name__
-                raise ConfigError(f"shifts a flow schedule; {family} is not a flow model", key="model.timestep_shift")
-            self.adapter.timestep_shift = config.model.timestep_shift
+        self._apply_model_options(model)
         if config.gradient_checkpointing:
             self.adapter.enable_gradient_checkpointing()
         self.params = self._trainable_parameters()
@@ -349,6 +344,19 @@ class TrainingRun:
         """Keep a frozen copy of the current denoiser as the reference (full fine-tuning only)."""
         if not self.use_lora and self._reference_denoiser is None:
             self._reference_denoiser = copy.deepcopy(self.adapter.denoiser).requires_grad_(False).eval()
+
+    def _apply_model_options(self, model: Any) -> None:
+        """The ``model`` group's settings that act on the built adapter (attention kernel, T5 length, fixed shift)."""
+        adapter, family = self.adapter, type(self.adapter).__name__
+        adapter.set_attention_backend(model.attention)
+        if model.max_sequence_length is not None:
+            if not hasattr(adapter, "max_sequence_length"):
+                raise ConfigError(f"is T5's prompt length; {family} has no T5", key="model.max_sequence_length")
+            adapter.max_sequence_length = model.max_sequence_length
+        if model.timestep_shift is not None:
+            if adapter.prediction_type != "flow":
+                raise ConfigError(f"shifts a flow schedule; {family} is not a flow model", key="model.timestep_shift")
+            adapter.timestep_shift = model.timestep_shift
 
     def cache_text_embeddings(self, uses: Sequence[tuple[Sequence[str], str | None, bool]]) -> int:
         """Encode each prompt of ``uses`` -- ``(prompts, negative_prompt, with_negative)`` as the trainer's rollouts
