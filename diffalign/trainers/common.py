@@ -345,6 +345,17 @@ class TrainingRun:
         if not self.use_lora and self._reference_denoiser is None:
             self._reference_denoiser = copy.deepcopy(self.adapter.denoiser).requires_grad_(False).eval()
 
+    def reduce_metrics(self, metrics: Mapping[str, float], sums: Sequence[str] = ()) -> dict[str, float]:
+        """Metrics of every process as one: the mean over processes, or the sum for the counters named in ``sums``.
+        Every process must pass the same keys (a collective call)."""
+        if self.accelerator.num_processes == 1:
+            return dict(metrics)
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[key]) for key in keys], dtype=torch.float64, device=self.device)
+        totals = self.accelerator.reduce(values, reduction="sum").tolist()
+        count = self.accelerator.num_processes
+        return {key: total if key in sums else total / count for key, total in zip(keys, totals)}
+
     def _apply_model_options(self, model: Any) -> None:
         """The ``model`` group's settings that act on the built adapter (attention kernel, T5 length, fixed shift)."""
         adapter, family = self.adapter, type(self.adapter).__name__

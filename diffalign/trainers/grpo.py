@@ -731,7 +731,9 @@ class GRPOTrainer:
                 if b == group_end - 1:
                     optimizer_metrics = self.run.optimizer_step(step=epoch)
         averaged = {key: value / max(count, 1) for key, value in totals.items()}
-        return {**averaged, **optimizer_metrics, "num_train_samples": float(keep.shape[0])}
+        # Each process's means and sample count, over all processes (the optimizer's metrics are global already).
+        local = {**averaged, "num_train_samples": float(keep.shape[0])}
+        return {**self.run.reduce_metrics(local, sums=("num_train_samples",)), **optimizer_metrics}
 
     # --- the loop ---------------------------------------------------------------------------------------------------
 

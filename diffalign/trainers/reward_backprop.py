@@ -463,7 +463,7 @@ class RewardBackpropTrainer:
                 self.run.backward(loss / accumulation, step=step)
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / accumulation
-        return {**totals, **self.run.optimizer_step(step=step)}
+        return {**self.run.reduce_metrics(totals), **self.run.optimizer_step(step=step)}
 
     # --- the loop ----------------------------------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ def main() -> None:
     initial = sum(p.detach().double().abs().sum().item() for p in run.params)
     trajectory, rewards, _, group_ids = trainer.sample_epoch(0)
     advantages, _ = trainer.advantages(rewards, group_ids, trajectory.prompts)
-    trainer.train_epoch(trajectory, advantages, 0)
+    metrics = trainer.train_epoch(trajectory, advantages, 0)
     checksum = sum(p.detach().double().abs().sum().item() for p in run.params)
     # Zero-advantage filtering left rank 1 with nothing to train: both ranks must still step together.
     uneven = advantages.clone() if run.accelerator.process_index == 0 else torch.zeros_like(advantages)
@@ -55,6 +55,8 @@ def main() -> None:
         "advantages": advantages.tolist(),
         "initial_checksum": initial,
         "param_checksum": checksum,
+        "num_train_samples": metrics["num_train_samples"],
+        "policy_loss": metrics["policy_loss"],
         "uneven_steps": run.optimizer_steps - steps_before,
         "uneven_checksum": sum(p.detach().double().abs().sum().item() for p in run.params),
     }

@@ -291,6 +291,9 @@ def test_two_processes_give_the_same_advantages_as_one(tiny_pipeline_dir, tmp_pa
     # Gradients were all-reduced: both ranks hold the same parameters after the update, and they moved.
     assert two[0]["param_checksum"] == pytest.approx(two[1]["param_checksum"], rel=1e-6)
     assert two[0]["param_checksum"] != pytest.approx(two[0]["initial_checksum"], rel=1e-9)
+    # Metrics are over both processes: every rank logs the epoch's 8 samples and the same mean loss.
+    assert one["num_train_samples"] == two[0]["num_train_samples"] == two[1]["num_train_samples"] == 8
+    assert two[0]["policy_loss"] == pytest.approx(two[1]["policy_loss"], rel=1e-9)
     # One rank with only zero advantages tops up with them: the same optimizer steps on both, equal weights after.
     assert two[0]["uneven_steps"] == two[1]["uneven_steps"] == 2
     assert two[0]["uneven_checksum"] == pytest.approx(two[1]["uneven_checksum"], rel=1e-6)
