@@ -30,6 +30,8 @@ class Evaluator:
         batch_size: images per denoiser batch.
         metadata: one dict per prompt (a JSONL prompt record's fields), passed with every image of that prompt to a
             reward that takes metadata; ``None``: none.
+        accelerator: with several processes, each samples and scores its contiguous share of the (prompt, seed)
+            images, the results are gathered, and only the main process writes the grid; ``None``: one process.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class Evaluator:
         output_dir: str | Path | None = None,
         batch_size: int = 8,
         metadata: Sequence[Mapping[str, Any]] | None = None,
+        accelerator: Any | None = None,
     ) -> None:
         if metadata is not None and len(metadata) != len(prompts):
             raise ValueError(
@@ -54,9 +57,12 @@ class Evaluator:
         self.num_steps, self.guidance_scale = num_steps, guidance_scale
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.batch_size = batch_size
+        self.accelerator = accelerator
 
     @classmethod
-    def from_config(cls, config: Any, adapter: DiffusionAdapter, reward: Any, output_dir: Path) -> Evaluator | None:
+    def from_config(
+        cls, config: Any, adapter: DiffusionAdapter, reward: Any, output_dir: Path, accelerator: Any | None = None
+    ) -> Evaluator | None:
         """From ``config.eval``; ``None`` when evaluation is off.
 
         Unset steps and guidance follow the training sampler (``config.sampling``) for trainers that sample,
@@ -82,6 +88,7 @@ class Evaluator:
             output_dir,
             evaluation.batch_size,
             metadata=metadata,
+            accelerator=accelerator,
         )
 
     def text_uses(self) -> list[tuple[list[str], str | None, bool]]:
@@ -90,30 +97,48 @@ class Evaluator:
         return [(list(self.prompts), None, self.guidance_scale > 1)]
 
     def sample(self) -> torch.Tensor:
-        """``[P * S, 3, H, W]`` images, prompt-major."""
-        seeds = [seed for _ in self.prompts for seed in self.seeds]
-        trajectory = rollout(
-            self.adapter,
-            self.prompts,
-            ode_plan(self.num_steps),
-            num_images_per_prompt=len(self.seeds),
-            guidance_scale=self.guidance_scale,
-            seeds=seeds,
-            chunk_size=self.batch_size,
-        )
-        return trajectory.images
+        """``[P * S, 3, H, W]`` images, prompt-major (every process's share, gathered)."""
+        return self.score()[0]
 
     def score(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """:meth:`sample`, and every image's scores by part (each ``[P * S]``, prompt-major); each image's prompt
-        metadata goes with it to a reward that takes metadata."""
-        images = self.sample()
-        prompts = [p for p in self.prompts for _ in self.seeds]
-        metadata = [m for m in self.metadata for _ in self.seeds]
-        return images, score_with_parts(self.reward, images, prompts, metadata)
+        """Every image, prompt-major ``[P * S, 3, H, W]``, and its scores by part (each ``[P * S]``); each image's
+        prompt metadata goes with it to a reward that takes metadata. Each process samples and scores its share."""
+        items = [(p, seed) for p in range(len(self.prompts)) for seed in self.seeds]
+        share = self._share(items)
+        prompts = [self.prompts[p] for p, _ in share]
+        trajectory = rollout(
+            self.adapter,
+            prompts,
+            ode_plan(self.num_steps),
+            guidance_scale=self.guidance_scale,
+            seeds=[seed for _, seed in share],
+            chunk_size=self.batch_size,
+        )
+        scores = score_with_parts(self.reward, trajectory.images, prompts, [self.metadata[p] for p, _ in share])
+        gathered = {name: self._gathered(values, len(items)) for name, values in scores.items()}
+        return self._gathered(trajectory.images, len(items)), gathered
+
+    def _share(self, items: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """This process's contiguous share of the ``(prompt, seed)`` items, padded with the last item to the size
+        of the largest share (gathering needs equal shapes; only the last shares can be short, so the padding
+        gathers at the end and :meth:`_gathered` cuts it off)."""
+        if self.accelerator is None or self.accelerator.num_processes == 1:
+            return items
+        per = -(-len(items) // self.accelerator.num_processes)
+        start = self.accelerator.process_index * per
+        share = items[start : start + per]
+        return share + [items[-1]] * (per - len(share))
+
+    def _gathered(self, local: torch.Tensor, count: int) -> torch.Tensor:
+        """``local`` (this process's share) gathered over processes, in item order, on the CPU; ``[count, ...]``."""
+        if self.accelerator is None or self.accelerator.num_processes == 1:
+            return local.cpu()
+        return self.accelerator.gather(local.to(self.accelerator.device).contiguous())[:count].cpu()
 
     def __call__(self, step: int) -> dict[str, float]:
         images, scores = self.score()
-        if self.output_dir is not None:
+        main = self.accelerator is None or self.accelerator.is_main_process
+        if self.output_dir is not None and main:
             folder = self.output_dir / "eval"
             folder.mkdir(parents=True, exist_ok=True)
             captions = [f"{v:.2f}" for v in scores["reward"].tolist()]

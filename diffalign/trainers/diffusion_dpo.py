@@ -247,7 +247,9 @@ class DiffusionDPOTrainer:
         self.num_batches = self._num_batches()
         reward = reward if reward is not None else config.reward
         self.reward = build_reward(reward, device=self.run.device) if reward is not None else None
-        self.evaluator = Evaluator.from_config(config, self.adapter, self.reward, self.run.output_dir)
+        self.evaluator = Evaluator.from_config(
+            config, self.adapter, self.reward, self.run.output_dir, self.run.accelerator
+        )
         if config.dpo.loss == "dpo":
             self.run.snapshot_reference()  # full fine-tuning: freeze the initial weights (a no-op with LoRA)
         if config.dpo.offload_frozen:

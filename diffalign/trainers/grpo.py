@@ -447,7 +447,9 @@ class GRPOTrainer:
         """DDPO's per-prompt reward buffers (``train.advantage: running``); ``None`` for group advantages."""
         if config.sampling.lora_in_window_only:
             self.adapter.lora_min_timestep = window_end_timestep(self.adapter, config.sampling)
-        self.evaluator = Evaluator.from_config(config, self.adapter, self.reward, self.run.output_dir)
+        self.evaluator = Evaluator.from_config(
+            config, self.adapter, self.reward, self.run.output_dir, self.run.accelerator
+        )
         if config.sampling.precompute_text_embeddings:
             sampling = config.sampling
             uses = [(self.prompts, sampling.negative_prompt, sampling.guidance_scale > 1)]

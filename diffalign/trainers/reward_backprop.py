@@ -314,7 +314,9 @@ class RewardBackpropTrainer:
             self.adapter.enable_gradient_checkpointing(False)
         self.prompts, self.prompt_metadata = load_prompts_and_metadata(config.sampling.prompts)
         self.plan = sampling_plan(config.sampling.num_steps, self.adapter.prediction_type, config.sampling.eta)
-        self.evaluator = Evaluator.from_config(config, self.adapter, self.reward, self.run.output_dir)
+        self.evaluator = Evaluator.from_config(
+            config, self.adapter, self.reward, self.run.output_dir, self.run.accelerator
+        )
         if config.sampling.precompute_text_embeddings:
             sampling = config.sampling
             uses = [(self.prompts, sampling.negative_prompt, sampling.guidance_scale > 1)]

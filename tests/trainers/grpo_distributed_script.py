@@ -37,6 +37,7 @@ def main() -> None:
                 "resolution": 32,
             },
             "train": {"batch_size": 2, "clip_range": 1e-2},
+            "eval": {"every": 1, "prompts": ["a red circle", "a cat", "two blue squares"], "seeds": [0, 1]},
         },
     )
     trainer = GRPOTrainer(config)
@@ -50,12 +51,17 @@ def main() -> None:
     uneven = advantages.clone() if run.accelerator.process_index == 0 else torch.zeros_like(advantages)
     steps_before = run.optimizer_steps
     trainer.train_epoch(trajectory, uneven, 1)
+    # Evaluation: each rank samples and scores its share of the 6 images; only the main process writes a grid.
+    trainer.evaluator.output_dir = out / f"eval-rank{run.accelerator.process_index}"
+    evaluation = trainer.evaluator(0)
     record = {
         "world_size": run.accelerator.num_processes,
         "advantages": advantages.tolist(),
         "initial_checksum": initial,
         "param_checksum": checksum,
         "num_train_samples": metrics["num_train_samples"],
+        "eval": evaluation,
+        "wrote_grid": (trainer.evaluator.output_dir / "eval" / "step-000000.png").is_file(),
         "policy_loss": metrics["policy_loss"],
         "uneven_steps": run.optimizer_steps - steps_before,
         "uneven_checksum": sum(p.detach().double().abs().sum().item() for p in run.params),

@@ -291,6 +291,9 @@ def test_two_processes_give_the_same_advantages_as_one(tiny_pipeline_dir, tmp_pa
     # Gradients were all-reduced: both ranks hold the same parameters after the update, and they moved.
     assert two[0]["param_checksum"] == pytest.approx(two[1]["param_checksum"], rel=1e-6)
     assert two[0]["param_checksum"] != pytest.approx(two[0]["initial_checksum"], rel=1e-9)
+    # Evaluation over both ranks gives the single process's scores; only rank 0 writes the grid.
+    assert two[0]["eval"] == pytest.approx(one["eval"], abs=1e-5) and two[0]["eval"] == two[1]["eval"]
+    assert (one["wrote_grid"], two[0]["wrote_grid"], two[1]["wrote_grid"]) == (True, True, False)
     # Metrics are over both processes: every rank logs the epoch's 8 samples and the same mean loss.
     assert one["num_train_samples"] == two[0]["num_train_samples"] == two[1]["num_train_samples"] == 8
     assert two[0]["policy_loss"] == pytest.approx(two[1]["policy_loss"], rel=1e-9)
