@@ -317,8 +317,20 @@ class DiffusionAdapter:
         if not prompts:
             raise ValueError("encode_prompt got no prompts")
         cache = self.text_cache
+        if cache is not None and cache.signature != self._text_signature():
+            if len(cache) and self.text_encoders_released is not None:
+                raise RuntimeError(
+                    "the text settings (max_sequence_length, image size) changed after the text encoders were "
+                    "released, so the cached text embeddings no longer apply; keep the encoders to change them"
+                )
+            cache.clear()  # encoded under other settings: stale
+            cache.signature = self._text_signature()
         if cache is not None and (cached := cache.lookup(prompts, negative_prompt, with_negative)) is not None:
             return cached.to(self.device)
+        if self.text_encoders_released == "cpu":  # encode on the device for once, then back to the CPU
+            with self._text_encoders_on(self.device):
+                cond = self._encode_uncached(prompts, negative_prompt, with_negative)
+            return cond
         if self.text_encoders_released is not None:
             missing = cache.missing(prompts, negative_prompt, with_negative) if cache is not None else prompts
             raise RuntimeError(
@@ -326,11 +338,32 @@ class DiffusionAdapter:
                 f"{len(missing)} prompt(s) are not in the text-embedding cache, e.g. {missing[0]!r}: precompute every "
                 "prompt the run uses, or keep the encoders (model.offload_text_encoders: keep)"
             )
+        return self._encode_uncached(prompts, negative_prompt, with_negative)
+
+    def _encode_uncached(
+        self, prompts: list[str], negative_prompt: PromptInput | None, with_negative: bool
+    ) -> Conditioning:
         with torch.no_grad():
             cond = self._encode(prompts, negative_prompt, with_negative)
-        if cache is not None:
-            cache.store(prompts, cond, negative_prompt, with_negative)
+        if self.text_cache is not None:
+            self.text_cache.store(prompts, cond, negative_prompt, with_negative)
         return cond
+
+    def _text_signature(self) -> tuple:
+        """The settings a text conditioning depends on besides the prompt: T5's length, the image size (SDXL)."""
+        return (getattr(self, "max_sequence_length", None), self.height, self.width)
+
+    @contextlib.contextmanager
+    def _text_encoders_on(self, device: torch.device) -> Iterator[None]:
+        """Text encoders released to the CPU, on ``device`` for the block (an uncached prompt)."""
+        encoders = [getattr(self.pipe, name) for name in self.text_encoder_names]
+        for encoder in encoders:
+            encoder.to(device)
+        try:
+            yield
+        finally:
+            for encoder in encoders:
+                encoder.to("cpu")
 
     def precompute_text_embeddings(
         self,

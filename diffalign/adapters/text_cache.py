@@ -45,6 +45,13 @@ class TextEmbeddingCache:
 
     def __init__(self) -> None:
         self._entries: dict[CacheKey, Conditioning] = {}
+        self.signature: tuple | None = None
+        """The adapter's text settings the entries were encoded with (T5 length, image size for SDXL's size
+        conditioning); the adapter empties the cache when they change."""
+
+    def clear(self) -> None:
+        """Forget every entry."""
+        self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -98,25 +98,31 @@ class Evaluator:
 
     def sample(self) -> torch.Tensor:
         """``[P * S, 3, H, W]`` images, prompt-major (every process's share, gathered)."""
-        return self.score()[0]
+        items, share, images = self._sample_share()
+        return self._gathered(images, len(items))
 
     def score(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Every image, prompt-major ``[P * S, 3, H, W]``, and its scores by part (each ``[P * S]``); each image's
         prompt metadata goes with it to a reward that takes metadata. Each process samples and scores its share."""
+        items, share, images = self._sample_share()
+        prompts = [self.prompts[p] for p, _ in share]
+        scores = score_with_parts(self.reward, images, prompts, [self.metadata[p] for p, _ in share])
+        gathered = {name: self._gathered(values, len(items)) for name, values in scores.items()}
+        return self._gathered(images, len(items)), gathered
+
+    def _sample_share(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]], torch.Tensor]:
+        """All ``(prompt, seed)`` items, this process's share of them, and its images ``[share, 3, H, W]``."""
         items = [(p, seed) for p in range(len(self.prompts)) for seed in self.seeds]
         share = self._share(items)
-        prompts = [self.prompts[p] for p, _ in share]
         trajectory = rollout(
             self.adapter,
-            prompts,
+            [self.prompts[p] for p, _ in share],
             ode_plan(self.num_steps),
             guidance_scale=self.guidance_scale,
             seeds=[seed for _, seed in share],
             chunk_size=self.batch_size,
         )
-        scores = score_with_parts(self.reward, trajectory.images, prompts, [self.metadata[p] for p, _ in share])
-        gathered = {name: self._gathered(values, len(items)) for name, values in scores.items()}
-        return self._gathered(trajectory.images, len(items)), gathered
+        return items, share, trajectory.images
 
     def _share(self, items: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """This process's contiguous share of the ``(prompt, seed)`` items, padded with the last item to the size

@@ -59,7 +59,14 @@ METRICS_FILE = "metrics.jsonl"
 RUN_ARTIFACTS = (CONFIG_FILE, METRICS_FILE, "checkpoints", "lora", "model", "eval")
 # Config keys that say how a run is watched, kept or computed, not what it trains: they may change on resume
 # (``max_steps`` and ``max_minutes``: see :func:`changes_training`).
-BOOKKEEPING_KEYS = ("output_dir", "logging", "checkpoint", "eval", "gradient_checkpointing")
+BOOKKEEPING_KEYS = (
+    "output_dir",
+    "logging",
+    "checkpoint",
+    "eval",
+    "gradient_checkpointing",
+    "model.offload_text_encoders",
+)
 
 
 class CheckpointError(ValueError):

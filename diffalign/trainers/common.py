@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffalign.adapters import DiffusionAdapter, load_adapter
+from diffalign.adapters import DiffusionAdapter, load_adapter, load_pipeline
 from diffalign.config import ConfigError, TrainerConfig, save_config
 from diffalign.trainers import checkpoints as ckpt
 from diffalign.trainers.checkpoints import (
@@ -701,9 +701,8 @@ class TrainingRun:
         """The fully fine-tuned pipeline as a diffusers folder (``save_pretrained``; the EMA weights when EMA is on),
         loadable with ``DiffusionPipeline.from_pretrained`` and by ``diffalign sample|grid --model``.
 
-        Modules offloaded to the CPU (``dpo.offload_frozen``) get their weights back first. Text encoders deleted
-        after caching (``model.offload_text_encoders: delete``) are not in the folder: load it with those of
-        ``model.path`` (a warning says so)."""
+        Modules offloaded to the CPU (``dpo.offload_frozen``) get their weights back first; text encoders deleted
+        after caching (``model.offload_text_encoders: delete``) are loaded again from ``model.path``, on the CPU."""
         from accelerate.hooks import remove_hook_from_module
 
         pipe = self.adapter.pipe
@@ -711,15 +710,19 @@ class TrainingRun:
             if isinstance(module, nn.Module) and hasattr(module, "_hf_hook"):
                 remove_hook_from_module(module, recurse=True)  # puts the offloaded weights back
         if self.adapter.text_encoders_released == "delete":
-            warnings.warn(
-                f"the text encoders were deleted during training, so {folder} has none: load it with "
-                f"text_encoder*=... from {self.config.model.path}",
-                stacklevel=2,
-            )
+            pipe.register_modules(**self._original_text_encoders())
         context = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
         with context:
             pipe.save_pretrained(folder)
         return Path(folder)
+
+    def _original_text_encoders(self) -> dict[str, nn.Module]:
+        """The text encoders of ``model.path`` (revision, variant), loaded on the CPU without the other modules."""
+        model, pipe = self.config.model, self.adapter.pipe
+        skipped = {name: None for name in pipe.components if not name.startswith("text_encoder")}
+        pinned = {"revision": model.revision, "variant": model.variant}
+        source = load_pipeline(model.path, **{key: value for key, value in pinned.items() if value}, **skipped)
+        return {name: getattr(source, name) for name in self.adapter.text_encoder_names}
 
     def _prune(self) -> None:
         keep = self.config.checkpoint.keep_last

@@ -243,6 +243,13 @@ class GRPOConfig(TrainerConfig):
     method: Literal["grpo"] = "grpo"
     """Trainer name (``diffalign train`` picks the trainer from it)."""
     default_log_every: ClassVar[int] = 1
+    resume_safe_keys: ClassVar[tuple[str, ...]] = (
+        "train.timestep_chunk",
+        "train.max_rescore_rows",
+        "sampling.precompute_text_embeddings",
+    )
+    """How the re-scoring is chunked and whether prompts are cached change how a step is computed, not its result:
+    a resumed run may change them (e.g. to fit memory)."""
     """An epoch is a large step: each one is logged unless ``logging.log_every`` says otherwise."""
     reward: RewardSpec = "shapes"
     """Reward: a registered name, ``module:fn`` / ``file.py:fn``, or a mapping of those to weights or to term

@@ -57,7 +57,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -182,6 +182,8 @@ class BackpropConfig:
 class RewardBackpropConfig(TrainerConfig):
     """Config of the ``reward_backprop`` trainer (AlignProp, DRaFT-K, DRaFT-LV, ReFL)."""
 
+    resume_safe_keys: ClassVar[tuple[str, ...]] = ("sampling.precompute_text_embeddings",)
+    """Caching the prompts' text embeddings changes how a step is computed, not its result."""
     method: Literal["reward_backprop"] = "reward_backprop"
     """Trainer name (``diffalign train`` picks the trainer from it)."""
     reward: RewardSpec = "aesthetic"

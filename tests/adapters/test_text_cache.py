@@ -49,5 +49,21 @@ def test_encoders_moved_to_the_cpu_are_not_used(tiny_pipeline_dir):
 
     adapter.pipe.text_encoder.forward = fail
     assert len(adapter.encode_prompt(PROMPTS, negative_prompt="blurry")) == 3
-    with pytest.raises(RuntimeError, match="not in the text-embedding cache"):
-        adapter.encode_prompt(PROMPTS)  # the pipeline's default negative is another key
+    with pytest.raises(AssertionError, match="reached the text encoder"):
+        adapter.encode_prompt(PROMPTS)  # the pipeline's default negative is another key: encoded
+    del adapter.pipe.text_encoder.forward
+    assert len(adapter.encode_prompt(["a new prompt"])) == 1  # on the device for once
+    assert adapter.pipe.text_encoder.device.type == "cpu" and adapter.text_cache.missing(["a new prompt"]) == []
+
+
+def test_changed_text_settings_empty_the_cache(tiny_pipeline_dir):
+    adapter = load_adapter(tiny_pipeline_dir("sd3"), height=32, width=32, max_sequence_length=16)
+    adapter.precompute_text_embeddings(PROMPTS, with_negative=False)
+    length = adapter.encode_prompt(PROMPTS[:1], with_negative=False).embeds["encoder_hidden_states"].shape[1]
+    adapter.max_sequence_length = 8  # encoded anew, not answered from entries of another length
+    shorter = adapter.encode_prompt(PROMPTS[:1], with_negative=False).embeds["encoder_hidden_states"].shape[1]
+    assert shorter == length - 8 and len(adapter.text_cache) == 1
+    adapter.release_text_encoders("delete")
+    adapter.max_sequence_length = 16
+    with pytest.raises(RuntimeError, match="text settings"):
+        adapter.encode_prompt(PROMPTS[:1], with_negative=False)

@@ -491,6 +491,7 @@ def test_offloaded_frozen_modules_give_the_same_loss(tiny_pipeline_dir, pairs_di
     torch.testing.assert_close(losses[1], losses[0])
 
 
+@pytest.mark.slow  # a whole run and an export, loaded back
 def test_full_finetuning_writes_a_loadable_model_folder(tiny_pipeline_dir, pairs_dir, tmp_path):
     """A full fine-tune ends with <output_dir>/model, a diffusers pipeline holding the trained UNet (also with the
     frozen modules offloaded during training), which diffalign sample takes as --model."""

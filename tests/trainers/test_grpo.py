@@ -671,3 +671,25 @@ def test_auto_rescore_chunk_keeps_the_gradient_and_its_row_budget(tiny_pipeline_
     torch.testing.assert_close(chunked, all_at_once, rtol=1e-4, atol=1e-4 * scale)
     with pytest.raises(ConfigError, match="max_rescore_rows"):
         GRPOTrainer(make_config(folder, tmp_path / "small", **{"train.max_rescore_rows": 4}))
+
+
+@pytest.mark.slow  # a whole run and an export, loaded back
+def test_full_finetune_export_after_deleting_the_text_encoders_loads(tiny_pipeline_dir, tmp_path):
+    """model/ of a full fine-tune whose text encoders were deleted during training gets them back from model.path."""
+    folder = tiny_pipeline_dir("sd3")
+    options = {
+        "model.lora.rank": 0,
+        "max_steps": 1,
+        "sampling.precompute_text_embeddings": True,
+        "model.offload_text_encoders": "delete",
+    }
+    trainer = GRPOTrainer(make_config(folder, tmp_path, **options))
+    trainer.train()
+    exported = DiffusionPipeline.from_pretrained(tmp_path / "model")
+    base = DiffusionPipeline.from_pretrained(folder)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        for key, value in getattr(exported, name).state_dict().items():
+            torch.testing.assert_close(value, getattr(base, name).state_dict()[key])
+    trained = trainer.adapter.denoiser.state_dict()
+    for key, value in exported.transformer.state_dict().items():
+        torch.testing.assert_close(value, trained[key].cpu())
