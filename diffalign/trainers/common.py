@@ -351,6 +351,12 @@ class TrainingRun:
         if self.accelerator.num_processes == 1:
             return dict(metrics)
         keys = sorted(metrics)
+        from accelerate.utils import gather_object
+
+        key_lists = gather_object([keys])
+        if any(other != keys for other in key_lists):
+            # Reducing different keys would pair values with the wrong names (or hang): a trainer bug, said plainly.
+            raise RuntimeError(f"processes logged different metrics: {[sorted(k) for k in key_lists]}")
         values = torch.tensor([float(metrics[key]) for key in keys], dtype=torch.float64, device=self.device)
         totals = self.accelerator.reduce(values, reduction="sum").tolist()
         count = self.accelerator.num_processes
