@@ -193,6 +193,7 @@ def _transformer_weights(folder):
     return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.slow  # two training runs of the base model (fast-suite time)
 def test_train_base_smoke_resume_matches_uninterrupted(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_base.main(["--out", str(straight), "--steps", "3", *_TINY_BASE])
@@ -208,6 +209,7 @@ def test_train_base_smoke_resume_matches_uninterrupted(tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
 
 
+@pytest.mark.slow  # two training stages of the base model (fast-suite time)
 def test_train_base_later_stage_starts_from_the_earlier_one(tmp_path):
     from safetensors.torch import load_file
 

@@ -455,7 +455,11 @@ def test_flow_sigmas_follow_the_shifted_training_schedule(tiny_pipeline_dir, tmp
 
 @pytest.mark.parametrize(
     ("overrides", "expected"),
-    [((), 3.5), (("eval.guidance_scale=2.5",), 2.5), (("dpo.flux_guidance=1.0",), 1.0)],
+    [
+        ((), 3.5),
+        pytest.param(("eval.guidance_scale=2.5",), 2.5, marks=pytest.mark.slow),
+        pytest.param(("dpo.flux_guidance=1.0",), 1.0, marks=pytest.mark.slow),
+    ],
 )
 def test_flux_dpo_trains_at_the_guidance_it_samples_with(
     overrides, expected, tiny_pipeline_dir, pairs_dir, tmp_path, monkeypatch

@@ -222,6 +222,7 @@ def test_loss_is_invariant_to_batch_and_accumulation_split(tiny_pipeline_dir, tm
         torch.testing.assert_close(other, grads[0], rtol=1e-4, atol=1e-4 * scale)
 
 
+@pytest.mark.slow  # three runs (fast-suite time); the DPO and test_common resume tests stay in the fast suite
 def test_resume_continues_with_the_same_losses(tiny_pipeline_dir, tmp_path):
     folder = tiny_pipeline_dir("sd3")
     extra = {
