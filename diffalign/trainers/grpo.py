@@ -243,6 +243,7 @@ class GRPOConfig(TrainerConfig):
     method: Literal["grpo"] = "grpo"
     """Trainer name (``diffalign train`` picks the trainer from it)."""
     default_log_every: ClassVar[int] = 1
+    """An epoch is a large step: each one is logged unless ``logging.log_every`` says otherwise."""
     resume_safe_keys: ClassVar[tuple[str, ...]] = (
         "train.timestep_chunk",
         "train.max_rescore_rows",
@@ -250,7 +251,6 @@ class GRPOConfig(TrainerConfig):
     )
     """How the re-scoring is chunked and whether prompts are cached change how a step is computed, not its result:
     a resumed run may change them (e.g. to fit memory)."""
-    """An epoch is a large step: each one is logged unless ``logging.log_every`` says otherwise."""
     reward: RewardSpec = "shapes"
     """Reward: a registered name, ``module:fn`` / ``file.py:fn``, or a mapping of those to weights or to term
     options (``{pickscore: {weight: 1.0, scale: 0.038461538461538464}}``, docs/rewards.md#weighted-sums)."""
@@ -278,18 +278,16 @@ class GRPOConfig(TrainerConfig):
                 f"the unnormalized log-prob is the cps kernel's score; sampling.kernel is {self.sampling.kernel!r}",
                 key=("train.log_prob", "sampling.kernel"),
             )
-        if self.train.ratio_guard == "grpo_guard":
-            if self.train.log_prob != "gaussian":
-                raise ConfigError(
-                    "GRPO-Guard's bias term is that of the Gaussian log-density: use train.log_prob: gaussian",
-                    key=("train.ratio_guard", "train.log_prob"),
-                )
-        if self.train.advantage_aggregation == "per_reward":
-            if self.train.advantage != "group":
-                raise ConfigError(
-                    "per_reward normalises each reward within its group: it needs train.advantage: group",
-                    key=("train.advantage_aggregation", "train.advantage"),
-                )
+        if self.train.ratio_guard == "grpo_guard" and self.train.log_prob != "gaussian":
+            raise ConfigError(
+                "GRPO-Guard's bias term is that of the Gaussian log-density: use train.log_prob: gaussian",
+                key=("train.ratio_guard", "train.log_prob"),
+            )
+        if self.train.advantage_aggregation == "per_reward" and self.train.advantage != "group":
+            raise ConfigError(
+                "per_reward normalises each reward within its group: it needs train.advantage: group",
+                key=("train.advantage_aggregation", "train.advantage"),
+            )
         kernel = self.sampling.kernel  # may still be "auto": the trainer checks again with the resolved one
         check_ratio_guard(self.train.ratio_guard, kernel, mixes_steps(self.sampling, kernel))
         if self.train.ratio_guard == "recenter" and self.train.batch_size < 2:
