@@ -13,7 +13,7 @@ from diffalign.data.prompts import load_prompts_and_metadata
 from diffalign.eval.grid import image_grid
 from diffalign.rewarding import score_with_parts
 from diffalign.samplers.plan import ode_plan
-from diffalign.samplers.rollout import rollout
+from diffalign.samplers.rollout import TextUse, rollout, text_use
 
 
 class Evaluator:
@@ -91,10 +91,10 @@ class Evaluator:
             accelerator=accelerator,
         )
 
-    def text_uses(self) -> list[tuple[list[str], str | None, bool]]:
+    def text_uses(self) -> list[TextUse]:
         """How the evaluation encodes its prompts, ``[(prompts, negative_prompt, with_negative)]``, for a trainer's
         text-embedding cache (:meth:`~diffalign.trainers.common.TrainingRun.cache_text_embeddings`)."""
-        return [(list(self.prompts), None, self.guidance_scale > 1)]
+        return [text_use(self.prompts, self.guidance_scale)]
 
     def sample(self) -> torch.Tensor:
         """``[P * S, 3, H, W]`` images, prompt-major (every process's share, gathered)."""

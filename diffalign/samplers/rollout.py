@@ -38,6 +38,7 @@ __all__ = [
     "make_generators",
     "rollout",
     "step_transition",
+    "text_use",
     "transition_log_probs",
 ]
 
@@ -144,6 +145,16 @@ class Trajectory:
 def make_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
     """One seeded generator per image."""
     return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+
+
+TextUse = tuple[list[str], str | None, bool]
+"""``(prompts, negative_prompt, with_negative)``: how prompts are encoded, the key of a text-embedding cache entry."""
+
+
+def text_use(prompts: Sequence[str], guidance_scale: float, negative_prompt: str | None = None) -> TextUse:
+    """How :func:`rollout` encodes ``prompts`` at ``guidance_scale``: the CFG branch is built only above 1. A trainer
+    precomputing text embeddings asks for the same (``adapter.precompute_text_embeddings(*use)``)."""
+    return list(prompts), negative_prompt, guidance_scale > 1
 
 
 def encode_prompts(
@@ -349,7 +360,8 @@ def rollout(
     generators = make_generators(seeds, adapter.device)
 
     if conditioning is None:
-        unique, unique_cond = encode_prompts(adapter, prompts, guidance_scale > 1, negative_prompt)
+        _, negative, with_negative = text_use(prompts, guidance_scale, negative_prompt)
+        unique, unique_cond = encode_prompts(adapter, prompts, with_negative, negative)
         prompt_cond = unique_cond[[unique.index(p) for p in prompts]]
     else:
         if len(conditioning) != len(prompts):

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from diffalign.adapters import DiffusionAdapter, load_adapter, load_pipeline
 from diffalign.config import ConfigError, TrainerConfig, save_config
+from diffalign.samplers.rollout import text_use
 from diffalign.trainers import checkpoints as ckpt
 from diffalign.trainers.checkpoints import (
     CHECKPOINT_PREFIX,
@@ -375,12 +376,14 @@ class TrainingRun:
                 raise ConfigError(f"shifts a flow schedule; {family} is not a flow model", key="model.timestep_shift")
             adapter.timestep_shift = model.timestep_shift
 
-    def cache_text_embeddings(self, uses: Sequence[tuple[Sequence[str], str | None, bool]]) -> int:
-        """Encode each prompt of ``uses`` -- ``(prompts, negative_prompt, with_negative)`` as the trainer's rollouts
-        and evaluation will ask for them -- once into the adapter's text-embedding cache, then release the text
+    def cache_text_embeddings(self, prompts: Sequence[str], sampling: Any, evaluator: Any | None) -> int:
+        """Encode every training prompt (as rollouts with ``sampling``'s guidance and negative prompt ask for them)
+        and every prompt of ``evaluator`` once into the adapter's text-embedding cache, then release the text
         encoders as ``model.offload_text_encoders`` says. Returns how many encodings were made.
 
         Every process encodes all the prompts (they are few next to the training it saves)."""
+        uses = [text_use(prompts, sampling.guidance_scale, sampling.negative_prompt)]
+        uses += evaluator.text_uses() if evaluator is not None else []
         encoded = sum(self.adapter.precompute_text_embeddings(*use) for use in uses)
         mode = self.config.model.offload_text_encoders
         if mode != "keep":

@@ -320,9 +320,7 @@ class RewardBackpropTrainer:
             config, self.adapter, self.reward, self.run.output_dir, self.run.accelerator
         )
         if config.sampling.precompute_text_embeddings:
-            sampling = config.sampling
-            uses = [(self.prompts, sampling.negative_prompt, sampling.guidance_scale > 1)]
-            self.run.cache_text_embeddings(uses + (self.evaluator.text_uses() if self.evaluator else []))
+            self.run.cache_text_embeddings(self.prompts, config.sampling, self.evaluator)
 
     # --- per-micro-batch draws ---------------------------------------------------------------------------------------
 
