@@ -96,13 +96,21 @@ def _pipeline_class_of_folder(folder: Path) -> str:
         raise ValueError(f"{index} is not a valid diffusers model_index.json ({err})") from err
 
 
-def load_pipeline(source: str | os.PathLike, dtype: torch.dtype | None = None, **kwargs: Any):
-    """Load a supported diffusers pipeline from a local folder or a hub id.
+def load_pipeline(
+    source: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    **kwargs: Any,
+):
+    """Load a supported diffusers pipeline from a local folder or a hub id, at ``revision`` (hub ids) with the
+    ``variant`` weight files when they are given; ``kwargs`` go to ``from_pretrained`` (e.g. a component to use).
 
     The pipeline class is checked *before* any weight is read, so an unsupported model fails fast.
     """
     from diffusers import DiffusionPipeline
 
+    kwargs.update({key: value for key, value in {"revision": revision, "variant": variant}.items() if value})
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -170,11 +178,8 @@ def load_adapter(
     """
     pipe = source
     if isinstance(source, (str, os.PathLike)):
-        options = {"revision": revision, "variant": variant}
-        options = {key: value for key, value in options.items() if value}
-        if vae_path is not None:
-            options["vae"] = load_vae(vae_path)
-        pipe = load_pipeline(source, dtype=dtype, **options)
+        vae = {"vae": load_vae(vae_path)} if vae_path is not None else {}
+        pipe = load_pipeline(source, dtype=dtype, revision=revision, variant=variant, **vae)
     elif vae_path is not None:
         raise ValueError("vae_path replaces the VAE of a pipeline loaded from a folder or hub id, not of a built one")
     adapter_cls = adapter_class_for(type(pipe).__name__)

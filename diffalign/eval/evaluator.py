@@ -124,11 +124,16 @@ class Evaluator:
         )
         return items, share, trajectory.images
 
+    @property
+    def _sharded(self) -> bool:
+        """Whether several processes share the evaluation."""
+        return self.accelerator is not None and self.accelerator.num_processes > 1
+
     def _share(self, items: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """This process's contiguous share of the ``(prompt, seed)`` items, padded with the last item to the size
         of the largest share (gathering needs equal shapes; only the last shares can be short, so the padding
         gathers at the end and :meth:`_gathered` cuts it off)."""
-        if self.accelerator is None or self.accelerator.num_processes == 1:
+        if not self._sharded:
             return items
         per = -(-len(items) // self.accelerator.num_processes)
         start = self.accelerator.process_index * per
@@ -137,7 +142,7 @@ class Evaluator:
 
     def _gathered(self, local: torch.Tensor, count: int) -> torch.Tensor:
         """``local`` (this process's share) gathered over processes, in item order, on the CPU; ``[count, ...]``."""
-        if self.accelerator is None or self.accelerator.num_processes == 1:
+        if not self._sharded:
             return local.cpu()
         return self.accelerator.gather(local.to(self.accelerator.device).contiguous())[:count].cpu()
 

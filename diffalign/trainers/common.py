@@ -399,11 +399,8 @@ class TrainingRun:
         from accelerate import cpu_offload
 
         pipe, device = self.adapter.pipe, self.accelerator.device
-        names = [
-            name
-            for name, module in pipe.components.items()
-            if isinstance(module, nn.Module) and (name == "vae" or name.startswith("text_encoder"))
-        ]
+        frozen = ["vae", *self.adapter.text_encoder_names]
+        names = [name for name in frozen if isinstance(getattr(pipe, name, None), nn.Module)]
         for name in names:
             cpu_offload(getattr(pipe, name), execution_device=device)
         if self._reference_denoiser is not None:
@@ -728,9 +725,8 @@ class TrainingRun:
     def _original_text_encoders(self) -> dict[str, nn.Module]:
         """The text encoders of ``model.path`` (revision, variant), loaded on the CPU without the other modules."""
         model, pipe = self.config.model, self.adapter.pipe
-        skipped = {name: None for name in pipe.components if not name.startswith("text_encoder")}
-        pinned = {"revision": model.revision, "variant": model.variant}
-        source = load_pipeline(model.path, **{key: value for key, value in pinned.items() if value}, **skipped)
+        skipped = {name: None for name in pipe.components if name not in self.adapter.text_encoder_names}
+        source = load_pipeline(model.path, revision=model.revision, variant=model.variant, **skipped)
         return {name: getattr(source, name) for name in self.adapter.text_encoder_names}
 
     def _prune(self) -> None:
