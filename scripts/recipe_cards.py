@@ -57,10 +57,14 @@ class CardError(ValueError):
 # Files
 
 
+NOT_RECIPES = (CARDS_DIR, Path("configs/accelerate"))
+"""Folders of ``configs/`` that hold no training recipe: the cards, and accelerate's launch configs."""
+
+
 def shipped_configs(root: Path = ROOT) -> list[Path]:
-    """Every shipped recipe, ``configs/<group>/<stem>.yaml`` (relative to ``root``), the cards folder excluded."""
+    """Every shipped recipe, ``configs/<group>/<stem>.yaml`` (relative to ``root``), :data:`NOT_RECIPES` excluded."""
     found = [path.relative_to(root) for path in (root / "configs").glob("*/*.yaml")]
-    return sorted(path for path in found if path.parent != CARDS_DIR)
+    return sorted(path for path in found if path.parent not in NOT_RECIPES)
 
 
 def card_name(config: str | os.PathLike) -> str:

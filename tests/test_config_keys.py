@@ -1286,7 +1286,9 @@ def _(backprop_config):
 
 @probe("dpo", "model.offload_text_encoders")
 def _(dpo_config):
-    with pytest.raises(ConfigError) as caught:  # DPO encodes each caption as it comes
+    # Freeing the encoders needs the captions cached first (data.precompute_text_embeddings; with it, the encoders
+    # go: tests/trainers/test_diffusion_dpo.py).
+    with pytest.raises(ConfigError) as caught:
         dpo_config({"model.offload_text_encoders": "delete"})
     assert "model.offload_text_encoders" in caught.value.issues[0].keys
 
@@ -1863,6 +1865,52 @@ def _(backprop_config):
     per_block = RewardBackpropTrainer(backprop_config({**checkpointing, "backprop.checkpoint_blocks": True}))
     assert not per_call.adapter.denoiser.is_gradient_checkpointing
     assert per_block.adapter.denoiser.is_gradient_checkpointing
+
+
+# --- dpo: streamed parquet data and the caption cache (issue 21, item 4) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def parquet_pairs_dir(folders):
+    """8 pairs in 4 parquet row groups of 2 (data-set rows 2g, 2g + 1 in group g): streamed by the DPO trainer."""
+    from diffalign.data.preference import write_preference_dataset
+
+    generator = torch.Generator().manual_seed(0)
+    records = [
+        (PROMPTS[i % 2], torch.rand(3, 32, 32, generator=generator), torch.rand(3, 32, 32, generator=generator), i % 2)
+        for i in range(8)
+    ]
+    folder = folders("parquet_pairs")
+    write_preference_dataset(records, folder, "parquet", rows_per_group=2)
+    return folder
+
+
+@probe("dpo", "data.num_streams")
+def _(dpo_with, parquet_pairs_dir):
+    # Two streams of two row groups each ({0, 2} and {1, 3}, dealt alternately): every batch of 2 takes one pair of
+    # each, stream 0's first; one stream draws its batches from all four groups freely.
+    source = {"data.source": str(parquet_pairs_dir)}
+
+    def parities(trainer):
+        return [[row // 2 % 2 for row in batch] for batch in trainer.epoch_batches(0)]
+
+    assert parities(dpo_with({**source, "data.num_streams": 2})) == [[0, 1]] * 4
+    assert parities(dpo_with(source)) != [[0, 1]] * 4
+
+
+@probe("dpo", "data.shuffle_buffer")
+def _(dpo_with, parquet_pairs_dir):
+    source = {"data.source": str(parquet_pairs_dir)}
+    groups = [{row // 2 for row in batch} for batch in dpo_with({**source, "data.shuffle_buffer": 0}).epoch_batches(0)]
+    assert all(len(group) == 1 for group in groups)  # no buffer: a batch of 2 is one row group
+    assert any(len({row // 2 for row in batch}) == 2 for batch in dpo_with(source).epoch_batches(0))
+
+
+@probe("dpo", "data.precompute_text_embeddings")
+def _(dpo, dpo_config):
+    trainer = DiffusionDPOTrainer(dpo_config({"data.precompute_text_embeddings": True}))
+    assert dpo.adapter.text_cache is None
+    assert len(trainer.adapter.text_cache) == 3 and not trainer.adapter.text_cache.missing([*PROMPTS, ""], None, False)
 
 
 # ==================================================================================================================

@@ -8,12 +8,20 @@ trainer's training and evaluation prompts), after which
 
 Entries are kept per prompt on the CPU (one ``[1, ...]`` conditioning each) and moved to the adapter's device per
 batch; a prompt's entry depends on the unconditional text and on whether the CFG branch was built, which are part of
-its key.
+its key. :meth:`TextEmbeddingCache.save` writes them to a safetensors file with what they were encoded with, and
+:meth:`TextEmbeddingCache.load` reads them back only for the same model and settings (a resumed run re-encodes
+nothing).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from torch import Tensor
 
 from diffalign.adapters.base import Conditioning
 
@@ -32,6 +40,17 @@ def _keys(prompts: Sequence[str], negative_prompt: str | Sequence[str] | None, w
         if len(negatives) != len(prompts):
             raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
     return [(prompt, negative, with_negative) for prompt, negative in zip(prompts, negatives)]
+
+
+def _owned(cond: Conditioning) -> Conditioning:
+    """A copy whose tensors own their memory: a row of a batch would keep the whole batch alive, and safetensors
+    refuses tensors that share memory."""
+
+    def clone(values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {name: tensor.clone() for name, tensor in values.items()}
+
+    negative = None if cond.negative is None else clone(cond.negative)
+    return Conditioning(clone(cond.embeds), negative, clone(cond.extras))
 
 
 class TextEmbeddingCache:
@@ -84,4 +103,62 @@ class TextEmbeddingCache:
             raise ValueError(f"conditioning has batch {len(cond)} for {len(prompts)} prompts")
         on_cpu = cond.to("cpu")
         for row, key in enumerate(_keys(prompts, negative_prompt, with_negative)):
-            self._entries[key] = on_cpu[row]
+            self._entries[key] = _owned(on_cpu[row])
+
+    def save(self, path: str | os.PathLike, identity: Mapping[str, str]) -> Path:
+        """Write every entry to a safetensors file, atomically (a temporary name, then renamed).
+
+        Tensors are named ``<entry>.<embeds|negative|extras>.<name>``; the metadata holds the keys, :attr:`signature`
+        and ``identity``, what the caller says the entries were encoded with (model, revision, dtype...), which
+        :meth:`load` compares.
+        """
+        tensors, keys, negatives = {}, [], []
+        for index, (key, cond) in enumerate(self._entries.items()):
+            keys.append(list(key))
+            negatives.append(cond.negative is not None)
+            for part, values in (("embeds", cond.embeds), ("negative", cond.negative or {}), ("extras", cond.extras)):
+                tensors.update({f"{index}.{part}.{name}": tensor for name, tensor in values.items()})
+        metadata = {
+            "keys": json.dumps(keys),
+            "negative": json.dumps(negatives),
+            "signature": json.dumps(self.signature),
+            "identity": json.dumps(dict(identity), sort_keys=True),
+        }
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        save_file(tensors, partial, metadata=metadata)
+        os.replace(partial, path)
+        return path
+
+    def load(self, path: str | os.PathLike, identity: Mapping[str, str]) -> int:
+        """Add the entries of a file :meth:`save` wrote for the same ``identity``, and take its :attr:`signature`
+        (the adapter empties the cache at its next encode if its text settings differ). Returns how many entries
+        were read: 0 when the file is absent, was written for another identity, or holds another signature than
+        entries already here."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            return 0
+        with safe_open(path, "pt") as handle:
+            metadata = handle.metadata() or {}
+        signature = json.loads(metadata.get("signature", "null"))
+        signature = tuple(signature) if signature is not None else None
+        same = json.loads(metadata.get("identity", "null")) == dict(identity)
+        if not same or (len(self) and signature != self.signature):
+            return 0
+        parts: dict[int, dict[str, dict[str, Tensor]]] = defaultdict(lambda: defaultdict(dict))
+        for full_name, tensor in load_file(path).items():
+            index, part, name = full_name.split(".", 2)
+            parts[int(index)][part][name] = tensor
+        keys, negatives = json.loads(metadata["keys"]), json.loads(metadata["negative"])
+        for index, (key, has_negative) in enumerate(zip(keys, negatives)):
+            entry = parts[index]
+            negative = dict(entry["negative"]) if has_negative else None
+            self._entries[tuple(key)] = Conditioning(dict(entry["embeds"]), negative, dict(entry["extras"]))
+        self.signature = signature
+        return len(keys)

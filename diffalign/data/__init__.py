@@ -3,8 +3,10 @@
 from diffalign.data.preference import (
     PreferenceDataset,
     PreferenceRecord,
+    StreamingPreferenceDataset,
     collate_preference_batch,
     load_preference_dataset,
+    stream_preference_dataset,
     write_preference_dataset,
 )
 
@@ -12,7 +14,9 @@ from diffalign.data.preference import (
 __all__ = [
     "PreferenceDataset",
     "PreferenceRecord",
+    "StreamingPreferenceDataset",
     "collate_preference_batch",
     "load_preference_dataset",
+    "stream_preference_dataset",
     "write_preference_dataset",
 ]

@@ -3,13 +3,15 @@
 A pair is a caption, two images and ``label_0``: 1 means image 0 is preferred, 0 means image 1, 0.5 is a tie
 (any value above/below 0.5 picks image 0/1). ``label_1`` is optional; when present it must equal ``1 - label_0``.
 
-Formats read by :func:`load_preference_dataset` (detected from ``source``):
+Formats read by :func:`load_preference_dataset` (detected from ``source``; :func:`parquet_files` tells parquet apart):
 
 - **Parquet**: a ``.parquet`` file, or a folder whose top level holds parquet shards (read in name order).
   Columns: ``caption``, ``label_0`` (+ optional ``label_1``), and per side k in {0, 1} either ``jpg_k`` (encoded
   image bytes, as in ``yuvalkirstain/pickapic_v2``) or ``image_k`` (a path relative to the parquet file's folder,
-  encoded bytes, or a ``datasets`` Image struct ``{"bytes", "path"}``). The table is held in memory as Arrow
-  buffers (images stay encoded); for datasets larger than RAM use the ``datasets`` format, which is memory-mapped.
+  encoded bytes, or a ``datasets`` Image struct ``{"bytes", "path"}``). :func:`stream_preference_dataset` (what the
+  DPO trainer uses) streams it row group by row group, memory flat in the data-set size, each process reading its
+  own share (:class:`StreamingPreferenceDataset`); :func:`load_preference_dataset` holds the table in memory as
+  Arrow buffers (images stay encoded), for small sets.
 - **JSON lines**: a ``.jsonl`` file, or a folder with ``data.jsonl``. One object per line with keys ``caption``,
   ``image_0``, ``image_1`` (paths relative to the jsonl's folder, or absolute), ``label_0`` (+ optional ``label_1``).
 - **datasets**: a folder written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``; pick ``split``), with
@@ -39,6 +41,7 @@ before creating each epoch's iterator (with ``persistent_workers=True`` the work
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -46,7 +49,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -60,6 +63,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from diffalign.seeding import derive_seed
 
 
 logger = logging.getLogger(__name__)
@@ -260,23 +265,41 @@ def _read_saved_dataset(path: Path, split: str) -> _PairTable:
     return _arrow_table(dataset.with_format("arrow")[:], str(path), path)
 
 
+def parquet_files(source: str | Path) -> list[Path] | None:
+    """The parquet file(s) of ``source``, a ``.parquet`` file or a folder of parquet shards (in name order); ``None``
+    when ``source`` holds another format (jsonl, a ``datasets`` folder) or does not exist."""
+    source = Path(source)
+    if source.is_file():
+        return [source] if source.suffix == ".parquet" else None
+    if not source.is_dir() or (source / JSONL_NAME).is_file() or _is_saved_dataset(source):
+        return None
+    return sorted(source.glob("*.parquet")) or None
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _parquet_origin(source: Path, files: list[Path]) -> str:
+    """How messages name a parquet source: the file, or the folder and its shard count."""
+    return str(source) if source.is_file() else f"{source} ({len(files)} parquet file(s))"
+
+
 def _read_any(source: Path, split: str) -> _PairTable:
     """Detect the format of ``source`` (see the module docstring) and read it."""
     if not source.exists():
         raise FileNotFoundError(f"Preference dataset not found: {source}")
+    files = parquet_files(source)
+    if files:
+        return _read_parquet(files, _parquet_origin(source, files))
     if source.is_file():
-        if source.suffix == ".parquet":
-            return _read_parquet([source], str(source))
         if source.suffix == ".jsonl":
             return _read_jsonl(source)
         raise ValueError(f"{source}: unknown preference data file; expected a .parquet or .jsonl file.")
     if (source / JSONL_NAME).is_file():
         return _read_jsonl(source / JSONL_NAME)
-    if (source / "dataset_dict.json").is_file() or (source / "state.json").is_file():
+    if _is_saved_dataset(source):
         return _read_saved_dataset(source, split)
-    shards = sorted(source.glob("*.parquet"))
-    if shards:
-        return _read_parquet(shards, f"{source} ({len(shards)} parquet file(s))")
     raise ValueError(
         f"{source}: no preference data found; expected parquet shards, a {JSONL_NAME}, or a folder written by "
         "datasets' save_to_disk."
@@ -494,15 +517,11 @@ class PreferenceDataset(Dataset):
         """Both images of ``row`` as RGB, or an :class:`UnreadablePair` naming the first that fails to decode."""
         if row in self._broken_rows:
             return UnreadablePair(row, self._broken_rows[row])
-        images = []
-        for side, value in enumerate(self.table.images(row)):
-            try:
-                images.append(_open_image(value, self.table.root))
-            except _DECODE_ERRORS as error:
-                note = f"{self.table.origin} {self.table.where(row)}, image_{side} {_value_name(value)}: "
-                self._broken_rows[row] = note + _error_text(error)
-                logger.warning("unreadable image, pair skipped: %s", self._broken_rows[row])
-                return UnreadablePair(row, self._broken_rows[row])
+        images = _decode_pair(self.table.images(row), self.table.root, f"{self.table.origin} {self.table.where(row)}")
+        if isinstance(images, str):
+            self._broken_rows[row] = images
+            logger.warning("unreadable image, pair skipped: %s", images)
+            return UnreadablePair(row, images)
         return images
 
     def __getitem__(self, index: int) -> dict[str, Any] | UnreadablePair:
@@ -510,8 +529,30 @@ class PreferenceDataset(Dataset):
         images = self._decode(row)
         if isinstance(images, UnreadablePair):
             return images
+        transform = _PairTransform(
+            self.resolution, self.random_crop, self.random_flip, self.empty_caption_prob, self.seed
+        )
+        return transform(images, row=row, label=label, caption=self.table.captions[row], epoch=self.epoch)
+
+
+@dataclass(frozen=True)
+class _PairTransform:
+    """Geometry and per-pair randomness shared by both datasets. Crop, flip and caption dropout are drawn from
+    ``(seed, epoch, row)``, ``row`` being the pair's index in the data set, so an item is the same whichever
+    process, worker or order makes it."""
+
+    resolution: int
+    random_crop: bool
+    random_flip: bool
+    empty_caption_prob: float
+    seed: int
+
+    def __call__(
+        self, images: Sequence[Image.Image], *, row: int, label: float, caption: str, epoch: int
+    ) -> dict[str, Any]:
+        """The dataset item of a decoded pair (see :class:`PreferenceDataset`); ``label`` is ``label_0``."""
         # One draw per decision, in a fixed order, so that switching one option off leaves the others unchanged.
-        draws = np.random.default_rng((self.seed, self.epoch, row)).random(4)
+        draws = np.random.default_rng((self.seed, epoch, row)).random(4)
         pixels, original_size, crop_top_left = _transform_pair(
             images,
             self.resolution,
@@ -521,16 +562,27 @@ class PreferenceDataset(Dataset):
         )
         if label < 0.5:  # image 1 preferred: put it first, as the reference flips the tuple
             pixels = pixels[::-1]
-        caption = "" if draws[3] < self.empty_caption_prob else self.table.captions[row]
         return {
             "pixel_values_w": pixels[0],
             "pixel_values_l": pixels[1],
-            "caption": caption,
+            "caption": "" if draws[3] < self.empty_caption_prob else caption,
             "original_size": original_size,
             "crop_top_left": crop_top_left,
             "is_tie": label == 0.5,
             "index": row,
         }
+
+
+def _decode_pair(values: Sequence[Any], root: Path, where: str) -> list[Image.Image] | str:
+    """Both image values decoded as RGB, or the description of the first that fails:
+    ``"<where>, image_<k> <value>: <error>"`` (a missing value fails too: null, empty bytes, no such file)."""
+    images = []
+    for side, value in enumerate(values):
+        try:
+            images.append(_open_image(value, root))
+        except _DECODE_ERRORS as error:
+            return f"{where}, image_{side} {_value_name(value)}: {_error_text(error)}"
+    return images
 
 
 def _open_image(value: Any, root: Path) -> Image.Image:
@@ -671,6 +723,421 @@ def load_preference_dataset(
     )
 
 
+# --------------------------------------------------------------------------------------------------- streaming
+
+STREAM_BALANCE = 0.9
+"""Row groups go to streams whole when every stream then holds at least this share of the mean rows per stream."""
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """What one stream reads of a parquet row group: every row, or (row sharding) the rows whose data-set index is
+    ``offset`` modulo ``stride``."""
+
+    file: int
+    group: int
+    file_row: int
+    """The row of the file where the group starts."""
+    first_row: int
+    """The data-set index of the group's first row (files in name order)."""
+    num_rows: int
+    stride: int = 1
+    offset: int = 0
+
+    def rows(self) -> range:
+        """The piece's rows, as indices within the row group."""
+        return range((self.offset - self.first_row) % self.stride, self.num_rows, self.stride)
+
+
+class StreamItem(NamedTuple):
+    """One pair as a stream hands it to the decoder (a DataLoader worker): small, picklable, images still encoded."""
+
+    file: int
+    """Index of the parquet file in :attr:`StreamingPreferenceDataset.files`."""
+    row: int
+    """Row in that file."""
+    index: int
+    """Data-set index: seeds the pair's crop, flip and caption dropout, as the in-memory dataset's row does."""
+    label: float
+    caption: str
+    images: tuple[Any, Any] | None
+    """The two raw image values; ``None`` from a stream run without images (:meth:`~StreamingPreferenceDataset.batches`
+    with ``images=False``)."""
+    epoch: int
+
+
+class _PieceState:
+    """A piece being streamed: the rows not yet handed out, and their image values once the first one was needed."""
+
+    __slots__ = ("piece", "remaining", "images")
+
+    def __init__(self, piece: _Piece, rows: Iterable[int]) -> None:
+        self.piece = piece
+        self.remaining = set(rows)
+        self.images: dict[int, tuple[Any, Any]] | None = None
+
+
+class _Entry(NamedTuple):
+    """A usable pair in a stream's order, before its images are read."""
+
+    state: _PieceState
+    row: int
+    """Row within the row group."""
+    label: float
+    caption: str
+
+
+def _group_pieces(files: list[Path], origin: str) -> tuple[list[_Piece], tuple[str, str], list[str]]:
+    """Every row group of ``files`` as a piece (from the footers only), the image columns and the label columns.
+
+    Raises:
+        ValueError: a file lacks a needed column (named with the file).
+    """
+    pieces, first_row = [], 0
+    image_names, label_names = None, None
+    for index, path in enumerate(files):
+        with pq.ParquetFile(path) as handle:
+            names, metadata = handle.schema_arrow.names, handle.metadata
+        chosen = _pick_image_columns(names, f"{origin}: {path.name}")
+        image_names = image_names or chosen
+        if chosen != image_names:
+            raise ValueError(f"{path} names its images {chosen}, the first shard {image_names}: use one layout")
+        label_names = label_names or ["label_0", *(["label_1"] if "label_1" in names else [])]
+        file_row = 0
+        for group in range(metadata.num_row_groups):
+            num_rows = metadata.row_group(group).num_rows
+            pieces.append(_Piece(index, group, file_row, first_row, num_rows))
+            file_row, first_row = file_row + num_rows, first_row + num_rows
+    return pieces, image_names, label_names
+
+
+def _assign_streams(groups: list[_Piece], num_streams: int) -> list[list[_Piece]]:
+    """The pieces of each stream; every row of the data set is in exactly one stream.
+
+    Row groups are dealt whole, largest first, each to the stream with the fewest rows so far, when every stream
+    then holds at least :data:`STREAM_BALANCE` of the mean (many row groups, as Pick-a-Pic's shards have): each
+    process reads only its own row groups. Otherwise (fewer or very unequal row groups) every stream takes, from
+    every row group, the rows whose data-set index is its number modulo ``num_streams``."""
+    streams: list[list[_Piece]] = [[] for _ in range(num_streams)]
+    loads = [0] * num_streams
+    for group in sorted(groups, key=lambda g: -g.num_rows):  # stable: equal sizes keep data-set order
+        lightest = loads.index(min(loads))
+        streams[lightest].append(group)
+        loads[lightest] += group.num_rows
+    if min(loads) >= STREAM_BALANCE * sum(loads) / num_streams:
+        return [sorted(stream, key=lambda g: g.first_row) for stream in streams]
+    return [[dataclasses.replace(g, stride=num_streams, offset=s) for g in groups] for s in range(num_streams)]
+
+
+class StreamingPreferenceDataset(Dataset):
+    """Preference pairs streamed from parquet row groups, memory flat in the data-set size. Build with
+    :func:`stream_preference_dataset`.
+
+    The data set is cut once into ``num_streams`` fixed streams (:func:`_assign_streams`: whole row groups, or rows
+    modulo ``num_streams`` when the row groups are too few or too unequal); a process reads the streams it is given
+    (``streams``) and nothing of the others but their labels. Epoch ``e`` of a stream visits its row groups in an
+    order seeded by ``(seed, e, stream)``, each group's usable rows shuffled, through a shuffle buffer of
+    ``shuffle_buffer`` pairs (the scheme of ``datasets``' ``IterableDataset.shuffle``). Batch ``b`` is the next
+    ``stream_batch_size`` pairs of each given stream, stream after stream; every stream yields
+    :attr:`num_batches` batches an epoch, the same number on every process. A stream's order depends only on
+    ``(seed, epoch, stream)``, so batch ``b`` over all streams is the same however the streams are spread over
+    processes (MosaicML streaming's canonical nodes give the same guarantee).
+
+    :meth:`batches` yields :class:`StreamItem` lists: caption, label and the raw image values, read one row group
+    at a time with column projection (labels and captions for the order, the image columns of a row group only
+    when one of its pairs is handed out). ``dataset[item]`` decodes and transforms one item exactly as
+    :class:`PreferenceDataset` does the same row, so a DataLoader with this dataset and a :meth:`batches` generator
+    as ``batch_sampler`` decodes in its workers.
+
+    Bad data: labels are read for the whole set when the dataset is built; invalid labels are counted and, beyond
+    ``max_bad_fraction`` of the rows, an error. Images are seen only when streamed: a missing (null, empty, no such
+    file) or undecodable image makes ``dataset[item]`` an :class:`UnreadablePair`, which
+    :func:`collate_preference_batch` drops and counts, and the trainer judges against the same limit.
+    """
+
+    def __init__(
+        self,
+        files: list[Path],
+        origin: str,
+        transform: _PairTransform,
+        *,
+        keep_ties: bool,
+        max_bad_fraction: float,
+        num_streams: int,
+        streams: Sequence[int],
+        stream_batch_size: int,
+        shuffle_buffer: int,
+    ) -> None:
+        self.files, self.origin, self.transform = files, origin, transform
+        self.keep_ties, self.max_bad_fraction = keep_ties, max_bad_fraction
+        self.streams, self.stream_batch_size, self.shuffle_buffer = list(streams), stream_batch_size, shuffle_buffer
+        groups, self.image_names, self.label_names = _group_pieces(files, origin)
+        self.pieces = _assign_streams(groups, num_streams)
+        self.stream_pairs, self._counts, notes = self._scan_labels()
+        self._check_bad_share(notes)
+        self.num_batches = min(self.stream_pairs) // stream_batch_size
+        """Batches an epoch: the fewest usable pairs of any stream, in batches of ``stream_batch_size``."""
+        self._broken: set[int] = set()
+        self._log_summary()
+
+    # --- the label scan -----------------------------------------------------------------------------------------
+
+    def _usable(self, label_0: Any, label_1: Any) -> float | None:
+        """``label_0`` of a pair the stream hands out, or ``None`` for an invalid label or a dropped tie."""
+        label = _label_0(label_0, label_1)
+        return None if label is None or (label == 0.5 and not self.keep_ties) else label
+
+    def _scan_labels(self) -> tuple[list[int], Counter, list[str]]:
+        """Usable pairs per stream, load-time counts and the first invalid rows, from the label columns only."""
+        counts = Counter(num_rows=0, invalid_labels=0, ties_dropped=0, ties_kept=0)
+        notes: list[str] = []
+        stream_pairs = [0] * len(self.pieces)
+        by_file: dict[int, list[tuple[int, _Piece]]] = {}
+        for stream, pieces in enumerate(self.pieces):
+            for piece in pieces:
+                by_file.setdefault(piece.file, []).append((stream, piece))
+        for index, path in enumerate(self.files):
+            usable = self._usable_rows(path, counts, notes)
+            for stream, piece in by_file.get(index, []):
+                rows = np.asarray(piece.rows(), dtype=np.int64) + piece.file_row
+                stream_pairs[stream] += int(usable[rows].sum())
+        return stream_pairs, counts, notes
+
+    def _usable_rows(self, path: Path, counts: Counter, notes: list[str]) -> np.ndarray:
+        """Which rows of the file ``path`` hold a usable pair (bool ``[rows]``), counting the others in ``counts``
+        and naming the first invalid ones in ``notes``."""
+        labels = pq.read_table(path, columns=self.label_names)
+        labels_0 = labels.column("label_0").to_pylist()
+        labels_1 = labels.column("label_1").to_pylist() if "label_1" in self.label_names else [None] * len(labels_0)
+        usable = np.zeros(len(labels_0), dtype=bool)
+        for row, (raw_0, raw_1) in enumerate(zip(labels_0, labels_1)):
+            label = _label_0(raw_0, raw_1)
+            if label is None:
+                counts["invalid_labels"] += 1
+                if len(notes) < MAX_NAMED:
+                    notes.append(f"{path} row {row}: invalid label_0={raw_0!r}, label_1={raw_1!r}")
+            elif label == 0.5 and not self.keep_ties:
+                counts["ties_dropped"] += 1
+            else:
+                counts["ties_kept"] += label == 0.5
+                usable[row] = True
+        counts["num_rows"] += len(labels_0)
+        return usable
+
+    def _describe(self) -> str:
+        counts = self._counts
+        return (
+            f"{counts['num_rows']} row(s) read; {counts['invalid_labels']} with an invalid label_0/label_1; "
+            f"{counts['ties_dropped']} tie(s) dropped" + ("" if self.keep_ties else " (keep_ties=True keeps them)")
+        )
+
+    def _check_bad_share(self, notes: list[str]) -> None:
+        """No usable pair, or more invalid labels than ``max_bad_fraction`` of the rows: an error naming them."""
+        named = f" First bad rows: {'; '.join(notes)}." if notes else ""
+        if sum(self.stream_pairs) == 0:
+            raise PreferenceDataError(f"No usable preference pair in {self.origin}: {self._describe()}.{named}")
+        num_bad, num_read = self._counts["invalid_labels"], self._counts["num_rows"]
+        if num_bad / num_read > self.max_bad_fraction:
+            raise PreferenceDataError(
+                f"{num_bad} of the {num_read} rows read from {self.origin} ({num_bad / num_read:.0%}) have invalid "
+                f"labels, more than the allowed share, data.max_bad_fraction = {self.max_bad_fraction}.{named} "
+                "Repair or remove the bad rows, or raise data.max_bad_fraction (max_bad_fraction=... in Python) to "
+                "train on the usable ones."
+            )
+
+    def _log_summary(self) -> None:
+        pairs = sum(self.stream_pairs)
+        used = self.num_batches * self.stream_batch_size * len(self.pieces)
+        sharding = (
+            "row groups"
+            if all(p.stride == 1 for s in self.pieces for p in s)
+            else "rows (too few or unequal row groups)"
+        )
+        log = logger.warning if self._counts["invalid_labels"] else logger.info
+        log(
+            "%s: %d usable pair(s) in %d stream(s) by %s, %d of them an epoch; %s.",
+            self.origin,
+            pairs,
+            len(self.pieces),
+            sharding,
+            used,
+            self._describe(),
+        )
+
+    # --- the streams --------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Usable pairs in the whole data set (all streams)."""
+        return sum(self.stream_pairs)
+
+    def stats(self) -> dict[str, int]:
+        """Load-time counts (as :meth:`PreferenceDataset.stats`; missing images are found when streamed, so they
+        count as ``broken_images``, the distinct pairs this process failed to decode)."""
+        return {
+            "num_pairs": len(self),
+            "num_rows": self._counts["num_rows"],
+            "bad_records": 0,
+            "invalid_labels": self._counts["invalid_labels"],
+            "ties_dropped": self._counts["ties_dropped"],
+            "ties_kept": self._counts["ties_kept"],
+            "missing_images": 0,
+            "broken_images": len(self._broken),
+        }
+
+    def _read(self, piece: _Piece, columns: Sequence[str]) -> pa.Table:
+        """The given columns of the piece's row group (column projection: nothing else is read)."""
+        with pq.ParquetFile(self.files[piece.file]) as handle:
+            return handle.read_row_group(piece.group, columns=list(columns))
+
+    def _entries(self, piece: _Piece, rng: np.random.Generator | None) -> list[_Entry]:
+        """The usable pairs of ``piece`` from its caption and label columns, shuffled by ``rng`` when given."""
+        table = self._read(piece, ["caption", *self.label_names])
+        captions = table.column("caption").to_pylist()
+        labels_0 = table.column("label_0").to_pylist()
+        labels_1 = table.column("label_1").to_pylist() if "label_1" in self.label_names else None
+        usable = []
+        for row in piece.rows():
+            label = self._usable(labels_0[row], labels_1[row] if labels_1 is not None else None)
+            if label is not None:
+                usable.append((row, label, str(captions[row] or "")))
+        state = _PieceState(piece, (row for row, _, _ in usable))
+        entries = [_Entry(state, row, label, caption) for row, label, caption in usable]
+        return entries if rng is None else [entries[i] for i in rng.permutation(len(entries))]
+
+    def _order(self, stream: int, epoch: int) -> Iterator[_Entry]:
+        """Stream ``stream``'s pairs in epoch ``epoch``'s order: seeded row-group order, shuffled rows, shuffle
+        buffer. Reads captions and labels only; the order is the same whether or not images are read later."""
+        rng = np.random.default_rng(derive_seed(self.transform.seed, "preference/stream", epoch, stream))
+        pieces = self.pieces[stream]
+        buffer: list[_Entry] = []
+        for position in rng.permutation(len(pieces)):
+            for entry in self._entries(pieces[position], rng):
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(entry)
+                    continue
+                if self.shuffle_buffer:
+                    slot = int(rng.integers(self.shuffle_buffer))
+                    entry, buffer[slot] = buffer[slot], entry
+                yield entry
+        yield from (buffer[i] for i in rng.permutation(len(buffer)))
+
+    def _item(self, entry: _Entry, epoch: int, images: bool) -> StreamItem:
+        """Hand out ``entry``: its image values are read with the rest of its piece's pending rows, once."""
+        state, piece = entry.state, entry.state.piece
+        values = None
+        if images:
+            if state.images is None:
+                columns = self._read(piece, self.image_names)
+                image_0, image_1 = (columns.column(name) for name in self.image_names)
+                state.images = {row: (image_0[row].as_py(), image_1[row].as_py()) for row in state.remaining}
+            values = state.images.pop(entry.row)
+        elif state.images is not None:
+            state.images.pop(entry.row, None)
+        state.remaining.discard(entry.row)
+        return StreamItem(
+            piece.file,
+            piece.file_row + entry.row,
+            piece.first_row + entry.row,
+            entry.label,
+            entry.caption,
+            values,
+            epoch,
+        )
+
+    def batches(self, epoch: int, start: int = 0, images: bool = True) -> Iterator[list[StreamItem]]:
+        """This process's batches ``start .. num_batches - 1`` of ``epoch``: in each, ``stream_batch_size`` pairs of
+        every given stream, stream after stream.
+
+        Starting at ``start`` replays the order from the epoch's beginning without reading any image column (only
+        the pairs still waiting in a shuffle buffer have theirs read), so batch ``start`` is exactly the one an
+        uninterrupted epoch makes. ``images=False`` runs the order alone (items without image values)."""
+        orders = [self._order(stream, epoch) for stream in self.streams]
+        for index in range(self.num_batches):
+            entries = [next(order) for order in orders for _ in range(self.stream_batch_size)]
+            batch = [self._item(entry, epoch, images and index >= start) for entry in entries]
+            if index >= start:
+                yield batch
+
+    def captions(self) -> Iterator[str]:
+        """The captions of this process's usable pairs, in data-set order; reads the caption and label columns of
+        its streams only (what the text-embedding cache needs)."""
+        for stream in self.streams:
+            for piece in self.pieces[stream]:
+                yield from (entry.caption for entry in self._entries(piece, None))
+
+    def __getitem__(self, item: StreamItem) -> dict[str, Any] | UnreadablePair:
+        """Decode and transform one :class:`StreamItem` (what a DataLoader worker runs)."""
+        if item.images is None:
+            raise ValueError("this item was streamed without its images (batches(..., images=False))")
+        path = self.files[item.file]
+        images = _decode_pair(item.images, path.parent, f"{path} row {item.row}")
+        if isinstance(images, str):
+            if item.index not in self._broken:
+                self._broken.add(item.index)
+                logger.warning("unreadable image, pair skipped: %s", images)
+            return UnreadablePair(item.index, images)
+        return self.transform(images, row=item.index, label=item.label, caption=item.caption, epoch=item.epoch)
+
+
+def stream_preference_dataset(
+    source: str | Path,
+    *,
+    resolution: int,
+    random_crop: bool = False,
+    random_flip: bool = False,
+    keep_ties: bool = False,
+    empty_caption_prob: float = 0.0,
+    seed: int = 0,
+    max_bad_fraction: float = 0.1,
+    num_streams: int = 1,
+    streams: Sequence[int] | None = None,
+    stream_batch_size: int = 1,
+    shuffle_buffer: int = 1000,
+) -> StreamingPreferenceDataset:
+    """Stream the pairs of a parquet source (see :class:`StreamingPreferenceDataset`).
+
+    Args:
+        source: a ``.parquet`` file or a folder of parquet shards (Pick-a-Pic layout, module docstring).
+        resolution, random_crop, random_flip, keep_ties, empty_caption_prob, seed, max_bad_fraction: as
+            :func:`load_preference_dataset`; an item equals the in-memory dataset's item of the same row.
+        num_streams: the fixed streams the data set is cut into.
+        streams: the streams this process reads (default: all); disjoint over processes, together all of them.
+        stream_batch_size: pairs of each stream in a batch.
+        shuffle_buffer: pairs each stream holds for shuffling (0: row groups in seeded order, rows shuffled within
+            each); memory grows with it, not with the data set.
+
+    Raises:
+        ValueError: ``source`` is not parquet, a column is missing, or an option is out of range.
+        PreferenceDataError: no usable pair, or more invalid labels than ``max_bad_fraction``.
+    """
+    files = parquet_files(source)
+    if not files:
+        raise ValueError(f"{source}: streaming reads parquet (a .parquet file or a folder of shards)")
+    streams = list(range(num_streams)) if streams is None else list(streams)
+    if num_streams < 1 or not streams or not set(streams) <= set(range(num_streams)):
+        raise ValueError(f"streams {streams} must be a non-empty subset of range(num_streams={num_streams})")
+    if stream_batch_size < 1 or shuffle_buffer < 0 or resolution < 1:
+        raise ValueError(
+            f"need stream_batch_size >= 1, shuffle_buffer >= 0 and resolution >= 1, got {stream_batch_size}, "
+            f"{shuffle_buffer}, {resolution}"
+        )
+    if not 0.0 <= empty_caption_prob <= 1.0 or not 0.0 <= max_bad_fraction <= 1.0:
+        raise ValueError(
+            f"empty_caption_prob and max_bad_fraction must be in [0, 1], got {empty_caption_prob}, {max_bad_fraction}"
+        )
+    return StreamingPreferenceDataset(
+        files,
+        _parquet_origin(Path(source), files),
+        _PairTransform(resolution, random_crop, random_flip, empty_caption_prob, seed),
+        keep_ties=keep_ties,
+        max_bad_fraction=max_bad_fraction,
+        num_streams=num_streams,
+        streams=streams,
+        stream_batch_size=stream_batch_size,
+        shuffle_buffer=shuffle_buffer,
+    )
+
+
 # --------------------------------------------------------------------------------------------------- writing
 
 
@@ -750,6 +1217,7 @@ def write_preference_dataset(
     format: Literal["jsonl", "parquet"] = "jsonl",
     *,
     image_format: str = "png",
+    rows_per_group: int = 256,
 ) -> Path:
     """Write pairs in the layout :func:`load_preference_dataset` reads (``load_preference_dataset(out_dir, ...)``).
 
@@ -760,6 +1228,8 @@ def write_preference_dataset(
         format: ``"jsonl"`` writes ``data.jsonl`` + ``images/``; ``"parquet"`` writes ``data.parquet`` with the images
             encoded in the ``jpg_0``/``jpg_1`` columns (the Pick-a-Pic names, whatever ``image_format``).
         image_format: PIL format name; PNG (default) is lossless, so pairs keep the model's exact pixels.
+        rows_per_group: parquet only: pairs per row group, the unit that streaming reads and spreads over
+            processes (:class:`StreamingPreferenceDataset`).
 
     Returns:
         The data file written.
@@ -768,7 +1238,7 @@ def write_preference_dataset(
     if format == "jsonl":
         path = _write_jsonl(records, out_dir, image_format)
     elif format == "parquet":
-        path = _write_parquet(records, out_dir, image_format)
+        path = _write_parquet(records, out_dir, image_format, rows_per_group)
     else:
         raise ValueError(f"format must be 'jsonl' or 'parquet', got {format!r}")
     logger.info("Wrote preference pairs to %s", path)

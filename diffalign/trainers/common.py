@@ -49,6 +49,7 @@ from diffalign.adapters import DiffusionAdapter, load_adapter, load_pipeline
 from diffalign.config import ConfigError, TrainerConfig, save_config
 from diffalign.samplers.rollout import text_use
 from diffalign.trainers import checkpoints as ckpt
+from diffalign.trainers import sharding
 from diffalign.trainers.checkpoints import (
     CHECKPOINT_PREFIX,
     CheckpointError,
@@ -152,8 +153,7 @@ def check_text_cache(offload_text_encoders: str, precomputed: bool) -> None:
     if offload_text_encoders != "keep" and not precomputed:
         raise ConfigError(
             f"offload_text_encoders: {offload_text_encoders} needs every prompt's text embeddings cached first "
-            "(sampling.precompute_text_embeddings: true, GRPO and reward backprop); DPO encodes each caption as it "
-            "comes, so it keeps them",
+            "(sampling.precompute_text_embeddings: true)",
             key=("model.offload_text_encoders", "sampling.precompute_text_embeddings"),
         )
 
@@ -190,6 +190,10 @@ class TrainingRun:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir)),
         )
         set_seed(config.seed, device_specific=True)
+        # FSDP2 when the launch asks for it (configs/accelerate/fsdp2.yaml); see diffalign.trainers.sharding.
+        self.sharded = sharding.enable_fsdp2(self.accelerator, config.mixed_precision)
+        if self.sharded:
+            sharding.check_sharded_options(config)
         # The main process decides (so that no filesystem cache can make processes disagree) and tells the others.
         checked: list[Path | None] = [None]
         self._together(lambda: checked.__setitem__(0, ckpt.check_output_dir(config)))
@@ -220,6 +224,10 @@ class TrainingRun:
         self.params = self._trainable_parameters()
         self._reference_denoiser: nn.Module | None = None
 
+        if self.sharded:
+            # Each process seeds its own stream, so a fresh LoRA differs per process; DDP broadcasts rank 0's
+            # weights when it wraps the model, FSDP2 does not: do it here, before the weights are split.
+            sharding.broadcast_from_main(self.params)
         self.optimizer = self._build_optimizer()
         self.lr_scheduler = self._build_lr_scheduler()
         wrapped, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
@@ -227,6 +235,8 @@ class TrainingRun:
         )
         if wrapped is not self.adapter.denoiser:
             self.adapter.wrap_denoiser(wrapped)
+        # FSDP2 replaces the parameters with DTensor shards: train (and average) the ones the optimizer now holds.
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.ema = EMA(self.params, config.ema.decay, config.ema.update_every) if config.ema.enabled else None
         self.optimizer_steps = 0
         self.schedule_steps = 0  # trainer steps the lr schedule has advanced (advance_schedule)
@@ -343,7 +353,11 @@ class TrainingRun:
 
     def snapshot_reference(self) -> None:
         """Keep a frozen copy of the current denoiser as the reference (full fine-tuning only)."""
-        if not self.use_lora and self._reference_denoiser is None:
+        if self.use_lora or self._reference_denoiser is not None:
+            return
+        if self.sharded:
+            self._reference_denoiser = sharding.sharded_copy(self.accelerator, self.adapter.denoiser)
+        else:
             self._reference_denoiser = copy.deepcopy(self.adapter.denoiser).requires_grad_(False).eval()
 
     def reduce_metrics(self, metrics: Mapping[str, float], sums: Sequence[str] = ()) -> dict[str, float]:
@@ -403,7 +417,7 @@ class TrainingRun:
         names = [name for name in frozen if isinstance(getattr(pipe, name, None), nn.Module)]
         for name in names:
             cpu_offload(getattr(pipe, name), execution_device=device)
-        if self._reference_denoiser is not None:
+        if self._reference_denoiser is not None and not self.sharded:  # a sharded reference is spread already
             cpu_offload(self._reference_denoiser, execution_device=device)
             names.append("reference")
         return names
@@ -436,7 +450,8 @@ class TrainingRun:
 
     def _check_finite(self, tensors: Sequence[Tensor], what: str, number: int | None) -> None:
         """Stop the run when any of ``tensors`` holds NaN/inf (on any process); ``number``: the 1-based step."""
-        finite = torch.stack([t.detach().isfinite().all() for t in tensors]) if tensors else torch.ones(1, dtype=bool)
+        tensors = [sharding.local(t.detach()) for t in tensors]
+        finite = torch.stack([t.isfinite().all() for t in tensors]) if tensors else torch.ones(1, dtype=bool)
         if self._max_over_processes(float(not finite.all())) > 0:  # one host sync
             bad = next((t for t, ok in zip(tensors, finite.tolist()) if not ok), None)
             value = bad[~bad.isfinite()].detach().float().cpu() if bad is not None else torch.tensor(math.nan)
@@ -467,7 +482,7 @@ class TrainingRun:
         metrics: dict[str, float] = {"lr": self.lr_scheduler.get_last_lr()[0]}
         max_norm = self.config.optim.max_grad_norm
         # With an infinite bound the gradients are only measured (scaled by exactly 1).
-        norm = float(self.accelerator.clip_grad_norm_(self.params, math.inf if max_norm is None else max_norm))
+        norm = self._clip_gradients(math.inf if max_norm is None else max_norm)
         if not math.isfinite(norm):
             if self._pending_divergence is not None:  # a NaN loss on some process (see backward)
                 raise TrainingDivergedError(self._pending_divergence)
@@ -484,6 +499,11 @@ class TrainingRun:
         if self.ema is not None:
             self.ema.step(self.optimizer_steps)
         return metrics
+
+    def _clip_gradients(self, max_norm: float) -> float:
+        if self.sharded:  # accelerate clips a whole sharded model only, not a LoRA's parameters
+            return sharding.clip_grad_norm(self.params, max_norm)
+        return float(self.accelerator.clip_grad_norm_(self.params, max_norm))
 
     def _skip_overflow(self) -> bool:
         """fp16 loss scaling: an inf/NaN gradient is how the scale finds its level. The grad scaler skips the update
@@ -624,7 +644,8 @@ class TrainingRun:
         return [names[id(p)] for p in self.params]
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        return {name: p.detach().cpu().contiguous() for name, p in zip(self.trainable_names(), self.params)}
+        """The trained weights by name, whole and on the CPU (collective when sharded: every process calls it)."""
+        return {name: sharding.full(p) for name, p in zip(self.trainable_names(), self.params)}
 
     def maybe_save(self, step: int, trainer_state: Mapping[str, Any]) -> Path | None:
         """Save when ``step`` (1-based count of completed steps) hits ``checkpoint.every``."""
@@ -650,7 +671,6 @@ class TrainingRun:
         def start() -> None:
             ckpt.remove_leftovers(root)
             tmp.mkdir(parents=True)
-            self._write_main_files(tmp)
 
         def complete() -> None:
             state = {
@@ -659,12 +679,18 @@ class TrainingRun:
                 "schedule_steps": self.schedule_steps,
                 "num_processes": self.accelerator.num_processes,
             }
+            if self.sharded and self.ema is not None:
+                state["ema_updates"] = self.ema.num_updates
             ckpt.write_json(tmp / ckpt.COMPLETE_MARKER, {**state, **trainer_state})  # last: the "complete" marker
             ckpt.commit_folder(tmp, final)
             self._prune()
             logger.info("saved checkpoint %s", final)
 
         self._together(start)
+        lora = self._lora_weights() if self.use_lora else None  # gathered from the shards on every process
+        if self.sharded:
+            sharding.save_shards(tmp / sharding.SHARDED_DIR, self._sharded_state())
+        self._together(lambda: self._write_main_files(tmp, lora))
         self._together(lambda: ckpt.write_json(tmp / ckpt.rng_file(self.accelerator.process_index), rng_state()), True)
         self._together(complete)
         self.last_saved_step = step
@@ -684,24 +710,44 @@ class TrainingRun:
                 raise error
             raise RuntimeError("another process failed while writing the run folder (its error is in its log)")
 
-    def _write_main_files(self, folder: Path) -> None:
-        """Everything of a checkpoint but the RNG states and the marker (main process)."""
-        ckpt.write_tensors(folder / ckpt.TRAINABLE_FILE, self.trainable_state_dict())
-        torch.save(self.optimizer.state_dict(), folder / ckpt.OPTIMIZER_FILE)
+    def _write_main_files(self, folder: Path, lora: dict[str, Tensor] | None) -> None:
+        """Everything of a checkpoint but the shards, the RNG states and the marker (main process); ``lora``: the
+        LoRA to export beside it."""
+        if not self.sharded:
+            ckpt.write_tensors(folder / ckpt.TRAINABLE_FILE, self.trainable_state_dict())
+            torch.save(self.optimizer.state_dict(), folder / ckpt.OPTIMIZER_FILE)
+            if self.ema is not None:
+                shadow = dict(zip(self.trainable_names(), self.ema.shadow))
+                ckpt.write_tensors(folder / ckpt.EMA_FILE, shadow, {"num_updates": str(self.ema.num_updates)})
         ckpt.write_json(folder / ckpt.SCHEDULER_FILE, self.lr_scheduler.state_dict())
-        if self.ema is not None:
-            shadow = dict(zip(self.trainable_names(), self.ema.shadow))
-            ckpt.write_tensors(folder / ckpt.EMA_FILE, shadow, {"num_updates": str(self.ema.num_updates)})
         save_config(self._run_config(), folder / ckpt.CONFIG_FILE)
-        if self.use_lora:
-            self.export_lora(folder / "lora")
+        if lora is not None:
+            self.adapter.save_lora(folder / "lora", lora)
+
+    def _sharded_state(self) -> dict[str, Tensor]:
+        """This process's shards of the trained weights (``model.``), the optimizer's state (``optim.``, torch's
+        flattened names) and the EMA (``ema.``): what a sharded checkpoint holds."""
+        names = self.trainable_names()
+        tensors = {f"model.{name}": p for name, p in zip(names, self.params)}
+        optimizer = sharding.optimizer_tensors(self.adapter.denoiser, self.optimizer.optimizer)
+        tensors |= {f"optim.{key}": value for key, value in optimizer.items() if isinstance(value, Tensor)}
+        if self.ema is not None:
+            tensors |= {f"ema.{name}": shadow for name, shadow in zip(names, self.ema.shadow)}
+        return tensors
+
+    def _lora_weights(self) -> dict[str, Tensor]:
+        """The LoRA to export (the EMA weights when EMA is on), whole and on the CPU (collective when sharded)."""
+        context = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+        with context:
+            return sharding.full_state(self.adapter.lora_state_dict())
 
     def export_lora(self, folder: str | os.PathLike) -> Path:
-        """The LoRA in diffusers format; the EMA weights when EMA is on."""
-        if self.ema is None:
-            return self.adapter.save_lora(folder)
-        with self.ema.swapped_in():
-            return self.adapter.save_lora(folder)
+        """The LoRA in diffusers format; the EMA weights when EMA is on. Every process calls it; the main process
+        writes."""
+        weights = self._lora_weights()
+        if self.is_main_process:
+            self.adapter.save_lora(folder, weights)
+        return Path(folder)
 
     def export_model(self, folder: str | os.PathLike) -> Path:
         """The fully fine-tuned pipeline as a diffusers folder (``save_pretrained``; the EMA weights when EMA is on),
@@ -711,16 +757,38 @@ class TrainingRun:
         after caching (``model.offload_text_encoders: delete``) are loaded again from ``model.path``, on the CPU."""
         from accelerate.hooks import remove_hook_from_module
 
-        pipe = self.adapter.pipe
-        for module in pipe.components.values():
-            if isinstance(module, nn.Module) and hasattr(module, "_hf_hook"):
-                remove_hook_from_module(module, recurse=True)  # puts the offloaded weights back
-        if self.adapter.text_encoders_released == "delete":
-            pipe.register_modules(**self._original_text_encoders())
+        pipe = self.adapter.pipe  # every process calls this (a sharded denoiser is gathered); the main one writes
+        if self.is_main_process:
+            for module in pipe.components.values():
+                if isinstance(module, nn.Module) and hasattr(module, "_hf_hook"):
+                    remove_hook_from_module(module, recurse=True)  # puts the offloaded weights back
+            if self.adapter.text_encoders_released == "delete":
+                pipe.register_modules(**self._original_text_encoders())
         context = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
-        with context:
-            pipe.save_pretrained(folder)
+        with context, self._whole_denoiser():
+            if self.is_main_process:
+                pipe.save_pretrained(folder)
         return Path(folder)
+
+    @contextlib.contextmanager
+    def _whole_denoiser(self) -> Iterator[None]:
+        """A sharded denoiser gathered into a plain module in the pipeline for the block (on the main process; every
+        process takes part in the gathering); nothing to do when the run is not sharded."""
+        if not self.sharded:
+            yield
+            return
+        pipe, name, live = self.adapter.pipe, self.adapter.denoiser_name, self.adapter.denoiser
+        weights = sharding.full_state(live.state_dict())
+        if not self.is_main_process:
+            yield
+            return
+        whole = type(live).from_config(live.config)
+        whole.load_state_dict(weights)
+        setattr(pipe, name, whole)
+        try:
+            yield
+        finally:
+            setattr(pipe, name, live)
 
     def _original_text_encoders(self) -> dict[str, nn.Module]:
         """The text encoders of ``model.path`` (revision, variant), loaded on the CPU without the other modules."""
@@ -758,15 +826,18 @@ class TrainingRun:
             self._restart_history(-1)  # a fresh start logs (and evaluates) step 0 again
             return {"step": 0}
         state = self._check_checkpoint(path)
-        self._load_weights(path)
-        # Read on the CPU: load_state_dict moves each state to its parameter's device (the training device as
-        # map_location fails in accelerate's CPU multi-process mode, tests/trainers/test_run_folder.py).
-        self.optimizer.load_state_dict(
-            ckpt.read_file(path, ckpt.OPTIMIZER_FILE, lambda p: ckpt.read_torch(p, map_location="cpu"))
-        )
+        if self.sharded:
+            self._load_sharded(path, state)
+        else:
+            self._load_weights(path)
+            # Read on the CPU: load_state_dict moves each state to its parameter's device (the training device as
+            # map_location fails in accelerate's CPU multi-process mode, tests/trainers/test_run_folder.py).
+            self.optimizer.load_state_dict(
+                ckpt.read_file(path, ckpt.OPTIMIZER_FILE, lambda p: ckpt.read_torch(p, map_location="cpu"))
+            )
+            if self.ema is not None:
+                self._load_ema(path)
         self.lr_scheduler.load_state_dict(ckpt.read_file(path, ckpt.SCHEDULER_FILE, ckpt.read_json))
-        if self.ema is not None:
-            self._load_ema(path)
         rng = ckpt.rng_file(self.accelerator.process_index)
         if (path / rng).is_file() or "num_processes" not in state:  # else: a new rank keeps its seeded streams
             ckpt.read_file(path, rng, lambda p: set_rng_state(ckpt.read_json(p)))
@@ -782,19 +853,51 @@ class TrainingRun:
         """The checkpoint's trainer state, once every file this process reads is known to be there (nothing is
         loaded from a checkpoint that lacks a file)."""
         state = ckpt.read_file(path, ckpt.COMPLETE_MARKER, ckpt.read_json)
+        self._check_layout(path)
         saved_processes = int(state.get("num_processes", self.accelerator.num_processes))
+        if self.sharded and saved_processes != self.accelerator.num_processes:
+            raise RunFolderError(
+                f"{path} holds the shards of {saved_processes} process(es), this run has "
+                f"{self.accelerator.num_processes}: launch {saved_processes} processes, or export the checkpoint "
+                f"('diffalign export {path} --out DIR') and start a new run from the export"
+            )
         if saved_processes != self.accelerator.num_processes and not self.config.checkpoint.allow_config_change:
             raise RunFolderError(
                 f"{path} was saved by {saved_processes} process(es), this run has {self.accelerator.num_processes}: "
                 "the data split and the per-process random streams would differ. Launch as many processes, or pass "
                 "--allow-config-change to continue anyway (RNG states of missing ranks start from the seed)"
             )
-        names = [ckpt.TRAINABLE_FILE, ckpt.OPTIMIZER_FILE, ckpt.SCHEDULER_FILE]
+        names = [ckpt.SCHEDULER_FILE] + ([] if self.sharded else [ckpt.TRAINABLE_FILE, ckpt.OPTIMIZER_FILE])
         if saved_processes == self.accelerator.num_processes:
             names.append(ckpt.rng_file(self.accelerator.process_index))
         for name in names:
             ckpt.read_file(path, name, lambda p: None)  # only the existence check
         return state
+
+    def _check_layout(self, path: Path) -> None:
+        """A sharded checkpoint for a sharded run, a whole one for the others, with a way out when they differ."""
+        saved_sharded = (path / sharding.SHARDED_DIR).is_dir()
+        if saved_sharded == self.sharded:
+            if saved_sharded and not sharding.shard_files(path / sharding.SHARDED_DIR):
+                raise CheckpointError(f"{path / sharding.SHARDED_DIR} holds no shard files: the checkpoint is damaged")
+            return
+        how = "with FSDP (sharded)" if saved_sharded else "without FSDP"
+        raise CheckpointError(
+            f"{path} was saved {how}, and this run is {'' if self.sharded else 'not '}sharded: resume it with the "
+            "accelerate config it was trained with, or turn it into a model/LoRA with "
+            f"'diffalign export {path} --out DIR' and train from that"
+        )
+
+    def _load_sharded(self, path: Path, state: Mapping[str, Any]) -> None:
+        """Trained weights, optimizer state and EMA from the shards of ``path`` (collective)."""
+        inner = self.optimizer.optimizer
+        template = self._sharded_state()  # fresh optimizer state is created (zero-lr step) to be filled
+        sharding.load_shards(path / sharding.SHARDED_DIR, template)
+        optimizer = sharding.optimizer_tensors(self.adapter.denoiser, inner)
+        optimizer |= {key: template[f"optim.{key}"] for key in optimizer if f"optim.{key}" in template}
+        sharding.load_optimizer_tensors(self.adapter.denoiser, inner, optimizer)
+        if self.ema is not None:
+            self.ema.num_updates = int(state.get("ema_updates", 0))
 
     def _restart_history(self, step: int) -> None:
         """Forget what this run did after ``step``: later checkpoints (main process) and ``metrics.jsonl`` records."""
@@ -855,9 +958,9 @@ class TrainingRun:
         path = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
         if self.last_saved_step != step:
             path = self.save(step, trainer_state)
-        if self.is_main_process and self.use_lora:
+        if self.use_lora:
             self.export_lora(self.output_dir / "lora")
-        elif self.is_main_process:
+        else:
             self.export_model(self.output_dir / "model")
         self.accelerator.end_training()
         return path

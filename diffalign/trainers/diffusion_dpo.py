@@ -23,10 +23,19 @@ Conditioning: captions are emptied with probability ``data.empty_caption_prob`` 
 docs/methods/dpo.md#caption-dropout) by the dataset; SDXL's micro-conditioning uses each pair's true original size
 and crop (docs/methods/dpo.md#sdxl-micro-conditioning), not the Salesforce constant.
 
-Data order: each epoch is a seeded permutation of the pairs, split over processes and cut into batches (an
-incomplete last batch is dropped); the position (epoch, batch) is in every checkpoint, and the noise and timesteps
-of a micro-batch come from a generator seeded by (seed, epoch, batch, process), so a resumed run sees exactly the
-batches, noise and timesteps of an uninterrupted one.
+Data order: parquet data is streamed (docs/methods/dpo.md#streaming): the row groups are dealt into
+``data.num_streams`` fixed streams (one per process by default), each process reads only its own, and each epoch
+visits a stream's row groups in a seeded order through a shuffle buffer (``data.shuffle_buffer``); a batch takes
+the same number of pairs from every stream, so the global batch does not depend on the number of processes that
+share the streams. jsonl and ``datasets`` folders are read into memory, and each epoch is a seeded permutation of
+the pairs, split over processes. Either way incomplete batches are dropped, the position (epoch, batch) is in every
+checkpoint, and each pair's VAE sample, noise and timestep come from a generator seeded by (seed, epoch, the pair's
+data-set index), so a resumed run sees exactly the batches, noise and timesteps of an uninterrupted one, and any
+number of processes trains what one does at the same global batch.
+
+Captions: ``data.precompute_text_embeddings`` encodes each unique caption of the process's share once before
+training (the caption column only), so that ``model.offload_text_encoders`` can free the text encoders. Logged
+metrics are means over processes, and ``num_train_pairs`` the pairs trained in the step over all of them.
 
 Bad data (docs/methods/dpo.md#data): rows dropped at load time may be at most ``data.max_bad_fraction`` of the rows
 read. Pairs whose images fail to decode during training are skipped and counted over all processes
@@ -50,27 +59,32 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from diffalign.adapters.base import Conditioning
+from diffalign.adapters.text_cache import TextEmbeddingCache
 from diffalign.config import ConfigError, TrainerConfig
 from diffalign.data.preference import (
     MAX_NAMED,
     PreferenceDataError,
     PreferenceDataset,
+    StreamingPreferenceDataset,
     collate_preference_batch,
     load_preference_dataset,
+    parquet_files,
+    stream_preference_dataset,
 )
 from diffalign.eval.evaluator import Evaluator
 from diffalign.losses.dpo import diffusion_dpo_loss, diffusion_sft_loss
 from diffalign.rewarding import RewardLike, build_reward
 from diffalign.seeding import derive_seed
-from diffalign.trainers.common import TrainingRun, check_text_cache
+from diffalign.trainers.common import TrainingRun
 
 
 logger = logging.getLogger(__name__)
@@ -87,6 +101,9 @@ def shifted_sigmas(sigmas: Tensor, scheduler_config: Any, fixed_shift: float | N
         return sigmas
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
+
+TEXT_CACHE_DIR = "text_cache"
+"""Folder of the run's saved caption embeddings (``data.precompute_text_embeddings``), one file per process."""
 
 MIN_PAIRS_FOR_SHARE = 20
 """Pairs drawn before the share of unreadable ones is compared with ``data.max_bad_fraction`` (a whole epoch of a
@@ -123,6 +140,20 @@ class DPODataConfig:
     rows read, those dropped at load time (unparsable records, invalid labels, missing images; ties do not count),
     and of the pairs drawn during training, those whose image fails to decode (judged once 20 pairs, or a whole
     epoch, were drawn). A step with no readable pair at all always stops the run. 0 = no bad data allowed."""
+    num_streams: int | None = None
+    """Parquet data (streamed, docs/methods/dpo.md#streaming): the fixed streams the row groups are dealt into; each
+    process reads num_streams / processes of them. The global batch depends on the streams, not on the processes:
+    fix it (e.g. 8) to get the same batches on 1, 2, 4 or 8 processes. null = one stream per process. Must be a
+    multiple of the process count, and data.batch_size a multiple of the streams per process."""
+    shuffle_buffer: int = 1000
+    """Parquet data: pairs each stream holds for shuffling across row groups (datasets' IterableDataset.shuffle
+    default); host memory grows with it (~2 encoded images a pair), not with the data set. 0 = row groups in seeded
+    order, rows shuffled within each."""
+    precompute_text_embeddings: bool = False
+    """Encode each unique caption of this process's share (and "" for caption dropout, and the evaluation prompts)
+    once before training into the adapter's text-embedding cache, reading only the caption column; with
+    model.offload_text_encoders the encoders then leave the GPU (docs/performance.md#text-embedding-cache). Host
+    memory: one conditioning per unique caption."""
 
     def __post_init__(self) -> None:
         if self.resolution is not None and self.resolution < 1:
@@ -135,6 +166,10 @@ class DPODataConfig:
             raise ConfigError(f"must be >= 0, got {self.num_workers}", key="num_workers")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"must be in [0, 1], got {self.max_bad_fraction}", key="max_bad_fraction")
+        if self.num_streams is not None and self.num_streams < 1:
+            raise ConfigError(f"must be >= 1 or null (one per process), got {self.num_streams}", key="num_streams")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"must be >= 0, got {self.shuffle_buffer}", key="shuffle_buffer")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -189,8 +224,14 @@ class DPOLossConfig:
 class DiffusionDPOConfig(TrainerConfig):
     """Config of the ``diffusion_dpo`` trainer (offline Diffusion-DPO from preference pairs)."""
 
-    resume_safe_keys: ClassVar[tuple[str, ...]] = ("reward", "data.num_workers", "data.max_bad_fraction")
-    """Offline DPO uses its reward for evaluation only; decoding workers and the bad-data limit change no draw."""
+    resume_safe_keys: ClassVar[tuple[str, ...]] = (
+        "reward",
+        "data.num_workers",
+        "data.max_bad_fraction",
+        "data.precompute_text_embeddings",
+    )
+    """Offline DPO uses its reward for evaluation only; decoding workers, the bad-data limit and the caption cache
+    change no draw."""
 
     method: Literal["diffusion_dpo"] = "diffusion_dpo"
     """Trainer name (``diffalign train`` picks the trainer from it)."""
@@ -203,8 +244,12 @@ class DiffusionDPOConfig(TrainerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        # DPO encodes each pair's caption as it comes (a data set's captions are not known up front).
-        check_text_cache(self.model.offload_text_encoders, precomputed=False)
+        if self.model.offload_text_encoders != "keep" and not self.data.precompute_text_embeddings:
+            raise ConfigError(
+                f"offload_text_encoders: {self.model.offload_text_encoders} needs every caption's text embeddings "
+                "cached first: set data.precompute_text_embeddings: true",
+                key=("model.offload_text_encoders", "data.precompute_text_embeddings"),
+            )
         if self.eval.every > 0 and self.reward is None:
             raise ConfigError(
                 "evaluation scores its images with a reward: set reward (e.g. pickscore), or eval.every = 0",
@@ -250,6 +295,8 @@ class DiffusionDPOTrainer:
         self.evaluator = Evaluator.from_config(
             config, self.adapter, self.reward, self.run.output_dir, self.run.accelerator
         )
+        if config.data.precompute_text_embeddings:
+            self.cache_captions()
         if config.dpo.loss == "dpo":
             self.run.snapshot_reference()  # full fine-tuning: freeze the initial weights (a no-op with LoRA)
         if config.dpo.offload_frozen:
@@ -269,22 +316,51 @@ class DiffusionDPOTrainer:
             )
         return height
 
-    def _load_dataset(self) -> PreferenceDataset:
+    def _load_dataset(self) -> PreferenceDataset | StreamingPreferenceDataset:
+        """The pairs: parquet is streamed, this process reading its own streams (docs/methods/dpo.md#streaming);
+        jsonl and ``datasets`` folders are read into memory on every process."""
         data = self.config.data
-        return load_preference_dataset(
+        options = {
+            "resolution": self.resolution,
+            "random_crop": data.random_crop,
+            "random_flip": data.random_flip,
+            "keep_ties": data.keep_ties,
+            "empty_caption_prob": data.empty_caption_prob,
+            "seed": self.config.seed,
+            "max_bad_fraction": data.max_bad_fraction,
+        }
+        if parquet_files(data.source) is None:
+            return load_preference_dataset(data.source, split=data.split, **options)
+        world, rank = self.run.accelerator.num_processes, self.run.accelerator.process_index
+        streams = data.num_streams or world
+        per_process = streams // world
+        if streams % world or data.batch_size % per_process:  # a multiple of world is >= world: no zero
+            raise ConfigError(
+                f"{streams} data streams cannot be shared by {world} process(es) with data.batch_size "
+                f"{data.batch_size}: data.num_streams must be a multiple of the process count, and data.batch_size "
+                "a multiple of the streams per process (null streams = one per process)",
+                key=("data.num_streams", "data.batch_size"),
+            )
+        return stream_preference_dataset(
             data.source,
-            resolution=self.resolution,
-            random_crop=data.random_crop,
-            random_flip=data.random_flip,
-            keep_ties=data.keep_ties,
-            empty_caption_prob=data.empty_caption_prob,
-            seed=self.config.seed,
-            split=data.split,
-            max_bad_fraction=data.max_bad_fraction,
+            num_streams=streams,
+            streams=range(rank * per_process, (rank + 1) * per_process),
+            stream_batch_size=data.batch_size // per_process,
+            shuffle_buffer=data.shuffle_buffer,
+            **options,
         )
 
     def _num_batches(self) -> int:
         world, size = self.run.accelerator.num_processes, self.config.data.batch_size
+        if isinstance(self.dataset, StreamingPreferenceDataset):
+            if self.dataset.num_batches == 0:
+                pairs, streams = min(self.dataset.stream_pairs), len(self.dataset.stream_pairs)
+                raise ValueError(
+                    f"the smallest of the {streams} data streams holds {pairs} usable pairs, fewer than one batch "
+                    f"({self.dataset.stream_batch_size} pairs of each stream): lower data.batch_size or "
+                    "data.num_streams, or add data"
+                )
+            return self.dataset.num_batches
         num_batches = len(self.dataset) // world // size
         if num_batches == 0:
             raise ValueError(
@@ -293,14 +369,60 @@ class DiffusionDPOTrainer:
             )
         return num_batches
 
+    def cache_captions(self) -> int:
+        """``data.precompute_text_embeddings``: encode each unique caption this process trains on (``""`` too when
+        captions are dropped) and the evaluation prompts once into the adapter's text-embedding cache, then release
+        the text encoders as ``model.offload_text_encoders`` says. Returns how many encodings were made.
+
+        The cache is also written to ``<output_dir>/text_cache/rank<process>.safetensors`` and read back when the run
+        resumes, for the same model, revision, variant, dtype and text settings: a resume encodes nothing again."""
+        adapter, run = self.adapter, self.run
+        if adapter.text_cache is None:
+            adapter.text_cache = TextEmbeddingCache()
+        # Each process keeps its own captions' file; a resumed run reads it instead of encoding them again.
+        path = run.output_dir / TEXT_CACHE_DIR / f"rank{run.accelerator.process_index}.safetensors"
+        if run.resume_checkpoint is not None and (loaded := adapter.text_cache.load(path, self._text_identity())):
+            logger.info("read %d text embeddings from %s", loaded, path)
+        # DPO trains without CFG: captions are encoded without the unconditional branch, as text_use at guidance 1.
+        no_guidance = SimpleNamespace(guidance_scale=1.0, negative_prompt=None)
+        encoded = run.cache_text_embeddings(self._unique_captions(), no_guidance, self.evaluator)
+        if encoded:
+            adapter.text_cache.save(path, self._text_identity())
+        return encoded
+
+    def _unique_captions(self) -> list[str]:
+        """Every caption this process may train on, once: its streams' (reading only the caption and label columns),
+        or the whole in-memory set's; ``""`` as well when captions are dropped."""
+        if isinstance(self.dataset, StreamingPreferenceDataset):
+            captions = self.dataset.captions()
+        else:
+            captions = (self.dataset.table.captions[row] for row in self.dataset.rows)
+        unique = dict.fromkeys(captions)
+        if self.config.data.empty_caption_prob > 0:
+            unique[""] = None
+        return list(unique)
+
+    def _text_identity(self) -> dict[str, str]:
+        """What a cached conditioning depends on besides its prompt and the adapter's text settings (which the cache
+        keeps as its signature): the text encoders' source, the family and the dtype."""
+        model = self.config.model
+        values = (model.path, model.revision, model.variant, model.max_sequence_length)
+        names = ("model", "revision", "variant", "max_sequence_length")
+        return {**dict(zip(names, map(str, values))), "family": self.adapter.family, "dtype": str(self.adapter.dtype)}
+
     # --- data -------------------------------------------------------------------------------------------------------
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This process's batches of dataset indices for ``epoch``: a seeded permutation, split over processes.
+        """This process's batches for ``epoch``: dataset indices (in-memory data), or the data-set rows of the pairs
+        (streamed parquet; the order alone, no image read).
 
-        Every process draws the same permutation and takes every ``num_processes``-th index; incomplete batches
-        are dropped so that all processes run the same number of micro-batches.
+        In memory, every process draws the same seeded permutation and takes every ``num_processes``-th index;
+        incomplete batches are dropped so that all processes run the same number of micro-batches. Streamed, each
+        process takes ``batch_size / streams per process`` pairs of each of its streams
+        (:class:`~diffalign.data.preference.StreamingPreferenceDataset`).
         """
+        if isinstance(self.dataset, StreamingPreferenceDataset):
+            return [[item.index for item in batch] for batch in self.dataset.batches(epoch, images=False)]
         accelerator = self.run.accelerator
         generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "dpo/order", epoch))
         order = torch.randperm(len(self.dataset), generator=generator)
@@ -308,16 +430,22 @@ class DiffusionDPOTrainer:
         local = order[accelerator.process_index :: world][: len(order) // world].tolist()
         return [local[i : i + size] for i in range(0, self.num_batches * size, size)]
 
+    def _epoch_sampler(self, epoch: int, start: int) -> Iterable[list[Any]]:
+        """What the DataLoader hands the dataset from batch ``start`` of ``epoch`` on: lists of indices, or of
+        streamed items (the stream reads row groups in this process; DataLoader workers decode)."""
+        if isinstance(self.dataset, StreamingPreferenceDataset):
+            return self.dataset.batches(epoch, start)
+        self.dataset.set_epoch(epoch)
+        return self.epoch_batches(epoch)[start:]
+
     def batch_stream(self, epoch: int, start: int) -> Iterator[tuple[int, int, Batch]]:
         """Endless ``(epoch, batch_index, batch)`` from position ``(epoch, start)``, epoch after epoch."""
         from torch.utils.data import DataLoader
 
         while True:
-            self.dataset.set_epoch(epoch)
-            batches = self.epoch_batches(epoch)
             loader = DataLoader(
                 self.dataset,
-                batch_sampler=batches[start:],
+                batch_sampler=self._epoch_sampler(epoch, start),
                 collate_fn=collate_preference_batch,
                 num_workers=self.config.data.num_workers,
             )
@@ -362,14 +490,24 @@ class DiffusionDPOTrainer:
             return cond
         return self.adapter.with_size_conditioning(cond, batch["original_sizes"], batch["crop_top_lefts"])
 
-    def loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+    def pair_generators(self, epoch: int, indices: Tensor) -> list[torch.Generator]:
+        """One CPU generator per pair, seeded by (seed, epoch, the pair's data-set index): a pair's VAE sample, noise
+        and timestep do not depend on the process that trains it nor on the pairs beside it, so any number of
+        processes trains what one process does at the same global batch."""
+        seed = self.config.seed
+        return [torch.Generator().manual_seed(derive_seed(seed, "dpo/pair", epoch, int(i))) for i in indices]
+
+    def loss(
+        self, batch: Batch, generator: torch.Generator | list[torch.Generator]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss of one micro-batch of ``B`` pairs and its metrics (see the module docstring).
 
         Args:
             batch: a :func:`~diffalign.data.preference.collate_preference_batch` batch with ``B >= 1``:
                 ``pixel_values_w``/``pixel_values_l`` ``[B, 3, R, R]`` in [0, 1], ``captions`` and (SDXL)
                 ``original_sizes``/``crop_top_lefts`` ``[B, 2]``.
-            generator: CPU generator for the VAE posterior sample, the noise and the timesteps.
+            generator: CPU generator for the VAE posterior samples, the noises and the timesteps; or one per pair
+                (:meth:`pair_generators`), each drawing its pair's.
 
         Returns:
             ``(loss, metrics)``: the scalar loss and detached 0-d metric tensors.
@@ -378,14 +516,21 @@ class DiffusionDPOTrainer:
         size = len(batch["captions"])
         sft_only = self.config.dpo.loss == "sft"
         pixels = batch["pixel_values_w"] if sft_only else torch.cat([batch["pixel_values_w"], batch["pixel_values_l"]])
+        copies = pixels.shape[0] // size
+        per_pair = isinstance(generator, list)
         with torch.no_grad():
-            latents = adapter.encode_images(pixels, generator=generator)
+            latents = adapter.encode_images(pixels, generator=generator * copies if per_pair else generator)
         # Same noise and timestep for the winner and the loser of a pair
         # (docs/methods/dpo.md#shared-noise-and-timestep).
-        copies = latents.shape[0] // size
-        noise = torch.randn((size, *latents.shape[1:]), generator=generator).to(latents)
-        noise = noise.repeat(copies, *[1] * (noise.ndim - 1))
-        timesteps = self.sample_timesteps(size, generator).to(adapter.device).repeat(copies)
+        shape = latents.shape[1:]
+        if per_pair:
+            noise = torch.stack([torch.randn(shape, generator=g) for g in generator])
+            timesteps = torch.cat([self.sample_timesteps(1, g) for g in generator])
+        else:
+            noise = torch.randn((size, *shape), generator=generator)
+            timesteps = self.sample_timesteps(size, generator)
+        noise = noise.to(latents).repeat(copies, *[1] * len(shape))
+        timesteps = timesteps.to(adapter.device).repeat(copies)
         noisy = adapter.add_noise(latents, noise, timesteps)
         target = adapter.training_target(latents, noise, timesteps)
         cond = self.conditioning(batch)
@@ -486,7 +631,7 @@ class DiffusionDPOTrainer:
         """One optimizer step over ``optim.gradient_accumulation_steps`` micro-batches; returns the mean metrics."""
         accumulation = self.config.optim.gradient_accumulation_steps
         totals: dict[str, float] = {}
-        count, synced, kept, skipped, notes = 0, True, 0, 0, []
+        count, synced, kept, skipped, notes, trained = 0, True, 0, 0, [], 0
         for micro in range(accumulation):
             epoch, index, batch = next(stream)
             self._advance(epoch, index)
@@ -496,16 +641,14 @@ class DiffusionDPOTrainer:
                 where = " on some process" if self.run.accelerator.num_processes > 1 else ""
                 logger.warning("micro-batch %d of epoch %d has no readable pair%s; skipped", index, epoch, where)
                 continue
-            generator = torch.Generator().manual_seed(
-                derive_seed(self.config.seed, "dpo/batch", epoch, index, self.run.accelerator.process_index)
-            )
             synced = micro == accumulation - 1
             with self.run.accumulate(sync=synced):
-                loss, metrics = self.loss(batch, generator)
+                loss, metrics = self.loss(batch, self.pair_generators(epoch, batch["indices"]))
                 self.run.backward(loss / accumulation, step=step)
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
             count += 1
+            trained += len(batch["captions"])
         self._check_data(step, kept, skipped, notes)  # raises before an update when the data is too bad
         if count == 0:  # some process lacked a pair in every micro-batch (the same decision everywhere)
             raise PreferenceDataError(
@@ -515,7 +658,10 @@ class DiffusionDPOTrainer:
             )
         if not synced and self.run.accelerator.num_processes > 1:
             self._sync_gradients()
-        metrics = {key: value / count for key, value in totals.items()}
+        local = {key: value / count for key, value in totals.items()}
+        local["num_train_pairs"] = float(trained)
+        # Each process's means and pair count, over all processes (the optimizer's metrics are global already).
+        metrics = self.run.reduce_metrics(local, sums=("num_train_pairs",))
         metrics.update(self.run.optimizer_step(step=step))
         metrics.update({"data/num_skipped": float(self.num_skipped), "data/epoch": float(self.position[0])})
         return metrics

@@ -43,7 +43,8 @@ here; DRaFT-LV averages over the ``n`` copies (``reward_loss`` takes the mean) w
 last step, which for the last step differs only by the ``alpha_prod_prev`` of the final DDIM step.
 
 Every draw (prompts, seeds, ``K``, ``mid``, re-noising) is seeded from ``(seed, step, micro-batch, process)``, so a
-resumed run reproduces the losses of an uninterrupted one exactly.
+resumed run reproduces the losses of an uninterrupted one exactly; prompts and image seeds are drawn for the global
+micro-batch, so several processes train on what one process with their total batch would.
 
 Launch: ``diffalign train configs/backprop/sd15_aesthetic.yaml`` (``accelerate launch -m diffalign.cli train ...``
 for several GPUs); ``configs/backprop/tiny_cpu.yaml`` runs on a laptop CPU.
@@ -324,20 +325,25 @@ class RewardBackpropTrainer:
 
     # --- per-micro-batch draws ---------------------------------------------------------------------------------------
 
-    def _seed(self, purpose: str, step: int, micro: int, *more: int) -> int:
-        process = self.run.accelerator.process_index
+    def _seed(self, purpose: str, step: int, micro: int, *more: int, process: int | None = None) -> int:
+        """The seed of one draw; by default each process has its own (``process`` pins a shared one)."""
+        process = self.run.accelerator.process_index if process is None else process
         return derive_seed(self.config.seed, f"backprop/{purpose}", step, micro, process, *more)
 
     def micro_batch(self, step: int, micro: int) -> tuple[list[str], list[dict[str, Any]], list[int]]:
-        """The micro-batch's prompts (drawn with replacement, as AlignProp's prompt functions), their metadata
-        (:attr:`prompt_metadata`, aligned) and image seeds.
+        """This process's part of the micro-batch: prompts (drawn with replacement, as AlignProp's prompt functions),
+        their metadata (:attr:`prompt_metadata`, aligned) and image seeds.
 
-        The draw is ``rng.choices`` over the prompt indices, the same random calls as over the prompts themselves
-        (``choices`` picks ``population[floor(random() * n)]``), so runs keep the prompts they drew before.
+        The global micro-batch (``sampling.batch_size`` per process) is drawn once for all processes and each takes
+        its slice, with seeds by global position, so that N processes train on what one process with N times the
+        batch would (tests/trainers/test_fsdp.py). The draw is ``rng.choices`` over the prompt indices, the same
+        random calls as over the prompts themselves, so runs keep the prompts they drew before.
         """
-        rng = random.Random(self._seed("prompts", step, micro))
-        indices = rng.choices(range(len(self.prompts)), k=self.config.sampling.batch_size)
-        seeds = [self._seed("image", step, micro, i) for i in range(len(indices))]
+        per, world = self.config.sampling.batch_size, self.run.accelerator.num_processes
+        start = self.run.accelerator.process_index * per
+        rng = random.Random(self._seed("prompts", step, micro, process=0))
+        indices = rng.choices(range(len(self.prompts)), k=per * world)[start : start + per]
+        seeds = [self._seed("image", step, micro, start + i, process=0) for i in range(per)]
         return [self.prompts[i] for i in indices], [self.prompt_metadata[i] for i in indices], seeds
 
     def micro_batch_prompts(self, step: int, micro: int) -> tuple[list[str], list[int]]:

@@ -1,9 +1,13 @@
 """Diffusion-DPO trainer on tiny pipelines: first loss, parameter updates, LoRA export, resume, broken data, configs,
 and learning from AI-feedback pairs (docs/methods/dpo.md)."""
 
+import itertools
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +32,7 @@ def _adapter_kwargs(family):
     return {"max_sequence_length": 77} if family in ("sd3", "flux") else {}
 
 
-def _write_pairs(folder, num_pairs=4, size=(SIZE, SIZE), seed=0):
+def _write_pairs(folder, num_pairs=4, size=(SIZE, SIZE), seed=0, data_format="jsonl", rows_per_group=256):
     generator = torch.Generator().manual_seed(seed)
     records = [
         (
@@ -39,7 +43,7 @@ def _write_pairs(folder, num_pairs=4, size=(SIZE, SIZE), seed=0):
         )
         for i in range(num_pairs)
     ]
-    write_preference_dataset(records, folder)
+    write_preference_dataset(records, folder, data_format, rows_per_group=rows_per_group)
     return folder
 
 
@@ -518,3 +522,175 @@ def test_full_finetuning_writes_a_loadable_model_folder(tiny_pipeline_dir, pairs
     out = tmp_path / "sample.png"
     args = ["sample", "--model", str(folder), "--prompt", "a red circle", "--steps", "2", "--out", str(out)]
     assert main([*args, "--height", "32", "--width", "32"]) == 0 and out.is_file()
+
+
+# --- streamed parquet data, the caption cache, metrics over processes ------------------------------------------------
+
+
+@pytest.mark.slow  # two runs and a resume
+def test_streamed_parquet_run_resumes_with_the_same_losses(tiny_pipeline_dir, tmp_path):
+    """Parquet is streamed (docs/methods/dpo.md#streaming): 12 pairs in row groups of 2, two streams in one process
+    (one pair of each per batch), 2 micro-batches a step, killed in step 3 and resumed mid-epoch."""
+    data = _write_pairs(tmp_path / "pairs", num_pairs=12, data_format="parquet", rows_per_group=2)
+    overrides = [
+        "max_steps=4",
+        "checkpoint.every=2",
+        "optim.gradient_accumulation_steps=2",
+        "data.num_streams=2",
+        "data.shuffle_buffer=3",
+        "data.random_crop=true",
+    ]
+    model = tiny_pipeline_dir("sd15")
+    straight = _trainer(_config(tmp_path, model, data, overrides, name="straight"))
+    assert sorted(sum(straight.epoch_batches(0), [])) == list(range(12)) and straight.num_batches == 6
+    straight.train()
+
+    crashing = _trainer(_config(tmp_path, model, data, overrides, name="resumed"))
+    real_step = crashing.run.optimizer_step
+
+    def optimizer_step(step=None):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_step(step=step)
+
+    crashing.run.optimizer_step = optimizer_step
+    with pytest.raises(KeyboardInterrupt):
+        crashing.train()
+    _trainer(_config(tmp_path, model, data, [*overrides, "checkpoint.resume_from=latest"], name="resumed")).train()
+    straight_metrics, resumed = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+    assert _data_state(tmp_path / "straight", 2)["batch"] == 4  # the checkpoint resumed from is mid-epoch
+    for step_number in (3, 4):
+        assert resumed[step_number]["loss"] == pytest.approx(straight_metrics[step_number]["loss"], rel=1e-5, abs=1e-7)
+        assert resumed[step_number]["num_train_pairs"] == 4.0
+
+
+@pytest.mark.slow  # two runs (about 9 s on 2 loaded cores)
+def test_caption_cache_gives_the_same_losses_and_frees_the_text_encoders(tiny_pipeline_dir, tmp_path):
+    """data.precompute_text_embeddings with model.offload_text_encoders: delete: every caption of the data (read from
+    the caption column) and "" (caption dropout) are encoded once, the text encoders leave the pipeline, and the
+    conditioning, the losses and a training step are those without the cache (same seed, same batches)."""
+    data = _write_pairs(tmp_path / "pairs", num_pairs=8, data_format="parquet", rows_per_group=2)
+    model, dropout = tiny_pipeline_dir("sd15"), ["data.empty_caption_prob=0.5"]
+    cache = [*dropout, "data.precompute_text_embeddings=true", "model.offload_text_encoders=delete"]
+    plain = _trainer(_config(tmp_path, model, data, dropout, name="plain"))
+    cached = _trainer(_config(tmp_path, model, data, cache, name="cached"))
+    assert plain.adapter.text_cache is None and plain.adapter.pipe.text_encoder is not None
+    adapter = cached.adapter
+    assert adapter.pipe.text_encoder is None and adapter.text_encoders_released == "delete"
+    assert len(adapter.text_cache) == len(CAPTIONS) + 1
+    assert not adapter.text_cache.missing(["", *CAPTIONS], None, False)
+
+    streams = [trainer.batch_stream(0, 0) for trainer in (plain, cached)]
+    batches = [(a, b) for (_, _, a), (_, _, b) in itertools.islice(zip(*streams), 4)]
+    assert "" in {caption for batch, _ in batches for caption in batch["captions"]}  # dropout shows up
+    for i, (batch, same) in enumerate(batches):
+        assert batch["captions"] == same["captions"]
+        torch.testing.assert_close(cached.conditioning(same).embeds, plain.conditioning(batch).embeds)
+        expected = plain.loss(batch, torch.Generator().manual_seed(i))[1]
+        got = cached.loss(same, torch.Generator().manual_seed(i))[1]
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-7)
+    steps = [trainer.train_step(trainer.batch_stream(1, 0), 0) for trainer in (plain, cached)]
+    assert steps[1]["num_train_pairs"] == 2.0  # one micro-batch of 2 pairs
+    assert steps[1]["loss"] == pytest.approx(steps[0]["loss"], rel=1e-5)
+    with pytest.raises(RuntimeError, match="not in the text-embedding cache, e.g. 'an unseen caption'"):
+        adapter.encode_prompt(["an unseen caption"], with_negative=False)
+    with pytest.raises(ConfigError, match="data.precompute_text_embeddings"):
+        _config(tmp_path, model, data, ["model.offload_text_encoders=delete"])
+
+
+def test_streams_that_do_not_fit_the_processes_are_refused(tiny_pipeline_dir, tmp_path):
+    data = _write_pairs(tmp_path / "pairs", num_pairs=8, data_format="parquet", rows_per_group=2)
+    with pytest.raises(ConfigError, match=r"data\.num_streams.*data\.batch_size") as info:
+        _trainer(_config(tmp_path, tiny_pipeline_dir("sd15"), data, ["data.num_streams=3"]))
+    assert "multiple of the streams per process" in str(info.value)
+
+
+DISTRIBUTED_SCRIPT = """
+import json, sys
+from pathlib import Path
+from diffalign.config import load_config
+from diffalign.trainers.diffusion_dpo import DiffusionDPOConfig, DiffusionDPOTrainer
+
+model, data, out, batch_size = sys.argv[1:5]
+raw = {
+    "model": {"path": model, "lora": {"rank": 4}},
+    "data": {"source": data, "batch_size": int(batch_size), "num_streams": 2, "shuffle_buffer": 3},
+    "output_dir": out, "seed": 0, "max_steps": 1, "optim": {"lr": 1e-3},
+    "logging": {"log_with": "none"}, "checkpoint": {"every": 0},
+}
+trainer = DiffusionDPOTrainer(load_config(DiffusionDPOConfig, raw))
+accelerator = trainer.run.accelerator
+metrics = trainer.train_step(trainer.batch_stream(0, 0), 0)
+record = {"world": accelerator.num_processes, "batches": trainer.epoch_batches(0), "metrics": metrics}
+Path(out, f"rank{accelerator.process_index}.json").write_text(json.dumps(record))
+"""
+
+
+@pytest.mark.slow  # a 2-process accelerate launch
+def test_two_processes_read_disjoint_streams_and_share_the_global_batch(tiny_pipeline_dir, tmp_path):
+    """With data.num_streams: 2, one process with batches of 2 and two processes with batches of 1 train on the same
+    global batches; the processes' pairs are disjoint and together the whole set, and logged metrics are over both
+    processes (num_train_pairs summed, the same loss on each)."""
+    data = _write_pairs(tmp_path / "pairs", num_pairs=12, data_format="parquet", rows_per_group=2)
+    script = tmp_path / "dpo_script.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
+    model = str(tiny_pipeline_dir("sd15"))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, str(script), model, str(data), str(tmp_path / "one"), "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    double = subprocess.run(
+        [*launch, model, str(data), str(tmp_path / "two"), "1"], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    two = [json.loads((tmp_path / "two" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert (one["world"], two[0]["world"]) == (1, 2)
+    assert one["batches"] == [a + b for a, b in zip(two[0]["batches"], two[1]["batches"])]
+    rows = [{row for batch in record["batches"] for row in batch} for record in two]
+    assert not rows[0] & rows[1] and rows[0] | rows[1] == set(range(12))
+    assert one["metrics"]["num_train_pairs"] == two[0]["metrics"]["num_train_pairs"] == 2.0
+    assert two[0]["metrics"] == two[1]["metrics"]
+
+
+@pytest.mark.slow  # two runs
+def test_a_resumed_run_reads_the_saved_caption_cache_instead_of_encoding(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """The caption cache is written to <output_dir>/text_cache/rank0.safetensors; a resume reads it back (the same
+    tensors) and encodes nothing, and a file saved for another model is not used."""
+    from diffalign.adapters.sd import StableDiffusionAdapter
+    from diffalign.adapters.text_cache import TextEmbeddingCache
+
+    calls = []
+    encode = StableDiffusionAdapter._encode
+
+    def counted(self, prompts, negative_prompt, with_negative):
+        calls.append(list(prompts))
+        return encode(self, prompts, negative_prompt, with_negative)
+
+    monkeypatch.setattr(StableDiffusionAdapter, "_encode", counted)
+    data = _write_pairs(tmp_path / "pairs", num_pairs=8, data_format="parquet", rows_per_group=2)
+    cache = ["data.precompute_text_embeddings=true", "model.offload_text_encoders=delete"]
+    first = _trainer(_config(tmp_path, tiny_pipeline_dir("sd15"), data, cache))
+    assert sorted(sum(calls, [])) == sorted(["", *CAPTIONS])  # each caption once, "" for caption dropout
+    first.run.save(1, first.trainer_state())
+    saved = tmp_path / "run" / "text_cache" / "rank0.safetensors"
+    assert saved.is_file()
+
+    calls.clear()
+    resumed = _trainer(_config(tmp_path, tiny_pipeline_dir("sd15"), data, [*cache, "checkpoint.resume_from=latest"]))
+    assert calls == [] and resumed.adapter.pipe.text_encoder is None
+    for caption in ["", *CAPTIONS]:
+        before = first.adapter.text_cache.lookup([caption], None, False)
+        after = resumed.adapter.text_cache.lookup([caption], None, False)
+        assert all(torch.equal(after.embeds[k], before.embeds[k]) for k in before.embeds)
+    identity = resumed._text_identity()
+    assert TextEmbeddingCache().load(saved, identity) == len(CAPTIONS) + 1
+    assert TextEmbeddingCache().load(saved, {**identity, "model": "another/model"}) == 0
