@@ -56,7 +56,9 @@ EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 # Files an output folder holds when a run has used it (removed by ``overwrite``); the tracker folder is added.
-RUN_ARTIFACTS = (CONFIG_FILE, METRICS_FILE, "checkpoints", "lora", "model", "eval")
+TEXT_CACHE_DIR = "text_cache"
+"""The run folder's saved text-embedding cache (one safetensors file per process)."""
+RUN_ARTIFACTS = (CONFIG_FILE, METRICS_FILE, "checkpoints", "lora", "model", "eval", TEXT_CACHE_DIR)
 # Config keys that say how a run is watched, kept or computed, not what it trains: they may change on resume
 # (``max_steps`` and ``max_minutes``: see :func:`changes_training`).
 BOOKKEEPING_KEYS = (

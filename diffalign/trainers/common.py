@@ -395,15 +395,36 @@ class TrainingRun:
         and every prompt of ``evaluator`` once into the adapter's text-embedding cache, then release the text
         encoders as ``model.offload_text_encoders`` says. Returns how many encodings were made.
 
-        Every process encodes all the prompts (they are few next to the training it saves)."""
+        Each process encodes its own prompts (all of them for GRPO and reward backprop: they are few next to the
+        training it saves). The cache is written to ``<output_dir>/text_cache/rank<process>.safetensors``, keyed by
+        prompt and by the model, revision, variant, dtype and text settings it was encoded with, and read back when
+        the run resumes with the same ones: a resumed run encodes nothing again."""
+        from diffalign.adapters.text_cache import TextEmbeddingCache
+
+        adapter = self.adapter
+        if adapter.text_cache is None:
+            adapter.text_cache = TextEmbeddingCache()
+        path = self.output_dir / ckpt.TEXT_CACHE_DIR / f"rank{self.accelerator.process_index}.safetensors"
+        if self.resume_checkpoint is not None and (loaded := adapter.text_cache.load(path, self._text_identity())):
+            logger.info("read %d text embeddings from %s", loaded, path)
         uses = [text_use(prompts, sampling.guidance_scale, sampling.negative_prompt)]
         uses += evaluator.text_uses() if evaluator is not None else []
-        encoded = sum(self.adapter.precompute_text_embeddings(*use) for use in uses)
+        encoded = sum(adapter.precompute_text_embeddings(*use) for use in uses)
+        if encoded:
+            adapter.text_cache.save(path, self._text_identity())
         mode = self.config.model.offload_text_encoders
         if mode != "keep":
-            released = self.adapter.release_text_encoders(mode)
+            released = adapter.release_text_encoders(mode)
             logger.info("text embeddings cached (%d); text encoders %s: %s", encoded, mode, ", ".join(released))
         return encoded
+
+    def _text_identity(self) -> dict[str, str]:
+        """What a cached conditioning depends on besides its prompt and the adapter's text settings (which the cache
+        keeps as its signature): the text encoders' source, the family and the dtype."""
+        model = self.config.model
+        values = (model.path, model.revision, model.variant, model.max_sequence_length)
+        names = ("model", "revision", "variant", "max_sequence_length")
+        return {**dict(zip(names, map(str, values))), "family": self.adapter.family, "dtype": str(self.adapter.dtype)}
 
     def offload_frozen(self) -> list[str]:
         """Keep the frozen text encoders, the VAE and the reference copy (full fine-tuning; take it first with

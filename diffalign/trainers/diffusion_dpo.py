@@ -68,7 +68,6 @@ import torch
 from torch import Tensor
 
 from diffalign.adapters.base import Conditioning
-from diffalign.adapters.text_cache import TextEmbeddingCache
 from diffalign.config import ConfigError, TrainerConfig
 from diffalign.data.preference import (
     MAX_NAMED,
@@ -102,7 +101,6 @@ def shifted_sigmas(sigmas: Tensor, scheduler_config: Any, fixed_shift: float | N
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-TEXT_CACHE_DIR = "text_cache"
 """Folder of the run's saved caption embeddings (``data.precompute_text_embeddings``), one file per process."""
 
 MIN_PAIRS_FOR_SHARE = 20
@@ -372,23 +370,11 @@ class DiffusionDPOTrainer:
     def cache_captions(self) -> int:
         """``data.precompute_text_embeddings``: encode each unique caption this process trains on (``""`` too when
         captions are dropped) and the evaluation prompts once into the adapter's text-embedding cache, then release
-        the text encoders as ``model.offload_text_encoders`` says. Returns how many encodings were made.
-
-        The cache is also written to ``<output_dir>/text_cache/rank<process>.safetensors`` and read back when the run
-        resumes, for the same model, revision, variant, dtype and text settings: a resume encodes nothing again."""
-        adapter, run = self.adapter, self.run
-        if adapter.text_cache is None:
-            adapter.text_cache = TextEmbeddingCache()
-        # Each process keeps its own captions' file; a resumed run reads it instead of encoding them again.
-        path = run.output_dir / TEXT_CACHE_DIR / f"rank{run.accelerator.process_index}.safetensors"
-        if run.resume_checkpoint is not None and (loaded := adapter.text_cache.load(path, self._text_identity())):
-            logger.info("read %d text embeddings from %s", loaded, path)
+        the text encoders as ``model.offload_text_encoders`` says (:meth:`TrainingRun.cache_text_embeddings`, which
+        also saves the cache for a resume). Returns how many encodings were made."""
         # DPO trains without CFG: captions are encoded without the unconditional branch, as text_use at guidance 1.
         no_guidance = SimpleNamespace(guidance_scale=1.0, negative_prompt=None)
-        encoded = run.cache_text_embeddings(self._unique_captions(), no_guidance, self.evaluator)
-        if encoded:
-            adapter.text_cache.save(path, self._text_identity())
-        return encoded
+        return self.run.cache_text_embeddings(self._unique_captions(), no_guidance, self.evaluator)
 
     def _unique_captions(self) -> list[str]:
         """Every caption this process may train on, once: its streams' (reading only the caption and label columns),
@@ -401,14 +387,6 @@ class DiffusionDPOTrainer:
         if self.config.data.empty_caption_prob > 0:
             unique[""] = None
         return list(unique)
-
-    def _text_identity(self) -> dict[str, str]:
-        """What a cached conditioning depends on besides its prompt and the adapter's text settings (which the cache
-        keeps as its signature): the text encoders' source, the family and the dtype."""
-        model = self.config.model
-        values = (model.path, model.revision, model.variant, model.max_sequence_length)
-        names = ("model", "revision", "variant", "max_sequence_length")
-        return {**dict(zip(names, map(str, values))), "family": self.adapter.family, "dtype": str(self.adapter.dtype)}
 
     # --- data -------------------------------------------------------------------------------------------------------
 

@@ -691,6 +691,6 @@ def test_a_resumed_run_reads_the_saved_caption_cache_instead_of_encoding(tiny_pi
         before = first.adapter.text_cache.lookup([caption], None, False)
         after = resumed.adapter.text_cache.lookup([caption], None, False)
         assert all(torch.equal(after.embeds[k], before.embeds[k]) for k in before.embeds)
-    identity = resumed._text_identity()
+    identity = resumed.run._text_identity()
     assert TextEmbeddingCache().load(saved, identity) == len(CAPTIONS) + 1
     assert TextEmbeddingCache().load(saved, {**identity, "model": "another/model"}) == 0

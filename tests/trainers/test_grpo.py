@@ -645,6 +645,30 @@ def test_text_embedding_cache_gives_the_same_rollouts_and_losses(tiny_pipeline_d
         make_config(folder, tmp_path, **{"model.offload_text_encoders": "cpu"})
 
 
+def test_a_resumed_run_reads_its_saved_text_embeddings(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """The cache is saved as <output_dir>/text_cache/rank0.safetensors; resuming reads it and encodes nothing."""
+    from diffalign.adapters.base import DiffusionAdapter
+
+    folder = tiny_pipeline_dir("sd3")
+    cached = {"sampling.precompute_text_embeddings": True, "model.offload_text_encoders": "delete"}
+    first = GRPOTrainer(make_config(folder, tmp_path / "run", **cached))
+    assert (tmp_path / "run" / "text_cache" / "rank0.safetensors").is_file()
+    first.run.save(1, first.trainer_state())
+    encoded: list[int] = []
+    precompute = DiffusionAdapter.precompute_text_embeddings
+    monkeypatch.setattr(
+        DiffusionAdapter,
+        "precompute_text_embeddings",
+        lambda self, *args, **kwargs: encoded.append(precompute(self, *args, **kwargs)) or encoded[-1],
+    )
+    resumed = GRPOTrainer(make_config(folder, tmp_path / "run", **cached, **{"checkpoint.resume_from": "latest"}))
+    assert encoded and sum(encoded) == 0 and len(resumed.adapter.text_cache) == 2
+    for prompt in PROMPTS[:2]:
+        saved, kept = (t.adapter.text_cache.lookup([prompt], None, True) for t in (resumed, first))
+        torch.testing.assert_close(saved.embeds, kept.embeds)
+        torch.testing.assert_close(saved.negative, kept.negative)
+
+
 @pytest.mark.slow  # several full epochs compared; the slow suite runs in CI
 def test_auto_rescore_chunk_keeps_the_gradient_and_its_row_budget(tiny_pipeline_dir, tmp_path):
     """timestep_chunk: auto with a 16-row budget: 4 samples x 2 (CFG) = 8 rows a step, so 2 of the 3 trained steps per
