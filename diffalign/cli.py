@@ -9,6 +9,8 @@
     diffalign score --reward NAME [--reward NAME ...] --images DIR|FILES --prompts FILE|--prompt P [--json PATH]
     diffalign pairs --model M --prompts FILE|--prompt P --reward SPEC --num-per-prompt K --out DIR
     diffalign bench rollout|backprop|grpo|learn ...
+    diffalign plan CONFIG.yaml [key=value ...] [--gpus N] [--gpu-memory 80GB] [--sharding ddp|fsdp2] [--json]
+    diffalign export CHECKPOINT|RUN --out DIR                            # LoRA or pipeline folder; joins FSDP shards
     diffalign demo [demo options]
 
 Several GPUs: ``accelerate launch -m diffalign.cli train CONFIG.yaml``. Errors print one line
@@ -204,6 +206,27 @@ def _add_bench(sub, common) -> None:
     p.set_defaults(handler=cmd_bench_learn)
 
 
+def _add_export(sub, common) -> None:
+    p = sub.add_parser("export", parents=[common], help="a checkpoint as a LoRA or pipeline folder (joins shards)")
+    p.add_argument("checkpoint", help="a checkpoint folder (<run>/checkpoints/checkpoint-N) or a run folder (newest)")
+    p.add_argument("--out", required=True, help="folder to write: the LoRA, or the fine-tuned pipeline")
+    p.set_defaults(handler=cmd_export)
+
+
+def _add_plan(sub, common) -> None:
+    p = sub.add_parser("plan", parents=[common], help="per-GPU memory of a training config (no weights loaded)")
+    p.add_argument("config", help="YAML config with a 'method' key (as for train)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.batch_size=2")
+    p.add_argument("--gpus", type=int, default=1, help="processes, one GPU each (default: 1)")
+    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU: 80GB, 40GiB, 24000MB (default: 80GB)")
+    p.add_argument(
+        "--sharding", choices=("ddp", "fsdp2"), default="ddp", help="replicate (ddp, default) or shard the denoiser"
+    )
+    p.add_argument("--architecture", metavar="NAME", help="plan this shipped architecture (a fine-tune of it)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(handler=cmd_plan)
+
+
 def _add_demo(sub, common) -> None:
     # No -h of its own: everything after `demo` (but --debug) goes to the demo, which has its own --help.
     p = sub.add_parser("demo", parents=[common], add_help=False, help="align the shapes-world model (demo)")
@@ -219,7 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     common = _common()
-    for add in (_add_train, _add_sample, _add_grid, _add_score, _add_pairs, _add_bench, _add_demo):
+    for add in (
+        _add_train,
+        _add_sample,
+        _add_grid,
+        _add_score,
+        _add_pairs,
+        _add_export,
+        _add_bench,
+        _add_plan,
+        _add_demo,
+    ):
         add(sub, common)
     return parser
 
@@ -491,6 +524,35 @@ def cmd_bench_learn(args: argparse.Namespace) -> int:
     _check_positive(threads=args.threads)
     bench = _lazy("diffalign.bench", "bench_learn", "diffalign bench learn")
     bench(method=args.method, minutes=args.minutes, output=args.output, seed=args.seed, threads=args.threads)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from diffalign.trainers.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from diffalign.config import load_config
+    from diffalign.planning import PlanSettings, UnknownArchitectureError, parse_memory, plan_memory
+    from diffalign.planning.report import format_plan, plan_to_dict
+
+    _check_positive(gpus=args.gpus)
+    try:
+        memory = parse_memory(args.gpu_memory)
+    except ValueError as err:
+        raise UsageError(f"--gpu-memory: {err}") from None
+    config_class, _ = _trainer_classes(_read_method(args.config))
+    config = load_config(config_class, args.config, list(args.overrides))
+    settings = PlanSettings(args.gpus, memory, args.sharding, args.architecture)
+    try:
+        plan = plan_memory(config, settings)
+    except UnknownArchitectureError as err:
+        raise ConfigError(str(err), key="model.path", source=args.config) from None
+    print(json.dumps(plan_to_dict(plan, args.config), indent=2) if args.json else format_plan(plan, args.config))
     return 0
 
 

@@ -56,7 +56,7 @@ def _error_line(capsys) -> str:
 def test_help_and_version(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("train", "sample", "grid", "score", "pairs", "bench", "demo"):
+    for command in ("train", "sample", "grid", "score", "pairs", "export", "plan", "bench", "demo"):
         assert command in out
     assert main(["--version"]) == 0
     assert __version__ in capsys.readouterr().out

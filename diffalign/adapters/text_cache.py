@@ -91,6 +91,20 @@ class TextEmbeddingCache:
             return None
         return Conditioning.cat([self._entries[key] for key in keys])
 
+    def entries(
+        self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = None, with_negative: bool = True
+    ) -> dict[CacheKey, Conditioning]:
+        """The entries held for ``prompts`` (those present), by key: what :meth:`update` adds to another cache."""
+        keys = _keys(prompts, negative_prompt, with_negative)
+        return {key: self._entries[key] for key in keys if key in self._entries}
+
+    def update(self, entries: Mapping[CacheKey, Conditioning], signature: tuple) -> None:
+        """Add entries another cache encoded under ``signature`` (another process's share of the prompts)."""
+        if self.signature not in (None, signature):
+            raise ValueError(f"entries encoded with text settings {signature}, this cache holds {self.signature}")
+        self.signature = signature
+        self._entries.update(entries)
+
     def store(
         self,
         prompts: Sequence[str],

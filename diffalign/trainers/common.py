@@ -390,15 +390,20 @@ class TrainingRun:
                 raise ConfigError(f"shifts a flow schedule; {family} is not a flow model", key="model.timestep_shift")
             adapter.timestep_shift = model.timestep_shift
 
-    def cache_text_embeddings(self, prompts: Sequence[str], sampling: Any, evaluator: Any | None) -> int:
+    def cache_text_embeddings(
+        self, prompts: Sequence[str], sampling: Any, evaluator: Any | None, shared: bool = True
+    ) -> int:
         """Encode every training prompt (as rollouts with ``sampling``'s guidance and negative prompt ask for them)
         and every prompt of ``evaluator`` once into the adapter's text-embedding cache, then release the text
         encoders as ``model.offload_text_encoders`` says. Returns how many encodings were made.
 
-        Each process encodes its own prompts (all of them for GRPO and reward backprop: they are few next to the
-        training it saves). The cache is written to ``<output_dir>/text_cache/rank<process>.safetensors``, keyed by
-        prompt and by the model, revision, variant, dtype and text settings it was encoded with, and read back when
-        the run resumes with the same ones: a resumed run encodes nothing again."""
+        ``shared``: every process passes the same prompts (GRPO, reward backprop); each then encodes a share of
+        them and the shares are gathered, so that N processes encode each prompt once in all. Otherwise (DPO's
+        captions, each process its own) every process encodes what it passed.
+
+        The cache is written to ``<output_dir>/text_cache/rank<process>.safetensors``, keyed by prompt and by the
+        model, revision, variant, dtype and text settings it was encoded with, and read back when the run resumes
+        with the same ones: a resumed run encodes nothing again."""
         from diffalign.adapters.text_cache import TextEmbeddingCache
 
         adapter = self.adapter
@@ -409,13 +414,29 @@ class TrainingRun:
             logger.info("read %d text embeddings from %s", loaded, path)
         uses = [text_use(prompts, sampling.guidance_scale, sampling.negative_prompt)]
         uses += evaluator.text_uses() if evaluator is not None else []
-        encoded = sum(adapter.precompute_text_embeddings(*use) for use in uses)
+        encoded = sum(self._encode_share(*use) if shared else adapter.precompute_text_embeddings(*use) for use in uses)
         if encoded:
             adapter.text_cache.save(path, self._text_identity())
         mode = self.config.model.offload_text_encoders
         if mode != "keep":
             released = adapter.release_text_encoders(mode)
             logger.info("text embeddings cached (%d); text encoders %s: %s", encoded, mode, ", ".join(released))
+        return encoded
+
+    def _encode_share(self, prompts: Sequence[str], negative_prompt: str | None, with_negative: bool) -> int:
+        """Encode this process's share of the uncached ``prompts`` (the same list on every process), then take the
+        other shares from the other processes (collective). Returns how many this process encoded."""
+        cache, rank, world = self.adapter.text_cache, self.accelerator.process_index, self.accelerator.num_processes
+        missing = cache.missing(list(prompts), negative_prompt, with_negative)
+        if world == 1:
+            return self.adapter.precompute_text_embeddings(missing, negative_prompt, with_negative)
+        from accelerate.utils import gather_object
+
+        mine = missing[rank::world]
+        encoded = self.adapter.precompute_text_embeddings(mine, negative_prompt, with_negative) if mine else 0
+        shares = gather_object([(cache.entries(mine, negative_prompt, with_negative), self.adapter._text_signature())])
+        for entries, signature in shares:
+            cache.update(entries, signature)
         return encoded
 
     def _text_identity(self) -> dict[str, str]:

@@ -374,7 +374,7 @@ class DiffusionDPOTrainer:
         also saves the cache for a resume). Returns how many encodings were made."""
         # DPO trains without CFG: captions are encoded without the unconditional branch, as text_use at guidance 1.
         no_guidance = SimpleNamespace(guidance_scale=1.0, negative_prompt=None)
-        return self.run.cache_text_embeddings(self._unique_captions(), no_guidance, self.evaluator)
+        return self.run.cache_text_embeddings(self._unique_captions(), no_guidance, self.evaluator, shared=False)
 
     def _unique_captions(self) -> list[str]:
         """Every caption this process may train on, once: its streams' (reading only the caption and label columns),

@@ -2,7 +2,7 @@
 
 Used by test_fsdp.py under ``accelerate launch`` (FSDP2 or DDP, 2 CPU processes) and as a single process.
 Usage: python distributed_run_script.py METHOD MODEL_DIR OUT_DIR LORA_RANK MAX_STEPS [DATA_DIR] [FLAGS]
-(flags: --resume, --as-two, --bf16)
+(flags: --resume, --as-two, --bf16, --cache: text embeddings cached, encoders deleted)
 
 Writes ``OUT_DIR/result-rank{R}.json`` (the metrics of every logged step); the trained weights are the run's own
 export (``OUT_DIR/run/lora`` or ``OUT_DIR/run/model``).
@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from diffalign.adapters.base import DiffusionAdapter
 from diffalign.config import load_config
 from diffalign.trainers import get_trainer
 
@@ -54,6 +55,19 @@ def raw_config(
     return common | {"data": data | {"random_flip": False, "empty_caption_prob": 0.0}}
 
 
+def count_encodings() -> list[int]:
+    """Record how many prompts each precompute call of this process encodes."""
+    counts: list[int] = []
+    precompute = DiffusionAdapter.precompute_text_embeddings
+
+    def counted(self, *args, **kwargs):
+        counts.append(precompute(self, *args, **kwargs))
+        return counts[-1]
+
+    DiffusionAdapter.precompute_text_embeddings = counted
+    return counts
+
+
 def main() -> None:
     method, model_dir, out, lora_rank, max_steps = sys.argv[1:6]
     rest = sys.argv[6:]
@@ -62,14 +76,19 @@ def main() -> None:
     # --as-two: the per-process batch of a 2-process run (to resume its checkpoint on one process).
     world = 2 if "--as-two" in rest else int(os.environ.get("WORLD_SIZE", "1"))
     raw = raw_config(method, model_dir, out, int(lora_rank), int(max_steps), data_dir, world)
+    if "--cache" in rest:
+        raw["sampling"]["precompute_text_embeddings"] = True
+        raw["model"]["offload_text_encoders"] = "delete"
     if "--bf16" in rest:
         raw["mixed_precision"] = "bf16"
     if "--resume" in rest:
         raw["checkpoint"]["resume_from"] = "latest"
     config_class, trainer_class = get_trainer(method)
     config = load_config(config_class, raw)
+    encoded = count_encodings()
     trainer = trainer_class(config)
     run = trainer.run
+    cache = trainer.adapter.text_cache
     sharded, shard_type = run.sharded, type(run.params[0].data).__name__
     rank = run.accelerator.process_index
     trainer.train()  # ends with the export: run/lora or run/model, gathered from the shards when sharded
@@ -79,6 +98,9 @@ def main() -> None:
         "sharded": sharded,
         "shard_type": shard_type,
         "metrics": [json.loads(line) for line in lines],
+        "encoded": sum(encoded),
+        "cached": 0 if cache is None else len(cache),
+        "encoders_left": [name for name in trainer.adapter.text_encoder_names if getattr(trainer.adapter.pipe, name)],
     }
     (out / f"result-rank{rank}.json").write_text(json.dumps(record))
 

@@ -72,7 +72,7 @@ def _assert_same_weights(a: dict, b: dict) -> None:
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
-@pytest.mark.slow  # 4 launches
+@pytest.mark.slow  # 5 launches
 def test_grpo_lora_sharded_matches_one_process_and_resumes(tiny_pipeline_dir, tmp_path):
     model = tiny_pipeline_dir("sd3")
     one = _run(tmp_path / "one", "grpo", model, 4, 3, config=None)
@@ -87,6 +87,11 @@ def test_grpo_lora_sharded_matches_one_process_and_resumes(tiny_pipeline_dir, tm
     assert [m["step"] for m in resumed["metrics"]] == [1, 2, 3]
     _assert_same_training(one, resumed, keys)
     _assert_same_weights(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
+    # With the text-embedding cache, each process encodes half of the 4 prompts and gathers the rest; the text
+    # encoders are gone, and the training is the same.
+    cached = _run(tmp_path / "cached", "grpo", model, 4, 2, "--cache")
+    assert (cached["encoded"], cached["cached"], cached["encoders_left"]) == (2, 4, [])
+    _assert_same_training(one, cached, keys, steps=2)
     # The same checkpoint on one process (unsharded): one error saying what to do.
     code, output = _launch(tmp_path / "two", "grpo", model, 4, 4, "--resume", "--as-two", config=None)
     assert code != 0 and "was saved with FSDP (sharded)" in output and "diffalign export" in output
