@@ -1359,6 +1359,22 @@ def _(grpo, grpo_with, grpo_raw, grpo_epoch):
     expect_config_error(GRPOConfig, with_keys(grpo_raw, {"train.cfg": False}), "train.cfg")
 
 
+@probe("grpo", "train.cfg_uncond_grad")
+def _(grpo, grpo_with, grpo_epoch):
+    # flow_grpo's form: the same loss value (on policy: ratio 1), another gradient (the CFG branch detached; its
+    # closed form is tested in tests/adapters/test_cfg_uncond_grad.py).
+    detached = grpo_with({"train.cfg_uncond_grad": False})
+    grads, losses = [], []
+    for trainer in (grpo, detached):
+        params = [p for p in trainer.adapter.denoiser.parameters() if p.requires_grad]
+        loss, metrics = step_loss(trainer, grpo_epoch[0])
+        assert metrics["ratio_mean"].item() == pytest.approx(1.0, abs=1e-5)
+        losses.append(loss.detach())
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
+    assert differ(grads[0], grads[1])
+
+
 @probe("grpo", "train.advantage")
 def _(grpo, grpo_with):
     group, _ = grpo.advantages(REWARDS, GROUPS, GROUP_PROMPTS)

@@ -436,7 +436,14 @@ class DiffusionAdapter:
 
     # --- denoiser ---------------------------------------------------------------------------------------------------
 
-    def predict(self, latents: Tensor, t: Tensor | float, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
+    def predict(
+        self,
+        latents: Tensor,
+        t: Tensor | float,
+        cond: Conditioning,
+        guidance_scale: float = 1.0,
+        uncond_grad: bool = True,
+    ) -> Tensor:
         """The model output at ``(latents, t)``: :meth:`_predict`, with the LoRA switched off at the timesteps at
         or below :attr:`lora_min_timestep` when that is set.
 
@@ -445,18 +452,25 @@ class DiffusionAdapter:
         """
         limit = self.lora_min_timestep
         if limit is None or not self.has_lora or self._lora_off_depth:
-            return self._predict(latents, t, cond, guidance_scale)
+            return self._predict(latents, t, cond, guidance_scale, uncond_grad=uncond_grad)
         active = self._timesteps(t, latents.shape[0]) > limit  # [B]
         if bool(active.all()):
-            return self._predict(latents, t, cond, guidance_scale)
+            return self._predict(latents, t, cond, guidance_scale, uncond_grad=uncond_grad)
         with self.lora_disabled():
-            base = self._predict(latents, t, cond, guidance_scale)
+            base = self._predict(latents, t, cond, guidance_scale, uncond_grad=uncond_grad)
         if not bool(active.any()):
             return base
-        adapted = self._predict(latents, t, cond, guidance_scale)
+        adapted = self._predict(latents, t, cond, guidance_scale, uncond_grad=uncond_grad)
         return torch.where(active.view(-1, *[1] * (latents.ndim - 1)), adapted, base)
 
-    def _predict(self, latents: Tensor, t: Tensor | float, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
+    def _predict(
+        self,
+        latents: Tensor,
+        t: Tensor | float,
+        cond: Conditioning,
+        guidance_scale: float = 1.0,
+        uncond_grad: bool = True,
+    ) -> Tensor:
         """The model output at ``(latents, t)``, classifier-free-guided when ``guidance_scale > 1``.
 
         CFG runs as one batched call on ``cat([negative, positive])``, as the pipelines do, and combines
@@ -467,6 +481,9 @@ class DiffusionAdapter:
             t: the timestep on the scheduler's scale (a scalar, or ``[B]``).
             cond: the conditioning of the ``B`` samples.
             guidance_scale: CFG weight; ``<= 1`` means a single conditional call.
+            uncond_grad: with grad enabled, let the gradient flow through the unconditional branch too. ``False``
+                gives flow_grpo's training gradient (that branch detached): it then runs as its own no-grad call
+                of ``B`` rows, so the backward covers the ``B`` conditional rows only.
 
         Returns:
             ``[B, ...]`` epsilon, v or velocity (per :attr:`prediction_type`), in the adapter's dtype.
@@ -475,6 +492,13 @@ class DiffusionAdapter:
         batch = latents.shape[0]
         if len(cond) != batch:
             raise ValueError(f"conditioning has batch {len(cond)} but latents have batch {batch}")
+        if guidance_scale > 1.0 and not uncond_grad and torch.is_grad_enabled():
+            inputs = cond.guided_inputs()  # the clear error when there is no negative branch
+            timesteps = self._timesteps(t, batch)
+            with torch.no_grad():
+                uncond = self._forward(latents, timesteps, {k: v[:batch] for k, v in inputs.items()}, cond)
+            text = self._forward(latents, timesteps, cond.embeds, cond)
+            return uncond + guidance_scale * (text - uncond)
         if guidance_scale > 1.0:
             inputs = cond.guided_inputs()
             output = self._forward(torch.cat([latents, latents]), self._timesteps(t, 2 * batch), inputs, cond)

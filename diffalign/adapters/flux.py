@@ -77,8 +77,16 @@ class FluxAdapter(DiffusionAdapter):
         h, w = self._latent_hw
         return self.pipe._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.dtype)
 
-    def _predict(self, latents: Tensor, t: Tensor | float, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
-        """Velocity at ``(latents, t)``; ``guidance_scale`` goes to the guidance embedding (see the class doc)."""
+    def _predict(
+        self,
+        latents: Tensor,
+        t: Tensor | float,
+        cond: Conditioning,
+        guidance_scale: float = 1.0,
+        uncond_grad: bool = True,
+    ) -> Tensor:
+        """Velocity at ``(latents, t)``; ``guidance_scale`` goes to the guidance embedding (see the class doc), so
+        there is no unconditional branch and ``uncond_grad`` has nothing to act on."""
         latents = latents.to(self.dtype)
         batch = latents.shape[0]
         if len(cond) != batch:

@@ -464,6 +464,7 @@ def transition_log_probs(
     positions: Sequence[int] | int | Tensor,
     conditioning: Conditioning | None = None,
     samples: slice | Tensor | None = None,
+    uncond_grad: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Log-probs of stored transitions under the adapter's *current* parameters (with grad).
 
@@ -478,6 +479,8 @@ def transition_log_probs(
             tensor of each sample's own positions (DDPO's per-sample random steps).
         conditioning: override the trajectory's conditioning (e.g. a training sub-batch's).
         samples: a sub-batch of images (slice or index tensor); default all.
+        uncond_grad: with CFG, let the gradient flow through the unconditional branch too; ``False`` detaches it
+            (flow_grpo) and skips its backward (:meth:`DiffusionAdapter._predict`).
 
     Returns:
         ``(log_probs [b, n], means [b, n, ...], stds)`` for the ``n`` positions; the means and the transition
@@ -497,7 +500,9 @@ def transition_log_probs(
     rows = latents.flatten(0, 1)
     flat = positions.flatten().tolist()
     timesteps = trajectory.timesteps[flat]
-    output = adapter.predict(rows, timesteps, cond.repeat_interleave(count), trajectory.guidance_scale)
+    output = adapter.predict(
+        rows, timesteps, cond.repeat_interleave(count), trajectory.guidance_scale, uncond_grad=uncond_grad
+    )
     indices = [trajectory.step_indices[p] for p in flat]
     step = step_transition(
         adapter,

@@ -350,8 +350,9 @@ def check_output_dir(config: Any, announce: bool = True) -> Path | None:
     checkpoint = resolve_checkpoint(options.resume_from, output_dir)
     continues_this_run = checkpoint is not None and _same_folder(checkpoint.parent, output_dir / "checkpoints")
     if not continues_this_run and options.resume_from not in ("latest", "auto") and not options.overwrite:
-        # A config.yaml alone is a run that stopped before logging or saving anything (a config error, say).
-        found = [path for path in run_artifacts(output_dir, config) if path.name != CONFIG_FILE]
+        # A config.yaml (and text cache) alone is a run that stopped before logging or saving anything (a config
+        # error, say); a fresh start replaces them.
+        found = [path for path in run_artifacts(output_dir, config) if path.name not in (CONFIG_FILE, TEXT_CACHE_DIR)]
         if found:
             raise RunFolderError(
                 f"{output_dir} already holds a run ({', '.join(p.name for p in found)}); pass --resume latest "

@@ -176,6 +176,10 @@ class GRPOTrainConfig:
     kernel both are the true KL, as flow_grpo's CPS code divides by the CPS step variance."""
     cfg: bool = True
     """Re-evaluate the policy with CFG during training (the no-CFG recipe sets this false and guidance 1)."""
+    cfg_uncond_grad: bool = True
+    """With CFG in training: the gradient flows through the unconditional branch too (the exact gradient of the
+    guided policy, as DDPO's references). ``false`` detaches that branch as flow_grpo's ``train_sd3.py`` does, and
+    runs it as a no-grad call of its own, which skips its backward (docs/performance.md)."""
     advantage: Literal["group", "running"] = "group"
     """``group``: Flow-GRPO per-prompt normalisation of each epoch; ``running``: DDPO's per-prompt buffer."""
     global_std: bool = True
@@ -591,7 +595,9 @@ class GRPOTrainer:
             else dataclasses.replace(trajectory, guidance_scale=guidance)
         )
         with self.run.autocast():
-            log_probs, means, stds = transition_log_probs(self.adapter, traj, positions, samples=samples)
+            log_probs, means, stds = transition_log_probs(
+                self.adapter, traj, positions, samples=samples, uncond_grad=train.cfg_uncond_grad
+            )
         old = trajectory.log_probs[samples].gather(1, positions).to(log_probs.device)
         log_ratio, weights = self._guarded_log_ratio(trajectory, samples, positions, log_probs, old, means, stds)
         step_advantages = advantages[samples].to(log_probs.device).unsqueeze(1).expand_as(old)
