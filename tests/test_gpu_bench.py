@@ -101,6 +101,7 @@ def test_peak_table(bench, name, peak):
 # --- building from a config folder, text conditioning ---------------------------------------------------------------
 
 
+@pytest.mark.slow  # loads and builds tiny pipelines (~4-14 s each on 2 cores)
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_build_pipeline_matches_saved_architecture(bench, tiny_pipeline_dir, family):
     import diffusers
@@ -120,6 +121,7 @@ def test_build_pipeline_matches_saved_architecture(bench, tiny_pipeline_dir, fam
     assert all(getattr(pipe, name) is None for name in pipe.components if name.startswith(("text_", "tokenizer")))
 
 
+@pytest.mark.slow  # loads and builds tiny pipelines (~4-14 s each on 2 cores)
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_random_conditioning_has_the_encoders_layout(bench, tiny_pipeline_dir, family):
     from diffalign.adapters import load_adapter
