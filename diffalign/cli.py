@@ -37,6 +37,8 @@ from diffalign.config import ConfigError
 EXIT_RUNTIME, EXIT_USAGE = 1, 2
 
 DTYPES = ("fp32", "fp16", "bf16")
+COMPILE_CHOICES = ("none", "default", "max-autotune-no-cudagraphs")
+"""``--compile`` modes: :data:`diffalign.adapters.base.COMPILE_MODES` (not imported here, to start without torch)."""
 
 
 class UsageError(Exception):
@@ -74,6 +76,14 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="ODE denoising steps (default: 20)")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: per family)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per denoiser batch (default: 8)")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default="none",
+        choices=COMPILE_CHOICES,
+        help="torch.compile the denoiser (alone: the default mode); the first batches compile, so it pays off on many",
+    )
 
 
 def _add_train(sub, common) -> None:
@@ -282,7 +292,9 @@ def _load_model(args: argparse.Namespace) -> Any:
     kwargs = {"height": args.height, "width": args.width, "max_sequence_length": args.max_sequence_length}
     kwargs = {key: value for key, value in kwargs.items() if value is not None}
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    return load_adapter(args.model, device=_device(args.device), dtype=dtype, **kwargs)
+    adapter = load_adapter(args.model, device=_device(args.device), dtype=dtype, **kwargs)
+    adapter.compile_denoiser(getattr(args, "compile", "none"))  # sample and grid have --compile
+    return adapter
 
 
 def _guidance(args: argparse.Namespace, adapter: Any) -> float:

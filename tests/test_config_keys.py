@@ -493,6 +493,18 @@ def _(shared_run):
     assert any("XFormers" in type(p).__name__ for p in run.adapter.denoiser.attn_processors.values())
 
 
+@probe("shared", "model.compile")
+def _(shared_run, monkeypatch):
+    made = []  # a recorder stands in for torch.compile (inductor itself: tests/adapters/test_compile.py)
+    monkeypatch.setattr(torch, "compile", lambda module, **options: made.append(options["mode"]) or module)
+    for mode in ("none", "default", "max-autotune-no-cudagraphs"):
+        adapter = shared_run({"model.compile": mode}).adapter
+        cond = adapter.encode_prompt(PROMPTS[:1], with_negative=False)
+        with torch.no_grad():
+            adapter.predict(adapter.prepare_latents(1), adapter.set_timesteps(2).timesteps[0], cond)
+    assert made == [None, "max-autotune-no-cudagraphs"]  # "default" is torch.compile's mode=None
+
+
 # --- top-level keys ------------------------------------------------------------------------------------------------
 
 

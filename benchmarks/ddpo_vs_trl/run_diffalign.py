@@ -5,7 +5,9 @@
 
 The epoch time is the trainer's own ``time/epoch_s`` (sampling + rewards + advantages + training) from
 ``<output_dir>/metrics.jsonl``. Prints and writes ``{"lib": "diffalign", "epoch_s": [...], ...}``.
-``--profile FILE`` additionally writes a cProfile of the whole run.
+``--profile FILE`` additionally writes a cProfile of the whole run. ``--compile default`` runs the UNet through
+``torch.compile`` (``model.compile``); its first epoch then includes the compilation, which the reported median of
+epochs 2 to N leaves out (``compile_s`` in the result: epoch 1 minus the median).
 """
 
 import argparse
@@ -22,7 +24,7 @@ sys.path.insert(0, str(HERE))
 from common import PROMPTS, WORKLOAD, library_versions, set_threads, summary, write_result  # noqa: E402
 
 
-def build_config(model: str, epochs: int, output_dir: str):
+def build_config(model: str, epochs: int, output_dir: str, compile_mode: str = "none", overrides=()):
     from diffalign.config import load_config
     from diffalign.trainers.grpo import GRPOConfig
 
@@ -31,6 +33,7 @@ def build_config(model: str, epochs: int, output_dir: str):
         "model": {
             "path": model,
             "lora": {"rank": w["lora_rank"], "alpha": w["lora_rank"], "target_modules": w["lora_targets"]},
+            "compile": compile_mode,
         },
         "reward": f"{HERE / 'redness.py'}:redness",
         "output_dir": output_dir,
@@ -66,7 +69,7 @@ def build_config(model: str, epochs: int, output_dir: str):
             "num_inner_epochs": 1,
         },
     }
-    return load_config(GRPOConfig, raw)
+    return load_config(GRPOConfig, raw, list(overrides))
 
 
 def main() -> None:
@@ -76,6 +79,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--profile", type=Path, default=None, help="write a cProfile of the run here")
+    parser.add_argument(
+        "--compile", default="none", choices=("none", "default", "max-autotune-no-cudagraphs"), help="model.compile"
+    )
+    parser.add_argument(
+        "--dynamic",
+        default="auto",
+        choices=("auto", "true", "false"),
+        help="with --compile: torch.compile's dynamic (auto = None: static, symbolic after a second batch size)",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (not the protocol's)"
+    )
     args = parser.parse_args()
     set_threads(args.threads)
 
@@ -86,7 +101,9 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     output_dir = tempfile.mkdtemp(prefix="diffalign_ddpo_")
-    trainer = GRPOTrainer(build_config(args.model, args.epochs, output_dir))
+    trainer = GRPOTrainer(build_config(args.model, args.epochs, output_dir, args.compile, args.set))
+    if args.compile != "none" and args.dynamic != "auto":
+        trainer.adapter.compile_denoiser(args.compile, dynamic=args.dynamic == "true")
     if args.profile:
         import cProfile
 
@@ -103,12 +120,16 @@ def main() -> None:
     epoch_s = [r["time/epoch_s"] for r in rows]
     for i, r in enumerate(rows):
         print(f"diffalign epoch {i}: {r['time/epoch_s']:.2f}s (sampling {r['time/sample_s']:.2f}s)", flush=True)  # noqa: T201
-    result = summary("diffalign", epoch_s)
+    result = summary("diffalign" if args.compile == "none" else f"diffalign_compile_{args.compile}", epoch_s)
     result.update(
         sample_s=[round(r["time/sample_s"], 3) for r in rows],
         num_train_samples=[r.get("num_train_samples") for r in rows],
         trainable_params=sum(p.numel() for p in trainer.adapter.denoiser.parameters() if p.requires_grad),
         threads=torch.get_num_threads(),
+        compile=args.compile,
+        dynamic=args.dynamic,
+        overrides=args.set,
+        compile_s=round(epoch_s[0] - result["median_after_warmup_s"], 1) if len(epoch_s) > 1 else None,
         versions={
             "diffalign": getattr(diffalign, "__version__", "?"),
             "torch": torch.__version__,

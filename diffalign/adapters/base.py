@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,11 @@ LORA_SCOPE_NAME = "diffalign_lora.json"
 (static schedulers) or ``mu=log(s)`` (FLUX's dynamic shift)."""
 
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
+CompileMode = Literal["none", "default", "max-autotune-no-cudagraphs"]
+"""``torch.compile`` modes for the denoiser (:meth:`DiffusionAdapter.compile_denoiser`): ``none`` runs eagerly,
+``default`` is inductor's default, ``max-autotune-no-cudagraphs`` also autotunes matmul/conv kernels (longer first
+compile) without CUDA graphs, which would pin each batch shape's buffers across the training loop."""
+COMPILE_MODES: tuple[str, ...] = typing.get_args(CompileMode)
 PromptInput = str | Sequence[str]
 
 
@@ -220,6 +226,9 @@ class DiffusionAdapter:
                     module.to(dtype=target)
         pipe.set_progress_bar_config(disable=True)
         self._denoiser_wrapper: nn.Module | None = None
+        self._compile_options: dict[str, Any] | None = None  # torch.compile kwargs; None: eager
+        self._compile_target: nn.Module | None = None  # the denoiser that compile_denoiser was asked for
+        self._compiled: tuple[nn.Module, nn.Module] | None = None  # (module called, its compiled form)
         self._lora_off_depth = 0  # open lora_disabled() blocks
         self.lora_min_timestep: float | None = None
         """The LoRA acts only at timesteps above this (scheduler scale); ``None``: at every timestep. Saved beside
@@ -255,9 +264,58 @@ class DiffusionAdapter:
         self._denoiser_wrapper = wrapper
 
     def call_denoiser(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the denoiser (through its distributed wrapper when one is set)."""
+        """Call the denoiser (through its distributed wrapper when one is set, compiled after
+        :meth:`compile_denoiser`)."""
         module = self._denoiser_wrapper if self._denoiser_wrapper is not None else self.denoiser
+        if self._compile_options is not None and self.denoiser is self._compile_target:
+            module = self._compiled_form(module)
         return module(*args, **kwargs)
+
+    def compile_denoiser(self, mode: CompileMode = "default", dynamic: bool | None = None) -> None:
+        """Run the denoiser's calls through ``torch.compile`` (inductor; CPU and GPU), or eagerly again (``none``).
+
+        What is compiled is the module :meth:`call_denoiser` calls -- the distributed wrapper once
+        :meth:`wrap_denoiser` set one, else the denoiser. The compiled form (an ``OptimizedModule``, whose own keys
+        would carry an ``_orig_mod.`` prefix) is kept by the adapter, outside the pipeline, and the denoiser is left
+        as it is: its ``state_dict`` keys, the saved LoRA and checkpoints are those of an eager run. Compilation
+        happens on the first call, so a LoRA added afterwards is part of the graph; parameters are graph inputs, so
+        optimizer steps and swapped-in EMA weights are seen without recompiling. Dynamo guards on what changes
+        between calls and recompiles once for each new case, then reuses it: LoRA on / off (:meth:`lora_disabled`,
+        the reference policy), grad mode (sampling vs training) and, with ``dynamic=None``, a second batch size,
+        after which the batch dimension is symbolic (CFG's doubled batch, a smaller last chunk, the re-scoring
+        rows) instead of one graph per size. A denoiser other than the one asked for (a full fine-tune's frozen
+        reference copy, swapped into the pipeline for no-grad forwards, possibly with offload hooks) runs eagerly.
+
+        Args:
+            mode: one of :data:`COMPILE_MODES`.
+            dynamic: ``torch.compile``'s ``dynamic``: ``None`` (static, symbolic once a size changes), ``True``
+                (symbolic from the start) or ``False`` (one graph per batch size).
+        """
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+        self._compiled = None
+        if mode == "none":
+            self._compile_options = self._compile_target = None
+            return
+        self._compile_options = {"mode": None if mode == "default" else mode, "dynamic": dynamic}
+        self._compile_target = self.denoiser
+
+    @property
+    def compile_mode(self) -> CompileMode:
+        """The ``torch.compile`` mode the denoiser runs with (``none``: eagerly)."""
+        if self._compile_options is None:
+            return "none"
+        return self._compile_options["mode"] or "default"
+
+    def _compiled_form(self, module: nn.Module) -> nn.Module:
+        """``module`` compiled (made on first use, and again when the wrapper changes)."""
+        from accelerate.utils import is_compiled_module
+
+        if is_compiled_module(module):  # accelerate's own dynamo_backend compiled it already
+            return module
+        if self._compiled is None or self._compiled[0] is not module:
+            self._compiled = (module, torch.compile(module, **self._compile_options))
+        return self._compiled[1]
 
     @property
     def vae(self) -> nn.Module:

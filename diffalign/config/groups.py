@@ -97,6 +97,12 @@ class ModelConfig:
     sigma)`` instead of the scheduler's own (SD3's static 3, FLUX's resolution-dependent shift); MixGRPO and
     DanceGRPO use 3 on FLUX. Null keeps the scheduler's. Flow-DPO's timestep density follows it
     (``dpo.sigma_shift: scheduler``)."""
+    compile: Literal["none", "default", "max-autotune-no-cudagraphs"] = "none"
+    """``torch.compile`` the denoiser (inductor, CPU or GPU) for sampling, training and evaluation: ``default``, or
+    ``max-autotune-no-cudagraphs`` (autotuned kernels, a longer first compile); ``none`` runs eagerly. The first calls
+    compile (tens of seconds to minutes) and each new case (grad on / off, LoRA on / off, a second batch size) once
+    more, so it pays off on long runs. The saved LoRA, checkpoints and results are those of an eager run
+    (docs/performance.md#torchcompile)."""
 
     def __post_init__(self) -> None:
         _require(bool(str(self.path).strip()), "path", "is empty; give a hub id or a local pipeline folder")

@@ -378,9 +378,12 @@ class TrainingRun:
         return {key: total if key in sums else total / count for key, total in zip(keys, totals)}
 
     def _apply_model_options(self, model: Any) -> None:
-        """The ``model`` group's settings that act on the built adapter (attention kernel, T5 length, fixed shift)."""
+        """The ``model`` group's settings that act on the built adapter (attention kernel, T5 length, fixed shift,
+        ``torch.compile``)."""
         adapter, family = self.adapter, type(self.adapter).__name__
         adapter.set_attention_backend(model.attention)
+        # Compiles on the first denoiser call, after the LoRA and accelerate's wrapper are in place.
+        adapter.compile_denoiser(model.compile)
         if model.max_sequence_length is not None:
             if not hasattr(adapter, "max_sequence_length"):
                 raise ConfigError(f"is T5's prompt length; {family} has no T5", key="model.max_sequence_length")
