@@ -18,7 +18,8 @@ CONFIG=${1:?usage: sbatch --nodes N examples/slurm_fsdp2.sh CONFIG.yaml [key=val
 shift
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NNODES=${SLURM_NNODES:-1}
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# sed reads the whole list (head would close the pipe early, and pipefail turns that SIGPIPE into a failure).
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 MASTER_PORT=${MASTER_PORT:-29500}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 

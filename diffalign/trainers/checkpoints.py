@@ -68,6 +68,7 @@ BOOKKEEPING_KEYS = (
     "eval",
     "gradient_checkpointing",
     "model.offload_text_encoders",
+    "model.compile",
 )
 
 
