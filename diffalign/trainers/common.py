@@ -769,12 +769,14 @@ class TrainingRun:
         if lora is not None:
             self.adapter.save_lora(folder / "lora", lora)
 
-    def _sharded_state(self) -> dict[str, Tensor]:
+    def _sharded_state(self, optimizer: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
         """This process's shards of the trained weights (``model.``), the optimizer's state (``optim.``, torch's
-        flattened names) and the EMA (``ema.``): what a sharded checkpoint holds."""
+        flattened names; ``optimizer`` when the caller has it already) and the EMA (``ema.``): what a sharded
+        checkpoint holds."""
         names = self.trainable_names()
         tensors = {f"model.{name}": p for name, p in zip(names, self.params)}
-        optimizer = sharding.optimizer_tensors(self.adapter.denoiser, self.optimizer.optimizer)
+        if optimizer is None:
+            optimizer = sharding.optimizer_tensors(self.adapter.denoiser, self.optimizer.optimizer)
         tensors |= {f"optim.{key}": value for key, value in optimizer.items() if isinstance(value, Tensor)}
         if self.ema is not None:
             tensors |= {f"ema.{name}": shadow for name, shadow in zip(names, self.ema.shadow)}
@@ -936,10 +938,10 @@ class TrainingRun:
     def _load_sharded(self, path: Path, state: Mapping[str, Any]) -> None:
         """Trained weights, optimizer state and EMA from the shards of ``path`` (collective)."""
         inner = self.optimizer.optimizer
-        template = self._sharded_state()  # fresh optimizer state is created (zero-lr step) to be filled
+        optimizer = sharding.optimizer_tensors(self.adapter.denoiser, inner)  # a fresh state (zero-lr step) to fill
+        template = self._sharded_state(optimizer)
         sharding.load_shards(path / sharding.SHARDED_DIR, template)
-        optimizer = sharding.optimizer_tensors(self.adapter.denoiser, inner)
-        optimizer |= {key: template[f"optim.{key}"] for key in optimizer if f"optim.{key}" in template}
+        optimizer = {**optimizer, **{key: template[f"optim.{key}"] for key in optimizer if f"optim.{key}" in template}}
         sharding.load_optimizer_tensors(self.adapter.denoiser, inner, optimizer)
         if self.ema is not None:
             self.ema.num_updates = int(state.get("ema_updates", 0))
