@@ -21,6 +21,8 @@ Example::
 from __future__ import annotations
 
 import os
+import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -337,3 +339,17 @@ def redness(images: torch.Tensor, prompts=None) -> torch.Tensor:
 
 
 redness.differentiable = True
+
+
+def cpu_launch_command(num_processes: int = 2) -> list[str]:
+    """The ``accelerate launch`` command prefix for a multi-process run on this machine, on a free port.
+
+    accelerate's default port (29500) fails with EADDRINUSE when an earlier launch's socket still holds it, so each
+    launch asks the system for its own. Add ``--multi_gpu`` or ``--config_file`` and the script; run it with
+    ``ACCELERATE_USE_CPU=1`` for gloo on CPU.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    return launch + ["--num_machines", "1", "--main_process_port", str(port)]

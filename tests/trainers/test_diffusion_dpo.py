@@ -17,7 +17,7 @@ from peft.utils import get_peft_model_state_dict
 
 from diffalign.config import ConfigError, load_config
 from diffalign.data.preference import write_preference_dataset
-from diffalign.testing import FAMILIES
+from diffalign.testing import FAMILIES, cpu_launch_command
 from diffalign.trainers import get_trainer
 from diffalign.trainers.common import TrainingRun
 from diffalign.trainers.diffusion_dpo import DiffusionDPOConfig, DiffusionDPOTrainer
@@ -645,8 +645,8 @@ def test_two_processes_read_disjoint_streams_and_share_the_global_batch(tiny_pip
         env=env,
     )
     assert single.returncode == 0, single.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    launch = cpu_launch_command(2) + ["--multi_gpu"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
     double = subprocess.run(
         [*launch, model, str(data), str(tmp_path / "two"), "1"], capture_output=True, text=True, timeout=600, env=env
     )

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from test_common import make_run
 
 from diffalign.config import ConfigError
+from diffalign.testing import cpu_launch_command
 from diffalign.trainers import sharding
 from diffalign.trainers.checkpoints import RunFolderError
 
@@ -36,8 +37,8 @@ def _launch(out: Path, method: str, model: Path, rank: int, steps: int, *extra: 
     if config is None:
         command, env = [sys.executable, *args], {**os.environ, "OMP_NUM_THREADS": "2"}
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-        command += [str(ACCELERATE_CONFIGS / f"{config}.yaml"), "--num_processes", "2", "--mixed_precision", "no"]
+        command = cpu_launch_command(2) + ["--config_file", str(ACCELERATE_CONFIGS / f"{config}.yaml")]
+        command += ["--mixed_precision", "no"]
         command += args
         # accelerate's CPU multi-process mode (gloo); diffalign turns FSDP on there (diffalign.trainers.sharding).
         env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}

@@ -14,7 +14,7 @@ from diffusers import DiffusionPipeline
 
 from diffalign.config import LoraConfig, load_config
 from diffalign.losses.advantages import group_advantages
-from diffalign.testing import FAMILIES, redness
+from diffalign.testing import FAMILIES, cpu_launch_command, redness
 from diffalign.trainers.grpo import GRPOConfig, GRPOTrainer, build_plan, epoch_prompts
 
 
@@ -276,8 +276,8 @@ def test_two_processes_give_the_same_advantages_as_one(tiny_pipeline_dir, tmp_pa
     )
     assert single.returncode == 0, single.stderr[-3000:]
     # accelerate's CPU multi-process mode: torchrun workers with the gloo backend.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    launch = cpu_launch_command(2) + ["--multi_gpu"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
     launch += [str(folder), str(tmp_path / "two")]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     double = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env)

@@ -10,6 +10,7 @@ from test_cli import _grpo_yaml
 from test_common import make_run
 
 from diffalign.cli import main
+from diffalign.testing import cpu_launch_command
 from diffalign.trainers.common import RunFolderError, list_checkpoints
 
 
@@ -221,13 +222,12 @@ def test_two_processes_resume_bit_exactly_and_refuse_one(model, tmp_path):
     """accelerate's CPU mode with two processes: a run cut after step 2 and resumed ends where a straight run does."""
     import os
     import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
     def launch(config, *extra):
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        command = cpu_launch_command(2) + ["--multi_gpu"]
+        command += ["--mixed_precision", "no", "--dynamo_backend", "no"]
         command += ["-m", "diffalign.cli", "train", str(config), *extra]
         env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
