@@ -23,22 +23,35 @@ Run: ``python -c "from diffalign.bench import bench_reward_backprop; bench_rewar
 it trains the shipped shapes base model with one method for a wall-clock budget and reports held-out strict
 accuracy and mean verifier reward before and after (:mod:`diffalign.shapes.learn`; GRPO is the demo,
 :func:`diffalign.shapes.demo.run_demo`).
+
+``bench_reward_server`` (``diffalign bench reward-server``) measures the reward server (``diffalign reward serve``,
+started as a subprocess on loopback, CPU): requests/s and images/s at several request sizes against in-process
+scoring, and a tiny GRPO epoch with the reward on the server against the same reward in process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 
-__all__ = ["LEARN_METHODS", "bench_grpo", "bench_learn", "bench_reward_backprop", "bench_rollout"]
+__all__ = [
+    "LEARN_METHODS",
+    "bench_grpo",
+    "bench_learn",
+    "bench_reward_backprop",
+    "bench_reward_server",
+    "bench_rollout",
+]
 
 _RESULT_PREFIX = "BENCH_RESULT "
 
@@ -352,6 +365,39 @@ def _print_table(results, model: str, resolution: int, num_steps: int, batch_siz
 # --- GRPO: seconds per epoch by step plan ------------------------------------------------------------------------
 
 
+def _grpo_raw(folder, output, num_steps, images_per_prompt, prompts_per_epoch, resolution, epochs, **sampling):
+    """The tiny Flow-GRPO config of the GRPO benchmarks (redness reward, LoRA r8, CFG 4.5)."""
+    return {
+        "model": {"path": str(folder), "lora": {"rank": 8}},
+        "reward": "diffalign.testing:redness",
+        "output_dir": str(output),
+        "max_steps": epochs,
+        "logging": {"log_with": "none"},
+        "checkpoint": {"every": 0},
+        "sampling": {
+            "prompts": ["a red circle", "a blue square", "two green triangles"],
+            "num_steps": num_steps,
+            "guidance_scale": 4.5,
+            "images_per_prompt": images_per_prompt,
+            "prompts_per_epoch": prompts_per_epoch,
+            "batch_size": images_per_prompt * prompts_per_epoch,
+            "resolution": resolution,
+            **sampling,
+        },
+        "train": {"batch_size": images_per_prompt * prompts_per_epoch},
+    }
+
+
+def _epoch_medians(output) -> tuple[float, float]:
+    """Median sampling and epoch seconds of a run's ``metrics.jsonl``, the first epoch (warm-up) left out."""
+    from pathlib import Path
+
+    lines = (Path(output) / "metrics.jsonl").read_text().splitlines()
+    epochs_logged = [json.loads(line) for line in lines if line.strip()][1:]
+    sample = statistics.median(r["time/sample_s"] for r in epochs_logged)
+    return sample, statistics.median(r["time/epoch_s"] for r in epochs_logged)
+
+
 def bench_grpo(
     families: Sequence[str] = ("sd3", "flux"),
     plans: Sequence[str] = ("sde", "window", "sliding"),
@@ -385,31 +431,19 @@ def bench_grpo(
         folder = save_tiny_pipeline(family, work / family)
         for plan in plans:
             output = work / f"{family}-{plan}"
-            raw = {
-                "model": {"path": str(folder), "lora": {"rank": 8}},
-                "reward": "diffalign.testing:redness",
-                "output_dir": str(output),
-                "max_steps": epochs,
-                "logging": {"log_with": "none"},
-                "checkpoint": {"every": 0},
-                "sampling": {
-                    "prompts": ["a red circle", "a blue square", "two green triangles"],
-                    "num_steps": num_steps,
-                    "guidance_scale": 4.5,
-                    "plan": plan,
-                    "window_size": window_size,
-                    "images_per_prompt": images_per_prompt,
-                    "prompts_per_epoch": prompts_per_epoch,
-                    "batch_size": images_per_prompt * prompts_per_epoch,
-                    "resolution": resolution,
-                },
-                "train": {"batch_size": images_per_prompt * prompts_per_epoch},
-            }
+            raw = _grpo_raw(
+                folder,
+                output,
+                num_steps,
+                images_per_prompt,
+                prompts_per_epoch,
+                resolution,
+                epochs,
+                plan=plan,
+                window_size=window_size,
+            )
             GRPOTrainer(load_config(GRPOConfig, raw)).train()
-            lines = (output / "metrics.jsonl").read_text().splitlines()
-            epochs_logged = [json.loads(line) for line in lines if line.strip()][1:]
-            sample = statistics.median(r["time/sample_s"] for r in epochs_logged)
-            epoch = statistics.median(r["time/epoch_s"] for r in epochs_logged)
+            sample, epoch = _epoch_medians(output)
             records.append(
                 {"family": family, "plan": plan, "sample_s": sample, "train_s": epoch - sample, "epoch_s": epoch}
             )
@@ -475,3 +509,152 @@ def bench_learn(
         return runner(minutes=minutes, output=output, seed=seed)
     finally:
         torch.set_num_threads(previous)
+
+
+# --- reward server ----------------------------------------------------------------------------------------------
+
+
+def bench_reward_server(
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    requests: int = 64,
+    clients: int = 4,
+    resolution: int = 256,
+    epochs: int = 4,
+    threads: int = 1,
+    reward: str = "jpeg_compressibility",
+) -> dict[str, Any]:
+    """Throughput of the reward server on CPU, and a tiny GRPO epoch scoring on it vs in process (printed).
+
+    Throughput: ``diffalign reward serve --reward {reward} --device cpu --batch-size max(batch_sizes)`` runs as a
+    subprocess on loopback; ``clients`` threads of this process send ``requests`` requests of ``b`` images each
+    through :class:`rewards.remote.RemoteReward` (PNG), for each ``b``; the same images are also scored in process
+    in batches of ``b``. The default reward, JPEG compressibility (a JPEG encode per image, no model), is cheap, so
+    that the numbers show the server's own cost: PNG encode and decode, HTTP, queueing. Images are smooth (random
+    ``res/8`` colours upsampled), as generated images are; pure noise would make the PNGs the bottleneck.
+
+    GRPO: the tiny SD3 pipeline, 10 steps, 16 images an epoch in two rollout chunks of 8 (the first chunk is scored
+    on the server while the second is sampled), the colour reward ``diffalign.testing:redness`` in process and on a
+    server; medians of the epochs after the first.
+
+    Returns:
+        ``{"throughput": [{batch, requests_per_s, images_per_s, in_process_images_per_s}], "grpo": [{reward,
+        sample_s, epoch_s}]}``.
+    """
+    from pathlib import Path
+
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with _reward_server_process(reward, max(batch_sizes), threads) as url:
+            throughput = [_server_throughput(url, reward, b, requests, clients, resolution) for b in batch_sizes]
+        work = Path(tempfile.mkdtemp(prefix="diffalign-bench-reward-server-"))
+        with _reward_server_process("diffalign.testing:redness", 16, threads) as url:
+            grpo = _grpo_remote_vs_local(work, url, epochs)
+    finally:
+        torch.set_num_threads(previous)
+    print(  # noqa: T201
+        f"reward server ({reward}, CPU, server --batch-size {max(batch_sizes)}, {clients} client threads, "
+        f"{requests} requests per size, {resolution}x{resolution} PNG, torch threads {threads})"
+    )
+    print(f"{'batch':>5} {'requests/s':>11} {'images/s':>9} {'in-process images/s':>20}")  # noqa: T201
+    for r in throughput:
+        rates = f"{r['requests_per_s']:11.1f} {r['images_per_s']:9.1f} {r['in_process_images_per_s']:20.1f}"
+        print(f"{r['batch']:5d} {rates}")  # noqa: T201
+    print("tiny GRPO (sd3, 10 steps, 16 images/epoch in 2 chunks, redness reward), median of epochs 2+:")  # noqa: T201
+    print(f"{'reward':12} {'sample s':>9} {'epoch s':>9}")  # noqa: T201
+    for r in grpo:
+        print(f"{r['reward']:12} {r['sample_s']:9.3f} {r['epoch_s']:9.3f}")  # noqa: T201
+    return {"throughput": throughput, "grpo": grpo}
+
+
+@contextlib.contextmanager
+def _reward_server_process(reward: str, batch_size: int, threads: int) -> Iterator[str]:
+    """``diffalign reward serve`` in a subprocess on a free loopback port; yields its URL once it answers."""
+    import httpx
+
+    with socket.socket() as probe:  # a port free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "diffalign.cli", "reward", "serve", "--reward", reward, "--port", str(port)]
+    command += ["--device", "cpu", "--batch-size", str(batch_size), "--log-level", "warning"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if process.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"the reward server exited: {log.read().decode(errors='replace')[-2000:]}")
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the reward server did not answer /health within 120 s")
+                time.sleep(0.2)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(15)
+
+
+def _smooth_images(count: int, resolution: int, seed: int):
+    import torch
+
+    coarse = torch.rand(
+        count, 3, max(resolution // 8, 1), max(resolution // 8, 1), generator=torch.Generator().manual_seed(seed)
+    )
+    return torch.nn.functional.interpolate(coarse, size=(resolution, resolution), mode="bilinear").clamp(0, 1)
+
+
+def _server_throughput(url: str, reward: str, batch: int, requests: int, clients: int, resolution: int) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import rewards
+
+    images = _smooth_images(batch, resolution, seed=batch)
+    remote = rewards.load(f"remote:{url}")
+    for _ in range(2):  # warm-up: connections, the server's first batch
+        remote.score(images)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        list(pool.map(lambda _: remote.score(images), range(requests)))
+    elapsed = time.perf_counter() - start
+    local = rewards.load(reward)
+    local.score(images)
+    local_start = time.perf_counter()
+    for _ in range(requests):
+        local.score(images)
+    local_elapsed = time.perf_counter() - local_start
+    remote.close()
+    return {
+        "batch": batch,
+        "requests_per_s": requests / elapsed,
+        "images_per_s": requests * batch / elapsed,
+        "in_process_images_per_s": requests * batch / local_elapsed,
+    }
+
+
+def _grpo_remote_vs_local(work, url: str, epochs: int) -> list[dict[str, Any]]:
+    from diffalign.config import load_config
+    from diffalign.testing import save_tiny_pipeline
+    from diffalign.trainers.grpo import GRPOConfig, GRPOTrainer
+
+    folder = save_tiny_pipeline("sd3", work / "sd3")
+    records = []
+    # Both as one-term mappings (a weighted sum each), so that the two runs differ only in where the reward runs.
+    for label, reward in (("in-process", {"diffalign.testing:redness": 1.0}), ("remote", {"remote": {"urls": [url]}})):
+        output = work / label
+        raw = _grpo_raw(folder, output, 10, 8, 2, 32, epochs, batch_size=8)
+        raw["reward"] = reward
+        GRPOTrainer(load_config(GRPOConfig, raw)).train()
+        sample, epoch = _epoch_medians(output)
+        records.append({"reward": label, "sample_s": sample, "epoch_s": epoch})
+    return records

@@ -8,7 +8,8 @@
     diffalign grid --model M [--lora DIR ...] --prompts FILE|--prompt P --seeds 0 1 [--reward NAME ...] --out grid.png
     diffalign score --reward NAME [--reward NAME ...] --images DIR|FILES --prompts FILE|--prompt P [--json PATH]
     diffalign pairs --model M --prompts FILE|--prompt P --reward SPEC --num-per-prompt K --out DIR
-    diffalign bench rollout|backprop|grpo|learn ...
+    diffalign bench rollout|backprop|grpo|learn|reward-server ...
+    diffalign reward serve --reward NAME [--port 8000] [--device cuda:1] [--batch-size N] [--token T]  # HTTP server
     diffalign plan CONFIG.yaml [key=value ...] [--gpus N] [--gpu-memory 80GB] [--sharding ddp|fsdp2] [--json]
     diffalign export CHECKPOINT|RUN --out DIR                            # LoRA or pipeline folder; joins FSDP shards
     diffalign demo [demo options]
@@ -214,6 +215,45 @@ def _add_bench(sub, common) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.set_defaults(handler=cmd_bench_learn)
+    p = kinds.add_parser(
+        "reward-server", parents=[common], help="reward server throughput on CPU, and GRPO epochs remote vs local"
+    )
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="images per request")
+    p.add_argument("--requests", type=int, default=64, help="requests per batch size (default: 64)")
+    p.add_argument("--clients", type=int, default=4, help="concurrent client threads (default: 4)")
+    p.add_argument("--resolution", type=int, default=256, help="image side (default: 256)")
+    p.add_argument("--epochs", type=int, default=4, help="tiny GRPO epochs per run, the first a warm-up (default 4)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    p.set_defaults(handler=cmd_bench_reward_server)
+
+
+def _add_reward(sub, common) -> None:
+    reward = sub.add_parser("reward", parents=[common], help="reward tools: serve a reward over HTTP")
+    actions = reward.add_subparsers(dest="reward_command", metavar="ACTION", parser_class=_Parser, required=True)
+    p = actions.add_parser(
+        "serve",
+        parents=[common],
+        help="serve a reward over HTTP (clients: the reward spec remote:http://HOST:PORT)",
+        description="Serve one reward over HTTP with dynamic batching (docs/rewards.md#reward-server). Trainers "
+        "and rewards.load use it through the spec remote:http://HOST:PORT.",
+    )
+    p.add_argument("--reward", required=True, help="reward name, module:fn, file.py:fn, or a JSON {name: weight}")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--batch-size", type=int, default=8, help="most images per reward call (default: 8)")
+    p.add_argument("--device", default=None, help="where the reward runs: cpu, cuda, cuda:1 (default: cuda if any)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="the reward model's dtype (default: the reward's)")
+    p.add_argument(
+        "--token", default=None, help="require 'Authorization: Bearer TOKEN' (default: $REWARD_SERVER_TOKEN)"
+    )
+    p.add_argument("--max-queue", type=int, default=256, help="most images waiting; beyond: HTTP 503 (default: 256)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request before HTTP 504 (default: 300)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for a batch to fill, in ms (default: 5)")
+    p.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="reward option, e.g. path=/models/x"
+    )
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(handler=cmd_reward_serve)
 
 
 def _add_export(sub, common) -> None:
@@ -260,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_pairs,
         _add_export,
         _add_bench,
+        _add_reward,
         _add_plan,
         _add_demo,
     ):
@@ -536,6 +577,63 @@ def cmd_bench_learn(args: argparse.Namespace) -> int:
     _check_positive(threads=args.threads)
     bench = _lazy("diffalign.bench", "bench_learn", "diffalign bench learn")
     bench(method=args.method, minutes=args.minutes, output=args.output, seed=args.seed, threads=args.threads)
+    return 0
+
+
+def cmd_bench_reward_server(args: argparse.Namespace) -> int:
+    from diffalign.bench import bench_reward_server
+
+    _check_positive(requests=args.requests, clients=args.clients, resolution=args.resolution, threads=args.threads)
+    _check_positive(epochs=args.epochs, batch_sizes=min(args.batch_sizes))
+    bench_reward_server(
+        batch_sizes=args.batch_sizes,
+        requests=args.requests,
+        clients=args.clients,
+        resolution=args.resolution,
+        epochs=args.epochs,
+        threads=args.threads,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reward serve
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def cmd_reward_serve(args: argparse.Namespace) -> int:
+    _check_positive(port=args.port, batch_size=args.batch_size, max_queue=args.max_queue)
+    if args.timeout <= 0 or args.max_wait_ms < 0:
+        raise UsageError("--timeout must be > 0 and --max-wait-ms >= 0")
+    import rewards
+    from rewards.server import parse_option_values, serve
+
+    try:
+        options = parse_option_values(args.option)
+    except ValueError as err:
+        raise UsageError(f"--option: {err}") from None
+    spec = args.reward
+    if spec.lstrip().startswith("{"):  # a weighted sum given as JSON: {"pickscore": 1.0, "aesthetic": 0.5}
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--reward looks like JSON but is not valid JSON: {err}") from None
+    if isinstance(spec, str) and spec.startswith("remote"):
+        raise UsageError("--reward is the reward this server computes; a remote: spec would only relay to another")
+    device = _device(args.device)
+    reward = rewards.load(spec, device=device, dtype=args.dtype, **options)
+    serve(
+        reward,
+        host=args.host,
+        port=args.port,
+        batch_size=args.batch_size,
+        max_queue=args.max_queue,
+        timeout=args.timeout,
+        token=args.token,
+        device=device,
+        max_wait=args.max_wait_ms / 1000,
+        log_level=args.log_level,
+    )
     return 0
 
 

@@ -33,12 +33,27 @@ from rewards.registry import (
 
 
 # Built-in rewards register themselves on import; their heavy imports happen only when weights load.
-from rewards import aesthetic, clip_score, hps, imagereward, jpeg, pickscore  # noqa: E402, F401  isort: skip
+from rewards import (  # noqa: E402, F401  isort: skip
+    aesthetic,
+    clip_score,
+    geneval,
+    hps,
+    hpsv3,
+    imagereward,
+    jpeg,
+    mps,
+    ocr,
+    pickscore,
+    vlm_judge,
+)
+from rewards.remote import RemoteReward, RemoteRewardError  # noqa: E402
 
 
 __all__ = [
     "FunctionReward",
     "ModelReward",
+    "RemoteReward",
+    "RemoteRewardError",
     "Reward",
     "RewardInputError",
     "RewardOutputError",

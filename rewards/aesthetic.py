@@ -11,18 +11,31 @@ read with ``CLIPVisionModelWithProjection``. The head runs in float32 whatever t
 
 Preprocessing: the HF ``CLIPProcessor`` settings of ``openai/clip-vit-large-patch14`` (as ddpo-pytorch and
 flow_grpo use), in torch; the original ``clip.load`` transform differs only in the crop offset of odd margins.
+
+Integrity: ``verify=True`` hashes the head and the backbone's weights file before loading them
+(docs/rewards.md#verifying-weights). The original head file's SHA-256 is published; the digests of the trl copy and
+of the HF backbone are not known here and must be given (``sha256=``, ``clip_sha256=``).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rewards.model import ModelReward, freeze, from_pretrained, resolve_file
+from rewards.model import (
+    ModelReward,
+    WeightFile,
+    choose_sha256,
+    freeze,
+    from_pretrained,
+    resolve_file,
+    resolve_weights_file,
+)
 from rewards.preprocess import clip_preprocess
 from rewards.registry import register
 
@@ -32,6 +45,17 @@ AESTHETIC_BACKBONE = "openai/clip-vit-large-patch14"
 # folder holding it, with filename=...) loads through the same code.
 AESTHETIC_HEAD_REPO = "trl-lib/ddpo-aesthetic-predictor"
 AESTHETIC_HEAD_FILE = "aesthetic-model.pth"
+# Published SHA-256 by head file name; None = unknown. sac+logos+ava1-l14-linearMSE.pth (3,714,759 bytes): the file
+# in christophschuhmann/improved-aesthetic-predictor (commit 6934dd8), byte-identical git blob in ddpo-pytorch,
+# flow_grpo and AlignProp; the digest below is the one pinned for it by several public projects that download it.
+# trl-lib's aesthetic-model.pth: no digest found (hub LFS pointer not readable from where this was written).
+AESTHETIC_HEAD_SHA256: dict[str, str | None] = {
+    "sac+logos+ava1-l14-linearMSE.pth": "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0",
+    AESTHETIC_HEAD_FILE: None,
+}
+# The backbone's model.safetensors in openai/clip-vit-large-patch14: unknown (OpenAI's ViT-L-14.pt, whose digest
+# b8cca3fd...3836 the clip package checks, is a different file, a TorchScript archive this reward does not read).
+AESTHETIC_BACKBONE_SHA256: str | None = None
 _LINEAR_INDICES = (0, 2, 4, 6, 7)  # positions of the Linear layers in the original nn.Sequential
 
 
@@ -94,6 +118,10 @@ class AestheticScore(ModelReward):
             ``CLIPVisionModelWithProjection`` folder).
         revision: hub revision (branch, tag or commit) of the head's ``path`` when it is a hub id; ignored for a
             local path. The backbone ``clip_path`` is another repository and uses its default branch.
+        verify: hash the head and the backbone weights before loading and refuse a SHA-256 mismatch.
+        sha256: the head file's expected SHA-256 (default: the published one of ``sac+logos+ava1-l14-linearMSE.pth``
+            when the head file has that name; needed for other files).
+        clip_sha256: the backbone weights file's expected SHA-256 (needed with ``verify=True``).
     """
 
     name = "aesthetic"
@@ -108,19 +136,38 @@ class AestheticScore(ModelReward):
         filename: str = AESTHETIC_HEAD_FILE,
         clip_path: str | os.PathLike = AESTHETIC_BACKBONE,
         revision: str | None = None,
+        verify: bool = False,
+        sha256: str | None = None,
+        clip_sha256: str | None = None,
     ) -> None:
-        super().__init__(device=device, dtype=dtype)
+        super().__init__(device=device, dtype=dtype, verify=verify)
         self.path = os.fspath(path)
         self.filename = filename
         self.clip_path = os.fspath(clip_path)
         self.revision = revision
+        head_name = Path(self.path).name if self.path.endswith((".pth", ".pt")) else filename
+        published = AESTHETIC_HEAD_SHA256.get(head_name)
+        self.sha256 = choose_sha256(sha256, published, self.verify, f"aesthetic predictor head {head_name!r}")
+        self.clip_sha256 = choose_sha256(
+            clip_sha256, AESTHETIC_BACKBONE_SHA256, self.verify, "aesthetic CLIP backbone weights", "clip_sha256"
+        )
+
+    def _head_file(self) -> Path:
+        return resolve_file(self.path, self.filename, "aesthetic predictor head", self.revision)
+
+    def weight_files(self) -> list[WeightFile]:
+        backbone = resolve_weights_file(self.clip_path, "aesthetic CLIP backbone")
+        return [
+            WeightFile(self._head_file(), self.sha256, "aesthetic predictor head"),
+            WeightFile(backbone, self.clip_sha256, "aesthetic CLIP backbone weights", "clip_sha256"),
+        ]
 
     def weights_key(self) -> tuple:
         return (self.path, self.revision, self.filename, self.clip_path)
 
     def build(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, nn.Module]:
         backbone = from_pretrained(_vision_tower_class(), self.clip_path, "aesthetic CLIP backbone")
-        head = load_head(resolve_file(self.path, self.filename, "aesthetic predictor head", self.revision))
+        head = load_head(self._head_file())
         return freeze(backbone, device, dtype), freeze(head, device, torch.float32)
 
     def _score_with(self, bundle: tuple[Any, nn.Module], images: Tensor, prompts: list[str] | None) -> Tensor:

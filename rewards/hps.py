@@ -13,6 +13,9 @@ OpenAI mean/std (see :func:`rewards.preprocess.hps_preprocess`). Text: open_clip
 
 Precision: the reference runs fp32 weights under CUDA autocast; here the whole model runs in ``dtype`` and the
 cosine in float32.
+
+Integrity: ``verify=True`` hashes the checkpoint before loading it (docs/rewards.md#verifying-weights). No SHA-256 of
+either published file is known here, so ``verify=True`` needs ``sha256=``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rewards.model import ModelReward, freeze, resolve_file
+from rewards.clip_score import open_clip_name
+from rewards.model import ModelReward, WeightFile, choose_sha256, freeze, resolve_file
 from rewards.preprocess import hps_preprocess
 from rewards.registry import register
 
@@ -33,22 +37,9 @@ from rewards.registry import register
 HPS_REPO = "xswu/HPSv2"
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 HPS_ARCH = "ViT-H-14"
-
-
-def open_clip_model_name(model: str | os.PathLike) -> str:
-    """An open_clip model name; a path to a ``.json`` model config is registered first and named by its stem."""
-    import open_clip
-
-    path = Path(os.fspath(model)).expanduser()
-    if path.suffix == ".json":
-        if not path.is_file():
-            raise FileNotFoundError(f"open_clip model config {path} not found")
-        if path.stem not in open_clip.list_models():
-            open_clip.add_model_config(path)
-        return path.stem
-    if os.fspath(model) not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {model!r}; pass a known name or the path to a model config .json")
-    return os.fspath(model)
+# Published SHA-256 of each checkpoint; None = unknown. The hub's LFS pointers of xswu/HPSv2 could not be read from
+# where this was written, and the hpsv2 package downloads without checking one; none is guessed.
+HPS_SHA256: dict[str, str | None] = {"v2.0": None, "v2.1": None}
 
 
 def load_open_clip_state(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -69,6 +60,8 @@ class HPSv2(ModelReward):
         path: the checkpoint: a ``.pt`` file, a folder holding the version's file name, or a hub repository id.
         model: the open_clip architecture: a registered name (``"ViT-H-14"``) or a path to a model config ``.json``.
         revision: hub revision (branch, tag or commit) of ``path`` when it is a hub id; ignored for a local path.
+        verify: hash the checkpoint before loading and refuse a SHA-256 mismatch.
+        sha256: the checkpoint's expected SHA-256 (needed with ``verify=True``: no published digest is known).
     """
 
     name = "hpsv2"
@@ -82,11 +75,24 @@ class HPSv2(ModelReward):
         path: str | os.PathLike = HPS_REPO,
         model: str | os.PathLike = HPS_ARCH,
         revision: str | None = None,
+        verify: bool = False,
+        sha256: str | None = None,
     ) -> None:
-        super().__init__(device=device, dtype=dtype)
+        super().__init__(device=device, dtype=dtype, verify=verify)
         self.path = os.fspath(path)
         self.model = os.fspath(model)
         self.revision = revision
+        self.sha256 = choose_sha256(sha256, HPS_SHA256[self.version], self.verify, self._what)
+
+    @property
+    def _what(self) -> str:
+        return f"HPS{self.version} checkpoint"
+
+    def _checkpoint(self) -> Path:
+        return resolve_file(self.path, HPS_FILES[self.version], self._what, self.revision)
+
+    def weight_files(self) -> list[WeightFile]:
+        return [WeightFile(self._checkpoint(), self.sha256, self._what)]
 
     def weights_key(self) -> tuple:
         return (self.path, self.revision, HPS_FILES[self.version], self.model)
@@ -94,10 +100,9 @@ class HPSv2(ModelReward):
     def build(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
         import open_clip
 
-        model_name = open_clip_model_name(self.model)
-        checkpoint = resolve_file(self.path, HPS_FILES[self.version], f"HPS{self.version} checkpoint", self.revision)
+        model_name = open_clip_name(self.model)
         model = open_clip.create_model(model_name, pretrained=None, output_dict=True)
-        model.load_state_dict(load_open_clip_state(checkpoint), strict=True)
+        model.load_state_dict(load_open_clip_state(self._checkpoint()), strict=True)
         return freeze(model, device, dtype), open_clip.get_tokenizer(model_name)
 
     def _score_with(self, bundle: tuple[Any, Any], images: Tensor, prompts: list[str] | None) -> Tensor:

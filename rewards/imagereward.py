@@ -19,6 +19,9 @@ token (30524 ids), ``padding="max_length", truncation=True, max_length=35``; the
 
 Preprocessing: torchvision ``Resize(224, bicubic) + CenterCrop(224)`` (torchvision's crop offset rounding), OpenAI
 mean/std, in torch.
+
+Integrity: ``verify=True`` hashes ``ImageReward.pt`` before loading it (docs/rewards.md#verifying-weights). No
+published SHA-256 is known here, so it needs ``sha256=``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from rewards.aesthetic import build_head
-from rewards.model import ModelReward, freeze, from_pretrained, resolve_file
+from rewards.model import ModelReward, WeightFile, choose_sha256, freeze, from_pretrained, resolve_file
 from rewards.preprocess import clip_preprocess
 from rewards.registry import register
 
@@ -45,6 +48,9 @@ IMAGEREWARD_TOKENIZER = "bert-base-uncased"
 IMAGEREWARD_MEAN = 0.16717362830052426
 IMAGEREWARD_STD = 1.0333394966054072
 TEXT_MAX_LENGTH = 35
+# Published SHA-256 of ImageReward.pt; None = unknown (the hub's LFS pointer of THUDM/ImageReward could not be read
+# from where this was written, and image-reward's loader checks none; none is guessed).
+IMAGEREWARD_SHA256: str | None = None
 
 # Checkpoint keys that ImageReward itself loads with strict=False and never uses for the score.
 _UNUSED_KEYS = re.compile(r"^blip\.(vision_proj|text_proj|itm_head)\.|position_ids$")
@@ -162,6 +168,8 @@ class ImageReward(ModelReward):
         vision_num_heads: attention heads of the ViT (16 for ViT-L; the checkpoint does not store it).
         revision: hub revision (branch, tag or commit) of ``path`` when it is a hub id, also used for the
             ``med_config`` found there; ignored for a local path.
+        verify: hash ``ImageReward.pt`` before loading and refuse a SHA-256 mismatch.
+        sha256: its expected SHA-256 (needed with ``verify=True``: no published digest is known).
     """
 
     name = "imagereward"
@@ -176,16 +184,25 @@ class ImageReward(ModelReward):
         tokenizer_path: str | os.PathLike = IMAGEREWARD_TOKENIZER,
         vision_num_heads: int = 16,
         revision: str | None = None,
+        verify: bool = False,
+        sha256: str | None = None,
     ) -> None:
-        super().__init__(device=device, dtype=dtype)
+        super().__init__(device=device, dtype=dtype, verify=verify)
         self.path = os.fspath(path)
         self.med_config = None if med_config is None else os.fspath(med_config)
         self.tokenizer_path = os.fspath(tokenizer_path)
         self.vision_num_heads = int(vision_num_heads)
         self.revision = revision
+        self.sha256 = choose_sha256(sha256, IMAGEREWARD_SHA256, self.verify, "ImageReward checkpoint")
 
     def weights_key(self) -> tuple:
         return (self.path, self.revision, self.med_config, self.tokenizer_path, self.vision_num_heads)
+
+    def _checkpoint(self) -> Path:
+        return resolve_file(self.path, IMAGEREWARD_FILE, "ImageReward checkpoint", self.revision)
+
+    def weight_files(self) -> list[WeightFile]:
+        return [WeightFile(self._checkpoint(), self.sha256, "ImageReward checkpoint")]
 
     def _med_config_path(self) -> Path:
         if self.med_config is not None:
@@ -197,8 +214,7 @@ class ImageReward(ModelReward):
     def build(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, nn.Module, Any]:
         from transformers import BlipTextModel, BlipVisionModel
 
-        checkpoint = resolve_file(self.path, IMAGEREWARD_FILE, "ImageReward checkpoint", self.revision)
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = torch.load(self._checkpoint(), map_location="cpu", weights_only=True)
         vision_state, text_state, head_state = split_checkpoint(dict(state))
         med = json.loads(self._med_config_path().read_text())
         vision = BlipVisionModel(vision_config(vision_state, self.vision_num_heads))

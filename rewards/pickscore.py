@@ -6,6 +6,9 @@ term ``{"pickscore": {"scale": 1 / 26}}`` for that, docs/rewards.md#weighted-sum
 
 Preprocessing: the LAION ViT-H/14 ``CLIPImageProcessor`` settings (shortest edge 224, centre crop 224 with the HF
 floor rule, bicubic, OpenAI mean/std), done in torch so that gradients reach the images.
+
+Integrity: ``verify=True`` hashes the model's weights file (``model.safetensors``, else ``pytorch_model.bin``) before
+loading it (docs/rewards.md#verifying-weights). No published SHA-256 is known here, so it needs ``sha256=``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from torch import Tensor
 
 from rewards import hf_clip
-from rewards.model import ModelReward, freeze
+from rewards.model import ModelReward, WeightFile, choose_sha256, freeze, resolve_weights_file
 from rewards.preprocess import clip_preprocess
 from rewards.registry import register
 
@@ -25,6 +28,9 @@ from rewards.registry import register
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 # The README and flow_grpo take the processor (tokenizer + image settings) from the LAION repository.
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+# Published SHA-256 of the weights file of PICKSCORE_MODEL; None = unknown (the hub's LFS pointer could not be read
+# from where this was written, and the PickScore recipe loads through from_pretrained without one; none is guessed).
+PICKSCORE_SHA256: str | None = None
 
 
 @register("pickscore")
@@ -39,6 +45,8 @@ class PickScore(ModelReward):
             tokenizer files, else the LAION ViT-H/14 repository (as in the reference).
         revision: hub revision (branch, tag or commit) of ``path`` when it is a hub id (and of the tokenizer when
             it comes from the same repository); ignored for a local path.
+        verify: hash the weights file before loading and refuse a SHA-256 mismatch.
+        sha256: the weights file's expected SHA-256 (needed with ``verify=True``: no published digest is known).
     """
 
     name = "pickscore"
@@ -51,13 +59,20 @@ class PickScore(ModelReward):
         path: str | os.PathLike = PICKSCORE_MODEL,
         tokenizer_path: str | os.PathLike | None = None,
         revision: str | None = None,
+        verify: bool = False,
+        sha256: str | None = None,
     ) -> None:
-        super().__init__(device=device, dtype=dtype)
+        super().__init__(device=device, dtype=dtype, verify=verify)
         self.path = os.fspath(path)
         if tokenizer_path is None:
             tokenizer_path = self.path if hf_clip.has_tokenizer(self.path) else PICKSCORE_PROCESSOR
         self.tokenizer_path = os.fspath(tokenizer_path)
         self.revision = revision
+        self.sha256 = choose_sha256(sha256, PICKSCORE_SHA256, self.verify, "PickScore weights")
+
+    def weight_files(self) -> list[WeightFile]:
+        path = resolve_weights_file(self.path, "PickScore weights", self.revision)
+        return [WeightFile(path, self.sha256, "PickScore weights")]
 
     def weights_key(self) -> tuple:
         return (self.path, self.revision, self.tokenizer_path)

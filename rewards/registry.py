@@ -8,7 +8,9 @@
   ``fn(images, prompts) -> Tensor[B] | list[float]``, which is wrapped in :class:`FunctionReward`;
 - a ``{name: weight}`` or ``{name: {weight:, scale:, shift:, device:, dtype:, <factory options>}}`` mapping, built
   as :class:`~rewards.composite.WeightedSum`;
-- a ``Reward`` instance (returned as is) or a scoring function (wrapped).
+- a ``Reward`` instance (returned as is) or a scoring function (wrapped);
+- ``"remote:http://host:8000"`` (several servers: ``"remote:http://a:8000,http://b:8001"``), or the name
+  ``"remote"`` with the option ``urls=[...]``: a :class:`~rewards.remote.RemoteReward` scoring on reward servers.
 
 Factories registered from outside this package (e.g. a library's own verifier reward) use the same decorator,
 or an entry point in the ``rewards`` group of their package's metadata, which ``load`` and ``available`` find
@@ -24,6 +26,7 @@ point of the same name (and ``unregister`` brings the entry point back).
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -140,9 +143,27 @@ def _factory(name: str) -> Callable[..., Reward] | None:
     return _PLUGINS[name]
 
 
+REMOTE_NAME = "remote"
+"""The name of the remote reward: ``"remote:<urls>"`` as a spec, or ``"remote"`` with the option ``urls``."""
+
+
+def _is_remote(spec: str) -> bool:
+    return spec == REMOTE_NAME or spec.startswith(REMOTE_NAME + ":")
+
+
+def _remote_factory(spec: str) -> Callable[..., Reward]:
+    """The factory of a ``remote`` spec: the class itself, or the class with the spec's URLs bound (then a ``urls``
+    option is refused as unknown: the URLs are given once)."""
+    from rewards.remote import RemoteReward  # light: httpx is imported at the first request
+
+    if spec == REMOTE_NAME:
+        return RemoteReward
+    return functools.partial(RemoteReward, spec[len(REMOTE_NAME) + 1 :])
+
+
 def available() -> list[str]:
-    """The registered reward names, entry points of installed packages included, sorted."""
-    return sorted(set(_FACTORIES) | set(_entry_points()))
+    """The registered reward names, entry points of installed packages included, and ``"remote"``, sorted."""
+    return sorted(set(_FACTORIES) | set(_entry_points()) | {REMOTE_NAME})
 
 
 def load(
@@ -186,6 +207,8 @@ def load(
         return _from_object(spec, getattr(spec, "__name__", type(spec).__name__), device, dtype, options)
     if not isinstance(spec, str):
         raise TypeError(f"cannot load a reward from {type(spec).__name__}; pass a name or 'module:callable'")
+    if _is_remote(spec):  # before the "module:callable" form: a URL has colons too
+        return _call_factory(_remote_factory(spec), spec, device, dtype, options)
     if ":" not in spec and (factory := _factory(spec)) is not None:
         return _call_factory(factory, spec, device, dtype, options)
     if ":" in spec:
@@ -201,7 +224,10 @@ def factory_options(name: str) -> list[str] | None:
         The option names in signature order, or ``None`` when they cannot be listed cheaply: ``name`` is not a
         registered name (a custom ``module:callable`` spec is imported only when loaded), its entry point fails to
         import (``load`` reports that), or the factory takes ``**kwargs`` or has no introspectable signature.
+        A ``remote:<urls>`` spec lists the remote reward's options.
     """
+    if _is_remote(name):
+        return _signature_options(_remote_factory(name))
     if ":" in name:
         return None
     try:

@@ -245,7 +245,15 @@ def test_overrides_must_be_a_list_not_a_string():
 
 @pytest.mark.parametrize(
     "reward",
-    ["pickscore", "hpsv2.1", "my_pkg.rewards:score", "rewards/my_reward.py:score", {"pickscore": 1, "clip": 0.5}],
+    [
+        "pickscore",
+        "hpsv2.1",
+        "my_pkg.rewards:score",
+        "rewards/my_reward.py:score",
+        {"pickscore": 1, "clip": 0.5},
+        "remote:http://127.0.0.1:8000",
+        {"remote:http://gpu-a:8000,http://gpu-b:8000": 1.0, "aesthetic": 0.5},
+    ],
 )
 def test_reward_accepts_a_name_a_spec_or_weights(reward):
     cfg = load_config(TrainerConfig, {**MINIMAL, "reward": reward})
@@ -264,6 +272,8 @@ def test_reward_accepts_a_name_a_spec_or_weights(reward):
         ("module:", "reward: 'module:' is not a reward name"),
         ({"pkg:fn()": 1.0}, "reward.pkg:fn(): 'pkg:fn()' is not a reward name"),
         ({"clip": float("nan")}, "reward.clip: weight must be a finite number, got nan"),
+        ("remote:ftp://host:8000", "reward: reward server URL 'ftp://host:8000' must look like http://host:port"),
+        ({"remote:": 1.0}, "reward.remote:: reward server URL '' must look like http://host:port"),
     ],
 )
 def test_bad_reward_names_the_key(reward, expected):
@@ -322,7 +332,7 @@ def test_bad_reward_term_names_the_key(term, expected):
 def test_unknown_option_error_lists_the_factory_options_and_the_term_keys():
     message = str(error_of({**MINIMAL, "reward": {"clip_score": {"clmap": True}}}))
     assert "Did you mean 'clamp'?" in message
-    assert "['path', 'tokenizer_path', 'scale', 'clamp', 'revision']" in message
+    assert "['path', 'tokenizer_path', 'scale', 'clamp', 'revision', 'model', 'pretrained']" in message
     assert "also takes weight, scale, shift, device, dtype, options" in message
 
 

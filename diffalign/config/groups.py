@@ -300,7 +300,10 @@ class EMAConfig:
 
 
 _REWARD_NAME = re.compile(r"[\w.\-]+")
-_REWARD_FORMS = "a reward name (pickscore), 'package.module:function' or 'path/to/file.py:function'"
+_REWARD_FORMS = (
+    "a reward name (pickscore), 'package.module:function', 'path/to/file.py:function' or a reward server "
+    "'remote:http://host:port'"
+)
 
 RewardSpec = str | dict[str, float | dict[str, Any]]
 """The type of a config's ``reward``: a name or spec, or a mapping of names/specs to a weight or to a term mapping
@@ -309,7 +312,15 @@ Trainer configs that redeclare ``reward`` use it too."""
 
 
 def _reward_spec_problem(spec: str) -> str | None:
-    """Why ``spec`` is not a reward name or ``target:callable`` spec; None if it is one."""
+    """Why ``spec`` is not a reward name, ``target:callable`` or ``remote:URL[,URL]`` spec; None if it is one."""
+    if spec.startswith("remote:"):  # reward-server URLs (rewards.remote), checked without connecting
+        from rewards.remote import parse_urls
+
+        try:
+            parse_urls(spec.removeprefix("remote:"))
+        except ValueError as err:
+            return str(err)
+        return None
     if ":" not in spec:
         return None if _REWARD_NAME.fullmatch(spec) else f"{spec!r} is not {_REWARD_FORMS}"
     target, _, attr = spec.rpartition(":")

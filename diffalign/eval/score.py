@@ -39,7 +39,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def reward_label(spec: str) -> str:
-    """A short display name for a reward spec: ``pickscore``, or the callable of ``module:fn`` / ``file.py:fn``."""
+    """A short display name for a reward spec: ``pickscore``, the callable of ``module:fn`` / ``file.py:fn``, or a
+    ``remote:URL`` spec whole (its last colon is the port's)."""
+    if spec.startswith("remote:"):
+        return spec
     return spec.rsplit(":", 1)[-1] if ":" in spec else spec
 
 
