@@ -20,9 +20,9 @@ Run: ``python -c "from diffalign.bench import bench_reward_backprop; bench_rewar
 (the CLI exposes it as ``diffalign bench backprop``).
 
 ``bench_learn`` is the learning benchmark on the shapes world (``diffalign bench learn --method grpo|dpo|backprop``):
-it trains the shipped shapes base model with one method for a wall-clock budget and reports held-out strict
-accuracy and mean verifier reward before and after (:mod:`diffalign.shapes.learn`; GRPO is the demo,
-:func:`diffalign.shapes.demo.run_demo`).
+it trains the shipped shapes base model with one method for a budget of optimizer steps (or minutes) and reports
+held-out strict accuracy and mean verifier reward before and after (:mod:`diffalign.shapes.learn`; GRPO is the
+demo, :func:`diffalign.shapes.demo.run_demo`).
 
 ``bench_reward_server`` (``diffalign bench reward-server``) measures the reward server (``diffalign reward serve``,
 started as a subprocess on loopback, CPU): requests/s and images/s at several request sizes against in-process
@@ -464,33 +464,52 @@ def bench_grpo(
 LEARN_METHODS = ("grpo", "dpo", "backprop")
 """Methods of :func:`bench_learn`."""
 
+LEARN_STEPS = {"grpo": 280, "dpo": 3000, "backprop": 450}
+"""Default optimizer-step budgets of :func:`bench_learn`: what each method did in 10 minutes on the 2-core
+development CPU (the demo 273-314 epochs, DPO 2,930 steps, backprop 436 steps on one thread; benchmarks/RESULTS.md)."""
+
 
 def bench_learn(
     method: str,
-    minutes: float = 10.0,
+    minutes: float | None = None,
     output: str | os.PathLike | None = None,
     seed: int = 0,
     threads: int | None = None,
+    steps: int | None = None,
+    eval_every: int = 0,
 ) -> dict[str, Any]:
-    """Train the shipped shapes model with ``method`` for ``minutes`` and measure held-out accuracy before and after.
+    """Train the shipped shapes model with ``method`` and measure held-out accuracy before and after.
+
+    The budget is ``steps`` optimizer steps (the same work on any machine; with neither budget given, the method's
+    :data:`LEARN_STEPS`, about 10 minutes on the 2-core development CPU) or ``minutes`` of wall clock.
 
     Args:
-        method: ``"grpo"`` (Flow-GRPO, the demo), ``"dpo"`` (Diffusion-DPO on verifier-ranked pairs, pair
-            generation included in the budget) or ``"backprop"`` (DRaFT-K on the shapes CLIP score).
-        minutes: wall-clock training budget (evaluation not counted).
+        method: ``"grpo"`` (Flow-GRPO, the demo; one optimizer step an epoch), ``"dpo"`` (Diffusion-DPO on
+            verifier-ranked pairs, pair generation outside a steps budget, inside a minutes one) or
+            ``"backprop"`` (DRaFT-K on the shapes CLIP score).
+        minutes: wall-clock training budget (evaluation not counted); exclusive with ``steps``.
         output: run folder (default ``runs/bench_learn/<method>``); ``metrics.json`` holds the results.
         seed: training seed (the evaluation prompts and seeds are fixed).
         threads: ``torch.set_num_threads`` for the run (restored after); default: leave it.
+        steps: optimizer steps of training; exclusive with ``minutes``.
+        eval_every: dpo and backprop: also measure the held-out verifier every this many steps (the curve in
+            ``metrics.json``); 0 = only before and after.
 
     Returns:
         The metrics: ``before``, ``after`` and ``gain``, each ``{"mean_reward", "strict_accuracy"}``, plus the
         method's details. A summary is printed.
 
     Raises:
-        ValueError: an unknown method.
+        ValueError: an unknown method, both budgets, or ``eval_every`` with grpo.
     """
     if method not in LEARN_METHODS:
         raise ValueError(f"unknown learning benchmark method {method!r}; choose from {', '.join(LEARN_METHODS)}")
+    if minutes is not None and steps is not None:
+        raise ValueError("give one budget: steps (the same work on any machine) or minutes, not both")
+    if eval_every and method == "grpo":
+        raise ValueError("eval_every applies to dpo and backprop; the grpo benchmark (the demo) measures before/after")
+    if minutes is None and steps is None:
+        steps = LEARN_STEPS[method]
     import torch
 
     output = output if output is not None else os.path.join("runs", "bench_learn", method)
@@ -500,13 +519,15 @@ def bench_learn(
         if method == "grpo":
             from diffalign.shapes.demo import format_summary, run_demo
 
-            metrics = {"method": "grpo", **run_demo(minutes=minutes, output=output, seed=seed)}
+            budget = {"max_steps": steps} if steps is not None else {}
+            metrics = {"method": "grpo", **run_demo(minutes=minutes, output=output, seed=seed, **budget)}
             print(format_summary(metrics, output))  # noqa: T201
             return metrics
         from diffalign.shapes.learn import learn_backprop, learn_dpo
 
         runner = learn_dpo if method == "dpo" else learn_backprop
-        return runner(minutes=minutes, output=output, seed=seed)
+        budget = {"max_steps": steps} if steps is not None else {}
+        return runner(minutes=minutes, output=output, seed=seed, eval_every=eval_every, **budget)
     finally:
         torch.set_num_threads(previous)
 

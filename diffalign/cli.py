@@ -210,7 +210,12 @@ def _add_bench(sub, common) -> None:
         "learn", parents=[common], help="learning benchmark on the shapes world: held-out accuracy before/after"
     )
     p.add_argument("--method", required=True, choices=LEARN_METHODS, help="the trainer to benchmark")
-    p.add_argument("--minutes", type=float, default=10.0, help="training budget in minutes (default 10)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps (default: the method's, ~10 min on 2 CPU cores)"
+    )
+    budget.add_argument("--minutes", type=float, default=None, help="a wall-clock budget instead (machine-dependent)")
+    p.add_argument("--eval-every", type=int, default=0, help="dpo/backprop: held-out curve every N steps (0: off)")
     p.add_argument("--output", default=None, help="output folder (default runs/bench_learn/<method>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -572,11 +577,16 @@ def cmd_bench_grpo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_learn(args: argparse.Namespace) -> int:
-    if args.minutes <= 0:
+    if args.minutes is not None and args.minutes <= 0:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
-    _check_positive(threads=args.threads)
+    if args.eval_every < 0:
+        raise UsageError(f"--eval-every must be >= 0, got {args.eval_every}")
+    if args.eval_every and args.method == "grpo":
+        raise UsageError("--eval-every applies to dpo and backprop; the grpo benchmark is the demo")
+    _check_positive(threads=args.threads, steps=args.steps)
     bench = _lazy("diffalign.bench", "bench_learn", "diffalign bench learn")
-    bench(method=args.method, minutes=args.minutes, output=args.output, seed=args.seed, threads=args.threads)
+    budget = {"minutes": args.minutes, "steps": args.steps, "eval_every": args.eval_every}
+    bench(method=args.method, output=args.output, seed=args.seed, threads=args.threads, **budget)
     return 0
 
 

@@ -129,13 +129,15 @@ def _budget_schedule(minutes: float | None) -> dict[str, str]:
     return {"lr_scheduler": "linear", "lr_horizon": "max_minutes"} if (minutes or 0) > DECAY_FROM_MINUTES else {}
 
 
-def demo_config(model: Path, output: Path, minutes: float | None, seed: int, prompts: list[str]) -> dict[str, Any]:
+def demo_config(
+    model: Path, output: Path, minutes: float | None, seed: int, prompts: list[str], max_steps: int = 10_000
+) -> dict[str, Any]:
     """The demo's GRPO config on ``prompts``, a mapping (validated by :class:`~diffalign.trainers.grpo.GRPOConfig`).
 
     Flow-GRPO with the SDE on the first two of 10 steps and one initial noise per group, LoRA r16 at Flow-GRPO's
     lr 3e-4 with its GenEval KL coefficient 0.04, 4 groups of 8 images per epoch (the module docstring says why).
     A budget of more than :data:`DECAY_FROM_MINUTES` ``minutes`` decays the lr linearly to 0 at its end; a shorter
-    one, or none (``None``: an epoch-bound run), keeps it constant.
+    one, or none (``None``: an epoch-bound run, ``max_steps`` epochs), keeps it constant.
     """
     protocol = load_protocol(model)
     return {
@@ -143,7 +145,7 @@ def demo_config(model: Path, output: Path, minutes: float | None, seed: int, pro
         "reward": "shapes",
         "output_dir": str(output),
         "seed": seed,
-        "max_steps": 10_000,
+        "max_steps": max_steps,
         "max_minutes": minutes,
         "logging": {"log_with": "tensorboard"},
         "optim": {"lr": 3e-4, "weight_decay": 1e-4, "max_grad_norm": 1.0, **_budget_schedule(minutes)},
@@ -207,7 +209,7 @@ def _write_outputs(output: Path, evaluator: Evaluator, before, after, metrics: d
 
 
 def run_demo(
-    minutes: float = 10.0,
+    minutes: float | None = 10.0,
     output: str | Path = "runs/demo",
     model: str | Path | None = None,
     seed: int = 0,
@@ -215,11 +217,13 @@ def run_demo(
     num_unseen: int = 32,
     eval_seeds: tuple[int, ...] = EVAL_SEEDS,
     unseen_seeds: tuple[int, ...] = UNSEEN_SEEDS,
+    max_steps: int = 10_000,
 ) -> dict[str, Any]:
     """Run the demo and return its metrics (also written to ``<output>/metrics.json``).
 
     Args:
-        minutes: wall-clock budget of training (evaluation not counted).
+        minutes: wall-clock budget of training (evaluation not counted); ``None``: ``max_steps`` epochs (one
+            optimizer step each), the same work on any machine.
         output: run folder.
         model: base model folder (default: the shipped one).
         seed: training seed.
@@ -227,6 +231,7 @@ def run_demo(
         num_unseen: held-out prompts nothing trains on (the transfer measurement).
         eval_seeds: one ODE image per aligned prompt and seed, before and after.
         unseen_seeds: the same for the unseen prompts.
+        max_steps: epochs at most: the budget when ``minutes`` is None, else a cap.
     """
     from diffalign.trainers.grpo import GRPOConfig, GRPOTrainer
 
@@ -238,7 +243,7 @@ def run_demo(
         )
     output = Path(output)
     aligned, unseen = demo_prompts(num_prompts, num_unseen)
-    config = load_config(GRPOConfig, demo_config(model, output, minutes, seed, aligned))
+    config = load_config(GRPOConfig, demo_config(model, output, minutes, seed, aligned, max_steps))
     (output / "metrics.json").unlink(missing_ok=True)  # the previous demo's summary (overwrite clears the rest)
     trainer = GRPOTrainer(config)
     protocol = load_protocol(model)

@@ -89,6 +89,23 @@ def test_learn_backprop_tiny_run(tmp_path):
     assert metrics["train"]["steps"] == 2 and metrics["train"]["reward"] == "shapes_clip"
 
 
+def test_learn_backprop_on_a_steps_budget_draws_the_heldout_curve(tmp_path):
+    """minutes=None: max_steps alone ends training (the same work on any machine); eval_every=1 evaluates the
+    held-out verifier before training and after each step: its ends are the before/after measurements (same
+    prompts and seeds)."""
+    output = tmp_path / "backprop"
+    metrics = learn_backprop(
+        minutes=None, output=output, max_steps=2, eval_every=1, num_steps=3, k=2, batch_size=2, lr=1e-2, **TINY_EVAL
+    )
+    assert metrics["train"]["steps"] == 2
+    assert (metrics["budget_minutes"], metrics["budget_steps"]) == (None, 2)
+    assert [point["step"] for point in metrics["curve"]] == [0, 1, 2]
+    assert metrics["curve"][0]["strict_accuracy"] == metrics["before"]["strict_accuracy"]
+    assert metrics["curve"][-1]["strict_accuracy"] == metrics["after"]["strict_accuracy"]
+    assert metrics["curve"][-1]["mean_reward"] == pytest.approx(metrics["after"]["mean_reward"])
+    assert "held-out strict accuracy during training" in format_summary(metrics)
+
+
 def test_learn_backprop_stops_at_its_time_budget(tmp_path):
     metrics = learn_backprop(minutes=1e-4, output=tmp_path / "backprop", num_steps=2, k=1, batch_size=1, **TINY_EVAL)
     assert metrics["train"]["steps"] == 1
@@ -140,5 +157,33 @@ def test_bench_learn_cli_dispatches(monkeypatch, tmp_path):
     output = str(tmp_path / "out")
     argv = ["bench", "learn", "--method", "dpo", "--minutes", "2.5", "--output", output, "--seed", "3"]
     assert cli_main([*argv, "--threads", "1"]) == 0
-    assert calls == [{"method": "dpo", "minutes": 2.5, "output": output, "seed": 3, "threads": 1}]
+    assert cli_main(["bench", "learn", "--method", "backprop", "--steps", "40", "--eval-every", "10"]) == 0
+    common = {"output": None, "seed": 0, "threads": None}
+    assert calls == [
+        {
+            "method": "dpo",
+            "minutes": 2.5,
+            "steps": None,
+            "eval_every": 0,
+            **{**common, "output": output, "seed": 3},
+            "threads": 1,
+        },
+        {"method": "backprop", "minutes": None, "steps": 40, "eval_every": 10, **common},
+    ]
     assert cli_main(["bench", "learn", "--method", "dpo", "--minutes", "0"]) == 2
+    assert cli_main(["bench", "learn", "--method", "dpo", "--steps", "0"]) == 2
+    assert cli_main(["bench", "learn", "--method", "grpo", "--eval-every", "5"]) == 2
+    assert cli_main(["bench", "learn", "--method", "dpo", "--steps", "5", "--minutes", "1"]) == 2  # one budget
+
+
+def test_bench_learn_defaults_to_a_steps_budget(monkeypatch):
+    """No budget given: the method's LEARN_STEPS optimizer steps and no time limit; both budgets are refused."""
+    import diffalign.shapes.learn
+    from diffalign.bench import LEARN_STEPS, bench_learn
+
+    calls = []
+    monkeypatch.setattr(diffalign.shapes.learn, "learn_backprop", lambda **kwargs: calls.append(kwargs) or {})
+    bench_learn("backprop", output="unused")
+    assert calls[0]["minutes"] is None and calls[0]["max_steps"] == LEARN_STEPS["backprop"] == 450
+    with pytest.raises(ValueError, match="give one budget"):
+        bench_learn("backprop", minutes=1.0, steps=2)
