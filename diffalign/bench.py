@@ -570,9 +570,11 @@ def bench_reward_server(
     try:
         with _reward_server_process(reward, max(batch_sizes), threads) as url:
             throughput = [_server_throughput(url, reward, b, requests, clients, resolution) for b in batch_sizes]
-        work = Path(tempfile.mkdtemp(prefix="diffalign-bench-reward-server-"))
-        with _reward_server_process("diffalign.testing:redness", 16, threads) as url:
-            grpo = _grpo_remote_vs_local(work, url, epochs)
+        with (
+            tempfile.TemporaryDirectory(prefix="diffalign-bench-reward-server-") as work,
+            _reward_server_process("diffalign.testing:redness", 16, threads) as url,
+        ):
+            grpo = _grpo_remote_vs_local(Path(work), url, epochs)
     finally:
         torch.set_num_threads(previous)
     print(  # noqa: T201
@@ -642,19 +644,21 @@ def _server_throughput(url: str, reward: str, batch: int, requests: int, clients
 
     images = _smooth_images(batch, resolution, seed=batch)
     remote = rewards.load(f"remote:{url}")
-    for _ in range(2):  # warm-up: connections, the server's first batch
-        remote.score(images)
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=clients) as pool:
-        list(pool.map(lambda _: remote.score(images), range(requests)))
-    elapsed = time.perf_counter() - start
+    try:
+        for _ in range(2):  # warm-up: connections, the server's first batch
+            remote.score(images)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            list(pool.map(lambda _: remote.score(images), range(requests)))
+        elapsed = time.perf_counter() - start
+    finally:
+        remote.close()
     local = rewards.load(reward)
     local.score(images)
     local_start = time.perf_counter()
     for _ in range(requests):
         local.score(images)
     local_elapsed = time.perf_counter() - local_start
-    remote.close()
     return {
         "batch": batch,
         "requests_per_s": requests / elapsed,

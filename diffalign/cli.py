@@ -254,6 +254,8 @@ def _add_reward(sub, common) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="most images waiting; beyond: HTTP 503 (default: 256)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request before HTTP 504 (default: 300)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for a batch to fill, in ms (default: 5)")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image H*W; beyond: HTTP 400")
+    p.add_argument("--max-request-mb", type=int, default=256, help="largest request body in MiB; beyond: HTTP 413")
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="reward option, e.g. path=/models/x"
     )
@@ -613,6 +615,9 @@ def cmd_bench_reward_server(args: argparse.Namespace) -> int:
 
 def cmd_reward_serve(args: argparse.Namespace) -> int:
     _check_positive(port=args.port, batch_size=args.batch_size, max_queue=args.max_queue)
+    _check_positive(max_pixels=args.max_pixels, max_request_mb=args.max_request_mb)
+    if args.token is not None and not args.token.strip():
+        raise UsageError("--token is empty; give a real token, or leave it out on loopback")
     if args.timeout <= 0 or args.max_wait_ms < 0:
         raise UsageError("--timeout must be > 0 and --max-wait-ms >= 0")
     import rewards
@@ -642,6 +647,8 @@ def cmd_reward_serve(args: argparse.Namespace) -> int:
         token=args.token,
         device=device,
         max_wait=args.max_wait_ms / 1000,
+        max_pixels=args.max_pixels,
+        max_request_bytes=args.max_request_mb * 1024 * 1024,
         log_level=args.log_level,
     )
     return 0

@@ -104,16 +104,28 @@ class SwiGLU(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position angles (Su et al., 2021) for ``dim``-wide heads; ``inv_freq`` is a saved buffer."""
+    """Rotary position angles (Su et al., 2021) for ``dim``-wide heads.
+
+    ``inv_freq`` is kept as a buffer because the published state dict holds it (strict loading), but the angles are
+    computed from float32 frequencies: a bf16 model casts the buffer too, and bf16 frequencies put the angle of
+    position 256 off by ~0.03 rad (bf16 angles by up to 0.5 rad).
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim)))
+        self.dim = dim
+        self.register_buffer("inv_freq", self._frequencies(torch.device("cpu")))
+
+    def _frequencies(self, device: torch.device) -> Tensor:
+        return 1.0 / (10000 ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim))
 
     def forward(self, length: int, device: torch.device) -> Tensor:
-        """Angles ``[length, dim]``: position times frequency, the frequencies repeated for both halves."""
-        positions = torch.arange(length, device=device, dtype=self.inv_freq.dtype)
-        angles = torch.outer(positions, self.inv_freq)
+        """Angles ``[length, dim]`` float32: position times frequency, the frequencies repeated for both halves.
+
+        Always float32, whatever the model's dtype (see the class docstring).
+        """
+        positions = torch.arange(length, device=device, dtype=torch.float32)
+        angles = torch.outer(positions, self._frequencies(device))
         return torch.cat((angles, angles), dim=-1)
 
 
@@ -124,9 +136,10 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(angles: Tensor, x: Tensor) -> Tensor:
-    """Rotate ``x [..., n, d]`` by ``angles [n, d]`` (computed in float32, cast back to ``x``'s dtype)."""
-    angles = angles.to(x.dtype)
-    return x * angles.cos() + rotate_half(x) * angles.sin()
+    """Rotate ``x [..., n, d]`` by ``angles [n, d]`` float32: cos and sin are taken in float32, then cast to ``x``'s
+    dtype (a bf16 angle of ~256 rad is off by up to half a radian)."""
+    cos, sin = angles.float().cos().to(x.dtype), angles.float().sin().to(x.dtype)
+    return x * cos + rotate_half(x) * sin
 
 
 class CrossAttention(nn.Module):

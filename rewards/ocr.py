@@ -166,7 +166,7 @@ class OCRReward(Reward):
 
     name = "ocr"
     differentiable = False
-    needs_prompts = True
+    needs_prompts = False  # the target may come from metadata "text" alone; target_text says when neither has it
     takes_metadata = True
 
     def __init__(
@@ -190,7 +190,8 @@ class OCRReward(Reward):
 
     def _score(self, images: Tensor, prompts: list[str] | None, metadata: list[dict[str, Any]]) -> Tensor:
         # Targets first: a prompt without quoted text fails before any OCR time is spent.
-        targets = [target_text(p, m, i, self.name) for i, (p, m) in enumerate(zip(prompts or [], metadata))]
+        prompt_list = prompts if prompts is not None else [""] * len(metadata)
+        targets = [target_text(p, m, i, self.name) for i, (p, m) in enumerate(zip(prompt_list, metadata))]
         pixels = to_uint8_hwc(images)
         scores = [ocr_distance_reward(target, self.recognise(image)) for target, image in zip(targets, pixels)]
         return torch.tensor(scores, dtype=torch.float32)

@@ -86,7 +86,8 @@ class RemoteReward(Reward):
         urls: server base URLs, ``"http://a:8000,http://b:8001"`` or a list.
         token: the servers' token (sent as ``Authorization: Bearer``); default: the environment variable
             :data:`TOKEN_ENV`, else none.
-        timeout: seconds to wait for one answer (connecting: at most 10 of them).
+        timeout: seconds to wait for one answer (connecting: at most 10 of them); the default is longer than the
+            server's default timeout (300 s), so that a slow request ends with the server's 504.
         retries: further attempts of a request after a connection error or a 503, each on the next server; other
             errors (400, 401, 422, 500, 504, a read timeout) are not retried.
         batch_size: images per request; a larger batch is split and the requests run concurrently (one per server,
@@ -110,7 +111,7 @@ class RemoteReward(Reward):
         self,
         urls: str | Sequence[str] | None = None,
         token: str | None = None,
-        timeout: float = 300.0,
+        timeout: float = 330.0,
         retries: int = 3,
         batch_size: int | None = None,
         image_format: str = "png",

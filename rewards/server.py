@@ -15,8 +15,9 @@ Protocol (version :data:`PROTOCOL_VERSION`; no pickle anywhere, nothing in a req
   ``null`` for rewards that need none); an optional ``metadata`` field, a JSON list of one object per image,
   passed to rewards that take metadata. Answer: ``{"scores": [B floats]}``, plus ``"parts": {name: [B floats]}``
   when the reward reports parts (a weighted sum's terms).
-- Status codes: 400 a malformed request (an image that does not decode, named by its index; bad JSON; wrong
-  counts), 401 a missing or wrong ``Authorization: Bearer <token>``, 422 the reward refused the inputs
+- Status codes: 400 a malformed request (an image that does not decode or is larger than ``max_pixels``, named by
+  its index; bad JSON; wrong counts), 401 a missing or wrong ``Authorization: Bearer <token>``, 411 no
+  ``Content-Length``, 413 a body larger than ``max_request_bytes``, 422 the reward refused the inputs
   (:class:`~rewards.base.RewardInputError`, its message), 500 the reward failed (a short message; the traceback
   is in the server's log), 503 the queue is full or the server is stopping (retry later or elsewhere), 504 no
   score within the server's timeout. Every error body is ``{"detail": message}``.
@@ -80,6 +81,11 @@ ZIP_SIGNATURE = b"PK\x03\x04"  # an .npz file is a zip archive
 PNG_MODES = ("RGB", "RGBA", "L", "LA", "P")
 """8-bit PNG modes that are read (converted to RGB); 16-bit and other modes are refused."""
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+MAX_PIXELS = 4096 * 4096
+"""Default largest image (height x width) a request may hold: checked from the PNG header or the NPZ array header
+before anything is decoded, so a small compressed file cannot expand into gigabytes."""
+MAX_REQUEST_BYTES = 256 * 1024 * 1024
+"""Default largest request body; larger ones get HTTP 413 before they are read."""
 
 
 class MalformedRequestError(ValueError):
@@ -95,31 +101,41 @@ class QueueFullError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, index: int) -> Tensor:
+def decode_image(data: bytes, index: int, max_pixels: int = MAX_PIXELS) -> Tensor:
     """One request image as a float32 ``[3, H, W]`` tensor in [0, 1].
 
     Args:
         data: a PNG file (8-bit; uint8 values ``v`` become ``v / 255``) or an NPZ file with one float array
             ``image`` of shape ``[3, H, W]`` in [0, 1].
         index: the image's position in the request, quoted in errors.
+        max_pixels: the largest ``H * W`` accepted, checked from the file's header before decoding.
 
     Raises:
-        MalformedRequestError: naming the item: neither format, an undecodable file, a wrong mode, shape, dtype
-            or value range.
+        MalformedRequestError: naming the item: neither format, an undecodable file, too many pixels, a wrong
+            mode, shape, dtype or value range.
     """
     if data.startswith(PNG_SIGNATURE):
-        return _decode_png(data, index)
+        return _decode_png(data, index, max_pixels)
     if data.startswith(ZIP_SIGNATURE):
-        return _decode_npz(data, index)
+        return _decode_npz(data, index, max_pixels)
     raise MalformedRequestError(
         f"image {index}: not a PNG or NPZ file (it starts with {data[:8]!r}); send PNG bytes or an .npz holding "
         "a float array 'image' [3, H, W]"
     )
 
 
-def _decode_png(data: bytes, index: int) -> Tensor:
+def _check_pixels(height: int, width: int, index: int, max_pixels: int) -> None:
+    if height * width > max_pixels:
+        raise MalformedRequestError(
+            f"image {index}: {height} x {width} pixels is more than the server's limit of {max_pixels} "
+            "(--max-pixels); resize it before scoring"
+        )
+
+
+def _decode_png(data: bytes, index: int, max_pixels: int) -> Tensor:
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            _check_pixels(image.height, image.width, index, max_pixels)  # from the header: nothing decoded yet
             image.load()
             if image.mode not in PNG_MODES:
                 raise MalformedRequestError(
@@ -133,11 +149,25 @@ def _decode_png(data: bytes, index: int) -> Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
 
 
-def _decode_npz(data: bytes, index: int) -> Tensor:
+def _npz_array_shape(archive: Any, name: str) -> tuple[int, ...]:
+    """The shape in an NPZ member's ``.npy`` header, read without decompressing the array."""
+    with archive.zip.open(f"{name}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(member)
+    return tuple(shape)
+
+
+def _decode_npz(data: bytes, index: int, max_pixels: int) -> Tensor:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:  # no pickle: object arrays are refused
             if "image" not in archive.files:
                 raise MalformedRequestError(f"image {index}: the NPZ has {archive.files}, not an array 'image'")
+            shape = _npz_array_shape(archive, "image")
+            if len(shape) == 3:  # other shapes are refused below, once read (small: no pixel count to bound)
+                _check_pixels(shape[1], shape[2], index, max_pixels)
+            elif math.prod(shape) > 3 * max_pixels:
+                raise MalformedRequestError(f"image {index}: the NPZ array {shape} is larger than any image accepted")
             array = archive["image"]
     except MalformedRequestError:
         raise
@@ -194,6 +224,7 @@ class _Job:
     parts: dict[str, list[float | None]] = dataclasses.field(default_factory=dict)
     remaining: int = 0
     abandoned: bool = False
+    queued: int = 0  # images still waiting in the batcher's queue
 
     def __post_init__(self) -> None:
         self.scores = [None] * len(self.images)
@@ -208,7 +239,6 @@ class _Job:
             self.future.set_result({"scores": self.scores, **({"parts": self.parts} if self.parts else {})})
 
     def fail(self, err: BaseException) -> None:
-        self.abandoned = True  # its images still queued are skipped
         if not self.future.done():
             self.future.set_exception(err)
 
@@ -234,24 +264,44 @@ class _Batcher:
         self.reward, self.batch_size, self.max_wait, self.device = reward, batch_size, max_wait, device
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.max_queue = max_queue
+        self.waiting = 0  # live images in the queue (those of abandoned requests no longer count)
         self.scoring = 0
         # One thread runs the reward: a model is never used by two threads at once, and CUDA state stays put.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-server")
 
     def submit(self, job: _Job) -> None:
         """Queue a job's images, or refuse the whole job when they do not fit (no partial admission)."""
-        waiting = self.queue.qsize()
+        waiting = self.waiting
         if waiting + len(job.images) > self.max_queue:
             raise QueueFullError(
                 f"the reward server's queue is full ({waiting} images waiting, {len(job.images)} more asked, limit "
                 f"--max-queue {self.max_queue}); retry later, send smaller requests, or start another server "
                 "(diffalign reward serve ... --port OTHER) and give the client both URLs"
             )
+        job.queued = len(job.images)
+        self.waiting += job.queued
         for index in range(len(job.images)):
             self.queue.put_nowait(_Item(job, index))
 
+    def abandon(self, job: _Job) -> None:
+        """Stop working for ``job`` (its request timed out or failed): its images still queued are skipped and no
+        longer count against ``max_queue``."""
+        if not job.abandoned:
+            job.abandoned = True
+            self.waiting -= job.queued
+            job.queued = 0
+
+    def _take(self, item: _Item) -> bool:
+        """Account for a dequeued item; False when its request was abandoned (skip it)."""
+        if item.job.abandoned:
+            return False
+        item.job.queued -= 1
+        self.waiting -= 1
+        return True
+
     async def run(self) -> None:
-        """Score queued images until cancelled."""
+        """Score queued images until cancelled. An unexpected error fails that batch's requests, is logged, and the
+        worker goes on (a dead worker would turn every later request into a 504)."""
         while True:
             batch = await self._next_batch()
             groups: dict[tuple[Any, ...], list[_Item]] = {}
@@ -261,6 +311,10 @@ class _Batcher:
             try:
                 for items in groups.values():
                     await self._score_group(items)
+            except Exception as err:
+                logger.exception("reward server worker: a batch failed outside the reward call")
+                for job in dict.fromkeys(item.job for item in batch):
+                    job.fail(err)
             finally:
                 self.scoring = 0
 
@@ -269,7 +323,7 @@ class _Batcher:
         batch: list[_Item] = []
         while not batch:
             item = await self.queue.get()
-            if not item.job.abandoned:
+            if self._take(item):
                 batch.append(item)
         deadline = time.monotonic() + self.max_wait
         while len(batch) < self.batch_size:
@@ -283,7 +337,7 @@ class _Batcher:
                     item = await asyncio.wait_for(self.queue.get(), left)
                 except asyncio.TimeoutError:
                     break
-            if not item.job.abandoned:  # its request timed out: skip its images
+            if self._take(item):  # False: its request timed out, skip its images
                 batch.append(item)
         return batch
 
@@ -294,6 +348,7 @@ class _Batcher:
         except Exception as err:
             jobs = list(dict.fromkeys(item.job for item in items))
             if len(jobs) == 1:
+                self.abandon(jobs[0])
                 jobs[0].fail(err)
                 return
             # Several requests shared the call: score each alone so that the error reaches only the one causing it.
@@ -314,6 +369,10 @@ class _Batcher:
             extra["metadata"] = [item.job.metadata[item.index] if item.job.metadata else {} for item in items]
         with torch.no_grad():
             total, parts = self.reward.score_parts(images, prompts, **extra)
+        if tuple(total.shape) != (len(items),):
+            raise RewardOutputError(
+                f"reward {self.reward.name!r} returned shape {tuple(total.shape)}, not [{len(items)}]"
+            )
         # A plain reward reports itself as its one part: that is no part to send.
         named = {name: value for name, value in parts.items() if value is not total}
         for name, value in named.items():
@@ -323,7 +382,9 @@ class _Batcher:
 
     def close(self) -> None:
         while not self.queue.empty():
-            self.queue.get_nowait().job.fail(QueueFullError("the reward server is shutting down"))
+            job = self.queue.get_nowait().job
+            self.abandon(job)
+            job.fail(QueueFullError("the reward server is shutting down"))
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -341,6 +402,8 @@ def create_app(
     token: str | None = None,
     device: torch.device | str | None = None,
     max_wait: float = 0.005,
+    max_pixels: int = MAX_PIXELS,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """The FastAPI app serving ``reward`` (see the module docstring for the protocol).
 
@@ -352,11 +415,17 @@ def create_app(
         token: if set, ``POST /score`` needs ``Authorization: Bearer <token>`` (``/health`` never does).
         device: where images go before scoring (the reward's device); ``None`` leaves them on the CPU.
         max_wait: seconds the worker waits for more images once it has some and the batch is not full.
+        max_pixels: the largest image (``H * W``) accepted; larger ones get HTTP 400 before they are decoded.
+        max_request_bytes: the largest request body; larger ones get HTTP 413 before they are read.
 
     Raises:
-        ValueError: a non-positive ``batch_size``, ``max_queue``, ``timeout`` or a negative ``max_wait``.
+        ValueError: a non-positive ``batch_size``, ``max_queue``, ``timeout``, ``max_pixels`` or
+            ``max_request_bytes``, a negative ``max_wait``, or an empty ``token``.
     """
     _check_settings(batch_size=batch_size, max_queue=max_queue, timeout=timeout, max_wait=max_wait)
+    _check_limits(max_pixels=max_pixels, max_request_bytes=max_request_bytes)
+    if token is not None and not token.strip():
+        raise ValueError("reward server: an empty token would let anyone in; give a real one, or none (loopback)")
     if not isinstance(reward, Reward):
         raise TypeError(f"create_app serves a rewards.Reward; got {type(reward).__name__} (use rewards.load first)")
     state: dict[str, _Batcher] = {}
@@ -384,7 +453,7 @@ def create_app(
             "protocol": PROTOCOL_VERSION,
             "reward": reward.name,
             "batch_size": batch_size,
-            "queue_depth": batcher.queue.qsize() if batcher else 0,
+            "queue_depth": batcher.waiting if batcher else 0,
             "scoring": batcher.scoring if batcher else 0,
             "max_queue": max_queue,
             "device": str(device if device is not None else getattr(reward, "device", None) or "cpu"),
@@ -397,9 +466,15 @@ def create_app(
     async def score(request: Request) -> JSONResponse:
         if token is not None and not _authorized(request.headers.get("authorization"), token):
             return _error(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'")
+        size = request.headers.get("content-length")
+        if size is None or not size.isdigit():
+            return _error(411, "send a Content-Length header (the server bounds request sizes)")
+        if int(size) > max_request_bytes:
+            return _error(413, f"the request has {size} bytes, more than the server's limit of {max_request_bytes}")
+        batcher = state["batcher"]
         try:
-            job = await _read_job(request, reward, max_queue)
-            state["batcher"].submit(job)
+            job = await _read_job(request, reward, max_queue, max_pixels)
+            batcher.submit(job)
         except MalformedRequestError as err:
             return _error(400, str(err))
         except QueueFullError as err:
@@ -407,12 +482,12 @@ def create_app(
         try:
             answer = await asyncio.wait_for(asyncio.shield(job.future), timeout)
         except asyncio.TimeoutError:
-            job.abandoned = True  # its images still queued are skipped
+            batcher.abandon(job)  # its images still queued are skipped
             return _error(504, f"no score within the server's timeout of {timeout:g} s (raise --timeout)")
         except asyncio.CancelledError:
             # The server is stopping (uvicorn cancels requests still running after its graceful wait): answer 503,
             # which clients retry on another server, rather than the 500 an unhandled cancellation would give.
-            job.abandoned = True
+            batcher.abandon(job)
             return _error(503, "the reward server is stopping; retry on another server")
         except RewardInputError as err:
             return _error(422, str(err))
@@ -436,6 +511,12 @@ def _check_settings(batch_size: int, max_queue: int, timeout: float, max_wait: f
         raise ValueError(f"reward server: max_wait must be >= 0 seconds, got {max_wait!r}")
 
 
+def _check_limits(**limits: int) -> None:
+    for name, value in limits.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"reward server: {name} must be an integer >= 1, got {value!r}")
+
+
 def _authorized(header: str | None, token: str) -> bool:
     scheme, _, given = (header or "").partition(" ")
     # compare_digest: the time taken does not tell how much of the token was right.
@@ -452,7 +533,7 @@ def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-async def _read_job(request: Request, reward: Reward, max_queue: int) -> _Job:
+async def _read_job(request: Request, reward: Reward, max_queue: int, max_pixels: int) -> _Job:
     """Parse and check one ``POST /score`` body; images decode in a worker thread, off the event loop."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise MalformedRequestError(
@@ -465,25 +546,28 @@ async def _read_job(request: Request, reward: Reward, max_queue: int) -> _Job:
         raise MalformedRequestError(
             f"cannot read the multipart body ({err}); a request holds at most --max-queue {max_queue} images"
         ) from None
-    uploads = form.getlist("images")
-    if not uploads:
-        raise MalformedRequestError("no 'images' parts in the request")
-    if len(uploads) > max_queue:
-        raise MalformedRequestError(
-            f"the request has {len(uploads)} images, more than the server's --max-queue {max_queue}; send fewer "
-            "per request (the remote reward's option batch_size)"
-        )
-    if any(isinstance(upload, str) for upload in uploads):
-        raise MalformedRequestError("'images' must be file parts (PNG or NPZ bytes), not text fields")
-    blobs = [await upload.read() for upload in uploads]
-    prompts = _parse_json_list(form, "prompts", len(blobs))
-    metadata = _parse_json_list(form, "metadata", len(blobs))
-    try:
-        prompts = check_prompts(prompts, len(blobs), reward.name, required=reward.needs_prompts)
-        metadata = None if metadata is None else check_metadata(metadata, len(blobs), reward.name)
-    except RewardInputError as err:
-        raise MalformedRequestError(str(err)) from None
-    images = await asyncio.to_thread(lambda: [decode_image(blob, i) for i, blob in enumerate(blobs)])
+    try:  # the form spools large parts to temporary files: close it whatever happens
+        uploads = form.getlist("images")
+        if not uploads:
+            raise MalformedRequestError("no 'images' parts in the request")
+        if len(uploads) > max_queue:
+            raise MalformedRequestError(
+                f"the request has {len(uploads)} images, more than the server's --max-queue {max_queue}; send fewer "
+                "per request (the remote reward's option batch_size)"
+            )
+        if any(isinstance(upload, str) for upload in uploads):
+            raise MalformedRequestError("'images' must be file parts (PNG or NPZ bytes), not text fields")
+        blobs = [await upload.read() for upload in uploads]
+        prompts = _parse_json_list(form, "prompts", len(blobs))
+        metadata = _parse_json_list(form, "metadata", len(blobs))
+        try:
+            prompts = check_prompts(prompts, len(blobs), reward.name, required=reward.needs_prompts)
+            metadata = None if metadata is None else check_metadata(metadata, len(blobs), reward.name)
+        except RewardInputError as err:
+            raise MalformedRequestError(str(err)) from None
+    finally:
+        await form.close()
+    images = await asyncio.to_thread(lambda: [decode_image(blob, i, max_pixels) for i, blob in enumerate(blobs)])
     future = asyncio.get_running_loop().create_future()
     # An answer that comes after the request timed out is read here, so asyncio does not log it as lost.
     future.add_done_callback(lambda done: done.cancelled() or done.exception())
@@ -506,6 +590,8 @@ def serve(
     token: str | None = None,
     device: torch.device | str | None = None,
     max_wait: float = 0.005,
+    max_pixels: int = MAX_PIXELS,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
     log_level: str = "info",
 ) -> None:
     """Serve ``reward`` over HTTP until interrupted (Ctrl-C); see :func:`create_app` for the settings.
@@ -514,6 +600,8 @@ def serve(
     :data:`TOKEN_ENV`; a server reachable from other machines without one is warned about.
     """
     token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+    if token is not None and not token.strip():
+        raise ValueError("reward server: --token is empty; give a real token, or none on loopback")
     app = create_app(
         reward,
         batch_size=batch_size,
@@ -522,6 +610,8 @@ def serve(
         token=token,
         device=device,
         max_wait=max_wait,
+        max_pixels=max_pixels,
+        max_request_bytes=max_request_bytes,
     )
     if host not in LOOPBACK_HOSTS and token is None:
         logger.warning(

@@ -108,7 +108,8 @@ def score_aesthetic(work: Path) -> dict[str, float]:
 
     rewind_failed_jit_load()
     head = AestheticMLP(768)
-    head.load_state_dict(torch.load(work / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth", map_location="cpu"))
+    head_file = work / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"
+    head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
     head.eval()
     model, preprocess = clip.load(str(work / "aesthetic" / "ViT-L-14.pt"), device="cpu")
     scores = {}
@@ -160,7 +161,7 @@ def score_imagereward(work: Path) -> dict[str, float]:
     transformers.BertTokenizer.from_pretrained = classmethod(local_vocabulary)
     import ImageReward
 
-    state = torch.load(folder / "ImageReward.pt", map_location="cpu")
+    state = torch.load(folder / "ImageReward.pt", map_location="cpu", weights_only=True)
     model = ImageReward.load(str(folder / "ImageReward.pt"), device="cpu", med_config=str(folder / "med_config.json"))
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -285,3 +285,19 @@ def test_verify_hashes_the_checkpoint_before_loading(mps_checkpoint, tiny_clip_d
     rewards.clear_cache()
     with pytest.raises(WeightsHashError, match=f"has SHA-256 {good}, expected {'0' * 64}"):
         load_mps(path, tiny_clip_dir, verify=True, sha256="0" * 64).load_weights("cpu")
+
+
+def test_rotary_angles_stay_float32_in_a_bf16_model():
+    """A bf16 model casts the inv_freq buffer too; the angles of 257 positions must still be float32-accurate (in
+    bf16 they were off by up to 0.5 rad), so the bf16 rotation matches the float32 one to bf16 rounding."""
+    from rewards.mps import RotaryEmbedding, apply_rotary
+
+    rotary = RotaryEmbedding(64)
+    x = torch.randn(2, 257, 64, generator=torch.Generator().manual_seed(0))
+    exact = apply_rotary(rotary(257, x.device), x)
+    rotary_bf16 = RotaryEmbedding(64).to(torch.bfloat16)
+    angles = rotary_bf16(257, x.device)
+    assert angles.dtype == torch.float32
+    assert torch.allclose(angles, rotary(257, x.device))
+    rotated = apply_rotary(angles, x.to(torch.bfloat16)).float()
+    assert (rotated - exact).abs().max() < 0.05  # bf16 rounding of values of order 1; the bug gave errors ~1

@@ -78,6 +78,15 @@ def test_metadata_text_overrides_the_prompt():
     torch.testing.assert_close(scores, torch.tensor([1.0, 0.0]))
 
 
+def test_metadata_text_alone_needs_no_prompts():
+    reward = OCRReward(recognizer=FakeOCR([("Open 24h", 0.9)]))
+    scores = reward.score(torch.rand(2, 3, 4, 4), None, [{"text": "open24h"}, {"text": "closed"}])
+    # "closed" vs "open24h": 7 edits, capped at len("closed") = 6 -> 0.
+    torch.testing.assert_close(scores, torch.tensor([1.0, 0.0]))
+    with pytest.raises(RewardInputError, match=r"image 1: prompt '' has no double-quoted text"):
+        reward.score(torch.rand(2, 3, 4, 4), None, [{"text": "open24h"}, {}])
+
+
 def test_a_prompt_without_quoted_text_names_the_image_and_the_fix():
     reward = OCRReward(recognizer=FakeOCR([]))
     with pytest.raises(RewardInputError, match=r"image 1: prompt 'a plain sign' has no double-quoted text.*metadata"):

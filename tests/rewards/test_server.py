@@ -129,10 +129,14 @@ def test_metadata_reaches_a_reward_that_takes_it(serve):
 
 
 def test_concurrent_requests_are_batched_and_grouped_by_size(serve):
+    """A first request holds the worker; four more queue up meanwhile (no timing involved: the test waits for the
+    queue depth), then one batch takes all their images and scores each image size in one call."""
     gate = Gate()
-    gate.release.set()
-    server = serve(gate, batch_size=8, max_wait=0.5)
+    server = serve(gate, batch_size=8)
     remote = rewards.load(f"remote:{server.url}")
+    holder = threading.Thread(target=post, args=(server.url, png_bytes(torch.rand(1, 3, 8, 8)), ["a"]))
+    holder.start()
+    assert gate.entered.wait(10)
     batches = [torch.rand(2, 3, 8 if i < 3 else 6, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     results = [None] * 4
 
@@ -142,12 +146,14 @@ def test_concurrent_requests_are_batched_and_grouped_by_size(serve):
     threads = [threading.Thread(target=score, args=(i,)) for i in range(4)]
     for thread in threads:
         thread.start()
-    for thread in threads:
+    wait_until(lambda: httpx.get(f"{server.url}/health", timeout=5).json()["queue_depth"] == 8)
+    gate.release.set()
+    for thread in [holder, *threads]:
         thread.join(20)
     for batch, result in zip(batches, results):
         assert torch.equal(result, colour_and_prompt(quantised(batch), PROMPTS[:2]))
-    # Three requests of 8x8 images share calls (one call per size in a batch), the 6x8 one is scored apart.
-    assert sum(gate.calls) == 8 and max(gate.calls) >= 4 and len(gate.calls) < 4
+    # The holder alone, then the three requests of 8x8 images in one call and the 6x8 one in another.
+    assert sorted(gate.calls) == [1, 2, 6]
 
 
 def test_health_needs_no_token(serve):
@@ -436,3 +442,64 @@ def test_an_answer_without_one_number_per_image_is_refused():
     with BackgroundServer(app) as server:
         with pytest.raises(rewards.RewardOutputError, match="other than one number per image"):
             rewards.load(f"remote:{server.url}").score(torch.rand(2, 3, 4, 4), ["a", "b"])
+
+
+# --- limits ----------------------------------------------------------------------------------------------------------
+
+
+def test_oversized_images_and_bodies_are_refused_before_decoding(serve):
+    server = serve(colour_and_prompt, max_pixels=32 * 32, max_request_bytes=200_000)
+    small, large = png_bytes(torch.rand(1, 3, 8, 8))[0], png_bytes(torch.rand(1, 3, 64, 64))[0]
+    response = post(server.url, [small, large], ["a", "b"])
+    assert response.status_code == 400
+    assert response.json()["detail"].startswith("image 1: 64 x 64 pixels is more than the server's limit of 1024")
+    response = post_raw(server.url, [_npz(np.zeros((3, 64, 64), np.float32))], prompts=json.dumps(["a"]))
+    assert response.status_code == 400 and "image 0: 64 x 64 pixels" in response.json()["detail"]
+    response = post_raw(server.url, [b"\0" * 300_000], prompts=json.dumps(["a"]))
+    assert response.status_code == 413 and "more than the server's limit of 200000" in response.json()["detail"]
+    assert post(server.url, [small], ["a"]).status_code == 200
+
+
+def test_a_timed_out_request_frees_its_queue_places(serve):
+    gate = Gate()
+    server = serve(gate, batch_size=1, max_queue=2, timeout=0.5)
+    holder = threading.Thread(target=post, args=(server.url, png_bytes(torch.rand(1, 3, 8, 8)), ["a"]))
+    holder.start()
+    assert gate.entered.wait(10)
+    try:
+        assert post(server.url, png_bytes(torch.rand(2, 3, 8, 8)), ["a", "b"]).status_code == 504
+        assert httpx.get(f"{server.url}/health", timeout=5).json()["queue_depth"] == 0
+        waiting = threading.Thread(target=post, args=(server.url, png_bytes(torch.rand(2, 3, 8, 8)), ["c", "d"]))
+        waiting.start()  # admitted: the abandoned images no longer count against --max-queue 2
+        wait_until(lambda: httpx.get(f"{server.url}/health", timeout=5).json()["queue_depth"] == 2)
+    finally:
+        gate.release.set()
+    holder.join(10)
+    waiting.join(10)
+    assert gate.calls == [1, 1, 1]  # the holder, then the admitted request's two images; the abandoned ones skipped
+
+
+class WrongTotal(rewards.Reward):
+    """A reward whose ``score_parts`` returns one total for the whole batch (a custom reward's bug)."""
+
+    name, needs_prompts = "wrong_total", False
+
+    def _score(self, images, prompts):
+        return images.mean((1, 2, 3))
+
+    def score_parts(self, images, prompts=None, metadata=None):
+        total = self.score(images, prompts)
+        return total.mean(0, keepdim=True), {"wrong_total": total}
+
+
+def test_a_wrongly_shaped_total_fails_its_request_and_the_worker_goes_on(serve):
+    server = serve(WrongTotal(), batch_size=4)
+    response = post(server.url, png_bytes(torch.rand(2, 3, 8, 8)))
+    assert response.status_code == 500 and "returned shape (1,), not [2]" in response.json()["detail"]
+    response = post(server.url, png_bytes(torch.rand(1, 3, 8, 8)))  # one image: the total has the right shape
+    assert response.status_code == 200 and len(response.json()["scores"]) == 1
+
+
+def test_an_empty_token_is_refused():
+    with pytest.raises(ValueError, match="an empty token would let anyone in"):
+        create_app(rewards.load(colour_and_prompt), token=" ")

@@ -29,17 +29,23 @@ def make_config(folder, output_dir, reward, **overrides):
 
 @pytest.fixture
 def redness_server():
-    """A server of the colour reward, recording each call's start and end times and scores."""
-    calls = []
+    """A server of the colour reward, recording each call's start and end times and scores.
+
+    Its first call waits (at most 10 s) until ``server.denoised`` is set after the call began: a test sets it from a
+    denoiser hook, so the call ends early only if sampling went on while it was scoring (no timing assumed).
+    """
+    calls, denoised = [], threading.Event()
 
     def timed_redness(images, prompts):
         start = time.monotonic()
-        time.sleep(0.5 if not calls else 0.0)  # the first chunk takes long enough for sampling to go on meanwhile
+        if not calls:
+            denoised.clear()
+            denoised.wait(10)
         calls.append((start, time.monotonic(), redness(images)))
         return calls[-1][2]
 
     server = BackgroundServer(create_app(rewards.load(timed_redness), batch_size=64)).start()
-    server.calls = calls
+    server.calls, server.denoised = calls, denoised
     yield server
     server.stop(force=True)
 
@@ -50,7 +56,12 @@ def test_grpo_trains_on_a_remote_reward_and_samples_while_it_scores(redness_serv
     config = make_config(tiny_pipeline_dir("sd3"), tmp_path, reward, max_steps=1, **{"sampling.batch_size": 4})
     trainer = GRPOTrainer(config)
     forwards = []
-    trainer.adapter.denoiser.register_forward_hook(lambda *_: forwards.append(time.monotonic()))
+
+    def seen(*_):  # returns None: a forward hook's return value would replace the output
+        forwards.append(time.monotonic())
+        redness_server.denoised.set()
+
+    trainer.adapter.denoiser.register_forward_hook(seen)
     metrics = trainer.train()
     # Two rollout chunks of 4 images, each scored on the server, nothing else.
     assert [len(scores) for *_, scores in redness_server.calls] == [4, 4]
