@@ -397,3 +397,12 @@ def test_pairs_calls_ai_feedback(model, tmp_path, capsys):
     assert main(argv) == 0
     assert "wrote preference pairs to" in capsys.readouterr().out
     assert any((tmp_path / "pairs").rglob("*"))
+
+
+def test_reward_labels_name_each_spec_by_what_tells_it_apart():
+    from diffalign.eval.score import reward_label
+
+    assert reward_label("pickscore") == "pickscore"
+    assert reward_label("my_pkg.rewards:sharpness") == "sharpness"
+    # A server spec's last colon is its port's: the whole spec is its label.
+    assert reward_label("remote:http://127.0.0.1:8000") == "remote:http://127.0.0.1:8000"
