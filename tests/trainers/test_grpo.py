@@ -303,7 +303,23 @@ def test_two_processes_give_the_same_advantages_as_one(tiny_pipeline_dir, tmp_pa
     assert two[0]["uneven_checksum"] == pytest.approx(two[1]["uneven_checksum"], rel=1e-6)
 
 
-def _held_out_redness(adapter, kernel):
+def colour_recipe(lora_rank: int, lr: float, epochs: int) -> dict:
+    """The config overrides of the colour-reward learning tests (here and tests/trainers/test_remote_reward.py)."""
+    return {
+        "model.lora.rank": lora_rank,
+        "optim.lr": lr,
+        "max_steps": epochs,
+        "sampling.prompts": PROMPTS,
+        "sampling.num_steps": 6,
+        "sampling.guidance_scale": 1.0,
+        "sampling.prompts_per_epoch": 4,
+        "sampling.batch_size": 16,
+        "train.batch_size": 16,
+        "train.clip_range": 0.2,
+    }
+
+
+def held_out_redness(adapter, kernel="sde"):
     """Mean redness of 16 fixed-seed ODE samples of prompts never used in training (paired before/after)."""
     from diffalign.samplers import ode_plan, rollout
     from diffalign.testing import redness
@@ -336,22 +352,11 @@ def test_colour_reward_rises(family, lora_rank, lr, epochs, margin, tiny_pipelin
     """
     folder = tiny_pipeline_dir(family, vae="shapes")
     kernel = "sde" if family == "sd3" else "ddim"
-    extra = {
-        "model.lora.rank": lora_rank,
-        "optim.lr": lr,
-        "max_steps": epochs,
-        "sampling.prompts": PROMPTS,
-        "sampling.num_steps": 6,
-        "sampling.guidance_scale": 1.0,
-        "sampling.prompts_per_epoch": 4,
-        "sampling.batch_size": 16,
-        "train.batch_size": 16,
-        "train.clip_range": 0.2,
-    }
+    extra = colour_recipe(lora_rank, lr, epochs)
     trainer = GRPOTrainer(make_config(folder, tmp_path, family, **extra))
-    before = _held_out_redness(trainer.adapter, kernel)
+    before = held_out_redness(trainer.adapter, kernel)
     trainer.train()
-    after = _held_out_redness(trainer.adapter, kernel)
+    after = held_out_redness(trainer.adapter, kernel)
     gain = (after - before).mean().item()
     assert gain > margin, f"held-out redness {before.mean():.4f} -> {after.mean():.4f}"
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from test_grpo import PROMPTS
+from test_grpo import colour_recipe, held_out_redness
 from test_grpo import make_config as grpo_config
 
 import rewards
@@ -73,15 +73,6 @@ def test_grpo_trains_on_a_remote_reward_and_samples_while_it_scores(redness_serv
     assert any(start < t < end for t in forwards), "no denoiser call while the first chunk was being scored"
 
 
-def _held_out_redness(adapter):
-    """Mean redness of 16 fixed-seed ODE samples of prompts never used in training (paired before/after)."""
-    from diffalign.samplers import ode_plan, rollout
-
-    prompts = ["a purple star", "three blue squares", "a cat", "an empty room"]
-    trajectory = rollout(adapter, prompts, ode_plan(6, kernel="sde"), num_images_per_prompt=4, seeds=10_000)
-    return redness(trajectory.images)
-
-
 @pytest.mark.slow  # a learning run
 def test_colour_reward_rises_with_a_remote_reward(tiny_pipeline_dir, tmp_path):
     """tests/trainers/test_grpo.py::test_colour_reward_rises (sd3, Flow-GRPO, LoRA), scoring on a server over PNG.
@@ -91,23 +82,12 @@ def test_colour_reward_rises_with_a_remote_reward(tiny_pipeline_dir, tmp_path):
     """
     server = BackgroundServer(create_app(rewards.load(redness), batch_size=16)).start()
     try:
-        extra = {
-            "model.lora.rank": 8,
-            "optim.lr": 1e-2,
-            "max_steps": 15,
-            "sampling.prompts": PROMPTS,
-            "sampling.num_steps": 6,
-            "sampling.guidance_scale": 1.0,
-            "sampling.prompts_per_epoch": 4,
-            "sampling.batch_size": 16,
-            "train.batch_size": 16,
-            "train.clip_range": 0.2,
-        }
+        extra = colour_recipe(lora_rank=8, lr=1e-2, epochs=15)
         reward = {"remote": {"urls": [server.url]}}
         trainer = GRPOTrainer(make_config(tiny_pipeline_dir("sd3", vae="shapes"), tmp_path, reward, **extra))
-        before = _held_out_redness(trainer.adapter)
+        before = held_out_redness(trainer.adapter)
         trainer.train()
-        after = _held_out_redness(trainer.adapter)
+        after = held_out_redness(trainer.adapter)
     finally:
         server.stop(force=True)
     gain = (after - before).mean().item()
