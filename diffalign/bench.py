@@ -477,6 +477,7 @@ def bench_learn(
     threads: int | None = None,
     steps: int | None = None,
     eval_every: int = 0,
+    early_stopping: int = 0,
 ) -> dict[str, Any]:
     """Train the shipped shapes model with ``method`` and measure held-out accuracy before and after.
 
@@ -494,6 +495,8 @@ def bench_learn(
         steps: optimizer steps of training; exclusive with ``minutes``.
         eval_every: dpo and backprop: also measure the held-out verifier every this many steps (the curve in
             ``metrics.json``); 0 = only before and after.
+        early_stopping: dpo and backprop: stop when that measurement (on validation seeds) has not improved for
+            this many evaluations, ending with the best one's weights; 0 = off.
 
     Returns:
         The metrics: ``before``, ``after`` and ``gain``, each ``{"mean_reward", "strict_accuracy"}``, plus the
@@ -506,8 +509,11 @@ def bench_learn(
         raise ValueError(f"unknown learning benchmark method {method!r}; choose from {', '.join(LEARN_METHODS)}")
     if minutes is not None and steps is not None:
         raise ValueError("give one budget: steps (the same work on any machine) or minutes, not both")
-    if eval_every and method == "grpo":
-        raise ValueError("eval_every applies to dpo and backprop; the grpo benchmark (the demo) measures before/after")
+    if (eval_every or early_stopping) and method == "grpo":
+        raise ValueError(
+            "eval_every and early_stopping apply to dpo and backprop; the grpo benchmark (the demo) measures "
+            "before/after"
+        )
     if minutes is None and steps is None:
         steps = LEARN_STEPS[method]
     import torch
@@ -527,7 +533,8 @@ def bench_learn(
 
         runner = learn_dpo if method == "dpo" else learn_backprop
         budget = {"max_steps": steps} if steps is not None else {}
-        return runner(minutes=minutes, output=output, seed=seed, eval_every=eval_every, **budget)
+        extra = {"eval_every": eval_every, "early_stopping": early_stopping}
+        return runner(minutes=minutes, output=output, seed=seed, **extra, **budget)
     finally:
         torch.set_num_threads(previous)
 

@@ -216,6 +216,13 @@ def _add_bench(sub, common) -> None:
     )
     budget.add_argument("--minutes", type=float, default=None, help="a wall-clock budget instead (machine-dependent)")
     p.add_argument("--eval-every", type=int, default=0, help="dpo/backprop: held-out curve every N steps (0: off)")
+    p.add_argument(
+        "--early-stopping",
+        type=int,
+        default=0,
+        metavar="PATIENCE",
+        help="dpo/backprop: stop after PATIENCE evaluations without improvement, keep the best (needs --eval-every)",
+    )
     p.add_argument("--output", default=None, help="output folder (default runs/bench_learn/<method>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -583,11 +590,14 @@ def cmd_bench_learn(args: argparse.Namespace) -> int:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     if args.eval_every < 0:
         raise UsageError(f"--eval-every must be >= 0, got {args.eval_every}")
-    if args.eval_every and args.method == "grpo":
-        raise UsageError("--eval-every applies to dpo and backprop; the grpo benchmark is the demo")
+    if (args.eval_every or args.early_stopping) and args.method == "grpo":
+        raise UsageError("--eval-every and --early-stopping apply to dpo and backprop; the grpo benchmark is the demo")
+    if args.early_stopping < 0 or (args.early_stopping and not args.eval_every):
+        raise UsageError("--early-stopping needs a patience >= 1 and --eval-every N")
     _check_positive(threads=args.threads, steps=args.steps)
     bench = _lazy("diffalign.bench", "bench_learn", "diffalign bench learn")
     budget = {"minutes": args.minutes, "steps": args.steps, "eval_every": args.eval_every}
+    budget["early_stopping"] = args.early_stopping
     bench(method=args.method, output=args.output, seed=args.seed, threads=args.threads, **budget)
     return 0
 

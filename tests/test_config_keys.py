@@ -858,6 +858,48 @@ def _(shared_config, base_run, tmp_path):
     assert set(whole.batch_sizes) == {4} and set(pairs.batch_sizes) == {2}
 
 
+def scripted_evaluations(run, curve: dict[int, dict[str, float]]) -> list[int]:
+    """Drive ``run`` with weight-changing steps and evaluations scripted by ``curve``; returns the steps evaluated."""
+    evaluated = []
+
+    def evaluate(step):
+        evaluated.append(step)
+        return {f"eval/{name}_mean": value for name, value in curve[step].items()}
+
+    run.run_steps(lambda step: fake_update(run) or {"loss": 0.0}, dict, evaluate, desc="probe", postfix=())
+    return evaluated
+
+
+RISE_THEN_FALL = {step: {"reward": min(step, 2) - 0.1 * max(step - 2, 0)} for step in range(5)}  # best at 2
+
+
+@probe("shared", "eval.early_stopping_patience")
+def _(shared_run):
+    assert scripted_evaluations(shared_run(EVAL), RISE_THEN_FALL) == [0, 1, 2, 3, 4]  # off: all 4 steps
+    assert scripted_evaluations(shared_run({**EVAL, "eval.early_stopping_patience": 1}), RISE_THEN_FALL) == [
+        0,
+        1,
+        2,
+        3,
+    ]
+
+
+@probe("shared", "eval.metric")
+def _(shared_run):
+    curve = {step: {"reward": float(step), "strict": 1.0 if step == 1 else 0.0} for step in range(5)}
+    patience = {**EVAL, "eval.early_stopping_patience": 2}
+    assert scripted_evaluations(shared_run(patience), curve) == [0, 1, 2, 3, 4]  # reward keeps rising
+    assert scripted_evaluations(shared_run({**patience, "eval.metric": "strict"}), curve) == [0, 1, 2, 3]
+
+
+@probe("shared", "eval.min_delta")
+def _(shared_run):
+    creeping = {step: {"reward": 0.01 * step} for step in range(5)}  # improves by 0.01 an evaluation
+    patience = {**EVAL, "eval.early_stopping_patience": 2}
+    assert scripted_evaluations(shared_run(patience), creeping) == [0, 1, 2, 3, 4]
+    assert scripted_evaluations(shared_run({**patience, "eval.min_delta": 0.02}), creeping) == [0, 1, 2]
+
+
 # --- ema -----------------------------------------------------------------------------------------------------------
 
 

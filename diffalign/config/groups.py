@@ -265,9 +265,32 @@ class EvalConfig:
     model family's default (``adapter.default_guidance_scale``, e.g. 7.5 for SD1.5, 4.5 for SD3)."""
     batch_size: int = 4
     """Images generated per forward pass during evaluation."""
+    early_stopping_patience: int = 0
+    """Stop when ``eval.metric`` has not improved (by more than ``eval.min_delta``) for this many evaluations in a
+    row, and end the run with the weights of its best evaluation (the exported LoRA/model holds them; checkpoints
+    keep the training state, with the best weights beside it for a resume); 0 = off. Needs ``every > 0``. It guards
+    against over-optimising the trained reward when the evaluation judges with something the run does not train on
+    (other prompts or seeds, another reward)."""
+    metric: str = "reward"
+    """The evaluation score early stopping follows, higher being better: ``reward`` (the evaluation reward's
+    total) or a part the reward reports (e.g. ``strict``, a verifier's all-correct rate)."""
+    min_delta: float = 0.0
+    """How much an evaluation must beat the best one by to count as an improvement."""
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, "every", f"must be >= 0 (0 = no evaluation), got {self.every}")
+        _require(
+            self.early_stopping_patience >= 0,
+            "early_stopping_patience",
+            f"must be >= 0 (0 = off), got {self.early_stopping_patience}",
+        )
+        _require(
+            self.early_stopping_patience == 0 or self.every > 0,
+            ("early_stopping_patience", "every"),
+            "early stopping follows the periodic evaluation: set every > 0 (and prompts), or patience 0",
+        )
+        _require(self.min_delta >= 0, "min_delta", f"must be >= 0, got {self.min_delta}")
+        _require(bool(self.metric.strip()), "metric", "is empty; use reward or a part the reward reports")
         _require(
             self.every == 0 or self.prompts is not None,
             ("prompts", "every"),

@@ -53,6 +53,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+VALIDATION_SEEDS: tuple[int, ...] = tuple(range(90_101, 90_117))
+"""Seeds of the periodic evaluation when it stops training early: apart from :data:`EVAL_SEEDS`, so that the final
+measurement is not the one the run was selected on."""
+
 
 def evaluate_heldout(
     adapter: DiffusionAdapter,
@@ -113,6 +117,11 @@ class LearnSettings:
         ema_decay: keep an EMA of the trained weights with this decay and evaluate (and export) it; None = off.
         eval_every: also evaluate (held-out verifier, logged to ``metrics.jsonl`` and kept as ``curve`` in
             ``metrics.json``) every this many steps; 0 = off.
+        early_stopping: stop when the held-out verifier's strict accuracy has not improved for this many periodic
+            evaluations and end with the best one's weights (``eval.early_stopping_patience``); the periodic
+            evaluation then uses ``validation_seeds`` instead of the final measurement's seeds. 0 = off;
+            needs ``eval_every``.
+        validation_seeds: the periodic evaluation's seeds when it stops early (default :data:`VALIDATION_SEEDS`).
     """
 
     model: str | Path | None = None
@@ -124,6 +133,8 @@ class LearnSettings:
     lora_rank: int = 16
     ema_decay: float | None = None
     eval_every: int = 0
+    early_stopping: int = 0
+    validation_seeds: Sequence[int] = VALIDATION_SEEDS
 
 
 class _Bench:
@@ -154,6 +165,12 @@ class _Bench:
         self.prompts = list(settings.prompts) if settings.prompts is not None else aligned
         self.unseen_prompts = list(settings.unseen_prompts) if settings.unseen_prompts is not None else unseen
         self.eval_seeds, self.unseen_seeds = tuple(settings.eval_seeds), tuple(settings.unseen_seeds)
+        if settings.early_stopping and not settings.eval_every:
+            raise ValueError("early_stopping follows the periodic evaluation: give eval_every > 0 too")
+        # The periodic evaluation selects the weights when it stops early: then on seeds apart from the final ones.
+        self.curve_seeds = tuple(settings.validation_seeds) if settings.early_stopping else self.eval_seeds
+        if set(self.curve_seeds) & set(self.eval_seeds) and settings.early_stopping:
+            raise ValueError("validation_seeds must differ from eval_seeds: the run would be selected on its score")
         self.started = time.monotonic()
         self.eval_seconds = 0.0
 
@@ -178,7 +195,13 @@ class _Bench:
             "optim": {"lr": lr, "weight_decay": 1e-4, "max_grad_norm": 1.0},
             "logging": {"log_with": "none", "log_every": 5},
             "checkpoint": {"every": 0, "keep_last": 1, "overwrite": True},  # a rerun replaces the last one
-            "eval": {"every": settings.eval_every, "prompts": self.prompts, "seeds": list(self.eval_seeds)},
+            "eval": {
+                "every": settings.eval_every,
+                "prompts": self.prompts,
+                "seeds": list(self.curve_seeds),
+                "early_stopping_patience": settings.early_stopping,
+                "metric": "strict",
+            },
         }
 
     def evaluate(self, adapter: DiffusionAdapter, ema: Any = None) -> dict[str, dict[str, float]]:
@@ -208,7 +231,7 @@ class _Bench:
             budget_minutes=self.minutes,
             budget_steps=self.settings.max_steps if self.minutes is None else None,
             **details,
-            train={"steps": trainer.run.optimizer_steps, "minutes": seconds / 60, **train},
+            train={"steps": trainer.run.optimizer_steps, "minutes": seconds / 60, **train, **_stopping(trainer)},
         )
         print(format_summary(metrics, self.output))  # noqa: T201
         return metrics
@@ -225,6 +248,7 @@ class _Bench:
         metrics["eval"] = {
             "prompts": len(self.prompts),
             "seeds": list(self.eval_seeds),
+            "curve_seeds": list(self.curve_seeds),
             "unseen_prompts": len(self.unseen_prompts),
             "unseen_seeds": list(self.unseen_seeds),
             **self.protocol,
@@ -233,6 +257,14 @@ class _Bench:
         metrics["wall_minutes"] = (time.monotonic() - self.started) / 60
         (self.output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         return metrics
+
+
+def _stopping(trainer: Any) -> dict[str, Any]:
+    """What early stopping did: its patience and the step of the weights the run ended with (empty when off)."""
+    stopping = trainer.run.early_stopping
+    if stopping is None:
+        return {}
+    return {"early_stopping": {"patience": stopping.patience, "best_step": stopping.best_step}}
 
 
 def heldout_curve(metrics_log: Path) -> list[dict[str, float]]:
@@ -259,7 +291,7 @@ def _train(bench: _Bench, trainer: Any) -> float:
             trainer.adapter,
             bench.verifier,
             bench.prompts,
-            list(bench.eval_seeds),
+            list(bench.curve_seeds),
             bench.protocol["num_steps"],
             bench.protocol["guidance_scale"],
             output_dir=bench.output,
@@ -577,7 +609,14 @@ def format_summary(metrics: dict[str, Any], output: str | Path | None = None) ->
         )
     if "curve" in metrics:
         points = ", ".join(f"{p['strict_accuracy']:.3f}@{p['step']}" for p in metrics["curve"])
-        lines.append(f"  held-out strict accuracy during training (value@step): {points}")
+        seeds = " (validation seeds)" if evaluation.get("curve_seeds") != evaluation.get("seeds") else ""
+        lines.append(f"  held-out strict accuracy during training{seeds} (value@step): {points}")
+    if "early_stopping" in train:
+        stopping = train["early_stopping"]
+        lines.append(
+            f"  early stopping (patience {stopping['patience']}): ends with the weights of step "
+            f"{stopping['best_step']}"
+        )
     if output is not None:
         lines.append(f"  outputs in {output}: metrics.json, lora/")
     return "\n".join(lines)

@@ -53,6 +53,7 @@ TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "lr_scheduler.json"
 EMA_FILE = "ema.safetensors"
+BEST_EVAL_FILE = "best_eval.safetensors"  # the best evaluation's trained weights (eval.early_stopping_patience)
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 # Files an output folder holds when a run has used it (removed by ``overwrite``); the tracker folder is added.

@@ -59,6 +59,7 @@ from diffalign.trainers.checkpoints import (
     rng_state,
     set_rng_state,
 )
+from diffalign.trainers.early_stopping import EarlyStopping
 
 
 __all__ = [
@@ -238,6 +239,8 @@ class TrainingRun:
         # FSDP2 replaces the parameters with DTensor shards: train (and average) the ones the optimizer now holds.
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.ema = EMA(self.params, config.ema.decay, config.ema.update_every) if config.ema.enabled else None
+        self.early_stopping = self._build_early_stopping(config)
+        self._best_weights: dict[str, Tensor] | None = None  # the trained weights of the best evaluation (CPU)
         self.optimizer_steps = 0
         self.schedule_steps = 0  # trainer steps the lr schedule has advanced (advance_schedule)
         self.overflow_streak = 0  # fp16 loss-scale overflows in a row (optimizer_step)
@@ -599,6 +602,24 @@ class TrainingRun:
             return value
         return self.accelerator.reduce(torch.tensor([value], device=self.device), reduction="max").item()
 
+    def _build_early_stopping(self, config: TrainerConfig) -> EarlyStopping | None:
+        """``eval.early_stopping_patience``'s bookkeeping, or None; refused where the best weights cannot be kept."""
+        patience = config.eval.early_stopping_patience
+        if patience == 0:
+            return None
+        if self.sharded:
+            raise ConfigError(
+                "keeping the best evaluation's weights is not supported with FSDP sharding yet; use DDP or patience 0",
+                key="eval.early_stopping_patience",
+            )
+        if config.ema.enabled:
+            raise ConfigError(
+                "early stopping with an EMA is not supported yet (the evaluation scores the EMA weights, the run "
+                "would have to keep both); disable one",
+                key="eval.early_stopping_patience",
+            )
+        return EarlyStopping(patience, config.eval.min_delta)
+
     # --- the step loop ----------------------------------------------------------------------------------------------
 
     def run_steps(
@@ -661,12 +682,21 @@ class TrainingRun:
                 window = []
             progress.update(min(round(time.monotonic() - started), progress.total) - progress.n if budget else 1)
             progress.set_postfix({"step": done, **{key: f"{metrics[key]:.4g}" for key in postfix if key in metrics}})
-            self.maybe_save(done, trainer_state())
+            # Evaluate first: a checkpoint of this step then holds what the evaluation decided (early stopping).
             self.maybe_evaluate(done, evaluate)
+            self.maybe_save(done, trainer_state())
+            if self.early_stopping is not None and self.early_stopping.should_stop:
+                stop = True
+                if self.is_main_process:
+                    ckpt.say(
+                        f"early stopping at step {done}: {self.config.eval.metric} has not improved for "
+                        f"{self.early_stopping.patience} evaluations (best at step {self.early_stopping.best_step})"
+                    )
             if stop:
                 last = done
                 break
         progress.close()
+        self._restore_best_weights(last)
         self.finish(trainer_state(), last)
         return metrics
 
@@ -726,6 +756,8 @@ class TrainingRun:
             }
             if self.sharded and self.ema is not None:
                 state["ema_updates"] = self.ema.num_updates
+            if self.early_stopping is not None:
+                state["early_stopping"] = self.early_stopping.state_dict()
             ckpt.write_json(tmp / ckpt.COMPLETE_MARKER, {**state, **trainer_state})  # last: the "complete" marker
             ckpt.commit_folder(tmp, final)
             self._prune()
@@ -768,6 +800,8 @@ class TrainingRun:
         save_config(self._run_config(), folder / ckpt.CONFIG_FILE)
         if lora is not None:
             self.adapter.save_lora(folder / "lora", lora)
+        if self._best_weights is not None:
+            ckpt.write_tensors(folder / ckpt.BEST_EVAL_FILE, self._best_weights)
 
     def _sharded_state(self, optimizer: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
         """This process's shards of the trained weights (``model.``), the optimizer's state (``optim.``, torch's
@@ -890,11 +924,23 @@ class TrainingRun:
             ckpt.read_file(path, rng, lambda p: set_rng_state(ckpt.read_json(p)))
         self.optimizer_steps = int(state.get("optimizer_steps", 0))
         self.schedule_steps = int(state.get("schedule_steps", state["step"]))
+        if self.early_stopping is not None:
+            self._resume_early_stopping(state, path)
         self.last_saved_step = int(state["step"])
         self._restart_history(int(state["step"]))
         if self.is_main_process:
             ckpt.say(f"resumed from {path} (step {state['step']})")
         return state
+
+    def _resume_early_stopping(self, state: Mapping[str, Any], path: Path) -> None:
+        """Early stopping's bookkeeping and best weights from the checkpoint; a checkpoint saved without early
+        stopping starts it afresh."""
+        saved = state.get("early_stopping")
+        if saved is None:
+            return
+        self.early_stopping.load_state_dict(saved)
+        if self.early_stopping.best_step is not None:
+            self._best_weights = ckpt.read_file(path, ckpt.BEST_EVAL_FILE, ckpt.read_tensors)[0]
 
     def _check_checkpoint(self, path: Path) -> dict[str, Any]:
         """The checkpoint's trainer state, once every file this process reads is known to be there (nothing is
@@ -997,7 +1043,37 @@ class TrainingRun:
         with context:
             metrics = dict(evaluate(step))
         self.log(step, metrics)
+        if self.early_stopping is not None:
+            self._follow_best(step, metrics)
         return metrics
+
+    def _follow_best(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Update early stopping with this evaluation; keep the weights (on the CPU) when it is the best so far.
+        Every checkpoint stores them too (``best_eval.safetensors``), so that a resumed run ends with them."""
+        key = f"eval/{self.config.eval.metric}_mean"
+        if key not in metrics:
+            available = sorted(k.removeprefix("eval/").removesuffix("_mean") for k in metrics if k.startswith("eval/"))
+            raise ConfigError(
+                f"the evaluation reports no {self.config.eval.metric!r}; it reports {available}",
+                key="eval.metric",
+            )
+        if self.early_stopping.update(step, float(metrics[key])):
+            self._best_weights = {name: p.detach().to("cpu", copy=True) for name, p in self._named_trainables()}
+
+    def _named_trainables(self) -> list[tuple[str, nn.Parameter]]:
+        return list(zip(self.trainable_names(), self.params))
+
+    def _restore_best_weights(self, step: int) -> None:
+        """End with the best evaluation's weights (early stopping on), and log where that was."""
+        stopping = self.early_stopping
+        if stopping is None or self._best_weights is None:
+            return
+        with torch.no_grad():
+            for name, param in self._named_trainables():
+                param.copy_(self._best_weights[name].to(param.device))
+        self.log(step, {"early_stopping/best_step": stopping.best_step, "early_stopping/best": stopping.best_value})
+        if self.is_main_process and stopping.best_step != step:
+            ckpt.say(f"the run ends with the weights of step {stopping.best_step}, its best evaluation")
 
     def finish(self, trainer_state: Mapping[str, Any], step: int) -> Path:
         """Final checkpoint (unless the last step just saved one), then the trained weights for use: the LoRA in

@@ -106,6 +106,38 @@ def test_learn_backprop_on_a_steps_budget_draws_the_heldout_curve(tmp_path):
     assert "held-out strict accuracy during training" in format_summary(metrics)
 
 
+def test_learn_backprop_stops_early_on_validation_seeds_and_keeps_the_best(tmp_path):
+    """early_stopping=1: the run stops at the first periodic evaluation (validation seeds, apart from the final
+    measurement's) that does not beat the best so far, and ends with the best one's weights."""
+    metrics = learn_backprop(
+        minutes=None,
+        output=tmp_path / "backprop",
+        max_steps=6,
+        eval_every=1,
+        early_stopping=1,
+        num_steps=3,
+        k=2,
+        batch_size=2,
+        lr=5e-2,
+        validation_seeds=(5, 6),
+        **TINY_EVAL,
+    )
+    assert metrics["eval"]["curve_seeds"] == [5, 6] and metrics["eval"]["seeds"] == [0]
+    strict = [point["strict_accuracy"] for point in metrics["curve"]]
+    stop = next((k for k in range(1, len(strict)) if strict[k] <= max(strict[:k])), 6)
+    assert metrics["train"]["steps"] == stop == len(strict) - 1
+    best = max(range(len(strict)), key=lambda k: (strict[k], -k))  # the first of the best
+    assert metrics["train"]["early_stopping"] == {"patience": 1, "best_step": best}
+    assert "ends with the weights of step" in format_summary(metrics)
+
+
+def test_validation_seeds_must_differ_from_the_evaluation_seeds(tmp_path):
+    with pytest.raises(ValueError, match="validation_seeds must differ from eval_seeds"):
+        learn_backprop(output=tmp_path, eval_every=1, early_stopping=1, validation_seeds=(0,), **TINY_EVAL)
+    with pytest.raises(ValueError, match="early_stopping follows the periodic evaluation"):
+        learn_backprop(output=tmp_path, early_stopping=1, **TINY_EVAL)
+
+
 def test_learn_backprop_stops_at_its_time_budget(tmp_path):
     metrics = learn_backprop(minutes=1e-4, output=tmp_path / "backprop", num_steps=2, k=1, batch_size=1, **TINY_EVAL)
     assert metrics["train"]["steps"] == 1
@@ -157,7 +189,8 @@ def test_bench_learn_cli_dispatches(monkeypatch, tmp_path):
     output = str(tmp_path / "out")
     argv = ["bench", "learn", "--method", "dpo", "--minutes", "2.5", "--output", output, "--seed", "3"]
     assert cli_main([*argv, "--threads", "1"]) == 0
-    assert cli_main(["bench", "learn", "--method", "backprop", "--steps", "40", "--eval-every", "10"]) == 0
+    argv = ["bench", "learn", "--method", "backprop", "--steps", "40", "--eval-every", "10", "--early-stopping", "3"]
+    assert cli_main(argv) == 0
     common = {"output": None, "seed": 0, "threads": None}
     assert calls == [
         {
@@ -165,14 +198,16 @@ def test_bench_learn_cli_dispatches(monkeypatch, tmp_path):
             "minutes": 2.5,
             "steps": None,
             "eval_every": 0,
+            "early_stopping": 0,
             **{**common, "output": output, "seed": 3},
             "threads": 1,
         },
-        {"method": "backprop", "minutes": None, "steps": 40, "eval_every": 10, **common},
+        {"method": "backprop", "minutes": None, "steps": 40, "eval_every": 10, "early_stopping": 3, **common},
     ]
     assert cli_main(["bench", "learn", "--method", "dpo", "--minutes", "0"]) == 2
     assert cli_main(["bench", "learn", "--method", "dpo", "--steps", "0"]) == 2
     assert cli_main(["bench", "learn", "--method", "grpo", "--eval-every", "5"]) == 2
+    assert cli_main(["bench", "learn", "--method", "dpo", "--early-stopping", "2"]) == 2  # needs --eval-every
     assert cli_main(["bench", "learn", "--method", "dpo", "--steps", "5", "--minutes", "1"]) == 2  # one budget
 
 
