@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -604,9 +603,9 @@ def _reward_server_process(reward: str, batch_size: int, threads: int) -> Iterat
     """``diffalign reward serve`` in a subprocess on a free loopback port; yields its URL once it answers."""
     import httpx
 
-    with socket.socket() as probe:  # a port free a moment ago
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    from diffalign.testing import free_port
+
+    port = free_port()
     command = [sys.executable, "-m", "diffalign.cli", "reward", "serve", "--reward", reward, "--port", str(port)]
     command += ["--device", "cpu", "--batch-size", str(batch_size), "--log-level", "warning"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

@@ -341,6 +341,13 @@ def redness(images: torch.Tensor, prompts=None) -> torch.Tensor:
 redness.differentiable = True
 
 
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (the system picks it), for a server or launch to bind."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def cpu_launch_command(num_processes: int = 2) -> list[str]:
     """The ``accelerate launch`` command prefix for a multi-process run on this machine, on a free port.
 
@@ -348,8 +355,5 @@ def cpu_launch_command(num_processes: int = 2) -> list[str]:
     launch asks the system for its own. Add ``--multi_gpu`` or ``--config_file`` and the script; run it with
     ``ACCELERATE_USE_CPU=1`` for gloo on CPU.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
-    return launch + ["--num_machines", "1", "--main_process_port", str(port)]
+    return launch + ["--num_machines", "1", "--main_process_port", str(free_port())]

@@ -422,8 +422,8 @@ def create_app(
         ValueError: a non-positive ``batch_size``, ``max_queue``, ``timeout``, ``max_pixels`` or
             ``max_request_bytes``, a negative ``max_wait``, or an empty ``token``.
     """
-    _check_settings(batch_size=batch_size, max_queue=max_queue, timeout=timeout, max_wait=max_wait)
-    _check_limits(max_pixels=max_pixels, max_request_bytes=max_request_bytes)
+    counts = {"max_pixels": max_pixels, "max_request_bytes": max_request_bytes}
+    _check_settings(batch_size=batch_size, max_queue=max_queue, timeout=timeout, max_wait=max_wait, **counts)
     if token is not None and not token.strip():
         raise ValueError("reward server: an empty token would let anyone in; give a real one, or none (loopback)")
     if not isinstance(reward, Reward):
@@ -501,20 +501,15 @@ def create_app(
     return app
 
 
-def _check_settings(batch_size: int, max_queue: int, timeout: float, max_wait: float) -> None:
-    for name, value in (("batch_size", batch_size), ("max_queue", max_queue)):
+def _check_settings(timeout: float, max_wait: float, **counts: int) -> None:
+    """``timeout`` > 0, ``max_wait`` >= 0 seconds, and each of ``counts`` an integer >= 1."""
+    for name, value in counts.items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"reward server: {name} must be an integer >= 1, got {value!r}")
     if not (math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"reward server: timeout must be a positive number of seconds, got {timeout!r}")
     if not (math.isfinite(max_wait) and max_wait >= 0):
         raise ValueError(f"reward server: max_wait must be >= 0 seconds, got {max_wait!r}")
-
-
-def _check_limits(**limits: int) -> None:
-    for name, value in limits.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"reward server: {name} must be an integer >= 1, got {value!r}")
 
 
 def _authorized(header: str | None, token: str) -> bool:
@@ -600,8 +595,6 @@ def serve(
     :data:`TOKEN_ENV`; a server reachable from other machines without one is warned about.
     """
     token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
-    if token is not None and not token.strip():
-        raise ValueError("reward server: --token is empty; give a real token, or none on loopback")
     app = create_app(
         reward,
         batch_size=batch_size,
