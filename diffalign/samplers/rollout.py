@@ -261,12 +261,13 @@ def _sample_chunk(
     grad: GradientPath,
     stop_after: int,
     store_means: bool = False,
+    start_step: int = 0,
 ) -> _SampledChunk:
     stored = set(stored_steps)
     chunk = _SampledChunk([], [], [], latents.float(), [] if store_means else None)
     latents = chunk.final
     prev_x0 = None
-    for i in range(stop_after):
+    for i in range(start_step, stop_after):
         t = schedule.timesteps[i]
         with_grad = i in grad.steps
         output = _predict(adapter, latents, t, cond, guidance_scale, with_grad, grad.checkpointing)
@@ -316,6 +317,8 @@ def rollout(
     decode: bool = True,
     on_chunk: Callable[[slice, Tensor | None], None] | None = None,
     store_means: bool = False,
+    start_step: int = 0,
+    start_latents: Tensor | None = None,
 ) -> Trajectory:
     """Sample ``len(prompts) * num_images_per_prompt`` images with ``plan``.
 
@@ -341,6 +344,11 @@ def rollout(
             the caller can score it (e.g. in a thread) while the next chunk samples.
         store_means: also keep each stored transition's mean (``Trajectory.means``, GRPO-Guard); one more
             latent per stored step.
+        start_step: begin at this step of the schedule (steps before it are skipped): with ``start_latents``, a
+            rollout continued from given latents (TempFlow-GRPO's branch completion, ImageReFL's start from a noised
+            real image).
+        start_latents: ``[P*K, ...]`` latents at ``start_step`` instead of the initial noise (needs ``start_step``
+            > 0 or the step-0 noise it replaces; the generators then draw only the stochastic steps' noise).
 
     Returns:
         A :class:`Trajectory`.
@@ -356,6 +364,12 @@ def rollout(
         raise ValueError(f"stop_after must be in [1, {plan.num_steps}], got {stop_after}")
     if any(i >= stop_after for i in plan.stored):
         raise ValueError(f"plan stores steps {plan.stored} but the rollout stops after {stop_after} steps")
+    if not 0 <= start_step < stop_after:
+        raise ValueError(f"start_step must be in [0, {stop_after}), got {start_step}")
+    if any(i < start_step for i in plan.stored):
+        raise ValueError(f"plan stores steps {plan.stored} but the rollout starts at step {start_step}")
+    if start_step > 0 and start_latents is None:
+        raise ValueError(f"a rollout starting at step {start_step} needs the latents there (start_latents)")
     seeds = _resolve_seeds(seeds, count)
     generators = make_generators(seeds, adapter.device)
 
@@ -370,7 +384,11 @@ def rollout(
     unique = list(dict.fromkeys(prompts))
     image_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
     cond = prompt_cond.repeat_interleave(num_images_per_prompt)
-    if initial_noise is None:
+    if start_latents is not None:
+        if start_latents.shape[0] != count:
+            raise ValueError(f"start_latents has batch {start_latents.shape[0]} for {count} images")
+        latents = start_latents.to(adapter.device)
+    elif initial_noise is None:
         latents = adapter.prepare_latents(count, generators)
     else:
         noise_seeds = initial_noise.resolve(seeds, num_images_per_prompt)
@@ -393,6 +411,7 @@ def rollout(
             grad,
             stop_after,
             store_means,
+            start_step,
         )
         parts.append(part)
         chunk_images = _decode(adapter, part.final, grad) if decode else None

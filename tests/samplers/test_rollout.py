@@ -214,6 +214,22 @@ def test_stop_after_returns_intermediate_latents(tiny_pipeline_dir):
     assert torch.equal(full.final_latents, again.final_latents)
 
 
+@pytest.mark.parametrize("family", ["sd3", "sd15"])
+def test_a_rollout_continued_from_its_own_latents_ends_where_the_full_one_does(family, tiny_pipeline_dir):
+    adapter = load_adapter(tiny_pipeline_dir(family), height=SIZE, width=SIZE, **_kwargs(family))
+    plan = ode_plan(6, kernel=_kernel(adapter))
+    full = rollout(adapter, PROMPTS, plan, seeds=0, decode=False)
+    first_half = rollout(adapter, PROMPTS, plan, seeds=0, decode=False, stop_after=3)
+    second_half = rollout(
+        adapter, PROMPTS, plan, seeds=0, decode=False, start_step=3, start_latents=first_half.final_latents
+    )
+    assert torch.equal(second_half.final_latents, full.final_latents)
+    with pytest.raises(ValueError, match="needs the latents there"):
+        rollout(adapter, PROMPTS, plan, start_step=3)
+    with pytest.raises(ValueError, match="starts at step 3"):
+        rollout(adapter, PROMPTS, sde_plan(6, 0.7, kernel=_kernel(adapter)), start_step=3, start_latents=full.final_latents)
+
+
 def _with_scheduler(tiny_pipeline_dir, folder, family="sd15", **scheduler_options):
     """A copy of a tiny DDIM pipeline whose scheduler config has ``scheduler_options``."""
     import json
