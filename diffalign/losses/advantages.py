@@ -28,11 +28,15 @@ from torch import Tensor
 
 __all__ = [
     "PerPromptStatTracker",
+    "branch_advantages",
     "clip_advantages",
+    "fuse_tree_rewards",
     "group_advantages",
     "group_stds",
     "nonzero_advantage_mask",
     "per_reward_advantages",
+    "prune_tree_edges",
+    "tree_advantages",
     "zero_std_ratio",
 ]
 
@@ -273,3 +277,165 @@ class PerPromptStatTracker:
         self.min_count = int(state["min_count"])
         self.eps = float(state["eps"])
         self._buffers = {p: deque(map(float, v), maxlen=self.buffer_size) for p, v in state["buffers"].items()}
+
+
+# --- branching rollouts ------------------------------------------------------------------------------------------------
+
+
+def branch_advantages(rewards: Tensor, path_ids: GroupIds, eps: float = 1e-4) -> Tensor:
+    """TempFlow-GRPO's advantages of branched rollouts (docs/methods/grpo.md#tempflow-grpo): per branch step, the
+    children of one main path form a group (its "seed group").
+
+    ``A[b, s] = (R[b, s] - mean_{b' in path(b)} R[b', s]) / (std_{b' in path(b)} R[b', s] + eps)``, population std,
+    as flow_grpo's per-prompt tracker applied column by column with the group's own std. The initial noise is shared
+    within a group, so its effect on the reward cancels.
+
+    Args:
+        rewards: ``[B, S]`` reward of child ``b``'s image branched at step position ``s``.
+        path_ids: ``[B]`` main path of each row.
+        eps: added to the std (TempFlow-GRPO: 1e-4).
+
+    Returns:
+        ``[B, S]`` advantages.
+    """
+    if rewards.ndim != 2:
+        raise ValueError(f"rewards must be [rows, branch steps], got shape {tuple(rewards.shape)}")
+    columns = [group_advantages(rewards[:, s], path_ids, global_std=False, eps=eps) for s in range(rewards.shape[1])]
+    return torch.stack(columns, dim=1)
+
+
+def fuse_tree_rewards(
+    leaf_rewards: Tensor,
+    parents: Tensor,
+    leaves: Tensor,
+    fusion: str = "mean",
+    edge_log_probs: Tensor | None = None,
+) -> Tensor:
+    """BranchGRPO's reward of every node of a forest (docs/methods/grpo.md#branchgrpo): a leaf's own reward, an inner
+    node's fused from its children's.
+
+    ``mean``: the mean reward of the node's leaf descendants (BranchGRPO's default). ``prob_weighted``: bottom-up
+    ``r(n) = sum_c softmax_c(log p(n -> c)) r(c)`` over the children (a single child passes its reward through).
+
+    Args:
+        leaf_rewards: ``[L]`` rewards of the leaves, in the order of ``leaves``.
+        parents: ``[N]`` parent id of each node (-1 for roots); nodes are numbered so that a parent's id is below its
+            children's.
+        leaves: ``[L]`` node ids of the leaves.
+        fusion: ``mean`` or ``prob_weighted``.
+        edge_log_probs: ``[N]`` log-prob of the edge into each node (``prob_weighted``; NaN counts as 0, as
+            BranchGRPO treats a missing log-prob).
+
+    Returns:
+        ``[N]`` fused rewards, float64.
+    """
+    if fusion not in ("mean", "prob_weighted"):
+        raise ValueError(f"fusion must be 'mean' or 'prob_weighted', got {fusion!r}")
+    num = parents.shape[0]
+    children: list[list[int]] = [[] for _ in range(num)]
+    for node, parent in enumerate(parents.tolist()):
+        if parent >= 0:
+            children[parent].append(node)
+    reward = torch.zeros(num, dtype=torch.float64)
+    reward[leaves] = leaf_rewards.detach().to(torch.float64).cpu()
+    leaf_sum, leaf_count = reward.clone(), torch.zeros(num, dtype=torch.float64)
+    leaf_count[leaves] = 1.0
+    if fusion == "prob_weighted":
+        if edge_log_probs is None:
+            raise ValueError("prob_weighted fusion needs the edge log-probs")
+        log_p = torch.nan_to_num(edge_log_probs.detach().to(torch.float64).cpu(), nan=0.0)
+    for node in range(num - 1, -1, -1):  # children before parents
+        kids = children[node]
+        if not kids:
+            continue
+        if fusion == "mean":
+            leaf_sum[node] = leaf_sum[kids].sum()
+            leaf_count[node] = leaf_count[kids].sum()
+            reward[node] = leaf_sum[node] / leaf_count[node]
+        else:
+            reward[node] = (torch.softmax(log_p[kids], dim=0) * reward[kids]).sum()
+    return reward
+
+
+def tree_advantages(node_rewards: Tensor, depths: Tensor, trees: Tensor) -> Tensor:
+    """BranchGRPO's depth-wise advantages: within each tree, the nodes of one depth are normalised together.
+
+    ``A(n) = (r(n) - mean_d r) / (std_d r + 1e-8)`` with the unbiased std over the tree's nodes at depth ``d``, and 0
+    when the depth has one node or ``std_d < 1e-6`` (BranchGRPO's ``compute_hierarchical_advantages_by_depth``). An
+    edge ``parent -> child`` trains with its child's advantage.
+
+    Args:
+        node_rewards: ``[N]`` fused rewards (:func:`fuse_tree_rewards`).
+        depths: ``[N]`` depth of each node.
+        trees: ``[N]`` tree of each node.
+
+    Returns:
+        ``[N]`` advantages, float64.
+    """
+    advantages = torch.zeros(node_rewards.shape[0], dtype=torch.float64)
+    r = node_rewards.to(torch.float64)
+    for tree, depth in torch.unique(torch.stack([trees, depths], dim=1), dim=0).tolist():
+        members = torch.nonzero((trees == tree) & (depths == depth)).flatten()
+        if members.numel() < 2:
+            continue
+        values = r[members]
+        std = values.std()  # unbiased, as BranchGRPO's torch.std
+        if std >= 1e-6:
+            advantages[members] = (values - values.mean()) / (std + 1e-8)
+    return advantages
+
+
+def prune_tree_edges(
+    edge_steps: Tensor,
+    edge_depths: Tensor,
+    edge_advantages: Tensor,
+    edge_branches: Tensor,
+    last_split: int,
+    depths: Sequence[int] = (),
+    width: str = "none",
+    width_ratio: float = 0.5,
+) -> Tensor:
+    """BranchGRPO's pruning of the edges to train (the rollout and rewards are unchanged; backprop is cut).
+
+    - depth: drop the edges whose child depth is in ``depths``.
+    - width (edges after the last split only, ``step > last_split``): ``per_branch`` keeps, within each branch made
+      by the last split (``edge_branches``), the ``max(1, int(n * width_ratio))`` edges of highest advantage
+      (BranchGRPO's mode 1); ``extremes`` keeps the best ``k // 2`` and the worst ``k - k // 2`` of all of them,
+      ``k = max(2, int(n * width_ratio))`` (mode 2). Ties keep the earlier edge.
+
+    Args:
+        edge_steps: ``[E]`` step of each edge.
+        edge_depths: ``[E]`` depth of each edge's child.
+        edge_advantages: ``[E]`` advantage of each edge.
+        edge_branches: ``[E]`` id of the last-split branch an edge descends from (any id for earlier edges).
+        last_split: the last split step.
+        depths: child depths to prune.
+        width: ``none``, ``per_branch`` or ``extremes``.
+        width_ratio: share of the late edges kept.
+
+    Returns:
+        ``[E]`` bool mask of the edges kept.
+    """
+    if width not in ("none", "per_branch", "extremes"):
+        raise ValueError(f"width must be 'none', 'per_branch' or 'extremes', got {width!r}")
+    keep = ~torch.isin(edge_depths, torch.tensor(list(depths), dtype=edge_depths.dtype))
+    late = keep & (edge_steps > last_split)
+    if width == "none" or not bool(late.any()):
+        return keep
+    if width == "per_branch":
+        groups = [torch.nonzero(late & (edge_branches == b)).flatten() for b in torch.unique(edge_branches[late])]
+        chosen = [g[_descending(edge_advantages[g])[: max(1, int(g.numel() * width_ratio))]] for g in groups]
+    else:
+        candidates = torch.nonzero(late).flatten()
+        order = candidates[_descending(edge_advantages[candidates])]
+        count = max(2, int(order.numel() * width_ratio))
+        best = count // 2
+        chosen = [order[:best], order[order.numel() - (count - best) :]]
+    keep = keep & ~late
+    keep[torch.cat(chosen)] = True
+    return keep
+
+
+def _descending(values: Tensor) -> Tensor:
+    """Indices sorting ``values`` from high to low, ties in their original order."""
+    return torch.sort(values, descending=True, stable=True).indices

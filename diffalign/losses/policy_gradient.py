@@ -17,7 +17,13 @@ import torch
 from torch import Tensor
 
 
-__all__ = ["clipped_policy_loss", "grpo_guard_log_ratio", "kl_to_reference", "recentred_log_ratio"]
+__all__ = [
+    "clipped_policy_loss",
+    "grpo_guard_log_ratio",
+    "kl_to_reference",
+    "noise_aware_weights",
+    "recentred_log_ratio",
+]
 
 
 def clipped_policy_loss(
@@ -197,3 +203,23 @@ def grpo_guard_log_ratio(
     drift = (mean.float() - old_mean.detach().float()) ** 2
     bias = drift.mean(dim=tuple(range(1, drift.ndim))) / (2 * scale**2)
     return scale * (log_probs - old_log_probs.detach() + bias)
+
+
+def noise_aware_weights(step_stds: Tensor) -> Tensor:
+    """TempFlow-GRPO's noise-aware weights of the trained steps (docs/methods/grpo.md#tempflow-grpo).
+
+    Each step's policy loss is scaled by its transition std (``sigma_t sqrt(dt)`` of the SDE kernel): steps with more
+    noise explore more and weigh more. TempFlow-GRPO's code multiplies the std by a hand-set constant (2.25 for SD3.5,
+    1.73 for FLUX) which is, for its schedules, one over the mean std of the trained steps; here the constant is that
+    mean, so the weights average 1 for any schedule and the learning rate keeps its meaning.
+
+    Args:
+        step_stds: ``[S]`` transition std of each trained step (a schedule quantity, no gradient).
+
+    Returns:
+        ``[S]`` weights ``std_j / mean_j std``.
+    """
+    stds = step_stds.detach().to(torch.float32)
+    if stds.ndim != 1 or stds.numel() == 0 or not bool((stds > 0).all()):
+        raise ValueError(f"step_stds must be a non-empty [S] tensor of positive stds, got {step_stds}")
+    return stds / stds.mean()

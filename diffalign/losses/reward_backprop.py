@@ -21,6 +21,7 @@ Recipes (docs/methods/reward-backprop.md):
   (``mode="hinge", target=2.0, weight=1e-3``).
 """
 
+import dataclasses
 import random
 from typing import Literal
 
@@ -31,10 +32,26 @@ from torch import Tensor
 __all__ = [
     "ALIGNPROP_AESTHETIC_TARGET",
     "REFL_HINGE_TARGET",
+    "SRPO_NEGATIVE_WORDS",
+    "SRPO_POSITIVE_WORDS",
+    "DirectAlignLevels",
+    "diffusion_regulariser",
+    "direct_align_grid",
+    "direct_align_levels",
+    "direct_align_recover",
+    "direct_align_recover_vp",
+    "image_refl_loss",
+    "interpolate_alphas_cumprod",
+    "is_plain_refl_batch",
     "refl_step_range",
+    "relative_preference",
     "reward_loss",
+    "sample_direct_align_index",
     "sample_refl_step",
     "sample_truncation_steps",
+    "srp_captions",
+    "srp_discount",
+    "switch_timestep",
     "truncated_grad_steps",
 ]
 
@@ -214,3 +231,226 @@ def sample_refl_step(
     if not 0 <= low <= high < num_steps:
         raise ValueError(f"step_range {(low, high)} must satisfy 0 <= low <= high < {num_steps}")
     return _uniform_int(low, high, generator)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Direct-Align and SRPO (Shen et al., arXiv 2509.06942; code Tencent-Hunyuan/SRPO, fastvideo/SRPO.py @ 81e5898)
+# ---------------------------------------------------------------------------------------------------------------------
+
+SRPO_POSITIVE_WORDS: tuple[str, ...] = ("Natural-lighting", "Detail", "Detailed", "Real")
+"""SRPO's positive control words (its realism adjectives), cycled with the optimizer step."""
+
+SRPO_NEGATIVE_WORDS: tuple[str, ...] = ("Concept art", "Painting", "Anime", "Flat", "Oil")
+"""SRPO's negative control words (its "CG / oily" adjectives), cycled with the optimizer step."""
+
+DIRECT_ALIGN_EDGE = 5
+"""The fine-grid index ``m`` is drawn from ``[5, L - 5]`` (SRPO ``random.randint(5, timestep_length - 5)``)."""
+
+Branch = Literal["denoise", "inversion"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectAlignLevels:
+    """Where one Direct-Align branch injects and recovers on the fine grid (docs/methods/reward-backprop.md#srpo).
+
+    Attributes:
+        inject: grid position of the injection level (the denoiser sees ``x`` there).
+        recover: grid position of the recovery level (the Euler step lands there).
+        discount_index: the index into the ``k_t`` ramp of this branch.
+    """
+
+    inject: int
+    recover: int
+    discount_index: int
+
+
+def sample_direct_align_index(grid_size: int = 1000, generator: RandomSource = None) -> int:
+    """Direct-Align's fine-grid draw ``m``, uniform on ``[5, grid_size - 5]`` (one per optimizer step in SRPO; the
+    larger ``m``, the noisier the recovery level)."""
+    if grid_size < 2 * DIRECT_ALIGN_EDGE:
+        raise ValueError(f"grid_size must be >= {2 * DIRECT_ALIGN_EDGE}, got {grid_size}")
+    return _uniform_int(DIRECT_ALIGN_EDGE, grid_size - DIRECT_ALIGN_EDGE, generator)
+
+
+def direct_align_levels(m: int, offset: int, grid_size: int, branch: Branch) -> DirectAlignLevels:
+    """Grid positions of one branch for the draw ``m`` (SRPO's index arithmetic; position 0 is the noisiest level).
+
+    The offset is clipped to ``k = min(offset, grid_size - m, m)``. The denoise branch injects ``k`` positions above
+    the recovery level ``L - m`` and steps down; the inversion branch injects ``k`` positions below it (at ``L -
+    max(m - k, 1)``) and steps up to ``L - min(max(m - k, 1) + k, L)``, which is ``L - m`` unless ``m = k``.
+
+    Args:
+        m: the draw of :func:`sample_direct_align_index`.
+        offset: SRPO's ``int((1 - groundtruth_ratio) * L) + 1`` (100 for ratio 0.9 and ``L = 1000``).
+        grid_size: ``L``, the fine grid's length.
+        branch: ``"denoise"`` or ``"inversion"``.
+    """
+    if not 1 <= m < grid_size or offset < 1:
+        raise ValueError(f"need 1 <= m < grid_size and offset >= 1, got m={m}, offset={offset}, grid={grid_size}")
+    k = min(offset, grid_size - m, m)
+    if branch == "denoise":
+        return DirectAlignLevels(inject=grid_size - m - k, recover=grid_size - m, discount_index=m)
+    if branch == "inversion":
+        low = max(m - k, 1)
+        recover = grid_size - min(low + k, grid_size)
+        return DirectAlignLevels(inject=grid_size - low, recover=recover, discount_index=low)
+    raise ValueError(f"branch must be 'denoise' or 'inversion', got {branch!r}")
+
+
+def direct_align_grid(levels: Tensor, step_range: tuple[int, int], grid_size: int = 1000) -> Tensor:
+    """The fine grid ``linspace(levels[a], levels[b], grid_size)`` between two steps of a coarse schedule (SRPO:
+    the 50-step shifted sigmas, ``(a, b) = train_timestep = (5, 25)``).
+
+    Args:
+        levels: ``[S]`` the coarse schedule's noise levels (flow sigmas, or timesteps for epsilon / v models).
+        step_range: ``(a, b)`` indices into ``levels``.
+        grid_size: points of the fine grid.
+
+    Returns:
+        ``[grid_size]`` fp32 levels from ``levels[a]`` to ``levels[b]``.
+    """
+    first, last = step_range
+    if not 0 <= first < last < levels.shape[0]:
+        raise ValueError(f"step_range {step_range} must satisfy 0 <= a < b < {levels.shape[0]}")
+    return torch.linspace(float(levels[first]), float(levels[last]), grid_size)
+
+
+def srp_discount(ramp: tuple[float, float], grid_size: int, index: int) -> float:
+    """SRPO's timestep discount ``k_t = linspace(ramp[0], ramp[1], grid_size)[index]`` (denoise ``(0.1, 0.25)``,
+    inversion ``(0.3, 0.01)`` in the HPS script)."""
+    return float(torch.linspace(ramp[0], ramp[1], grid_size, dtype=torch.float64)[index])
+
+
+def direct_align_recover(
+    sample: Tensor, velocity: Tensor, noise: Tensor, sigma_from: float, sigma_to: float
+) -> Tensor:
+    """Flow Direct-Align: one Euler step from ``sigma_from`` to ``sigma_to``, then the known-noise recovery.
+
+    ``x_t = x_a + (sigma_to - sigma_from) * v`` (down for the denoise branch, up for the inversion branch) and
+    ``x0_hat = (x_t - sigma_to * noise) / (1 - sigma_to)``: exact (``x0_hat = x0``) when ``v = noise - x0`` is the
+    true velocity of ``x_a = (1 - sigma_from) x0 + sigma_from noise``.
+
+    Args:
+        sample: ``[B, ...]`` ``x_a``, the latents the model saw.
+        velocity: ``[B, ...]`` the model's velocity at ``x_a``.
+        noise: ``[B, ...]`` the injected (known) noise.
+        sigma_from: the injection level ``sigma_a``.
+        sigma_to: the recovery level ``sigma_t`` (< 1).
+
+    Returns:
+        ``[B, ...]`` fp32 ``x0_hat``, differentiable in ``velocity``.
+    """
+    moved = sample.float() + (sigma_to - sigma_from) * velocity.float()
+    return (moved - sigma_to * noise.float()) / (1 - sigma_to)
+
+
+def direct_align_recover_vp(
+    sample: Tensor,
+    model_output: Tensor,
+    noise: Tensor,
+    alpha_from: float,
+    alpha_to: float,
+    prediction_type: str,
+) -> Tensor:
+    """Epsilon / v analogue of :func:`direct_align_recover`: a DDIM (eta 0) step from ``alpha_bar = alpha_from`` to
+    ``alpha_to``, then the known-noise recovery ``x0_hat = (x_t - sqrt(1 - a_t) noise) / sqrt(a_t)``.
+
+    The DDIM step lands on ``sqrt(a_t) x0_pred + sqrt(1 - a_t) eps_pred``, so ``x0_hat = x0_pred + sqrt((1 - a_t) /
+    a_t) (eps_pred - noise)``: exact when the model's ``eps_pred`` is the injected noise.
+
+    Args:
+        sample: ``[B, ...]`` ``x_a = sqrt(a_a) x0 + sqrt(1 - a_a) noise``.
+        model_output: ``[B, ...]`` epsilon or v at ``x_a``.
+        noise: ``[B, ...]`` the injected noise.
+        alpha_from: ``alpha_bar`` at the injection level.
+        alpha_to: ``alpha_bar`` at the recovery level.
+        prediction_type: ``"epsilon"`` or ``"v_prediction"``.
+    """
+    x, output = sample.float(), model_output.float()
+    a_from, a_to = torch.tensor(alpha_from, dtype=torch.float64), torch.tensor(alpha_to, dtype=torch.float64)
+    s_from, c_from = float((1 - a_from).sqrt()), float(a_from.sqrt())
+    if prediction_type == "epsilon":
+        eps, x0 = output, (x - s_from * output) / c_from
+    elif prediction_type == "v_prediction":
+        eps, x0 = s_from * x + c_from * output, c_from * x - s_from * output
+    else:
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    moved = float(a_to.sqrt()) * x0 + float((1 - a_to).sqrt()) * eps
+    return (moved - float((1 - a_to).sqrt()) * noise.float()) / float(a_to.sqrt())
+
+
+def interpolate_alphas_cumprod(alphas_cumprod: Tensor, timestep: float) -> float:
+    """``alpha_bar`` at a continuous timestep: linear interpolation of the training table ``[N]`` (timestep ``i``
+    has ``alphas_cumprod[i]``), for Direct-Align's off-schedule levels on epsilon / v models."""
+    if not 0 <= timestep <= alphas_cumprod.shape[0] - 1:
+        raise ValueError(f"timestep {timestep} lies outside [0, {alphas_cumprod.shape[0] - 1}]")
+    low = int(timestep)
+    high = min(low + 1, alphas_cumprod.shape[0] - 1)
+    frac = timestep - low
+    return float((1 - frac) * alphas_cumprod[low].double() + frac * alphas_cumprod[high].double())
+
+
+def srp_captions(
+    prompts: list[str], step: int, positive_words: tuple[str, ...], negative_words: tuple[str, ...]
+) -> tuple[list[str], list[str]]:
+    """SRPO's control-word prompts of an optimizer step: ``"<word>. <prompt>"`` with the positive word
+    ``positive_words[step % len]`` and the negative word ``negative_words[step % len]`` (reward side only)."""
+    positive, negative = positive_words[step % len(positive_words)], negative_words[step % len(negative_words)]
+    return [f"{positive}. {p}" for p in prompts], [f"{negative}. {p}" for p in prompts]
+
+
+def relative_preference(preferred: Tensor, rejected: Tensor, discount: float) -> Tensor:
+    """Semantic Relative Preference ``(1 + k) s(x, c_preferred) - s(x, c_rejected)`` ``[B]``.
+
+    The denoise branch prefers the positive-word prompt, the inversion branch the negative one (SRPO swaps them
+    there, since its step runs against the model's estimate). SRPO's code form; its comment notes that the paper's
+    ``(1 - k) neg + k pos`` trained less stably.
+    """
+    return (1 + discount) * preferred - rejected
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ImageReFL (Sorokin et al., arXiv 2505.22569; code ControlGenAI/ImageReFL @ 398f730)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def switch_timestep(timesteps: Tensor, switch_step: int) -> float:
+    """The ``lora_max_timestep`` of a combined generation switching to the LoRA at step ``switch_step``.
+
+    The base model runs steps ``0 .. s - 1`` and the LoRA steps ``s .. T - 1`` (ImageReFL's
+    ``CombinedGenerationInferencer``): the LoRA acts at timesteps at or below ``timesteps[s]``. ``s = T`` (base model
+    throughout) gives ``-1``, below every timestep.
+
+    Args:
+        timesteps: ``[T]`` the sampling schedule's timesteps, decreasing.
+        switch_step: ``s`` in ``[0, T]``.
+    """
+    count = timesteps.shape[0]
+    if not 0 <= switch_step <= count:
+        raise ValueError(f"switch_step must be in [0, {count}], got {switch_step}")
+    return -1.0 if switch_step == count else float(timesteps[switch_step])
+
+
+def diffusion_regulariser(prediction: Tensor, target: Tensor) -> Tensor:
+    """ImageReFL's diffusion loss on the real image: ``mean((prediction - target)^2)`` over every element (torch's
+    ``mse_loss``), fp32; the target is the family's regression target (epsilon for SD1.5, ``noise - x0`` for flows)."""
+    return (prediction.float() - target.float()).pow(2).mean()
+
+
+def image_refl_loss(
+    reward_term: Tensor, regulariser: Tensor, weight: float = 1e-3, mse_weight: float = 0.01
+) -> Tensor:
+    """ImageReFL's total ``weight * (L_R + mse_weight * L_D)`` (published ``loss_scale`` 1e-3, ``mse_loss_scale``
+    0.01), with ``L_R`` the unweighted reward loss (``-mean r`` for HPS)."""
+    return weight * (reward_term + mse_weight * regulariser)
+
+
+def is_plain_refl_batch(batch_index: int, every: int | None) -> bool:
+    """Whether batch ``batch_index`` (0-based) of an ImageReFL run is a plain ReFL batch (from noise): every
+    ``every``-th one, ImageReFL's ``state_del`` counter (batches ``every - 1``, ``2 every - 1``, ...); never when
+    ``every`` is None."""
+    if every is None:
+        return False
+    if every < 1:
+        raise ValueError(f"every must be >= 1 or None, got {every}")
+    return (batch_index + 1) % every == 0

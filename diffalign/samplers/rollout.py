@@ -113,6 +113,8 @@ class Trajectory:
             with plans of their own (``plan`` is then their :func:`~diffalign.samplers.plan.union_plan`; at a stored
             step outside an image's own plan the transition was deterministic and its log-prob is NaN); ``None``
             when every image has ``plan.trained``.
+        row_steps: ``[B, S]`` int64 plan index of each row's own step at each stored position, when rows differ
+            (a tree rollout's edges, :mod:`~diffalign.samplers.branching`); ``None``: ``step_indices`` for every row.
     """
 
     prompts: list[str]
@@ -131,9 +133,17 @@ class Trajectory:
     schedule: Schedule
     means: Tensor | None = None
     trained_steps: Tensor | None = None
+    row_steps: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def steps_at(self, positions: Tensor, samples: slice | Tensor | None = None) -> Tensor:
+        """Plan step indices of stored ``positions`` (int64 ``[b, n]``) of the rows ``samples`` (default all)."""
+        if self.row_steps is not None:
+            rows = self.row_steps[slice(None) if samples is None else samples]
+            return rows.gather(1, positions.to(rows.device))
+        return torch.tensor(self.step_indices, dtype=torch.long)[positions]
 
     @property
     def trained_positions(self) -> list[int]:
@@ -517,12 +527,11 @@ def transition_log_probs(
     latents = stored[rows_of, positions]
     batch, count = latents.shape[:2]
     rows = latents.flatten(0, 1)
-    flat = positions.flatten().tolist()
-    timesteps = trajectory.timesteps[flat]
+    indices = trajectory.steps_at(positions, samples).flatten().tolist()
+    timesteps = trajectory.schedule.timesteps[indices]
     output = adapter.predict(
         rows, timesteps, cond.repeat_interleave(count), trajectory.guidance_scale, uncond_grad=uncond_grad
     )
-    indices = [trajectory.step_indices[p] for p in flat]
     step = step_transition(
         adapter,
         trajectory.plan,

@@ -227,7 +227,9 @@ def test_a_rollout_continued_from_its_own_latents_ends_where_the_full_one_does(f
     with pytest.raises(ValueError, match="needs the latents there"):
         rollout(adapter, PROMPTS, plan, start_step=3)
     with pytest.raises(ValueError, match="starts at step 3"):
-        rollout(adapter, PROMPTS, sde_plan(6, 0.7, kernel=_kernel(adapter)), start_step=3, start_latents=full.final_latents)
+        rollout(
+            adapter, PROMPTS, sde_plan(6, 0.7, kernel=_kernel(adapter)), start_step=3, start_latents=full.final_latents
+        )
 
 
 def _with_scheduler(tiny_pipeline_dir, folder, family="sd15", **scheduler_options):
