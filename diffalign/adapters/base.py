@@ -34,7 +34,8 @@ LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 """The file diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` reads."""
 LORA_SCOPE_NAME = "diffalign_lora.json"
 """Beside a saved LoRA that acts on part of the trajectory only, or was trained on a fixed schedule shift:
-``{"min_timestep": t, "timestep_shift": s}`` (each key only when set; the LoRA is off at timesteps ``<= t``).
+``{"min_timestep": t, "max_timestep": u, "timestep_shift": s}`` (each key only when set; the LoRA is off at timesteps
+``<= t`` and at timesteps ``> u``: ``u`` is ImageReFL's combined generation, the base model before a switch step).
 ``pipe.load_lora_weights`` ignores it; honour ``t`` with a ``callback_on_step_end`` that calls
 ``pipe.disable_lora()`` once the next timestep is at or below ``t``, and ``s`` with ``pipe.scheduler.set_shift(s)``
 (static schedulers) or ``mu=log(s)`` (FLUX's dynamic shift)."""
@@ -233,6 +234,11 @@ class DiffusionAdapter:
         self.lora_min_timestep: float | None = None
         """The LoRA acts only at timesteps above this (scheduler scale); ``None``: at every timestep. Saved beside
         the LoRA weights (:data:`LORA_SCOPE_NAME`) and restored by :meth:`load_lora`."""
+        self.lora_max_timestep: float | None = None
+        """The LoRA acts only at timesteps at or below this (scheduler scale); ``None``: no upper limit. ImageReFL's
+        combined generation: the base model runs the early, noisy steps and the LoRA takes over from a switch step
+        (:func:`diffalign.losses.reward_backprop.switch_timestep` maps a step to this limit). Saved beside the LoRA
+        weights and restored by :meth:`load_lora`, like :attr:`lora_min_timestep`."""
         self.text_cache: TextEmbeddingCache | None = None
         """Per-prompt text conditionings that :meth:`encode_prompt` answers from
         (:mod:`diffalign.adapters.text_cache`); ``None``: every call encodes."""
@@ -503,15 +509,20 @@ class DiffusionAdapter:
         uncond_grad: bool = True,
     ) -> Tensor:
         """The model output at ``(latents, t)``: :meth:`_predict`, with the LoRA switched off at the timesteps at
-        or below :attr:`lora_min_timestep` when that is set.
+        or below :attr:`lora_min_timestep` and above :attr:`lora_max_timestep` when those are set.
 
-        A batch whose samples sit on both sides of the limit runs twice (with and without the LoRA) and each
+        A batch whose samples sit on both sides of a limit runs twice (with and without the LoRA) and each
         sample takes its own side; the samplers' batches share one timestep, so they run once.
         """
-        limit = self.lora_min_timestep
-        if limit is None or not self.has_lora or self._lora_off_depth:
+        low, high = self.lora_min_timestep, self.lora_max_timestep
+        if (low is None and high is None) or not self.has_lora or self._lora_off_depth:
             return self._predict(latents, t, cond, guidance_scale, uncond_grad=uncond_grad)
-        active = self._timesteps(t, latents.shape[0]) > limit  # [B]
+        timesteps = self._timesteps(t, latents.shape[0]).float()
+        active = torch.ones_like(timesteps, dtype=torch.bool)  # [B]
+        if low is not None:
+            active &= timesteps > low
+        if high is not None:
+            active &= timesteps <= high
         if bool(active.all()):
             return self._predict(latents, t, cond, guidance_scale, uncond_grad=uncond_grad)
         with self.lora_disabled():
@@ -759,7 +770,11 @@ class DiffusionAdapter:
             **{f"{self.denoiser_name}_lora_layers": weights, f"{self.denoiser_name}_lora_adapter_metadata": config},
         )
         # How the LoRA is meant to be sampled: where it acts, and the schedule shift it was trained with.
-        scope = {"min_timestep": self.lora_min_timestep, "timestep_shift": self.timestep_shift}
+        scope = {
+            "min_timestep": self.lora_min_timestep,
+            "max_timestep": self.lora_max_timestep,
+            "timestep_shift": self.timestep_shift,
+        }
         scope = {key: value for key, value in scope.items() if value is not None}
         if scope:
             (folder / LORA_SCOPE_NAME).write_text(json.dumps(scope) + "\n")
@@ -781,6 +796,7 @@ class DiffusionAdapter:
         scope_file = folder / LORA_SCOPE_NAME
         scope = json.loads(scope_file.read_text()) if scope_file.is_file() else {}
         self.lora_min_timestep = scope.get("min_timestep")
+        self.lora_max_timestep = scope.get("max_timestep")
         self.timestep_shift = scope.get("timestep_shift")
         params = []
         for name, p in self.denoiser.named_parameters():

@@ -279,7 +279,7 @@ class PerPromptStatTracker:
         self._buffers = {p: deque(map(float, v), maxlen=self.buffer_size) for p, v in state["buffers"].items()}
 
 
-# --- branching rollouts ------------------------------------------------------------------------------------------------
+# --- branching rollouts ----------------------------------------------------------------------------------------------
 
 
 def branch_advantages(rewards: Tensor, path_ids: GroupIds, eps: float = 1e-4) -> Tensor:

@@ -71,10 +71,25 @@ from diffalign.config.groups import RewardSpec
 from diffalign.data.prompts import load_prompts_and_metadata
 from diffalign.eval.evaluator import Evaluator
 from diffalign.losses.reward_backprop import (
+    DIRECT_ALIGN_EDGE,
+    SRPO_NEGATIVE_WORDS,
+    SRPO_POSITIVE_WORDS,
+    diffusion_regulariser,
+    direct_align_grid,
+    direct_align_levels,
+    direct_align_recover,
+    direct_align_recover_vp,
+    interpolate_alphas_cumprod,
+    is_plain_refl_batch,
     refl_step_range,
+    relative_preference,
     reward_loss,
+    sample_direct_align_index,
     sample_refl_step,
     sample_truncation_steps,
+    srp_captions,
+    srp_discount,
+    switch_timestep,
     truncated_grad_steps,
 )
 from diffalign.rewarding import RewardLike, build_reward
@@ -87,7 +102,7 @@ from diffalign.trainers.common import TrainingRun, check_text_cache
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["alignprop", "draft_k", "draft_lv", "refl"]
+Mode = Literal["alignprop", "draft_k", "draft_lv", "refl", "direct_align", "image_refl"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -115,6 +130,10 @@ class BackpropSamplingConfig:
     """Encode every training and evaluation prompt once at the start and answer the rollouts from that cache
     (docs/performance.md#text-embedding-cache); with ``model.offload_text_encoders`` the encoders then leave the
     GPU. Off: prompts are encoded at every rollout."""
+    real_images: Path | None = None
+    """``image_refl``: the real image-caption pairs, a JSONL file of ``{"prompt": ..., "image": <path>}`` records
+    (paths relative to the file) or a folder of images each with a ``<stem>.txt`` caption. A missing or unreadable
+    image is an error naming the file."""
 
     def __post_init__(self) -> None:
         for key in ("num_steps", "batch_size"):
@@ -130,7 +149,9 @@ class BackpropConfig:
 
     mode: Mode = "alignprop"
     """``alignprop`` (random truncation), ``draft_k`` (last k steps), ``draft_lv`` (re-noised final step),
-    ``refl`` (one late step's x0 prediction)."""
+    ``refl`` (one late step's x0 prediction), ``direct_align`` (Direct-Align / SRPO: known noise injected into the
+    ODE sample, one step with grad, recovered in one step), ``image_refl`` (ReFL from noised real images plus a
+    diffusion loss on them)."""
     k: int = 1
     """``draft_k``, and ``alignprop`` with ``truncation: fixed``: number of final steps with grad (DRaFT: K=1
     works well; K = num_steps is full DRaFT)."""
@@ -159,6 +180,45 @@ class BackpropConfig:
     checkpoint_blocks: bool = False
     """With ``gradient_checkpointing``, also checkpoint inside the denoiser (per block): lower peak for very large
     models (FLUX at 1024 px), one more forward per grad step."""
+    direct_align_schedule_steps: int = 50
+    """``direct_align``: steps of the coarse schedule the training levels are read from (SRPO
+    ``vis_sampling_step`` 50, with the model's shift)."""
+    direct_align_step_range: tuple[int, int] = (5, 25)
+    """``direct_align``: the coarse steps ``(a, b)`` whose levels bound the fine grid (SRPO ``train_timestep``:
+    (5, 25) in the HPS script, sigma 0.964 .. 0.750 at shift 3; (5, 30) for PickScore)."""
+    direct_align_grid_size: int = 1000
+    """``direct_align``: points ``L`` of the fine grid between those levels (SRPO ``timestep_length``)."""
+    direct_align_offset: int = 100
+    """``direct_align``: grid points between the injection and the recovery level (SRPO: ``int((1 -
+    groundtruth_ratio) L) + 1`` = 100 for ratio 0.9), clipped near the grid's ends."""
+    direct_align_inversion: bool = True
+    """``direct_align``: also train the inversion branch (inject below the recovery level, step up; its reward
+    swaps the control words). Needs ``srp``: with the plain reward that branch would lower it."""
+    srp: bool = True
+    """``direct_align``: Semantic Relative Preference ``(1 + k_t) s(x, c+) - s(x, c-)`` with control words prepended
+    to the prompt on the reward side; false: the plain reward ``s(x, prompt)`` (plain Direct-Align)."""
+    srp_positive_words: tuple[str, ...] = SRPO_POSITIVE_WORDS
+    """``srp``: positive control words, word ``step % n`` at optimizer step ``step`` (SRPO's realism words)."""
+    srp_negative_words: tuple[str, ...] = SRPO_NEGATIVE_WORDS
+    """``srp``: negative control words, cycled the same way (SRPO's "CG / oily" words)."""
+    srp_discount: tuple[float, float] = (0.1, 0.25)
+    """``srp``: the denoise branch's ``k_t``, linear in the fine-grid draw from the first value (m = 0, least
+    noise) to the second (m = L - 1) (SRPO HPS ``discount_pos``; PickScore (0.1, 0.5))."""
+    srp_inversion_discount: tuple[float, float] = (0.3, 0.01)
+    """``srp``: the inversion branch's ``k_t`` ramp (SRPO HPS ``discount_inv``; PickScore (0.6, 0.01))."""
+    image_refl_start: int | None = None
+    """``image_refl``: the step the real image is noised to (ImageReFL ``start_timestep_index`` 30 of 40); null =
+    the low end of the ``refl_step_range``. ``mid`` is drawn from ``refl_step_range`` at or after it."""
+    image_refl_mse_weight: float = 0.01
+    """``image_refl``: weight of the diffusion loss on the real image relative to the reward loss (ImageReFL
+    ``mse_loss_scale``); the total is ``weight * (L_R + image_refl_mse_weight * L_D)``."""
+    image_refl_plain_every: int | None = None
+    """``image_refl``: every this many micro-batches is a plain ReFL one from noise with the training prompts
+    (ImageReFL ``state_del``, off by default); null: never."""
+    switch_step: int | None = None
+    """Combined generation (ImageReFL): at evaluation and in the saved LoRA the base model runs steps ``0 .. s-1``
+    of the evaluation schedule and the LoRA the rest (``adapter.lora_max_timestep``, kept in the LoRA's scope file);
+    training always uses the LoRA. Null: the LoRA at every step."""
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -177,6 +237,54 @@ class BackpropConfig:
                 f"must satisfy 1 <= low <= high (step 0 has nothing to sample before it), got {self.refl_step_range}",
                 key="refl_step_range",
             )
+        self._check_direct_align()
+        self._check_image_refl()
+
+    def _check_direct_align(self) -> None:
+        if self.direct_align_schedule_steps < 2:
+            raise ConfigError(f"must be >= 2, got {self.direct_align_schedule_steps}", key="direct_align_schedule_steps")
+        first, last = self.direct_align_step_range
+        if not 0 <= first < last < self.direct_align_schedule_steps:
+            raise ConfigError(
+                f"must satisfy 0 <= a < b < direct_align_schedule_steps ({self.direct_align_schedule_steps}), got "
+                f"{self.direct_align_step_range}",
+                key=("direct_align_step_range", "direct_align_schedule_steps"),
+            )
+        if self.direct_align_grid_size < 2 * DIRECT_ALIGN_EDGE:
+            raise ConfigError(
+                f"must be >= {2 * DIRECT_ALIGN_EDGE} (the grid draw keeps {DIRECT_ALIGN_EDGE} points from each end), "
+                f"got {self.direct_align_grid_size}",
+                key="direct_align_grid_size",
+            )
+        if not 1 <= self.direct_align_offset < self.direct_align_grid_size:
+            raise ConfigError(
+                f"must be in [1, direct_align_grid_size), got {self.direct_align_offset}", key="direct_align_offset"
+            )
+        if self.mode == "direct_align" and self.direct_align_inversion and not self.srp:
+            raise ConfigError(
+                "the inversion branch steps against the model's estimate, so with the plain reward it would lower "
+                "it; set direct_align_inversion: false (plain Direct-Align) or srp: true",
+                key=("direct_align_inversion", "srp"),
+            )
+        for key in ("srp_positive_words", "srp_negative_words"):
+            words = getattr(self, key)
+            if not words or not all(isinstance(word, str) and word.strip() for word in words):
+                raise ConfigError(f"must be a non-empty list of non-empty words, got {list(words)}", key=key)
+        for key in ("srp_discount", "srp_inversion_discount"):
+            if any(value < 0 for value in getattr(self, key)):
+                raise ConfigError(f"must be >= 0 (k_t weights the preferred prompt), got {getattr(self, key)}", key=key)
+
+    def _check_image_refl(self) -> None:
+        if self.image_refl_start is not None and self.image_refl_start < 0:
+            raise ConfigError(f"must be >= 0 or null, got {self.image_refl_start}", key="image_refl_start")
+        if self.image_refl_mse_weight < 0:
+            raise ConfigError(f"must be >= 0, got {self.image_refl_mse_weight}", key="image_refl_mse_weight")
+        if self.image_refl_plain_every is not None and self.image_refl_plain_every < 1:
+            raise ConfigError(
+                f"must be >= 1 or null (off), got {self.image_refl_plain_every}", key="image_refl_plain_every"
+            )
+        if self.switch_step is not None and self.switch_step < 0:
+            raise ConfigError(f"must be >= 0 or null, got {self.switch_step}", key="switch_step")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -204,13 +312,38 @@ class RewardBackpropConfig(TrainerConfig):
             raise ConfigError(f"k={backprop.k} exceeds sampling.num_steps={steps}", key=("backprop.k",))
         if backprop.mode == "alignprop" and backprop.truncation != "fixed" and steps < 2:
             raise ConfigError("random truncation needs sampling.num_steps >= 2", key=("backprop.truncation",))
-        if backprop.mode == "refl":
+        if backprop.mode in ("refl", "image_refl"):
             low, high = resolve_refl_range(steps, backprop.refl_step_range)
             if not 1 <= low <= high < steps:
                 raise ConfigError(
                     f"ReFL step range ({low}, {high}) must lie in [1, {steps - 1}] (needs num_steps >= 2)",
                     key=("backprop.refl_step_range", "sampling.num_steps"),
                 )
+        if backprop.mode == "image_refl":
+            self._check_image_refl_steps(steps)
+        eval_steps = self.eval.num_steps or steps
+        if backprop.switch_step is not None and backprop.switch_step > eval_steps:
+            raise ConfigError(
+                f"switch_step {backprop.switch_step} exceeds the {eval_steps} evaluation steps (eval.num_steps, else "
+                "sampling.num_steps); use 0 .. steps (steps: the base model throughout)",
+                key=("backprop.switch_step", "eval.num_steps"),
+            )
+
+    def _check_image_refl_steps(self, steps: int) -> None:
+        backprop = self.backprop
+        if self.sampling.real_images is None:
+            raise ConfigError(
+                "mode image_refl trains on real image-caption pairs: set sampling.real_images to a JSONL of "
+                '{"prompt": ..., "image": ...} records or a folder of images with <stem>.txt captions',
+                key=("sampling.real_images", "backprop.mode"),
+            )
+        low, high = resolve_refl_range(steps, backprop.refl_step_range)
+        start = image_refl_start(steps, backprop)
+        if not 0 <= start <= low:
+            raise ConfigError(
+                f"image_refl_start {start} must lie in [0, {low}], at or before the ReFL step range ({low}, {high})",
+                key=("backprop.image_refl_start", "backprop.refl_step_range"),
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -224,6 +357,13 @@ def resolve_refl_range(num_steps: int, step_range: tuple[int, int] | None) -> tu
     if step_range is not None:
         return tuple(step_range)
     return refl_step_range(num_steps) if num_steps >= 1 else (0, 0)
+
+
+def image_refl_start(num_steps: int, backprop: BackpropConfig) -> int:
+    """ImageReFL's start step: the configured one, or the low end of the ReFL step range (30 of 40)."""
+    if backprop.image_refl_start is not None:
+        return backprop.image_refl_start
+    return resolve_refl_range(num_steps, backprop.refl_step_range)[0]
 
 
 def predict_original(

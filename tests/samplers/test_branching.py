@@ -57,7 +57,7 @@ def test_denoiser_call_counts_match_the_papers_settings():
     assert count_tree_calls(tree_plan(20, 0.3, [0, 3, 6, 9], kernel="const")) == 203
 
 
-# --- TempFlow-GRPO rollout ---------------------------------------------------------------------------------------------
+# --- TempFlow-GRPO rollout -------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
