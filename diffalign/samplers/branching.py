@@ -347,6 +347,17 @@ class TreeRollout:
     leaf_prompts: list[str]
     final_latents: Tensor
 
+    def ancestors_at(self, depth: int) -> Tensor:
+        """``[N]`` each node's ancestor at ``depth`` (itself at that depth; -1 for shallower nodes): e.g. the branch
+        made by the last split that a late edge's child descends from (BranchGRPO's width pruning)."""
+        ancestors = torch.full_like(self.parents, -1)
+        for node, (parent, node_depth) in enumerate(zip(self.parents.tolist(), self.depths.tolist())):
+            if node_depth == depth:
+                ancestors[node] = node
+            elif node_depth > depth:
+                ancestors[node] = ancestors[parent]
+        return ancestors
+
 
 def tree_rollout(
     adapter: DiffusionAdapter,

@@ -37,6 +37,7 @@ __all__ = [
     "encode_prompts",
     "make_generators",
     "rollout",
+    "step_stds",
     "step_transition",
     "text_use",
     "transition_log_probs",
@@ -227,6 +228,19 @@ def step_transition(
         sigma_prev = schedule.sigmas[index - 1] if prev_x0 is not None else None
         return dpm_solver_2m_step(model_output, sample, sigma, sigma_next, prev_x0=prev_x0, sigma_prev=sigma_prev)
     return ode_step(model_output, sample, sigma, sigma_next)
+
+
+def step_stds(adapter: DiffusionAdapter, plan: StepPlan, schedule: Schedule, steps: Sequence[int]) -> Tensor:
+    """``[len(steps)]`` transition std of the plan's stochastic ``steps``: schedule quantities, read from the kernel
+    without a model call (TempFlow-GRPO's noise-aware weights)."""
+    zero = torch.zeros(1, 1, device=schedule.timesteps.device)
+    stds = []
+    for i in steps:
+        if plan.noise_levels[i] == 0:
+            raise ValueError(f"step {i} is deterministic: it has no transition std")
+        std = step_transition(adapter, plan, schedule, int(i), zero, zero, prev_sample=zero).std
+        stds.append(float(torch.as_tensor(std).flatten()[0]))
+    return torch.tensor(stds)
 
 
 def _check_plan(adapter: DiffusionAdapter, plan: StepPlan) -> None:

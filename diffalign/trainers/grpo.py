@@ -49,17 +49,32 @@ from diffalign.data.prompts import load_prompts_and_metadata
 from diffalign.eval.evaluator import Evaluator
 from diffalign.losses.advantages import (
     PerPromptStatTracker,
+    branch_advantages,
+    fuse_tree_rewards,
     group_advantages,
     per_reward_advantages,
+    prune_tree_edges,
+    tree_advantages,
     zero_std_ratio,
 )
 from diffalign.losses.policy_gradient import (
     clipped_policy_loss,
     grpo_guard_log_ratio,
     kl_to_reference,
+    noise_aware_weights,
     recentred_log_ratio,
 )
 from diffalign.rewarding import RewardLike, build_reward
+from diffalign.samplers.branching import (
+    TreePlan,
+    TreeRollout,
+    branch_plan,
+    branch_rollout,
+    count_branch_calls,
+    count_tree_calls,
+    tree_plan,
+    tree_rollout,
+)
 from diffalign.samplers.plan import (
     StepPlan,
     per_sample_train_steps,
@@ -68,7 +83,7 @@ from diffalign.samplers.plan import (
     sliding_window_plan,
     window_bounds,
 )
-from diffalign.samplers.rollout import InitialNoise, Trajectory, rollout, transition_log_probs
+from diffalign.samplers.rollout import InitialNoise, Trajectory, rollout, step_stds, transition_log_probs
 from diffalign.seeding import derive_seed
 from diffalign.trainers.common import TrainingRun, check_text_cache
 from rewards import metadata_kwargs
@@ -90,8 +105,26 @@ class GRPOSamplingConfig:
     ``auto`` picks ``sde`` for flow models and ``ddim`` otherwise."""
     noise_level: float = 0.7
     """Noise scale of stochastic steps (Flow-GRPO ``noise_level`` 0.7; DDPO's eta 1.0; CPS 0.8)."""
-    plan: Literal["sde", "window", "sliding"] = "sde"
-    """``sde``: every step but the last stochastic; ``window``: Flow-GRPO-Fast; ``sliding``: MixGRPO."""
+    plan: Literal["sde", "window", "sliding", "branch_at", "tree"] = "sde"
+    """``sde``: every step but the last stochastic; ``window``: Flow-GRPO-Fast; ``sliding``: MixGRPO; ``branch_at``:
+    TempFlow-GRPO's trajectory branching (an ODE path per image, ``branch_children`` SDE children at each of
+    ``branch_steps``, each completed by the ODE, so a reward credits its branch step); ``tree``: BranchGRPO's tree
+    rollouts (one tree per prompt, split at ``tree_splits``; docs/methods/grpo.md)."""
+    branch_steps: list[int] | None = None
+    """``branch_at``: the steps branched at (default every step but the last, as TempFlow-GRPO's code)."""
+    branch_children: int = 6
+    """``branch_at``: children per branch step (TempFlow-GRPO: 6). ``images_per_prompt`` counts the ODE paths (seeds)
+    per prompt, so an epoch scores ``prompts x images_per_prompt x branch_children x len(branch_steps)`` images."""
+    tree_splits: list[int] = dataclasses.field(default_factory=lambda: [0, 3, 6])
+    """``tree``: steps at which every node branches (BranchGRPO: 0, 3, 6, 9 of 20)."""
+    tree_branching: int = 2
+    """``tree``: children per node at a split; ``images_per_prompt`` must equal the leaves,
+    ``tree_branching ** len(tree_splits)``."""
+    tree_split_noise_scale: float = 1.0
+    """``tree``: noise multiplier at the split steps (BranchGRPO's script: 4.0), so that siblings spread apart."""
+    sde_steps: list[int] | None = None
+    """``tree``: the stochastic steps besides the splits (ODE elsewhere, BranchGRPO's "Mix"); default every step but
+    the last. Every stochastic edge is trained."""
     train_fraction: float = 1.0
     """``sde`` plan: the fraction of the stochastic steps trained (Flow-GRPO ``timestep_fraction``); which ones:
     ``train_steps``."""
@@ -140,8 +173,9 @@ class GRPOSamplingConfig:
             raise ConfigError(f"must be in (0, 1], got {self.train_fraction}", key="train_fraction")
         if self.noise_level <= 0:
             raise ConfigError("must be > 0: GRPO needs stochastic steps", key="noise_level")
-        if self.lora_in_window_only and self.plan != "window":
-            raise ConfigError(f"needs plan: window, got {self.plan!r}", key="lora_in_window_only")
+        if self.lora_in_window_only and self.plan not in ("window", "branch_at", "tree"):
+            raise ConfigError(f"needs plan: window, branch_at or tree, got {self.plan!r}", key="lora_in_window_only")
+        self._check_branching()
         if self.train_steps == "random" and self.plan != "sde":
             raise ConfigError(f"needs plan: sde, got {self.plan!r}", key="train_steps")
         if self.ode_solver != "euler" and self.plan == "sde":
@@ -152,6 +186,36 @@ class GRPOSamplingConfig:
                 "an Euler step): use plan: window or sliding, or ode_solver: euler",
                 key=("ode_solver", "plan"),
             )
+
+    def _check_branching(self) -> None:
+        """The ``branch_at`` / ``tree`` keys: steps in range, a tree whose leaves are the group."""
+        if self.plan not in ("branch_at", "tree"):
+            return
+        used = ("branch_steps",) if self.plan == "branch_at" else ("tree_splits", "sde_steps")
+        for key in used:
+            values = getattr(self, key)
+            if values is not None and not all(0 <= i < self.num_steps for i in values):
+                raise ConfigError(f"steps must lie in [0, {self.num_steps}), got {values}", key=key)
+        if self.ode_solver != "euler":
+            raise ConfigError("branching rollouts complete their paths with the Euler ODE", key=("ode_solver", "plan"))
+        if self.plan == "branch_at" and (self.branch_children < 2 or self.branch_steps == []):
+            raise ConfigError(
+                "needs branch_children >= 2 (a group of one has no advantage) and at least one branch step",
+                key=("branch_children", "branch_steps"),
+            )
+        if self.plan == "tree":
+            if self.tree_branching < 2 or not self.tree_splits or self.tree_split_noise_scale <= 0:
+                raise ConfigError(
+                    "needs tree_branching >= 2, at least one split and tree_split_noise_scale > 0",
+                    key=("tree_branching", "tree_splits", "tree_split_noise_scale"),
+                )
+            leaves = self.tree_branching ** len(set(self.tree_splits))
+            if self.images_per_prompt != leaves:
+                raise ConfigError(
+                    f"a tree's leaves are its prompt's group: set images_per_prompt to tree_branching ** "
+                    f"len(tree_splits) = {leaves}, got {self.images_per_prompt}",
+                    key=("images_per_prompt", "tree_branching", "tree_splits"),
+                )
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -212,6 +276,19 @@ class GRPOTrainConfig:
     max_rescore_rows: int = 32
     """``timestep_chunk: auto``: the most denoiser rows one re-scoring call may hold (micro-batch samples x steps,
     x2 with CFG), which bounds its activation memory."""
+    timestep_weighting: Literal["none", "noise_aware"] = "none"
+    """``noise_aware``: TempFlow-GRPO's weighting, each step's policy loss times its transition std over the mean std
+    of the trained steps (noisier steps explore more and weigh more; docs/methods/grpo.md#tempflow-grpo)."""
+    tree_fusion: Literal["mean", "prob_weighted"] = "mean"
+    """``tree`` plan: an inner node's reward is the mean of its leaves' (BranchGRPO's default) or the softmax of its
+    child edges' log-probs times their rewards (``--tree_prob_weighted``)."""
+    depth_pruning: list[int] = dataclasses.field(default_factory=list)
+    """``tree`` plan: edges whose child depth (the step that made it + 1) is listed are not trained."""
+    width_pruning: Literal["none", "per_branch", "extremes"] = "none"
+    """``tree`` plan: of the edges after the last split, train only the best ``width_pruning_ratio`` of each
+    last-split branch (``per_branch``) or the best and worst halves of that share overall (``extremes``)."""
+    width_pruning_ratio: float = 0.5
+    """Share of the late edges that width pruning keeps."""
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "num_inner_epochs"):
@@ -232,6 +309,8 @@ class GRPOTrainConfig:
             )
         if self.max_rescore_rows < 1:
             raise ConfigError(f"must be >= 1, got {self.max_rescore_rows}", key="max_rescore_rows")
+        if not 0 < self.width_pruning_ratio <= 1:
+            raise ConfigError(f"must be in (0, 1], got {self.width_pruning_ratio}", key="width_pruning_ratio")
         if self.advantage == "running" and not 1 <= self.min_count <= self.buffer_size:
             raise ConfigError(
                 f"needs 1 <= min_count <= buffer_size (a prompt's own statistics need min_count rewards in its "
@@ -292,6 +371,20 @@ class GRPOConfig(TrainerConfig):
                 "per_reward normalises each reward within its group: it needs train.advantage: group",
                 key=("train.advantage_aggregation", "train.advantage"),
             )
+        branching = self.sampling.plan in ("branch_at", "tree")
+        if branching and self.train.ratio_guard == "grpo_guard":
+            raise ConfigError(
+                "grpo_guard needs the stored transition means, which branching rollouts do not keep: use "
+                "ratio_guard: none or recenter",
+                key=("train.ratio_guard", "sampling.plan"),
+            )
+        tree_keys = self.train.tree_fusion != "mean" or self.train.depth_pruning or self.train.width_pruning != "none"
+        if tree_keys and self.sampling.plan != "tree":
+            raise ConfigError(
+                f"tree_fusion and pruning act on a tree's edges: they need sampling.plan: tree, got "
+                f"{self.sampling.plan!r}",
+                key=("train.tree_fusion", "train.depth_pruning", "train.width_pruning", "sampling.plan"),
+            )
         kernel = self.sampling.kernel  # may still be "auto": the trainer checks again with the resolved one
         check_ratio_guard(self.train.ratio_guard, kernel, mixes_steps(self.sampling, kernel))
         if self.train.ratio_guard == "recenter" and self.train.batch_size < 2:
@@ -306,7 +399,7 @@ def mixes_steps(sampling: GRPOSamplingConfig, kernel: str) -> bool:
     """Whether the samples of a micro-batch may train different steps: per-sample random steps, or a window drawn
     per rollout chunk (``kernel`` as in :func:`uses_random_train_steps`)."""
     per_chunk_windows = sampling.plan == "window" and sampling.window_draw == "per_chunk"
-    return per_chunk_windows or uses_random_train_steps(sampling, kernel)
+    return per_chunk_windows or sampling.plan == "tree" or uses_random_train_steps(sampling, kernel)
 
 
 def check_several_rewards(reward: Any) -> None:
@@ -368,11 +461,29 @@ def epoch_image_seeds(seed: int, epoch: int, count: int) -> list[int]:
     return [derive_seed(seed, "grpo/image", epoch, i) for i in range(count)]
 
 
+def build_tree_plan(sampling: GRPOSamplingConfig, kernel: str) -> TreePlan:
+    """The ``tree`` plan's tree (BranchGRPO)."""
+    return tree_plan(
+        sampling.num_steps,
+        sampling.noise_level,
+        sampling.tree_splits,
+        sampling.tree_branching,
+        sampling.sde_steps,
+        sampling.tree_split_noise_scale,
+        kernel,
+    )
+
+
 def build_plan(
     sampling: GRPOSamplingConfig, kernel: str, epoch: int, seed: int, window_key: tuple[int, ...] = ()
 ) -> StepPlan:
     """The epoch's step plan: a random window drawn from (seed, epoch, ``window_key``) -- ``window_key`` names the
-    rollout chunk (process, chunk) when windows are drawn per chunk --; the sliding window moves with the epoch."""
+    rollout chunk (process, chunk) when windows are drawn per chunk --; the sliding window moves with the epoch; the
+    branch steps of ``branch_at``; the step plan of a ``tree``."""
+    if sampling.plan == "branch_at":
+        return branch_plan(sampling.num_steps, sampling.noise_level, sampling.branch_steps, kernel)
+    if sampling.plan == "tree":
+        return build_tree_plan(sampling, kernel).plan
     if sampling.plan == "window":
         generator = random.Random(derive_seed(seed, "grpo/window", epoch, *window_key))
         return random_window_plan(
@@ -404,12 +515,16 @@ def build_plan(
     )
 
 
-def window_end_timestep(adapter: Any, sampling: GRPOSamplingConfig) -> float:
-    """The timestep the ``window`` plan's range ends at: steps ``0 .. hi - 1`` of ``window_range = (lo, hi)``
-    start above it, so a LoRA limited to timesteps above it acts on exactly the steps GRPO can train."""
+def window_end_timestep(adapter: Any, sampling: GRPOSamplingConfig, kernel: str = "sde") -> float:
+    """The timestep the trainable steps end at: steps ``0 .. hi - 1`` start above it, with ``hi`` the end of the
+    ``window`` plan's ``window_range = (lo, hi)``, or one past the last stochastic step of a ``branch_at`` or
+    ``tree`` plan. A LoRA limited to timesteps above it acts on exactly the steps GRPO can train."""
     if not adapter.has_lora:
         raise ConfigError("needs a LoRA (model.lora.rank > 0)", key="sampling.lora_in_window_only")
-    _, hi = window_bounds(sampling.num_steps, sampling.window_range)
+    if sampling.plan in ("branch_at", "tree"):
+        hi = build_plan(sampling, kernel, 0, 0).stochastic[-1] + 1
+    else:
+        _, hi = window_bounds(sampling.num_steps, sampling.window_range)
     timesteps = adapter.set_timesteps(sampling.num_steps).timesteps
     return float(timesteps[hi]) if hi < len(timesteps) else 0.0
 
@@ -455,7 +570,7 @@ class GRPOTrainer:
         self.tracker = PerPromptStatTracker(config.train.buffer_size, config.train.min_count) if running else None
         """DDPO's per-prompt reward buffers (``train.advantage: running``); ``None`` for group advantages."""
         if config.sampling.lora_in_window_only:
-            self.adapter.lora_min_timestep = window_end_timestep(self.adapter, config.sampling)
+            self.adapter.lora_min_timestep = window_end_timestep(self.adapter, config.sampling, kernel)
         self.evaluator = Evaluator.from_config(
             config, self.adapter, self.reward, self.run.output_dir, self.run.accelerator
         )
@@ -463,6 +578,7 @@ class GRPOTrainer:
             self.run.cache_text_embeddings(self.prompts, config.sampling, self.evaluator)
         self.run.snapshot_reference() if config.train.beta > 0 else None
         self._scorer = ThreadPoolExecutor(max_workers=1)
+        self._weight_tables: dict[StepPlan, Tensor] = {}
 
     # --- sampling ---------------------------------------------------------------------------------------------------
 
@@ -520,6 +636,93 @@ class GRPOTrainer:
         rewards = torch.cat([r[0] for r in results])
         parts = {name: torch.cat([r[1][name] for r in results]) for name in results[0][1]}
         return trajectory, rewards, parts, group_ids
+
+    def sample_branched_epoch(self, epoch: int) -> tuple[Trajectory, Tensor, dict[str, float], Tensor | None]:
+        """``branch_at`` / ``tree``: sample this process's main paths or trees, score the images and compute the
+        advantages, which are local (a path's children, a tree's nodes).
+
+        Returns:
+            ``(trajectory, advantages, stats, candidates)``: ``branch_at`` advantages are ``[rows, branch steps]``;
+            ``tree`` ones ``[edges]`` with ``candidates`` the edges pruning leaves to train (``None``: all).
+        """
+        sampling, seed = self.config.sampling, self.config.seed
+        group_indices = epoch_prompts(range(len(self.prompts)), sampling.prompts_per_epoch, seed, epoch)
+        per_prompt = 1 if sampling.plan == "tree" else sampling.images_per_prompt  # trees, or ODE paths
+        units = [i for i in group_indices for _ in range(per_prompt)]
+        local = self._local_slice(len(units))
+        units = units[local]
+        prompts = [self.prompts[i] for i in units]
+        seeds = epoch_image_seeds(seed, epoch, len(group_indices) * per_prompt)[local]
+        options = {
+            "guidance_scale": sampling.guidance_scale,
+            "negative_prompt": sampling.negative_prompt,
+            "seeds": seeds,
+            "chunk_size": sampling.batch_size,
+        }
+        if sampling.plan == "branch_at":
+            plan = build_plan(sampling, self.kernel, epoch, seed)
+            out = branch_rollout(self.adapter, prompts, plan, sampling.branch_children, **options)
+            per_image = len(plan.stored)
+            rows_units = [u for u in units for _ in range(sampling.branch_children)]
+            rewards, parts = self._score_images(out.images.flatten(0, 1), rows_units, per_image)
+            rewards = rewards.view(-1, per_image)
+            advantages = branch_advantages(rewards, out.path_ids)
+            trajectory, candidates = out.trajectory, None
+            calls = count_branch_calls(plan.num_steps, plan.stored, sampling.branch_children) * len(prompts)
+        else:
+            tree = build_tree_plan(sampling, self.kernel)
+            out = tree_rollout(self.adapter, prompts, tree, **options)
+            leaf_units = [u for u in units for _ in range(tree.num_leaves)]
+            rewards, parts = self._score_images(out.images, leaf_units, 1)
+            advantages, candidates = self.tree_edge_advantages(out, rewards, tree)
+            trajectory = out.trajectory
+            calls = count_tree_calls(tree) * len(prompts)
+        all_rewards = self.run.accelerator.gather(rewards.flatten().to(self.run.device)).cpu()
+        stats = {
+            "reward_mean": all_rewards.mean().item(),
+            "reward_std": all_rewards.std(unbiased=False).item(),
+            "rollout_denoiser_calls": float(calls),
+        }
+        for name, values in parts.items():
+            stats[f"reward/{name}"] = self.run.accelerator.gather(values.to(self.run.device)).mean().item()
+        clip = self.config.train.adv_clip_max
+        return trajectory, advantages.float().clamp(-clip, clip), stats, candidates
+
+    def tree_edge_advantages(self, out: TreeRollout, leaf_rewards: Tensor, tree: TreePlan) -> tuple[Tensor, Tensor]:
+        """BranchGRPO: fuse the leaf rewards up each tree, normalise per depth, give each edge its child's advantage,
+        and prune. Returns ``(advantages [E], kept edge indices [k])``."""
+        train = self.config.train
+        fused = fuse_tree_rewards(leaf_rewards, out.parents, out.leaves, train.tree_fusion, out.edge_log_probs)
+        node_advantages = tree_advantages(fused, out.depths, out.trees)
+        children = out.edge_children
+        last_split = tree.split_steps[-1]
+        keep = prune_tree_edges(
+            out.trajectory.row_steps[:, 0],
+            out.depths[children],
+            node_advantages[children],
+            out.ancestors_at(last_split + 1)[children],
+            last_split,
+            train.depth_pruning,
+            train.width_pruning,
+            train.width_pruning_ratio,
+        )
+        return node_advantages[children], torch.nonzero(keep).flatten()
+
+    def _score_images(self, images: Tensor, units: list[int], per_unit: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """Rewards ``[N]`` and parts of ``images`` ``[N, 3, H, W]``, image ``n`` of prompt index
+        ``units[n // per_unit]``, in chunks of ``sampling.batch_size``."""
+        indices = [u for u in units for _ in range(per_unit)]
+        size = self.config.sampling.batch_size
+        results = [
+            self._score(
+                images[i : i + size],
+                [self.prompts[u] for u in indices[i : i + size]],
+                [self.prompt_metadata[u] for u in indices[i : i + size]],
+            )
+            for i in range(0, len(indices), size)
+        ]
+        parts = {name: torch.cat([r[1][name] for r in results]) for name in results[0][1]}
+        return torch.cat([r[0] for r in results]), parts
 
     def epoch_plans(self, epoch: int, num_local_images: int) -> StepPlan | list[StepPlan]:
         """The epoch's step plan, or with ``window_draw: per_chunk`` one window plan per rollout chunk of this
@@ -599,8 +802,17 @@ class GRPOTrainer:
                 self.adapter, traj, positions, samples=samples, uncond_grad=train.cfg_uncond_grad
             )
         old = trajectory.log_probs[samples].gather(1, positions).to(log_probs.device)
-        log_ratio, weights = self._guarded_log_ratio(trajectory, samples, positions, log_probs, old, means, stds)
-        step_advantages = advantages[samples].to(log_probs.device).unsqueeze(1).expand_as(old)
+        steps = trajectory.steps_at(positions, samples)  # [b, k] plan step indices
+        log_ratio, weights = self._guarded_log_ratio(
+            trajectory, samples, positions, steps, log_probs, old, means, stds
+        )
+        if train.timestep_weighting == "noise_aware":
+            noise_weights = self._noise_aware_weights(trajectory)[steps].to(log_probs.device)
+            weights = noise_weights if weights is None else weights * noise_weights
+        if advantages.ndim == 2:  # per (sample, stored step): branched rollouts
+            step_advantages = advantages[samples].gather(1, positions).to(log_probs.device)
+        else:
+            step_advantages = advantages[samples].to(log_probs.device).unsqueeze(1).expand_as(old)
         loss, metrics = clipped_policy_loss(
             log_probs.flatten(),
             old.flatten(),
@@ -619,7 +831,7 @@ class GRPOTrainer:
                         ref_means[:, j],
                         stds[:, j],
                         convention=self.kl_convention,
-                        step_size=self._step_sizes(trajectory, positions[:, j]),
+                        step_size=self._step_sizes(trajectory, steps[:, j]),
                     ).mean()
                     for j in range(positions.shape[1])
                 ]
@@ -633,6 +845,7 @@ class GRPOTrainer:
         trajectory: Trajectory,
         samples: Tensor,
         positions: Tensor,
+        steps: Tensor,
         log_probs: Tensor,
         old: Tensor,
         means: Tensor,
@@ -653,17 +866,27 @@ class GRPOTrainer:
             log_probs.flatten(), old.flatten(), means.flatten(0, 1), old_means.flatten(0, 1), std.flatten()
         )
         # GRPO-Guard's reweighting: each step's loss over |dt|, so every step pulls with a comparable gradient.
-        return guarded.view_as(old), 1.0 / self._step_sizes(trajectory, positions).to(log_probs.device)
+        return guarded.view_as(old), 1.0 / self._step_sizes(trajectory, steps).to(log_probs.device)
 
     @staticmethod
-    def _step_sizes(trajectory: Trajectory, positions: Tensor) -> Tensor | float:
-        """``sigma - sigma_next`` of the steps at the stored ``positions`` (any shape, e.g. ``[b]`` or ``[b, k]``);
-        1.0 for DDIM schedules."""
+    def _step_sizes(trajectory: Trajectory, steps: Tensor) -> Tensor | float:
+        """``sigma - sigma_next`` of the plan ``steps`` (int64, any shape, e.g. ``[b]`` or ``[b, k]``); 1.0 for DDIM
+        schedules."""
         sigmas = trajectory.schedule.sigmas
         if sigmas is None:
             return 1.0
-        index = torch.tensor([trajectory.step_indices[p] for p in positions.flatten().tolist()], device=sigmas.device)
-        return (sigmas[index] - sigmas[index + 1]).float().view(positions.shape)
+        index = steps.flatten().to(sigmas.device)
+        return (sigmas[index] - sigmas[index + 1]).float().view(steps.shape)
+
+    def _noise_aware_weights(self, trajectory: Trajectory) -> Tensor:
+        """``[num_steps]`` TempFlow-GRPO's weight of each trained step of the trajectory's plan (0 elsewhere)."""
+        plan = trajectory.plan
+        if plan not in self._weight_tables:
+            weights = torch.zeros(plan.num_steps)
+            stds = step_stds(self.adapter, plan, trajectory.schedule, plan.trained)
+            weights[list(plan.trained)] = noise_aware_weights(stds)
+            self._weight_tables = {plan: weights}  # plans change with the epoch's window: keep the last one
+        return self._weight_tables[plan]
 
     def train_positions(self, trajectory: Trajectory, epoch: int) -> Tensor:
         """Each local sample's trained positions on the stored axis, int64 ``[N, n]``: the plan's trained steps
@@ -671,6 +894,8 @@ class GRPOTrainer:
         independent draw of ``n`` of the stored steps per sample (``sampling.train_steps``), seeded by (seed,
         epoch, process)."""
         num_samples = trajectory.log_probs.shape[0]
+        if trajectory.row_steps is not None:  # tree edges: one stored position each
+            return torch.zeros(num_samples, 1, dtype=torch.long)
         position_of = {step: position for position, step in enumerate(trajectory.step_indices)}
         if trajectory.trained_steps is not None:  # each chunk's own window
             return trajectory.trained_steps.clone().apply_(position_of.__getitem__)
@@ -694,25 +919,30 @@ class GRPOTrainer:
         guided = train.cfg and self.config.sampling.guidance_scale > 1 and not self.adapter.guidance_embedded
         return train.batch_size * (2 if guided else 1)
 
-    def kept_samples(self, advantages: Tensor) -> Tensor:
-        """Indices of the local samples trained this epoch, int64 ``[k]``: with ``train.filter_zero_advantage`` those
-        with a non-zero advantage, topped up with zero-advantage ones to the largest such count on any process.
+    def kept_samples(self, advantages: Tensor, candidates: Tensor | None = None) -> Tensor:
+        """Indices of the local samples trained this epoch, int64 ``[k]``: of ``candidates`` (default all; a tree's
+        unpruned edges), with ``train.filter_zero_advantage`` those with a non-zero advantage (at any stored step,
+        for ``[N, S]`` advantages), topped up with zero-advantage ones to the largest such count on any process.
 
         Every process must run the same number of micro-batches and optimizer steps, since their gradients are
         all-reduced together (a process with fewer would leave the others waiting); flow_grpo likewise re-admits
         filtered samples. A zero-advantage sample adds no policy gradient (only its KL term, when ``beta > 0``).
         """
-        index = torch.arange(advantages.shape[0])
+        index = torch.arange(advantages.shape[0]) if candidates is None else candidates
         if not self.config.train.filter_zero_advantage:
             return index
-        nonzero, zero = index[advantages != 0], index[advantages == 0]
+        informative = (advantages != 0) if advantages.ndim == 1 else (advantages != 0).any(dim=1)
+        nonzero, zero = index[informative[index]], index[~informative[index]]
         count = torch.tensor([nonzero.shape[0]], device=self.run.device)
         target = int(self.run.accelerator.gather(count).max())
         return torch.cat([nonzero, zero[: target - nonzero.shape[0]]]).sort().values
 
-    def train_epoch(self, trajectory: Trajectory, advantages: Tensor, epoch: int) -> dict[str, float]:
-        """Policy updates on one epoch's samples; returns the averaged metrics."""
-        keep = self.kept_samples(advantages)
+    def train_epoch(
+        self, trajectory: Trajectory, advantages: Tensor, epoch: int, candidates: Tensor | None = None
+    ) -> dict[str, float]:
+        """Policy updates on one epoch's samples (``candidates``: the rows that may train, default all); returns the
+        averaged metrics."""
+        keep = self.kept_samples(advantages, candidates)
         positions = self.train_positions(trajectory, epoch)  # [N, n]
         count_per_sample = positions.shape[1]
         chunk = self.rescore_chunk(count_per_sample)
@@ -751,12 +981,17 @@ class GRPOTrainer:
     def train_step(self, epoch: int) -> dict[str, float]:
         """One epoch: sample and score the groups, compute advantages, update the policy; returns its metrics."""
         began = time.perf_counter()
-        trajectory, rewards, parts, group_ids = self.sample_epoch(epoch)
-        sampled = time.perf_counter()
-        advantages, stats = self.advantages(rewards, group_ids, trajectory.prompts, parts)
-        for name, values in parts.items():
-            stats[f"reward/{name}"] = self.run.accelerator.gather(values.to(self.run.device)).mean().item()
-        metrics = {**stats, **self.train_epoch(trajectory, advantages, epoch)}
+        candidates = None
+        if self.config.sampling.plan in ("branch_at", "tree"):
+            trajectory, advantages, stats, candidates = self.sample_branched_epoch(epoch)
+            sampled = time.perf_counter()
+        else:
+            trajectory, rewards, parts, group_ids = self.sample_epoch(epoch)
+            sampled = time.perf_counter()
+            advantages, stats = self.advantages(rewards, group_ids, trajectory.prompts, parts)
+            for name, values in parts.items():
+                stats[f"reward/{name}"] = self.run.accelerator.gather(values.to(self.run.device)).mean().item()
+        metrics = {**stats, **self.train_epoch(trajectory, advantages, epoch, candidates)}
         metrics["time/sample_s"] = sampled - began
         metrics["time/epoch_s"] = time.perf_counter() - began
         return metrics
