@@ -458,12 +458,116 @@ def bench_grpo(
     return records
 
 
+# --- BranchGRPO: seconds per iteration against Flow-GRPO -----------------------------------------------------------
+
+BRANCH_SETTINGS: dict[str, dict[str, Any]] = {
+    "flow_grpo": {"sampling": {"plan": "sde"}},
+    "branchgrpo": {"sampling": {"plan": "tree"}},
+    "branchgrpo_width": {"sampling": {"plan": "tree"}, "train": {"width_pruning": "per_branch"}},
+    "branchgrpo_depth": {"sampling": {"plan": "tree"}, "train": {"depth_pruning": "last4"}},
+}
+"""The settings of :func:`bench_branch`: Flow-GRPO (every step but the last stochastic and trained), BranchGRPO's
+tree, and the tree with width pruning (per last-split branch, half kept) or depth pruning (the last four depths, as
+BranchGRPO's ``15,16,17,18`` of 20 steps)."""
+
+
+def bench_branch(
+    models: Sequence[str] = ("shapes", "sd3"),
+    num_steps: int = 20,
+    splits: Sequence[int] = (0, 3, 6, 9),
+    prompts_per_epoch: int = 2,
+    epochs: int = 4,
+    threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """BranchGRPO's seconds per iteration against Flow-GRPO's at the same final images (the tree's leaves, ``2 **
+    len(splits)`` per prompt), on the shapes model and/or tiny pipelines, with the same SDE kernel (noise 0.7) and
+    the redness reward; the first iteration is a warm-up, the table reports medians and each setting's ratio to
+    Flow-GRPO. The paper's claim: about -55% per iteration with pruning (FLUX, 8 GPUs)."""
+    from pathlib import Path
+
+    import torch
+
+    from diffalign.config import load_config
+    from diffalign.shapes.demo import BASE_MODEL, load_protocol
+    from diffalign.testing import save_tiny_pipeline
+    from diffalign.trainers.grpo import GRPOConfig, GRPOTrainer
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    leaves = 2 ** len(set(splits))
+    work = Path(tempfile.mkdtemp(prefix="diffalign-bench-branch-"))
+    records = []
+    for model in models:
+        folder = BASE_MODEL if model == "shapes" else save_tiny_pipeline(model, work / model)
+        resolution = load_protocol(BASE_MODEL)["resolution"] if model == "shapes" else 32
+        for name, setting in BRANCH_SETTINGS.items():
+            output = work / f"{model}-{name}"
+            raw = _grpo_raw(folder, output, num_steps, leaves, prompts_per_epoch, resolution, epochs)
+            raw["sampling"].update(setting["sampling"], tree_splits=list(splits), noise_level=0.7)
+            train = dict(setting.get("train", {}))
+            if train.get("depth_pruning") == "last4":
+                train["depth_pruning"] = list(range(num_steps - 5, num_steps - 1))
+            raw["train"].update(train)
+            trainer = GRPOTrainer(load_config(GRPOConfig, raw))
+            with _shapes_sampling(trainer.adapter, model == "shapes"):
+                trainer.train()
+            sample, epoch = _epoch_medians(output)
+            trained = _median_logged(output, "num_train_transitions")
+            records.append({"model": model, "setting": name, "sample_s": sample, "epoch_s": epoch, "trained": trained})
+    print(  # noqa: T201
+        f"GRPO iteration time at equal final images: {num_steps} steps, {prompts_per_epoch} prompts x {leaves} "
+        f"images, splits {list(splits)}, threads={torch.get_num_threads()}"
+    )
+    print(f"{'model':7} {'setting':17} {'trained':>8} {'sample s':>9} {'epoch s':>9} {'vs flow':>8}")  # noqa: T201
+    for record in records:
+        base = next(r for r in records if r["model"] == record["model"] and r["setting"] == "flow_grpo")
+        record["ratio"] = record["epoch_s"] / base["epoch_s"]
+        print(  # noqa: T201
+            f"{record['model']:7} {record['setting']:17} {record['trained']:8.0f} {record['sample_s']:9.3f} "
+            f"{record['epoch_s']:9.3f} {record['ratio']:8.2f}"
+        )
+    return records
+
+
+def _shapes_sampling(adapter: Any, shapes: bool) -> Any:
+    """The shapes model's repeated-context shortcut (exact, several times cheaper), or nothing."""
+    import contextlib
+
+    from diffalign.shapes.model import repeated_context_sampling
+
+    return repeated_context_sampling(adapter) if shapes else contextlib.nullcontext()
+
+
+def _median_logged(output: Any, key: str) -> float:
+    """Median of ``key`` over a run's logged epochs (the first, a warm-up, left out)."""
+    from pathlib import Path
+
+    lines = (Path(output) / "metrics.jsonl").read_text().splitlines()
+    return statistics.median(json.loads(line)[key] for line in lines[1:] if line.strip())
+
+
 # --- learning on the shapes world -------------------------------------------------------------------------------
 
-LEARN_METHODS = ("grpo", "dpo", "backprop")
+GRPO_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "grpo": {},
+    "tempflow": {
+        # TempFlow-GRPO: one ODE path per prompt, 4 children at each of the demo's two trained steps (32 images an
+        # epoch as the demo's 4 x 8; 70 denoiser calls a prompt against 80), noise-aware step weights.
+        "sampling": {"plan": "branch_at", "branch_steps": [0, 1], "branch_children": 4, "images_per_prompt": 1},
+        "train": {"timestep_weighting": "noise_aware"},
+    },
+    "branchgrpo": {
+        # BranchGRPO: a binary tree per prompt split at steps 0, 1, 2 (8 leaves, the demo's group size), SDE only on
+        # those steps (its "Mix" variant), 63 denoiser calls a prompt against 80.
+        "sampling": {"plan": "tree", "tree_splits": [0, 1, 2], "sde_steps": [0, 1, 2], "images_per_prompt": 8},
+    },
+}
+"""The GRPO methods of :func:`bench_learn`: the demo's recipe with these ``sampling`` / ``train`` keys replaced."""
+
+LEARN_METHODS = (*GRPO_VARIANTS, "dpo", "backprop")
 """Methods of :func:`bench_learn`."""
 
-LEARN_STEPS = {"grpo": 280, "dpo": 3000, "backprop": 450}
+LEARN_STEPS = {"grpo": 280, "tempflow": 280, "branchgrpo": 280, "dpo": 3000, "backprop": 450}
 """Default optimizer-step budgets of :func:`bench_learn`: what each method did in 10 minutes on the 2-core
 development CPU (the demo 273-314 epochs, DPO 2,930 steps, backprop 436 steps on one thread; benchmarks/RESULTS.md)."""
 
@@ -484,7 +588,8 @@ def bench_learn(
     :data:`LEARN_STEPS`, about 10 minutes on the 2-core development CPU) or ``minutes`` of wall clock.
 
     Args:
-        method: ``"grpo"`` (Flow-GRPO, the demo; one optimizer step an epoch), ``"dpo"`` (Diffusion-DPO on
+        method: ``"grpo"`` (Flow-GRPO, the demo; one optimizer step an epoch), ``"tempflow"`` / ``"branchgrpo"``
+            (TempFlow-GRPO / BranchGRPO on the demo's recipe, :data:`GRPO_VARIANTS`), ``"dpo"`` (Diffusion-DPO on
             verifier-ranked pairs, pair generation outside a steps budget, inside a minutes one) or
             ``"backprop"`` (DRaFT-K on the shapes CLIP score).
         minutes: wall-clock training budget (evaluation not counted); exclusive with ``steps``.
@@ -492,8 +597,8 @@ def bench_learn(
         seed: training seed (the evaluation prompts and seeds are fixed).
         threads: ``torch.set_num_threads`` for the run (restored after); default: leave it.
         steps: optimizer steps of training; exclusive with ``minutes``.
-        eval_every: dpo and backprop: also measure the held-out verifier every this many steps (the curve in
-            ``metrics.json``); 0 = only before and after.
+        eval_every: also measure the held-out verifier every this many steps (the curve in ``metrics.json``); 0 =
+            only before and after.
         early_stopping: dpo and backprop: stop when that measurement (on validation seeds) has not improved for
             this many evaluations, ending with the best one's weights; 0 = off.
 
@@ -502,17 +607,14 @@ def bench_learn(
         method's details. A summary is printed.
 
     Raises:
-        ValueError: an unknown method, both budgets, or ``eval_every`` with grpo.
+        ValueError: an unknown method, both budgets, or ``early_stopping`` with a GRPO method.
     """
     if method not in LEARN_METHODS:
         raise ValueError(f"unknown learning benchmark method {method!r}; choose from {', '.join(LEARN_METHODS)}")
     if minutes is not None and steps is not None:
         raise ValueError("give one budget: steps (the same work on any machine) or minutes, not both")
-    if (eval_every or early_stopping) and method == "grpo":
-        raise ValueError(
-            "eval_every and early_stopping apply to dpo and backprop; the grpo benchmark (the demo) measures "
-            "before/after"
-        )
+    if early_stopping and method in GRPO_VARIANTS:
+        raise ValueError("early_stopping applies to dpo and backprop; the GRPO benchmarks run their budget")
     if minutes is None and steps is None:
         steps = LEARN_STEPS[method]
     import torch
@@ -521,11 +623,13 @@ def bench_learn(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:
-        if method == "grpo":
+        if method in GRPO_VARIANTS:
             from diffalign.shapes.demo import format_summary, run_demo
 
             budget = {"max_steps": steps} if steps is not None else {}
-            metrics = {"method": "grpo", **run_demo(minutes=minutes, output=output, seed=seed, **budget)}
+            variant = GRPO_VARIANTS[method]
+            run = run_demo(minutes=minutes, output=output, seed=seed, eval_every=eval_every, **variant, **budget)
+            metrics = {"method": method, **run}
             print(format_summary(metrics, output))  # noqa: T201
             return metrics
         from diffalign.shapes.learn import learn_backprop, learn_dpo

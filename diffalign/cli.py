@@ -207,6 +207,16 @@ def _add_bench(sub, common) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.set_defaults(handler=cmd_bench_grpo)
     p = kinds.add_parser(
+        "branch", parents=[common], help="BranchGRPO vs Flow-GRPO seconds per iteration at the same final images"
+    )
+    p.add_argument("--models", nargs="+", default=["shapes", "sd3"], help="the shapes model and/or tiny families")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps per rollout (BranchGRPO: 20)")
+    p.add_argument("--splits", type=int, nargs="+", default=[0, 3, 6, 9], help="split steps (BranchGRPO: 0 3 6 9)")
+    p.add_argument("--prompts-per-epoch", type=int, default=2, help="trees (prompts) per iteration")
+    p.add_argument("--epochs", type=int, default=4, help="iterations per setting (the first is a warm-up)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.set_defaults(handler=cmd_bench_branch)
+    p = kinds.add_parser(
         "learn", parents=[common], help="learning benchmark on the shapes world: held-out accuracy before/after"
     )
     p.add_argument("--method", required=True, choices=LEARN_METHODS, help="the trainer to benchmark")
@@ -585,13 +595,29 @@ def cmd_bench_grpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_branch(args: argparse.Namespace) -> int:
+    _check_positive(steps=args.steps, epochs=args.epochs, prompts_per_epoch=args.prompts_per_epoch)
+    bench = _lazy("diffalign.bench", "bench_branch", "diffalign bench branch")
+    bench(
+        models=args.models,
+        num_steps=args.steps,
+        splits=args.splits,
+        prompts_per_epoch=args.prompts_per_epoch,
+        epochs=args.epochs,
+        threads=args.threads,
+    )
+    return 0
+
+
 def cmd_bench_learn(args: argparse.Namespace) -> int:
     if args.minutes is not None and args.minutes <= 0:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     if args.eval_every < 0:
         raise UsageError(f"--eval-every must be >= 0, got {args.eval_every}")
-    if (args.eval_every or args.early_stopping) and args.method == "grpo":
-        raise UsageError("--eval-every and --early-stopping apply to dpo and backprop; the grpo benchmark is the demo")
+    from diffalign.bench import GRPO_VARIANTS
+
+    if args.early_stopping and args.method in GRPO_VARIANTS:
+        raise UsageError("--early-stopping applies to dpo and backprop; the GRPO benchmarks run their whole budget")
     if args.early_stopping < 0 or (args.early_stopping and not args.eval_every):
         raise UsageError("--early-stopping needs a patience >= 1 and --eval-every N")
     _check_positive(threads=args.threads, steps=args.steps)

@@ -218,6 +218,9 @@ def run_demo(
     eval_seeds: tuple[int, ...] = EVAL_SEEDS,
     unseen_seeds: tuple[int, ...] = UNSEEN_SEEDS,
     max_steps: int = 10_000,
+    sampling: dict[str, Any] | None = None,
+    train: dict[str, Any] | None = None,
+    eval_every: int = 0,
 ) -> dict[str, Any]:
     """Run the demo and return its metrics (also written to ``<output>/metrics.json``).
 
@@ -232,6 +235,11 @@ def run_demo(
         eval_seeds: one ODE image per aligned prompt and seed, before and after.
         unseen_seeds: the same for the unseen prompts.
         max_steps: epochs at most: the budget when ``minutes`` is None, else a cap.
+        sampling: keys of the recipe's ``sampling`` group to replace (another GRPO variant on the same budget, e.g.
+            ``{"plan": "tree", ...}``; :data:`diffalign.bench.GRPO_VARIANTS`).
+        train: keys of the recipe's ``train`` group to replace.
+        eval_every: also measure the aligned prompts at ``eval_seeds`` every this many epochs (the held-out curve,
+            ``curve`` in ``metrics.json``); 0 = only before and after.
     """
     from diffalign.trainers.grpo import GRPOConfig, GRPOTrainer
 
@@ -243,10 +251,22 @@ def run_demo(
         )
     output = Path(output)
     aligned, unseen = demo_prompts(num_prompts, num_unseen)
-    config = load_config(GRPOConfig, demo_config(model, output, minutes, seed, aligned, max_steps))
+    raw = demo_config(model, output, minutes, seed, aligned, max_steps)
+    raw["sampling"].update(sampling or {})
+    raw["train"].update(train or {})
+    protocol = load_protocol(model)
+    if eval_every:
+        raw["eval"] = {
+            "every": eval_every,
+            "prompts": aligned,
+            "seeds": list(eval_seeds),
+            "num_steps": protocol["num_steps"],
+            "guidance_scale": protocol["guidance_scale"],
+            "batch_size": 64,
+        }
+    config = load_config(GRPOConfig, raw)
     (output / "metrics.json").unlink(missing_ok=True)  # the previous demo's summary (overwrite clears the rest)
     trainer = GRPOTrainer(config)
-    protocol = load_protocol(model)
 
     def evaluator(prompts: list[str], seeds: tuple[int, ...]) -> Evaluator:
         steps, guidance = protocol["num_steps"], protocol["guidance_scale"]
@@ -267,6 +287,7 @@ def run_demo(
         **results["aligned"],
         "unseen": results["unseen"],
         "epochs": len(_train_records(output)),
+        **_timing(output),
         "minutes": (time.monotonic() - started) / 60,
         "eval": {
             "prompts": len(aligned),
@@ -279,6 +300,22 @@ def run_demo(
     }
     _write_outputs(output, evaluators["aligned"], before["aligned"], after["aligned"], metrics)
     return metrics
+
+
+def _timing(output: Path) -> dict[str, Any]:
+    """Median seconds per epoch and rollout denoiser calls per epoch (when logged), and the held-out curve."""
+    from diffalign.shapes.learn import heldout_curve
+
+    records = _train_records(output)
+    seconds = sorted(r["time/epoch_s"] for r in records if "time/epoch_s" in r)
+    calls = [r["rollout_denoiser_calls"] for r in records if "rollout_denoiser_calls" in r]
+    timing: dict[str, Any] = {"seconds_per_epoch": seconds[len(seconds) // 2] if seconds else None}
+    if calls:
+        timing["rollout_denoiser_calls_per_epoch"] = calls[0]
+    curve = heldout_curve(output / "metrics.jsonl")
+    if curve:
+        timing["curve"] = curve
+    return timing
 
 
 def compare(before: dict[str, float], after: dict[str, float]) -> dict[str, dict[str, float]]:

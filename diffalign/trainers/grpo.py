@@ -973,8 +973,13 @@ class GRPOTrainer:
                     optimizer_metrics = self.run.optimizer_step(step=epoch)
         averaged = {key: value / max(count, 1) for key, value in totals.items()}
         # Each process's means and sample count, over all processes (the optimizer's metrics are global already).
-        local = {**averaged, "num_train_samples": float(keep.shape[0])}
-        return {**self.run.reduce_metrics(local, sums=("num_train_samples",)), **optimizer_metrics}
+        local = {
+            **averaged,
+            "num_train_samples": float(keep.shape[0]),
+            "num_train_transitions": float(keep.shape[0] * count_per_sample),
+        }
+        sums = ("num_train_samples", "num_train_transitions")
+        return {**self.run.reduce_metrics(local, sums=sums), **optimizer_metrics}
 
     # --- the loop ---------------------------------------------------------------------------------------------------
 
@@ -991,6 +996,7 @@ class GRPOTrainer:
             advantages, stats = self.advantages(rewards, group_ids, trajectory.prompts, parts)
             for name, values in parts.items():
                 stats[f"reward/{name}"] = self.run.accelerator.gather(values.to(self.run.device)).mean().item()
+            stats["rollout_denoiser_calls"] = float(trajectory.plan.num_steps * len(trajectory))
         metrics = {**stats, **self.train_epoch(trajectory, advantages, epoch, candidates)}
         metrics["time/sample_s"] = sampled - began
         metrics["time/epoch_s"] = time.perf_counter() - began
