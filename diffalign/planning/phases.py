@@ -350,8 +350,9 @@ def _resolution(s: PlanInputs) -> int | None:
 def _grpo_geometry(s: PlanInputs) -> dict[str, int]:
     """Local images, stored and trained steps per sample, and re-scoring rows of one GRPO epoch (as
     ``GRPOTrainer.sample_epoch``, ``epoch_plans`` and ``rescore_chunk`` compute them)."""
+    from diffalign.samplers.branching import count_tree_edges
     from diffalign.samplers.plan import union_plan
-    from diffalign.trainers.grpo import build_plan
+    from diffalign.trainers.grpo import build_plan, build_tree_plan
 
     config = s.config
     sampling, train = config.sampling, config.train
@@ -361,6 +362,13 @@ def _grpo_geometry(s: PlanInputs) -> dict[str, int]:
     keys = [(0, c) for c in range(chunks)] if sampling.plan == "window" and sampling.window_draw == "per_chunk" else []
     plans = [build_plan(sampling, kernel, 0, config.seed, key) for key in keys or [()]]
     stored, trained = len(union_plan(plans).stored), len(plans[0].trained)
+    if sampling.plan == "branch_at":  # rows: (seed, child), one stored transition per branch step
+        local *= sampling.branch_children
+    elif sampling.plan == "tree":  # rows: a tree's stochastic edges, one transition each
+        local = math.ceil(sampling.prompts_per_epoch / s.settings.gpus) * count_tree_edges(
+            build_tree_plan(sampling, kernel)
+        )
+        stored = trained = 1
     rows_per_step = train.batch_size * (2 if train.cfg and _guided(s, sampling.guidance_scale) == 2 else 1)
     if train.timestep_chunk == "auto":
         chunk = max(1, min(trained, train.max_rescore_rows // rows_per_step))

@@ -46,6 +46,7 @@ __all__ = [
     "branch_rollout",
     "count_branch_calls",
     "count_tree_calls",
+    "count_tree_edges",
     "tree_plan",
     "tree_rollout",
 ]
@@ -154,6 +155,16 @@ def count_tree_calls(tree: TreePlan) -> int:
         calls += live
         live *= tree.branching if i in tree.split_steps else 1
     return calls
+
+
+def count_tree_edges(tree: TreePlan) -> int:
+    """Stochastic edges of one tree, its training transitions: 202 for BranchGRPO's 20-step tree split at 0, 3, 6, 9
+    (its own stochastic last step adds 16 more)."""
+    edges, live = 0, 1
+    for i in range(tree.plan.num_steps):
+        live *= tree.branching if i in tree.split_steps else 1
+        edges += live if tree.plan.noise_levels[i] > 0 else 0
+    return edges
 
 
 # --- shared pieces ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from diffalign.samplers.branching import (
     branch_rollout,
     count_branch_calls,
     count_tree_calls,
+    count_tree_edges,
     tree_plan,
     tree_rollout,
 )
@@ -54,7 +55,10 @@ def test_denoiser_call_counts_match_the_papers_settings():
     # TempFlow-GRPO SD3.5: 10 steps, 6 children at steps 0..8 -> 9 main-path calls + 6 * 45 completions.
     assert count_branch_calls(10, range(9), 6) == 279
     # BranchGRPO: 20 steps, binary splits at 0, 3, 6, 9 -> 1 + 2*3 + 4*3 + 8*3 + 16*10 = 203 (vs 16 * 20 = 320).
-    assert count_tree_calls(tree_plan(20, 0.3, [0, 3, 6, 9], kernel="const")) == 203
+    tree = tree_plan(20, 0.3, [0, 3, 6, 9], kernel="const")
+    assert count_tree_calls(tree) == 203
+    # Edges: 2 + 2 + 2 + 4 + 4 + 4 + 8 + 8 + 8 + 16 x 10 stochastic steps (the last, ODE, is not an edge) = 202.
+    assert count_tree_edges(tree) == 202
 
 
 # --- TempFlow-GRPO rollout -------------------------------------------------------------------------------------------
