@@ -507,7 +507,8 @@ def bench_branch(
             train = dict(setting.get("train", {}))
             if train.get("depth_pruning") == "last4":
                 train["depth_pruning"] = list(range(num_steps - 5, num_steps - 1))
-            raw["train"].update(train)
+            # One tree's leaves (or group) per micro-batch, all of its re-scored steps within the row budget.
+            raw["train"].update(train, batch_size=leaves, max_rescore_rows=2 * leaves)
             trainer = GRPOTrainer(load_config(GRPOConfig, raw))
             with _shapes_sampling(trainer.adapter, model == "shapes"):
                 trainer.train()

@@ -476,8 +476,9 @@ def test_grpo_guard_as_published(tiny_pipeline_dir, tmp_path):
     with torch.no_grad():  # move the LoRA off the rollout policy
         for param in trainer.run.params:
             param.add_(0.05 * torch.randn_like(param))
+    steps = trajectory.steps_at(positions, samples)
     log_ratio, weights = trainer._guarded_log_ratio(
-        trajectory, samples, positions, *_current(trainer, trajectory, samples, positions)
+        trajectory, samples, positions, steps, *_current(trainer, trajectory, samples, positions)
     )
     with torch.no_grad():
         _, means, stds = transition_log_probs(trainer.adapter, trajectory, positions, samples=samples)
@@ -513,8 +514,9 @@ def test_recenter_guard_and_its_refusals(tiny_pipeline_dir, tmp_path):
     with torch.no_grad():
         for param in trainer.run.params:
             param.add_(0.05 * torch.randn_like(param))
+    steps = trajectory.steps_at(positions, samples)
     log_ratio, weights = trainer._guarded_log_ratio(
-        trajectory, samples, positions, *_current(trainer, trajectory, samples, positions)
+        trajectory, samples, positions, steps, *_current(trainer, trajectory, samples, positions)
     )
     assert weights is None
     torch.testing.assert_close(log_ratio.mean(dim=0), torch.zeros(positions.shape[1]), atol=1e-7, rtol=0)
