@@ -1983,6 +1983,285 @@ def _(dpo, dpo_config):
     assert len(trainer.adapter.text_cache) == 3 and not trainer.adapter.text_cache.missing([*PROMPTS, ""], None, False)
 
 
+# --- backprop: Direct-Align / SRPO and ImageReFL (issue 23, items 3 and 4) -----------------------------------------
+
+DIRECT_ALIGN = {"backprop.mode": "direct_align"}
+
+
+def direct_align_scores(trainer, step=0):
+    """SRP / plain rewards of fixed images (redness ignores the prompt) for the draw m = 673 of both branches."""
+    images = torch.stack([torch.full((3, 4, 4), v) for v in (0.2, 0.9)])
+    images[:, 1:] = 0.1
+    levels = [trainer.direct_align_levels_of(673, b) for b in ("denoise", "inversion")]
+    levels = levels if trainer.config.backprop.direct_align_inversion else levels[:1]
+    images = images.repeat(len(levels), 1, 1, 1)  # branch-major
+    return trainer.direct_align_rewards(images, PROMPTS, [{}, {}], levels, step), redness(images)
+
+
+@probe("backprop", "backprop.direct_align_schedule_steps")
+def _(backprop_with):
+    fifty = backprop_with(DIRECT_ALIGN)
+    twenty = backprop_with(
+        {**DIRECT_ALIGN, "backprop.direct_align_schedule_steps": 20, "backprop.direct_align_step_range": [5, 15]}
+    )
+    timesteps = fifty.adapter.set_timesteps(20).timesteps.float()
+    assert twenty.direct_align_grid()[0].item() == pytest.approx(timesteps[5].item())  # sd15: a timestep grid
+    assert differ(fifty.direct_align_grid(), twenty.direct_align_grid())
+
+
+@probe("backprop", "backprop.direct_align_step_range")
+def _(backprop_with):
+    trainer = backprop_with({**DIRECT_ALIGN, "backprop.direct_align_step_range": [10, 40]})
+    timesteps = trainer.adapter.set_timesteps(50).timesteps.float()
+    grid = trainer.direct_align_grid()
+    assert (grid[0].item(), grid[-1].item()) == pytest.approx((timesteps[10].item(), timesteps[40].item()))
+    assert backprop_with(DIRECT_ALIGN).direct_align_grid()[0].item() == pytest.approx(timesteps[5].item())
+
+
+@probe("backprop", "backprop.direct_align_grid_size")
+def _(backprop_with):
+    assert backprop_with(DIRECT_ALIGN).direct_align_grid().shape == (1000,)
+    small = backprop_with({**DIRECT_ALIGN, "backprop.direct_align_grid_size": 20, "backprop.direct_align_offset": 5})
+    assert small.direct_align_grid().shape == (20,) and {small.direct_align_index(s, 0) for s in range(30)} <= set(
+        range(5, 16)
+    )
+
+
+@probe("backprop", "backprop.direct_align_offset")
+def _(backprop_with):
+    assert backprop_with(DIRECT_ALIGN).direct_align_levels_of(500, "denoise").inject == 400
+    near = backprop_with({**DIRECT_ALIGN, "backprop.direct_align_offset": 30})
+    assert near.direct_align_levels_of(500, "denoise").inject == 470
+
+
+@probe("backprop", "backprop.direct_align_inversion")
+def _(backprop_with, monkeypatch):
+    sizes = []
+    for inversion in (True, False):
+        trainer = backprop_with({**DIRECT_ALIGN, "backprop.direct_align_inversion": inversion})
+        monkeypatch.setattr(trainer, "_decode", lambda latents: latents)
+        with torch.no_grad(), spy(trainer.adapter.denoiser) as calls:
+            trainer.direct_align_images(*trainer.micro_batch_prompts(0, 0), m=300)
+        sizes.append(calls.batch_sizes[-1])
+    assert sizes == [8, 4]  # 2 branches x 2 images x CFG, or the denoise branch alone
+
+
+@probe("backprop", "backprop.srp")
+def _(backprop_with):
+    (srp, metrics), rewards = direct_align_scores(backprop_with(DIRECT_ALIGN))
+    plain_values = {**DIRECT_ALIGN, "backprop.srp": False, "backprop.direct_align_inversion": False}
+    (plain, _), plain_rewards = direct_align_scores(backprop_with(plain_values))
+    torch.testing.assert_close(plain, plain_rewards)
+    torch.testing.assert_close(srp[:2], metrics["srp_discount"] * rewards[:2])  # (1 + k) s - s with equal scores
+
+
+def scored_prompts(trainer, monkeypatch):
+    seen = []
+    score = trainer.reward.score
+    monkeypatch.setattr(
+        trainer.reward, "score", lambda images, prompts, **kw: seen.append(prompts) or score(images, prompts)
+    )
+    direct_align_scores(trainer, step=1)
+    return seen
+
+
+@probe("backprop", "backprop.srp_positive_words")
+def _(backprop_with, monkeypatch):
+    default = scored_prompts(backprop_with(DIRECT_ALIGN), monkeypatch)
+    custom = scored_prompts(backprop_with({**DIRECT_ALIGN, "backprop.srp_positive_words": ["Sharp"]}), monkeypatch)
+    assert default[0][0] == f"Detail. {PROMPTS[0]}" and custom[0][0] == f"Sharp. {PROMPTS[0]}"
+
+
+@probe("backprop", "backprop.srp_negative_words")
+def _(backprop_with, monkeypatch):
+    default = scored_prompts(backprop_with(DIRECT_ALIGN), monkeypatch)
+    custom = scored_prompts(backprop_with({**DIRECT_ALIGN, "backprop.srp_negative_words": ["Blurry"]}), monkeypatch)
+    assert default[1][0] == f"Painting. {PROMPTS[0]}" and custom[1][0] == f"Blurry. {PROMPTS[0]}"
+
+
+@probe("backprop", "backprop.srp_discount")
+def _(backprop_with):
+    (_, default), _ = direct_align_scores(backprop_with(DIRECT_ALIGN))
+    (_, flat), _ = direct_align_scores(backprop_with({**DIRECT_ALIGN, "backprop.srp_discount": [0.5, 0.5]}))
+    assert default["srp_discount"] == pytest.approx(0.1 + 0.15 * 673 / 999) and flat["srp_discount"] == 0.5
+
+
+@probe("backprop", "backprop.srp_inversion_discount")
+def _(backprop_with):
+    (_, default), _ = direct_align_scores(backprop_with(DIRECT_ALIGN))
+    (_, flat), _ = direct_align_scores(backprop_with({**DIRECT_ALIGN, "backprop.srp_inversion_discount": [0.0, 0.0]}))
+    assert (
+        default["srp_inversion_discount"] == pytest.approx(0.3 - 0.29 * 573 / 999)
+        and flat["srp_inversion_discount"] == 0
+    )
+
+
+@pytest.fixture(scope="module")
+def real_pairs_file(folders):
+    """Two 8x8 PNGs (red, blue) and their captions as a JSONL of ``{"prompt", "image"}`` records."""
+    from PIL import Image
+
+    folder = folders("real_images")
+    for name, colour in (("red", (220, 0, 0)), ("blue", (0, 0, 220))):
+        Image.new("RGB", (8, 8), colour).save(folder / f"{name}.png")
+    path = folder / "pairs.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": f"a {n} tile", "image": f"{n}.png"}) + "\n" for n in ("red", "blue"))
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_refl_values(real_pairs_file):
+    return {
+        "backprop.mode": "image_refl",
+        "sampling.real_images": str(real_pairs_file),
+        "backprop.refl_step_range": [3, 3],
+    }
+
+
+@probe("backprop", "sampling.real_images")
+def _(backprop, backprop_with, image_refl_values):
+    assert backprop.real_pairs == []
+    trainer = backprop_with(image_refl_values)
+    assert [caption for caption, _ in trainer.real_pairs] == ["a red tile", "a blue tile"]
+    assert set(trainer.real_batch(0, 0)[0]) <= {"a red tile", "a blue tile"}
+
+
+@probe("backprop", "backprop.image_refl_start")
+def _(backprop_with, image_refl_values):
+    counts = []
+    for start in (None, 1):
+        trainer = backprop_with({**image_refl_values, "backprop.image_refl_start": start})
+        captions, files = trainer.real_batch(0, 0)
+        with torch.no_grad(), spy(trainer.adapter.denoiser) as calls:
+            trainer.image_refl_images(captions, files, [0, 1], 3, 0, 0)
+        counts.append(calls.calls)
+    assert counts == [2, 4]  # start = mid = 3: no step before the grad call; start 1: steps 1 and 2 too
+
+
+@probe("backprop", "backprop.image_refl_mse_weight")
+def _(backprop_with, image_refl_values, monkeypatch):
+    losses = []
+    for weight in (0.01, 1.0):
+        trainer = backprop_with({**image_refl_values, "backprop.image_refl_mse_weight": weight})
+        monkeypatch.setattr(trainer, "image_refl_images", lambda *args: (torch.ones(2, 3, 4, 4), torch.tensor(3.0)))
+        losses.append(trainer.micro_batch_loss(0, 0)[0].item())
+    assert losses == pytest.approx([0.01 * 3.0, 1.0 * 3.0])  # redness 0: the regulariser alone
+
+
+@probe("backprop", "backprop.image_refl_plain_every")
+def _(backprop_with, image_refl_values):
+    assert not any(backprop_with(image_refl_values).is_plain_refl(step, 0) for step in range(6))
+    every = backprop_with({**image_refl_values, "backprop.image_refl_plain_every": 3})
+    assert [every.is_plain_refl(step, 0) for step in range(6)] == [False, False, True, False, False, True]
+
+
+@probe("backprop", "backprop.switch_step")
+def _(backprop, backprop_with):
+    assert backprop.adapter.lora_max_timestep is None
+    try:
+        backprop_with({"backprop.switch_step": 1})
+        assert backprop.adapter.lora_max_timestep == float(backprop.adapter.set_timesteps(4).timesteps[1])
+    finally:
+        backprop.adapter.lora_max_timestep = None  # the adapter is shared by the backprop probes
+
+
+BRANCH = {"sampling.plan": "branch_at", "sampling.images_per_prompt": 1, "sampling.branch_children": 2}
+TREE = {"sampling.plan": "tree", "sampling.images_per_prompt": 4, "sampling.tree_splits": [0, 1]}
+
+
+def branched(grpo_with, values):
+    """``(trainer, trajectory, advantages, candidates)`` of epoch 0 of a ``branch_at`` / ``tree`` trainer."""
+    trainer = grpo_with(values)
+    trajectory, advantages, _, candidates = trainer.sample_branched_epoch(0)
+    return trainer, trajectory, advantages, candidates
+
+
+@probe("grpo", "sampling.branch_steps")
+def _(grpo_with):
+    assert branched(grpo_with, {**BRANCH, "sampling.branch_steps": [1]})[1].step_indices == (1,)
+    assert branched(grpo_with, BRANCH)[1].step_indices == (0, 1)  # default: every step but the last
+
+
+@probe("grpo", "sampling.branch_children")
+def _(grpo_with):
+    for children in (2, 3):
+        _, trajectory, _, _ = branched(grpo_with, {**BRANCH, "sampling.branch_children": children})
+        assert trajectory.log_probs.shape == (2 * children, 2)  # 2 prompts x 1 seed x children, 2 branch steps
+
+
+@probe("grpo", "sampling.tree_splits")
+def _(grpo_with):
+    # Per tree: steps 0 and 1 split (2 + 4 edges); the last step is ODE.
+    assert branched(grpo_with, TREE)[1].row_steps.flatten().tolist() == [0] * 4 + [1] * 8
+    one_split = {**TREE, "sampling.tree_splits": [1], "sampling.images_per_prompt": 2}
+    assert branched(grpo_with, one_split)[1].row_steps.flatten().tolist() == [0] * 2 + [1] * 4
+
+
+@probe("grpo", "sampling.tree_branching")
+def _(grpo_with):
+    three = {**TREE, "sampling.tree_splits": [0], "sampling.tree_branching": 3, "sampling.images_per_prompt": 3}
+    assert len(branched(grpo_with, three)[1]) == 2 * (3 + 3)  # 3 children at step 0, one more edge each at step 1
+
+
+@probe("grpo", "sampling.tree_split_noise_scale")
+def _(grpo_with):
+    for scale in (1.0, 3.0):
+        plan = branched(grpo_with, {**TREE, "sampling.tree_split_noise_scale": scale})[1].plan
+        assert plan.noise_levels[:2] == pytest.approx((0.7 * scale, 0.7 * scale))
+
+
+@probe("grpo", "sampling.sde_steps")
+def _(grpo_with):
+    split_only = {**TREE, "sampling.tree_splits": [0], "sampling.images_per_prompt": 2}
+    assert set(branched(grpo_with, split_only)[1].row_steps.flatten().tolist()) == {0, 1}
+    steps = branched(grpo_with, {**split_only, "sampling.sde_steps": []})[1].row_steps.flatten().tolist()
+    assert steps == [0] * 4  # only the split is stochastic: step 1 is an ODE step, not an edge
+
+
+@probe("grpo", "train.timestep_weighting")
+def _(grpo_with):
+    losses = {}
+    for weighting in ("none", "noise_aware"):
+        trainer, trajectory, _, _ = branched(grpo_with, {**BRANCH, "train.timestep_weighting": weighting})
+        advantages = torch.tensor([[1.0, 2.0]]).expand(len(trajectory), 2)
+        losses[weighting] = step_loss(trainer, trajectory, advantages)[0].item()
+    assert losses["none"] == pytest.approx(-1.5, abs=1e-4)  # -mean(A) at ratio 1
+    assert abs(losses["noise_aware"] + 1.5) > 1e-3  # the two steps weigh differently
+
+
+@probe("grpo", "train.tree_fusion")
+def _(grpo_with):
+    # Three children per split: the three depth-1 nodes of a tree fuse their three leaves by mean or by softmax of
+    # the edges' log-probs (with two nodes a depth's advantages are +-1/sqrt(2) whatever the rewards).
+    ternary = {**TREE, "sampling.tree_branching": 3, "sampling.images_per_prompt": 9}
+    mean = branched(grpo_with, ternary)[2]
+    weighted = branched(grpo_with, {**ternary, "train.tree_fusion": "prob_weighted"})[2]
+    assert differ(mean, weighted)
+
+
+@probe("grpo", "train.depth_pruning")
+def _(grpo_with):
+    _, trajectory, _, kept = branched(grpo_with, {**TREE, "train.depth_pruning": [2]})
+    assert set(trajectory.row_steps[kept, 0].tolist()) == {0}  # the edges into depth 2 (made at step 1) are pruned
+
+
+WIDTH = {**TREE, "sampling.tree_splits": [0], "sampling.images_per_prompt": 2}
+
+
+@probe("grpo", "train.width_pruning")
+def _(grpo_with):
+    assert len(branched(grpo_with, WIDTH)[3]) == 8  # 4 split edges + 4 late edges (step 1)
+    assert len(branched(grpo_with, {**WIDTH, "train.width_pruning": "extremes"})[3]) == 4 + 2
+
+
+@probe("grpo", "train.width_pruning_ratio")
+def _(grpo_with):
+    extremes = {**WIDTH, "train.width_pruning": "extremes", "train.width_pruning_ratio": 1.0}
+    assert len(branched(grpo_with, extremes)[3]) == 8  # max(2, int(4 x 1.0)) of the 4 late edges
+
+
 # ==================================================================================================================
 # The walk
 # ==================================================================================================================

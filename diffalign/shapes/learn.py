@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ __all__ = [
     "heldout_curve",
     "learn_backprop",
     "learn_dpo",
+    "render_real_pairs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -520,9 +522,16 @@ def learn_backprop(
     refl_step_range: tuple[int, int] | None = None,
     gradient_checkpointing: bool = True,
     reward: str = "shapes_clip",
+    backprop_options: dict[str, Any] | None = None,
+    real_images_per_prompt: int = 16,
     **settings: Any,
 ) -> dict[str, Any]:
     """Reward backprop (DRaFT-K) of the shapes CLIP score; the demo's verifier measurements before and after.
+
+    ``mode="direct_align"`` runs Direct-Align (plain, without SRPO's control words, which mean nothing to the shapes
+    CLIP: :data:`DIRECT_ALIGN_OPTIONS`); ``mode="image_refl"`` runs ImageReFL on real pairs rendered by the shapes
+    renderer (``real_images_per_prompt`` scenes of each training prompt: :func:`render_real_pairs`;
+    :data:`IMAGE_REFL_OPTIONS`). ``backprop_options`` overrides any ``backprop`` key.
 
     Args:
         minutes: the training budget (evaluation not counted); ``None``: ``max_steps`` optimizer steps.
@@ -534,9 +543,12 @@ def learn_backprop(
         batch_size: images per optimizer step.
         guidance_scale: CFG while training (default: the evaluation protocol's).
         mode: ``draft_k`` or another :class:`~diffalign.trainers.reward_backprop.BackpropConfig` mode.
-        refl_step_range: ``mode="refl"``: the inclusive range of the one step with grad (null: the last quarter).
+        refl_step_range: ``mode="refl"`` / ``"image_refl"``: the inclusive range of the one step with grad (null: the
+            last quarter; ``image_refl``: :data:`IMAGE_REFL_OPTIONS`).
         gradient_checkpointing: recompute each grad step's activations in backward (less memory, slower).
         reward: the differentiable reward (default ``"shapes_clip"``).
+        backprop_options: more ``backprop`` keys, over the mode's defaults.
+        real_images_per_prompt: ``image_refl``: rendered real scenes per training prompt.
         **settings: the settings every runner takes, see :class:`LearnSettings` (``model``, ``prompts``,
             ``unseen_prompts``, ``eval_seeds``, ``unseen_seeds``, ``max_steps``, ``lora_rank``, ``ema_decay``,
             ``eval_every``).
@@ -546,23 +558,33 @@ def learn_backprop(
     """
     from diffalign.trainers.reward_backprop import RewardBackpropConfig, RewardBackpropTrainer
 
-    bench = _Bench("backprop", minutes, output, seed, LearnSettings(**settings))
+    bench = _Bench(BENCH_NAMES.get(mode, "backprop"), minutes, output, seed, LearnSettings(**settings))
     before = bench.evaluate(bench.load_base())
     guidance = bench.protocol["guidance_scale"] if guidance_scale is None else guidance_scale
     raw = bench.config(minutes, lr)
+    backprop = {"mode": mode, "k": min(k, num_steps), "loss": "negative", "refl_step_range": refl_step_range}
+    backprop.update(MODE_OPTIONS.get(mode, {}))
+    if refl_step_range is not None:
+        backprop["refl_step_range"] = refl_step_range
+    backprop.update(backprop_options or {})
+    sampling = {
+        "prompts": bench.prompts,
+        "num_steps": num_steps,
+        "guidance_scale": guidance,
+        "eta": 0.0,  # the Euler ODE, as the evaluation samples
+        "batch_size": batch_size,
+        "resolution": bench.protocol["resolution"],
+    }
+    if mode == "image_refl":
+        sampling["real_images"] = str(
+            render_real_pairs(bench.prompts, real_images_per_prompt, bench.output / "real_images", seed=seed)
+        )
     raw.update(
         method="reward_backprop",
         reward=reward,
         gradient_checkpointing=gradient_checkpointing,
-        sampling={
-            "prompts": bench.prompts,
-            "num_steps": num_steps,
-            "guidance_scale": guidance,
-            "eta": 0.0,  # the Euler ODE, as the evaluation samples
-            "batch_size": batch_size,
-            "resolution": bench.protocol["resolution"],
-        },
-        backprop={"mode": mode, "k": min(k, num_steps), "loss": "negative", "refl_step_range": refl_step_range},
+        sampling=sampling,
+        backprop=backprop,
     )
     trainer = RewardBackpropTrainer(load_config(RewardBackpropConfig, raw))
     return bench.run(
@@ -571,7 +593,8 @@ def learn_backprop(
         train={
             "reward": reward,
             "mode": mode,
-            "refl_step_range": refl_step_range,
+            "refl_step_range": backprop["refl_step_range"],
+            "backprop_options": {key: v for key, v in backprop.items() if key not in ("mode", "k", "refl_step_range")},
             "num_steps": num_steps,
             "k": min(k, num_steps),
             "lr": lr,
@@ -582,6 +605,44 @@ def learn_backprop(
             "ema_decay": bench.settings.ema_decay,
         },
     )
+
+
+DIRECT_ALIGN_OPTIONS: dict[str, Any] = {"srp": False, "direct_align_inversion": False}
+"""Direct-Align on the shapes world: plain (no SRP; the inversion branch needs it), SRPO's grid and offset."""
+
+IMAGE_REFL_OPTIONS: dict[str, Any] = {"refl_step_range": (2, 9), "image_refl_start": 2, "image_refl_mse_weight": 1.0}
+"""ImageReFL on the shapes world (10 steps): the real scene noised to step 2 and ``mid`` in 2..9, where the
+published 30 of 40 would leave only the last quarter, past the layout; the diffusion loss weighted 1 (the shapes
+CLIP's scores are ~100 times HPS's, so the published 0.01 would leave it negligible)."""
+
+MODE_OPTIONS: dict[str, dict[str, Any]] = {"direct_align": DIRECT_ALIGN_OPTIONS, "image_refl": IMAGE_REFL_OPTIONS}
+BENCH_NAMES = {"direct_align": "direct_align", "image_refl": "image_refl"}
+"""The ``method`` recorded in ``metrics.json`` per mode (the other modes record ``backprop``)."""
+
+
+def render_real_pairs(
+    prompts: Sequence[str], per_prompt: int, folder: str | Path, seed: int = 0, size: int = 32
+) -> Path:
+    """Render ``per_prompt`` scenes of each caption with the shapes renderer as ImageReFL's real image-caption
+    pairs: PNGs and a ``pairs.jsonl`` of ``{"prompt", "image"}`` records in ``folder``; returns the JSONL path."""
+    from PIL import Image
+
+    from diffalign.shapes.scenes import render, sample_scene
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    records = []
+    for p, prompt in enumerate(prompts):
+        for i in range(per_prompt):
+            scene, _ = sample_scene(prompt, rng)
+            pixels = (render(scene, size).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            name = f"{p:03d}_{i:03d}.png"
+            Image.fromarray(pixels).save(folder / name)
+            records.append({"prompt": prompt, "image": name})
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
 
 
 def format_summary(metrics: dict[str, Any], output: str | Path | None = None) -> str:

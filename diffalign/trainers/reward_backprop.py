@@ -1,10 +1,11 @@
-"""Reward backpropagation: AlignProp, DRaFT-K, DRaFT-LV and ReFL on the one rollout loop.
+"""Reward backpropagation: AlignProp, DRaFT-K, DRaFT-LV, ReFL, Direct-Align / SRPO and ImageReFL on the one rollout
+loop.
 
 See docs/methods/reward-backprop.md.
 
 A differentiable reward ``r(decode(x0), prompt)`` is maximised by backpropagating through (part of) the sampler.
 Every optimizer step accumulates ``optim.gradient_accumulation_steps`` micro-batches of ``sampling.batch_size``
-images per process; each micro-batch runs one of four modes (``backprop.mode``):
+images per process; each micro-batch runs one of six modes (``backprop.mode``):
 
 - ``alignprop`` (docs/methods/reward-backprop.md#alignprop): sample with DDIM (eta ``sampling.eta``, AlignProp 1.0)
   and CFG; ``K`` is drawn **once per trajectory** (``backprop.truncation``: ``fixed``, ``uniform`` or
@@ -21,6 +22,15 @@ images per process; each micro-batch runs one of four modes (``backprop.mode``):
   (``rollout(..., stop_after=mid)``), ``mid`` uniform in ``backprop.refl_step_range`` (default the last quarter of
   the steps: ``(30, 39)`` of 40), then one denoiser call with grad at ``x_mid`` and its single-step ``x0``
   prediction.
+- ``direct_align`` (docs/methods/reward-backprop.md#direct-align-and-srpo; Direct-Align / SRPO): ODE ``x0`` without
+  grad, the rollout's own starting noise injected into it at a level drawn on a fine grid, one denoiser call with
+  grad per branch (denoise: inject above the recovery level and step down; inversion: inject below and step up; one
+  batch), the known-noise recovery ``x0 = (x_t - sigma_t eps) / (1 - sigma_t)``, and the reward or SRPO's Semantic
+  Relative Preference ``(1 + k_t) s(x, c+) - s(x, c-)`` with control words on the reward side.
+- ``image_refl`` (docs/methods/reward-backprop.md#imagerefl; ImageReFL): real image-caption pairs
+  (``sampling.real_images``) encoded and noised to step ``start``, steps ``start .. mid-1`` without grad, ReFL's grad
+  step at ``mid``, plus the diffusion loss on the real image; ``backprop.switch_step`` gives the combined generation
+  (base model before the switch, LoRA after) at evaluation and in the saved LoRA.
 
 The single-call ``x0`` prediction serves every parameterisation (:func:`predict_original`,
 docs/methods/reward-backprop.md#x0-prediction): flow ``x0 = x - sigma v``, epsilon
@@ -52,11 +62,13 @@ for several GPUs); ``configs/backprop/tiny_cpu.yaml`` runs on a laptop CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -74,11 +86,13 @@ from diffalign.losses.reward_backprop import (
     DIRECT_ALIGN_EDGE,
     SRPO_NEGATIVE_WORDS,
     SRPO_POSITIVE_WORDS,
+    DirectAlignLevels,
     diffusion_regulariser,
     direct_align_grid,
     direct_align_levels,
     direct_align_recover,
     direct_align_recover_vp,
+    image_refl_loss,
     interpolate_alphas_cumprod,
     is_plain_refl_batch,
     refl_step_range,
@@ -94,7 +108,7 @@ from diffalign.losses.reward_backprop import (
 )
 from diffalign.rewarding import RewardLike, build_reward
 from diffalign.samplers.plan import StepPlan
-from diffalign.samplers.rollout import GradientPath, rollout
+from diffalign.samplers.rollout import GradientPath, encode_prompts, make_generators, rollout, text_use
 from diffalign.samplers.steps import predict_x0
 from diffalign.seeding import derive_seed
 from diffalign.trainers.common import TrainingRun, check_text_cache
@@ -242,7 +256,9 @@ class BackpropConfig:
 
     def _check_direct_align(self) -> None:
         if self.direct_align_schedule_steps < 2:
-            raise ConfigError(f"must be >= 2, got {self.direct_align_schedule_steps}", key="direct_align_schedule_steps")
+            raise ConfigError(
+                f"must be >= 2, got {self.direct_align_schedule_steps}", key="direct_align_schedule_steps"
+            )
         first, last = self.direct_align_step_range
         if not 0 <= first < last < self.direct_align_schedule_steps:
             raise ConfigError(
@@ -272,7 +288,9 @@ class BackpropConfig:
                 raise ConfigError(f"must be a non-empty list of non-empty words, got {list(words)}", key=key)
         for key in ("srp_discount", "srp_inversion_discount"):
             if any(value < 0 for value in getattr(self, key)):
-                raise ConfigError(f"must be >= 0 (k_t weights the preferred prompt), got {getattr(self, key)}", key=key)
+                raise ConfigError(
+                    f"must be >= 0 (k_t weights the preferred prompt), got {getattr(self, key)}", key=key
+                )
 
     def _check_image_refl(self) -> None:
         if self.image_refl_start is not None and self.image_refl_start < 0:
@@ -321,6 +339,12 @@ class RewardBackpropConfig(TrainerConfig):
                 )
         if backprop.mode == "image_refl":
             self._check_image_refl_steps(steps)
+        if backprop.switch_step is not None and self.model.lora.rank == 0:
+            raise ConfigError(
+                "combined generation switches the LoRA off for the early steps, and full fine-tuning keeps no base "
+                "model to switch to: train a LoRA (model.lora.rank > 0) or leave switch_step null",
+                key=("backprop.switch_step", "model.lora.rank"),
+            )
         eval_steps = self.eval.num_steps or steps
         if backprop.switch_step is not None and backprop.switch_step > eval_steps:
             raise ConfigError(
@@ -456,12 +480,29 @@ class RewardBackpropTrainer:
             # The runtime turned on per-block checkpointing; per-call checkpointing alone keeps memory flat in K.
             self.adapter.enable_gradient_checkpointing(False)
         self.prompts, self.prompt_metadata = load_prompts_and_metadata(config.sampling.prompts)
-        self.plan = sampling_plan(config.sampling.num_steps, self.adapter.prediction_type, config.sampling.eta)
+        eta = config.sampling.eta
+        if config.backprop.mode == "direct_align" and eta is None:
+            eta = 0.0  # SRPO's rollout is the ODE, for every family
+        self.plan = sampling_plan(config.sampling.num_steps, self.adapter.prediction_type, eta)
+        self.real_pairs: list[tuple[str, Path]] = []
+        """``image_refl``: the ``(caption, image file)`` pairs of ``sampling.real_images``."""
+        if config.backprop.mode == "image_refl":
+            self.real_pairs = load_real_pairs(config.sampling.real_images)
+        self._direct_align_grid: Tensor | None = None
+        if config.backprop.switch_step is not None:
+            self.set_switch_step(config.backprop.switch_step, config.eval.num_steps or config.sampling.num_steps)
         self.evaluator = Evaluator.from_config(
             config, self.adapter, self.reward, self.run.output_dir, self.run.accelerator
         )
         if config.sampling.precompute_text_embeddings:
-            self.run.cache_text_embeddings(self.prompts, config.sampling, self.evaluator)
+            captions = list(dict.fromkeys(caption for caption, _ in self.real_pairs))
+            self.run.cache_text_embeddings(self.prompts + captions, config.sampling, self.evaluator)
+
+    def set_switch_step(self, switch_step: int, num_steps: int) -> None:
+        """Combined generation: the LoRA acts from step ``switch_step`` of a ``num_steps`` schedule on
+        (``adapter.lora_max_timestep``; saved with the LoRA). Training steps ignore it (:meth:`train_step`)."""
+        schedule = self.adapter.set_timesteps(num_steps)
+        self.adapter.lora_max_timestep = switch_timestep(schedule.timesteps, switch_step)
 
     # --- per-micro-batch draws ---------------------------------------------------------------------------------------
 
@@ -507,10 +548,29 @@ class RewardBackpropTrainer:
         )
 
     def refl_step(self, step: int, micro: int) -> int:
-        """ReFL's ``mid`` for this micro-batch."""
+        """ReFL's ``mid`` for this micro-batch (ImageReFL: from the same range)."""
         steps = self.config.sampling.num_steps
         step_range = resolve_refl_range(steps, self.config.backprop.refl_step_range)
         return sample_refl_step(steps, torch.Generator().manual_seed(self._seed("refl", step, micro)), step_range)
+
+    def direct_align_index(self, step: int, micro: int) -> int:
+        """Direct-Align's fine-grid draw ``m`` for this micro-batch (shared by its two branches)."""
+        generator = torch.Generator().manual_seed(self._seed("direct_align", step, micro))
+        return sample_direct_align_index(self.config.backprop.direct_align_grid_size, generator)
+
+    def real_batch(self, step: int, micro: int) -> tuple[list[str], list[Path]]:
+        """``image_refl``: this process's captions and image files, drawn with replacement for the global
+        micro-batch as :meth:`micro_batch` draws prompts."""
+        per, world = self.config.sampling.batch_size, self.run.accelerator.num_processes
+        start = self.run.accelerator.process_index * per
+        rng = random.Random(self._seed("real_pairs", step, micro, process=0))
+        indices = rng.choices(range(len(self.real_pairs)), k=per * world)[start : start + per]
+        return [self.real_pairs[i][0] for i in indices], [self.real_pairs[i][1] for i in indices]
+
+    def is_plain_refl(self, step: int, micro: int) -> bool:
+        """``image_refl``: whether this micro-batch is one of the plain ReFL ones (``image_refl_plain_every``)."""
+        index = step * self.config.optim.gradient_accumulation_steps + micro
+        return is_plain_refl_batch(index, self.config.backprop.image_refl_plain_every)
 
     # --- images with a graph -----------------------------------------------------------------------------------------
 
@@ -537,6 +597,13 @@ class RewardBackpropTrainer:
 
     def _decode(self, latents: Tensor) -> Tensor:
         return _call(self.adapter.decode, latents, use_checkpoint=self.config.gradient_checkpointing)
+
+    def _conditioning(self, prompts: list[str]) -> Conditioning:
+        """``[B]`` conditioning of ``prompts`` as a rollout with the training guidance encodes it."""
+        sampling = self.config.sampling
+        _, negative, with_negative = text_use(prompts, sampling.guidance_scale, sampling.negative_prompt)
+        unique, cond = encode_prompts(self.adapter, prompts, with_negative, negative)
+        return cond[[unique.index(p) for p in prompts]]
 
     def truncated_images(self, prompts: list[str], seeds: list[int], num_grad: int) -> Tensor:
         """AlignProp / DRaFT-K: the last ``num_grad`` denoiser calls and the decode keep the graph.
@@ -577,6 +644,151 @@ class RewardBackpropTrainer:
         x0 = self._predict_x0(latents, mid, trajectory.schedule, trajectory.conditioning)
         return self._decode(x0)
 
+    # --- Direct-Align / SRPO ---------------------------------------------------------------------------------------
+
+    def direct_align_grid(self) -> Tensor:
+        """``[L]`` the fine grid of training levels: flow sigmas, or timesteps for epsilon / v models."""
+        if self._direct_align_grid is None:
+            backprop = self.config.backprop
+            schedule = self.adapter.set_timesteps(backprop.direct_align_schedule_steps)
+            is_flow = self.adapter.prediction_type == "flow"
+            levels = schedule.sigmas if is_flow else schedule.timesteps.float()
+            grid = direct_align_grid(
+                levels.cpu(), tuple(backprop.direct_align_step_range), backprop.direct_align_grid_size
+            )
+            self._direct_align_grid = grid
+        return self._direct_align_grid
+
+    def direct_align_levels_of(self, m: int, branch: str) -> DirectAlignLevels:
+        """The grid positions of one branch for the draw ``m`` with this config's offset."""
+        backprop = self.config.backprop
+        return direct_align_levels(m, backprop.direct_align_offset, backprop.direct_align_grid_size, branch)
+
+    def _inject(self, x0: Tensor, noise: Tensor, level: float) -> tuple[Tensor, float]:
+        """``(x_level, timestep)``: the known noise injected at a grid level (off the sampling schedule)."""
+        if self.adapter.prediction_type == "flow":
+            return (1 - level) * x0 + level * noise, level * self.adapter.scheduler.config.num_train_timesteps
+        alpha = interpolate_alphas_cumprod(self.adapter.scheduler.alphas_cumprod, level)
+        return alpha**0.5 * x0 + (1 - alpha) ** 0.5 * noise, level
+
+    def _recover(self, sample: Tensor, output: Tensor, noise: Tensor, inject: float, recover: float) -> Tensor:
+        """One step from ``inject`` to ``recover`` with the model's output, then the known-noise recovery."""
+        if self.adapter.prediction_type == "flow":
+            return direct_align_recover(sample, output, noise, inject, recover)
+        table = self.adapter.scheduler.alphas_cumprod
+        alpha_from, alpha_to = interpolate_alphas_cumprod(table, inject), interpolate_alphas_cumprod(table, recover)
+        return direct_align_recover_vp(sample, output, noise, alpha_from, alpha_to, self.adapter.prediction_type)
+
+    def direct_align_images(
+        self, prompts: list[str], seeds: list[int], m: int
+    ) -> tuple[Tensor, list[DirectAlignLevels], Tensor]:
+        """Direct-Align: ODE ``x0`` and its initial noise without grad, then per branch the noise injected at the
+        branch's level, one denoiser call with grad (both branches in one batch) and the one-step recovery.
+
+        Returns:
+            ``(images [n * B, 3, H, W], levels of the n branches, grid)``, branch-major (denoise first).
+        """
+        backprop = self.config.backprop
+        trajectory = self._rollout(prompts, seeds, decode=False)
+        x0 = trajectory.final_latents.detach().float()
+        with torch.no_grad():  # the rollout's own starting noise, drawn again from the image seeds
+            noise = self.adapter.prepare_latents(len(seeds), make_generators(seeds, self.adapter.device)).float()
+        grid = self.direct_align_grid()
+        branches = ["denoise", "inversion"] if backprop.direct_align_inversion else ["denoise"]
+        levels = [self.direct_align_levels_of(m, branch) for branch in branches]
+        injected = [self._inject(x0, noise, float(grid[level.inject])) for level in levels]
+        samples = torch.cat([sample for sample, _ in injected])
+        timesteps = torch.tensor([t for _, t in injected for _ in seeds], device=samples.device)
+        cond = Conditioning.cat([trajectory.conditioning] * len(levels))
+        output = _call(
+            self.adapter.predict,
+            samples,
+            timesteps,
+            cond,
+            self.config.sampling.guidance_scale,
+            use_checkpoint=self.config.gradient_checkpointing,
+        )
+        count = len(seeds)
+        recovered = [
+            self._recover(
+                samples[i * count : (i + 1) * count],
+                output[i * count : (i + 1) * count],
+                noise,
+                float(grid[level.inject]),
+                float(grid[level.recover]),
+            )
+            for i, level in enumerate(levels)
+        ]
+        return self._decode(torch.cat(recovered)), levels, grid
+
+    def direct_align_rewards(
+        self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]], levels: list[Any], step: int
+    ) -> tuple[Tensor, dict[str, float]]:
+        """``[n * B]`` rewards of the branches: SRP (the inversion branch preferring the negative words) or, with
+        ``srp: false``, the plain reward. The reward scores one prompt list per call, so SRP scores the images
+        twice."""
+        backprop, count = self.config.backprop, len(prompts)
+        size = backprop.direct_align_grid_size
+        kwargs = rewards.metadata_kwargs(self.reward, metadata * len(levels))
+        if not backprop.srp:
+            return self.reward.score(images, prompts * len(levels), **kwargs), {}
+        positive, negative = srp_captions(
+            prompts, step, tuple(backprop.srp_positive_words), tuple(backprop.srp_negative_words)
+        )
+        with_positive = self.reward.score(images, positive * len(levels), **kwargs)
+        with_negative = self.reward.score(images, negative * len(levels), **kwargs)
+        parts, metrics = [], {}
+        for i, level in enumerate(levels):
+            rows = slice(i * count, (i + 1) * count)
+            if i == 0:  # denoise: prefer the positive words
+                k = srp_discount(tuple(backprop.srp_discount), size, level.discount_index)
+                parts.append(relative_preference(with_positive[rows], with_negative[rows], k))
+                metrics["srp_discount"] = k
+            else:  # inversion: the words swap
+                k = srp_discount(tuple(backprop.srp_inversion_discount), size, level.discount_index)
+                parts.append(relative_preference(with_negative[rows], with_positive[rows], k))
+                metrics["srp_inversion_discount"] = k
+        metrics["srp_positive_score"] = float(with_positive.detach().float().mean())
+        metrics["srp_negative_score"] = float(with_negative.detach().float().mean())
+        return torch.cat(parts), metrics
+
+    # --- ImageReFL -------------------------------------------------------------------------------------------------
+
+    def image_refl_images(
+        self, captions: list[str], files: list[Path], seeds: list[int], mid: int, step: int, micro: int
+    ) -> tuple[Tensor, Tensor]:
+        """ImageReFL: the real images encoded and noised to the start step with fresh noise, steps ``start ..
+        mid-1`` without grad, one call with grad at ``mid`` and its ``x0``; and the diffusion loss at the start
+        step (conditional prediction against the family's target, with grad).
+
+        Returns:
+            ``(images [B, 3, H, W], regulariser)``: decoded ``x0`` predictions and the 0-d MSE.
+        """
+        steps = self.config.sampling.num_steps
+        start = image_refl_start(steps, self.config.backprop)
+        generator = torch.Generator().manual_seed(self._seed("real_noise", step, micro))
+        real = torch.stack([load_real_image(path, self.adapter.height, self.adapter.width) for path in files])
+        with torch.no_grad():
+            clean = self.adapter.encode_images(real, generator=generator).float()
+        noise = torch.randn(clean.shape, generator=generator).to(clean.device)
+        schedule = self.adapter.set_timesteps(steps)
+        t_start = schedule.timesteps[start].expand(clean.shape[0])
+        noisy = self.adapter.add_noise(clean, noise, t_start).float()
+        if mid > start:
+            trajectory = self._rollout(
+                captions, seeds, decode=False, start_step=start, stop_after=mid, start_latents=noisy
+            )
+            latents, cond, schedule = trajectory.final_latents.detach(), trajectory.conditioning, trajectory.schedule
+        else:
+            latents, cond = noisy, self._conditioning(captions)
+        images = self._decode(self._predict_x0(latents, mid, schedule, cond))
+        # The diffusion loss is ImageReFL's regulariser: the plain conditional training objective on the real image.
+        output = _call(
+            self.adapter.predict, noisy, t_start, cond, 1.0, use_checkpoint=self.config.gradient_checkpointing
+        )
+        target = self.adapter.training_target(clean, noise, t_start)
+        return images, diffusion_regulariser(output, target)
+
     # --- loss -----------------------------------------------------------------------------------------------------
 
     def micro_batch_loss(self, step: int, micro: int) -> tuple[Tensor, dict[str, float]]:
@@ -591,6 +803,10 @@ class RewardBackpropTrainer:
         elif backprop.mode == "draft_lv":
             images = self.renoised_images(prompts, seeds, step, micro)
             prompts, metadata = prompts * backprop.num_renoise, metadata * backprop.num_renoise
+        elif backprop.mode == "direct_align":
+            return self.direct_align_loss(prompts, metadata, seeds, step, micro)
+        elif backprop.mode == "image_refl" and not self.is_plain_refl(step, micro):
+            return self.image_refl_loss(seeds, step, micro)
         else:
             mid = self.refl_step(step, micro)
             images = self.refl_images(prompts, seeds, mid)
@@ -600,18 +816,55 @@ class RewardBackpropTrainer:
         metrics.update({key: float(value) for key, value in loss_metrics.items()})
         return loss, metrics
 
+    def direct_align_loss(
+        self, prompts: list[str], metadata: list[dict[str, Any]], seeds: list[int], step: int, micro: int
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Direct-Align / SRPO: the loss form on the rewards of both branches, averaged over them (SRPO's ``1/2``
+        per branch)."""
+        backprop = self.config.backprop
+        m = self.direct_align_index(step, micro)
+        images, levels, grid = self.direct_align_images(prompts, seeds, m)
+        scores, metrics = self.direct_align_rewards(images, prompts, metadata, levels, step)
+        loss, loss_metrics = reward_loss(scores, backprop.loss, backprop.weight, backprop.target)
+        metrics.update({key: float(value) for key, value in loss_metrics.items()})
+        metrics.update(direct_align_index=float(m), direct_align_level=float(grid[levels[0].recover]))
+        return loss, metrics
+
+    def image_refl_loss(self, seeds: list[int], step: int, micro: int) -> tuple[Tensor, dict[str, float]]:
+        """ImageReFL: ``weight * (L_R + image_refl_mse_weight * L_D)`` on a batch of real image-caption pairs."""
+        backprop = self.config.backprop
+        captions, files = self.real_batch(step, micro)
+        mid = self.refl_step(step, micro)
+        images, regulariser = self.image_refl_images(captions, files, seeds, mid, step, micro)
+        scores = self.reward.score(images, captions)
+        reward_term, metrics = reward_loss(scores, backprop.loss, 1.0, backprop.target)
+        loss = image_refl_loss(reward_term, regulariser, backprop.weight, backprop.image_refl_mse_weight)
+        result = {key: float(value) for key, value in metrics.items()}
+        result.update(loss=float(loss.detach()), image_refl_mse=float(regulariser.detach()), refl_step=float(mid))
+        return loss, result
+
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over ``optim.gradient_accumulation_steps`` micro-batches; returns averaged metrics."""
         accumulation = self.config.optim.gradient_accumulation_steps
         totals: dict[str, float] = {}
         for micro in range(accumulation):
             with self.run.accumulate(sync=micro == accumulation - 1):
-                with self.run.autocast():
+                with self.run.autocast(), self.lora_at_every_step():
                     loss, metrics = self.micro_batch_loss(step, micro)
                 self.run.backward(loss / accumulation, step=step)
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / accumulation
         return {**self.run.reduce_metrics(totals), **self.run.optimizer_step(step=step)}
+
+    @contextlib.contextmanager
+    def lora_at_every_step(self) -> Iterator[None]:
+        """Training uses the LoRA at every step; the combined generation's limit (``switch_step``) is for
+        evaluation and the saved LoRA only."""
+        limit, self.adapter.lora_max_timestep = self.adapter.lora_max_timestep, None
+        try:
+            yield
+        finally:
+            self.adapter.lora_max_timestep = limit
 
     # --- the loop ----------------------------------------------------------------------------------------------------
 
@@ -635,6 +888,71 @@ class RewardBackpropTrainer:
     def trainer_state(self) -> dict[str, Any]:
         """What resuming needs beyond the runtime's state: nothing, every draw is seeded by the step."""
         return {"mode": self.config.backprop.mode}
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_real_pairs(source: str | Path) -> list[tuple[str, Path]]:
+    """``(caption, image file)`` pairs from a JSONL of ``{"prompt", "image"}`` records (image paths relative to the
+    file) or a folder of images with ``<stem>.txt`` captions.
+
+    Raises:
+        FileNotFoundError: the source, or an image or caption it names, does not exist (all missing files named).
+        ValueError: a JSONL line is not such a record, or the source holds no pair.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"sampling.real_images: {source} does not exist")
+    pairs, missing = [], []
+    if source.is_dir():
+        for image in sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            caption = image.with_suffix(".txt")
+            if not caption.is_file():
+                missing.append(str(caption))
+                continue
+            pairs.append((caption.read_text().strip(), image))
+    else:
+        for number, line in enumerate(source.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not (isinstance(record, dict) and isinstance(record.get("prompt"), str) and record.get("image")):
+                raise ValueError(
+                    f'{source}:{number}: expected {{"prompt": "...", "image": "<path>"}}, got {line[:80]}'
+                )
+            image = (source.parent / record["image"]).resolve()
+            if not image.is_file():
+                missing.append(str(image))
+            pairs.append((record["prompt"], image))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"sampling.real_images {source}: {len(missing)} missing file(s): {shown}")
+    if not pairs:
+        raise ValueError(f"sampling.real_images {source} holds no image-caption pair")
+    return pairs
+
+
+def load_real_image(path: Path, height: int, width: int) -> Tensor:
+    """A real image as ``[3, height, width]`` float32 in ``[0, 1]``: resized to cover the size, centre-cropped.
+
+    Raises:
+        ValueError: the file cannot be read as an image (named).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"sampling.real_images: cannot read the image {path} ({err}); fix or remove it") from err
+    scale = max(height / image.height, width / image.width)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
+    return pixels.permute(2, 0, 1).float() / 255
 
 
 def check_differentiable(reward: rewards.Reward) -> None:

@@ -273,7 +273,7 @@ def test_non_differentiable_reward_is_refused(tiny_pipeline_dir, tmp_path):
 def test_every_shipped_config_parses(path):
     config = load_config(RewardBackpropConfig, path)
     assert config.method == "reward_backprop"
-    assert config.backprop.mode in ("alignprop", "draft_k", "draft_lv", "refl")
+    assert config.backprop.mode in ("alignprop", "draft_k", "draft_lv", "refl", "direct_align", "image_refl")
 
 
 def test_config_rejects_inconsistent_settings(tiny_pipeline_dir, tmp_path):
