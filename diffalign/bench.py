@@ -565,10 +565,23 @@ GRPO_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 """The GRPO methods of :func:`bench_learn`: the demo's recipe with these ``sampling`` / ``train`` keys replaced."""
 
-LEARN_METHODS = (*GRPO_VARIANTS, "dpo", "backprop")
+BACKPROP_MODES = {"backprop": "draft_k", "refl": "refl", "direct_align": "direct_align", "image_refl": "image_refl"}
+"""The reward-backprop methods of :func:`bench_learn` and their ``backprop.mode`` (``backprop`` is DRaFT-K with
+K = all 10 steps)."""
+
+LEARN_METHODS = (*GRPO_VARIANTS, "dpo", *BACKPROP_MODES)
 """Methods of :func:`bench_learn`."""
 
-LEARN_STEPS = {"grpo": 280, "tempflow": 280, "branchgrpo": 280, "dpo": 3000, "backprop": 450}
+LEARN_STEPS = {
+    "grpo": 280,
+    "tempflow": 280,
+    "branchgrpo": 280,
+    "dpo": 3000,
+    "backprop": 450,
+    "refl": 900,
+    "direct_align": 900,
+    "image_refl": 800,
+}
 """Default optimizer-step budgets of :func:`bench_learn`: what each method did in 10 minutes on the 2-core
 development CPU (the demo 273-314 epochs, DPO 2,930 steps, backprop 436 steps on one thread; benchmarks/RESULTS.md)."""
 
@@ -591,8 +604,9 @@ def bench_learn(
     Args:
         method: ``"grpo"`` (Flow-GRPO, the demo; one optimizer step an epoch), ``"tempflow"`` / ``"branchgrpo"``
             (TempFlow-GRPO / BranchGRPO on the demo's recipe, :data:`GRPO_VARIANTS`), ``"dpo"`` (Diffusion-DPO on
-            verifier-ranked pairs, pair generation outside a steps budget, inside a minutes one) or
-            ``"backprop"`` (DRaFT-K on the shapes CLIP score).
+            verifier-ranked pairs, pair generation outside a steps budget, inside a minutes one), ``"backprop"``
+            (DRaFT-K on the shapes CLIP score), ``"refl"``, ``"direct_align"`` or ``"image_refl"`` (the other
+            reward-backprop modes on the same reward, :data:`BACKPROP_MODES`).
         minutes: wall-clock training budget (evaluation not counted); exclusive with ``steps``.
         output: run folder (default ``runs/bench_learn/<method>``); ``metrics.json`` holds the results.
         seed: training seed (the evaluation prompts and seeds are fixed).
@@ -635,10 +649,11 @@ def bench_learn(
             return metrics
         from diffalign.shapes.learn import learn_backprop, learn_dpo
 
-        runner = learn_dpo if method == "dpo" else learn_backprop
         budget = {"max_steps": steps} if steps is not None else {}
-        extra = {"eval_every": eval_every, "early_stopping": early_stopping}
-        return runner(minutes=minutes, output=output, seed=seed, **extra, **budget)
+        extra = {"eval_every": eval_every, "early_stopping": early_stopping, **budget}
+        if method == "dpo":
+            return learn_dpo(minutes=minutes, output=output, seed=seed, **extra)
+        return learn_backprop(minutes=minutes, output=output, seed=seed, mode=BACKPROP_MODES[method], **extra)
     finally:
         torch.set_num_threads(previous)
 

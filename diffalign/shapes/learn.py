@@ -616,7 +616,7 @@ published 30 of 40 would leave only the last quarter, past the layout; the diffu
 CLIP's scores are ~100 times HPS's, so the published 0.01 would leave it negligible)."""
 
 MODE_OPTIONS: dict[str, dict[str, Any]] = {"direct_align": DIRECT_ALIGN_OPTIONS, "image_refl": IMAGE_REFL_OPTIONS}
-BENCH_NAMES = {"direct_align": "direct_align", "image_refl": "image_refl"}
+BENCH_NAMES = {"refl": "refl", "direct_align": "direct_align", "image_refl": "image_refl"}
 """The ``method`` recorded in ``metrics.json`` per mode (the other modes record ``backprop``)."""
 
 
