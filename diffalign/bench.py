@@ -550,7 +550,13 @@ def _median_logged(output: Any, key: str) -> float:
 # --- learning on the shapes world -------------------------------------------------------------------------------
 
 GRPO_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    # The demo: Flow-GRPO with its SDE window held at the first two steps (Flow-GRPO-Fast's window, not drawn) and
+    # the LoRA acting there only.
     "grpo": {},
+    # Flow-GRPO as published: every step but the last stochastic and trained (9 of 10), the LoRA at every step.
+    "flow_grpo": {"sampling": {"plan": "sde", "lora_in_window_only": False}},
+    # MixGRPO: a 2-step SDE window sliding one step every 25 epochs over steps 0..7, then rolling back.
+    "mixgrpo": {"sampling": {"plan": "sliding", "shift_every": 25, "lora_in_window_only": False}},
     "tempflow": {
         # TempFlow-GRPO: one ODE path per prompt, 4 children at each of the demo's two trained steps (32 images an
         # epoch as the demo's 4 x 8; 70 denoiser calls a prompt against 80), noise-aware step weights.
@@ -574,6 +580,8 @@ LEARN_METHODS = (*GRPO_VARIANTS, "dpo", *BACKPROP_MODES)
 
 LEARN_STEPS = {
     "grpo": 280,
+    "flow_grpo": 280,
+    "mixgrpo": 280,
     "tempflow": 280,
     "branchgrpo": 280,
     "dpo": 3000,
