@@ -282,7 +282,7 @@ class PerPromptStatTracker:
 # --- branching rollouts ----------------------------------------------------------------------------------------------
 
 
-def branch_advantages(rewards: Tensor, path_ids: GroupIds, eps: float = 1e-4) -> Tensor:
+def branch_advantages(rewards: Tensor, path_ids: GroupIds, eps: float = 1e-4, scale: float | None = None) -> Tensor:
     """TempFlow-GRPO's advantages of branched rollouts (docs/methods/grpo.md#tempflow-grpo): per branch step, the
     children of one main path form a group (its "seed group").
 
@@ -294,14 +294,23 @@ def branch_advantages(rewards: Tensor, path_ids: GroupIds, eps: float = 1e-4) ->
         rewards: ``[B, S]`` reward of child ``b``'s image branched at step position ``s``.
         path_ids: ``[B]`` main path of each row.
         eps: added to the std (TempFlow-GRPO: 1e-4).
+        scale: divide the deviations by this instead of each group's std, e.g. the std of all the epoch's rewards
+            (flow_grpo's tracker with ``global_std=True``; TempFlow-GRPO's configs turn it off).
 
     Returns:
         ``[B, S]`` advantages.
     """
     if rewards.ndim != 2:
         raise ValueError(f"rewards must be [rows, branch steps], got shape {tuple(rewards.shape)}")
-    columns = [group_advantages(rewards[:, s], path_ids, global_std=False, eps=eps) for s in range(rewards.shape[1])]
-    return torch.stack(columns, dim=1)
+    if scale is None:
+        columns = [
+            group_advantages(rewards[:, s], path_ids, global_std=False, eps=eps) for s in range(rewards.shape[1])
+        ]
+        return torch.stack(columns, dim=1)
+    index, num_groups = _group_index(path_ids, rewards.shape[0])
+    r = rewards.detach().to(torch.float64)
+    means = torch.stack([_group_mean_std(r[:, s], index, num_groups)[0][index] for s in range(r.shape[1])], dim=1)
+    return ((r - means) / (scale + eps)).to(rewards.dtype)
 
 
 def fuse_tree_rewards(
@@ -357,7 +366,7 @@ def fuse_tree_rewards(
     return reward
 
 
-def tree_advantages(node_rewards: Tensor, depths: Tensor, trees: Tensor) -> Tensor:
+def tree_advantages(node_rewards: Tensor, depths: Tensor, trees: Tensor, scale: float | None = None) -> Tensor:
     """BranchGRPO's depth-wise advantages: within each tree, the nodes of one depth are normalised together.
 
     ``A(n) = (r(n) - mean_d r) / (std_d r + 1e-8)`` with the unbiased std over the tree's nodes at depth ``d``, and 0
@@ -368,6 +377,8 @@ def tree_advantages(node_rewards: Tensor, depths: Tensor, trees: Tensor) -> Tens
         node_rewards: ``[N]`` fused rewards (:func:`fuse_tree_rewards`).
         depths: ``[N]`` depth of each node.
         trees: ``[N]`` tree of each node.
+        scale: divide every depth's deviations by this (e.g. the std of all leaf rewards, Flow-GRPO's global std)
+            instead of the depth's own std; an option beyond BranchGRPO. Depths of one node still get 0.
 
     Returns:
         ``[N]`` advantages, float64.
@@ -379,6 +390,9 @@ def tree_advantages(node_rewards: Tensor, depths: Tensor, trees: Tensor) -> Tens
         if members.numel() < 2:
             continue
         values = r[members]
+        if scale is not None:
+            advantages[members] = (values - values.mean()) / (scale + 1e-8)
+            continue
         std = values.std()  # unbiased, as BranchGRPO's torch.std
         if std >= 1e-6:
             advantages[members] = (values - values.mean()) / (std + 1e-8)

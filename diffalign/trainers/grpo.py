@@ -666,7 +666,7 @@ class GRPOTrainer:
             rows_units = [u for u in units for _ in range(sampling.branch_children)]
             rewards, parts = self._score_images(out.images.flatten(0, 1), rows_units, per_image)
             rewards = rewards.view(-1, per_image)
-            advantages = branch_advantages(rewards, out.path_ids)
+            advantages = branch_advantages(rewards, out.path_ids, scale=self._global_std(rewards))
             trajectory, candidates = out.trajectory, None
             calls = count_branch_calls(plan.num_steps, plan.stored, sampling.branch_children) * len(prompts)
         else:
@@ -693,7 +693,7 @@ class GRPOTrainer:
         and prune. Returns ``(advantages [E], kept edge indices [k])``."""
         train = self.config.train
         fused = fuse_tree_rewards(leaf_rewards, out.parents, out.leaves, train.tree_fusion, out.edge_log_probs)
-        node_advantages = tree_advantages(fused, out.depths, out.trees)
+        node_advantages = tree_advantages(fused, out.depths, out.trees, scale=self._global_std(leaf_rewards))
         children = out.edge_children
         last_split = tree.split_steps[-1]
         keep = prune_tree_edges(
@@ -707,6 +707,14 @@ class GRPOTrainer:
             train.width_pruning_ratio,
         )
         return node_advantages[children], torch.nonzero(keep).flatten()
+
+    def _global_std(self, rewards: Tensor) -> float | None:
+        """With ``train.global_std``, the population std of the epoch's rewards over every process (the scale of all
+        advantages, as Flow-GRPO's ``global_std``); ``None`` otherwise: each group's (depth's) own std."""
+        if not self.config.train.global_std:
+            return None
+        gathered = self.run.accelerator.gather(rewards.flatten().to(self.run.device)).cpu()
+        return gathered.double().std(correction=0).item()
 
     def _score_images(self, images: Tensor, units: list[int], per_unit: int) -> tuple[Tensor, dict[str, Tensor]]:
         """Rewards ``[N]`` and parts of ``images`` ``[N, 3, H, W]``, image ``n`` of prompt index

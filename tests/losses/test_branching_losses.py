@@ -25,6 +25,10 @@ def test_branch_advantages_normalise_each_step_within_its_main_path():
         ]
     )
     assert torch.allclose(advantages, expected, atol=1e-6)
+    # With a global scale (the epoch's std, flow_grpo's global_std) the same centring is divided by it instead.
+    scaled = branch_advantages(rewards, torch.tensor([0, 0, 1, 1]), scale=2.0)
+    centred = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [-2.0, -0.5], [2.0, 0.5]])
+    assert torch.allclose(scaled, centred / (2 + 1e-4), atol=1e-6)
     with pytest.raises(ValueError, match="rows, branch steps"):
         branch_advantages(rewards.flatten(), torch.arange(8))
 
@@ -89,6 +93,9 @@ def test_depth_wise_advantages_use_the_unbiased_std_of_each_depth_of_each_tree()
     assert both[:9].tolist() == pytest.approx(expected, abs=1e-7) and both[9:].tolist() == pytest.approx(
         expected, abs=1e-7
     )
+    # A global scale replaces each depth's std; a depth of one node (the root) still gets 0.
+    scaled = tree_advantages(fused[:9], DEPTHS, torch.zeros(9, dtype=torch.long), scale=2.0)
+    assert scaled.tolist() == pytest.approx([0.0, -0.5, 0.5, -0.5, 0.5, -1.0, 0.0, -0.5, 1.5], abs=1e-7)
     # Equal rewards at a depth: advantage 0, not 0 / eps.
     flat = tree_advantages(torch.ones(9, dtype=torch.float64), DEPTHS, torch.zeros(9, dtype=torch.long))
     assert flat.abs().max().item() == 0.0
