@@ -282,7 +282,9 @@ class PerPromptStatTracker:
 # --- branching rollouts ----------------------------------------------------------------------------------------------
 
 
-def branch_advantages(rewards: Tensor, path_ids: GroupIds, eps: float = 1e-4, scale: float | None = None) -> Tensor:
+def branch_advantages(
+    rewards: Tensor, path_ids: GroupIds, eps: float = 1e-4, scale: float | Tensor | None = None
+) -> Tensor:
     """TempFlow-GRPO's advantages of branched rollouts (docs/methods/grpo.md#tempflow-grpo): per branch step, the
     children of one main path form a group (its "seed group").
 
@@ -294,8 +296,9 @@ def branch_advantages(rewards: Tensor, path_ids: GroupIds, eps: float = 1e-4, sc
         rewards: ``[B, S]`` reward of child ``b``'s image branched at step position ``s``.
         path_ids: ``[B]`` main path of each row.
         eps: added to the std (TempFlow-GRPO: 1e-4).
-        scale: divide the deviations by this instead of each group's std, e.g. the std of all the epoch's rewards
-            (flow_grpo's tracker with ``global_std=True``; TempFlow-GRPO's configs turn it off).
+        scale: divide the deviations by this (a float, or ``[S]`` one per branch step) instead of each group's std,
+            e.g. the std of each column of the epoch's rewards (flow_grpo's tracker with ``global_std=True``;
+            TempFlow-GRPO's configs turn it off).
 
     Returns:
         ``[B, S]`` advantages.
@@ -310,6 +313,7 @@ def branch_advantages(rewards: Tensor, path_ids: GroupIds, eps: float = 1e-4, sc
     index, num_groups = _group_index(path_ids, rewards.shape[0])
     r = rewards.detach().to(torch.float64)
     means = torch.stack([_group_mean_std(r[:, s], index, num_groups)[0][index] for s in range(r.shape[1])], dim=1)
+    scale = torch.as_tensor(scale, dtype=torch.float64)
     return ((r - means) / (scale + eps)).to(rewards.dtype)
 
 

@@ -121,22 +121,20 @@ def tree_plan(
         split_steps: steps at which each node branches (BranchGRPO: 0, 3, 6, 9); always stochastic.
         branching: children per split (BranchGRPO: 2).
         sde_steps: the other stochastic steps (ODE elsewhere: the "Mix" variant); default all but the last.
-        split_noise_scale: noise multiplier at split steps, so that siblings spread further apart (BranchGRPO's
-            ``tree_split_noise_scale``). Deviation: BranchGRPO draws split children with the scaled std but scores
-            them with the unscaled one; here the split steps' noise level is scaled, so they are drawn from and
-            scored with the same density.
+        split_noise_scale: std multiplier at split steps around the kernel's own mean, so that siblings spread
+            further apart (BranchGRPO's ``tree_split_noise_scale``; :attr:`StepPlan.std_scales`). Deviation:
+            BranchGRPO draws split children with the scaled std but scores them with the unscaled one; here they
+            are drawn from and scored with the widened density.
         kernel: the stochastic kernel.
     """
     if not noise_level > 0 or not split_noise_scale > 0:
         raise ValueError(f"noise_level and split_noise_scale must be > 0, got {noise_level}, {split_noise_scale}")
     splits = tuple(sorted(set(split_steps)))
     sde = set(range(num_steps - 1)) if sde_steps is None else set(sde_steps)
-    levels = []
-    for i in range(num_steps):
-        level = noise_level * split_noise_scale if i in splits else noise_level if i in sde else 0.0
-        levels.append(float(level))
+    levels = tuple(float(noise_level) if i in sde or i in splits else 0.0 for i in range(num_steps))
+    scales = tuple(float(split_noise_scale) if i in splits else 1.0 for i in range(num_steps))
     stochastic = tuple(i for i, level in enumerate(levels) if level > 0)
-    plan = StepPlan(num_steps, kernel, tuple(levels), stochastic, stochastic)
+    plan = StepPlan(num_steps, kernel, levels, stochastic, stochastic, std_scales=scales)
     return TreePlan(plan, splits, branching)
 
 

@@ -68,6 +68,8 @@ class StepPlan:
         ode_solver: Solver of the deterministic steps, one of :data:`ODE_SOLVERS`.
         log_prob: ``"gaussian"`` (the transition's log-density) or ``"unnormalized"`` (the ``cps`` kernel only:
             flow_grpo's CPS score ``-mean((x' - mean)^2)``, docs/samplers.md#cps-step).
+        std_scales: ``[num_steps]`` multiplier of each stochastic step's std around the kernel's unchanged mean
+            (BranchGRPO's wider splits, :func:`~diffalign.samplers.steps.widened_step`); empty: all 1.
     """
 
     num_steps: int
@@ -77,6 +79,7 @@ class StepPlan:
     trained: tuple[int, ...]
     ode_solver: str = "euler"
     log_prob: str = "gaussian"
+    std_scales: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
@@ -95,6 +98,10 @@ class StepPlan:
             raise ValueError(f"noise_levels has {len(self.noise_levels)} entries for {self.num_steps} steps")
         if any(not level >= 0 for level in self.noise_levels):  # also rejects NaN
             raise ValueError(f"noise levels must be >= 0, got {self.noise_levels}")
+        if self.std_scales and (len(self.std_scales) != self.num_steps or any(not v > 0 for v in self.std_scales)):
+            raise ValueError(f"std_scales must be empty or {self.num_steps} values > 0, got {self.std_scales}")
+        if self.std_scales and self.log_prob == "unnormalized":
+            raise ValueError("std_scales widen a Gaussian transition; the unnormalized CPS score has none")
         _check_increasing(self.stored, self.num_steps, "stored")
         _check_increasing(self.trained, self.num_steps, "trained")
         deterministic = [i for i in self.stored if self.noise_levels[i] == 0]
@@ -102,6 +109,10 @@ class StepPlan:
             raise ValueError(f"stored steps {deterministic} have noise level 0 and hence no log-prob")
         if not set(self.trained) <= set(self.stored):
             raise ValueError(f"trained steps {sorted(set(self.trained) - set(self.stored))} are not stored")
+
+    def std_scale(self, index: int) -> float:
+        """The std multiplier of step ``index`` (1 unless ``std_scales`` says otherwise)."""
+        return self.std_scales[index] if self.std_scales else 1.0
 
     @property
     def stochastic(self) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ step does.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,7 +28,15 @@ from torch.utils.checkpoint import checkpoint
 
 from diffalign.adapters.base import Conditioning, DiffusionAdapter, Schedule
 from diffalign.samplers.plan import StepPlan, union_plan
-from diffalign.samplers.steps import KERNELS, StepOutput, ddim_step, dpm_solver_2m_step, ode_step, predict_x0
+from diffalign.samplers.steps import (
+    KERNELS,
+    StepOutput,
+    ddim_step,
+    dpm_solver_2m_step,
+    ode_step,
+    predict_x0,
+    widened_step,
+)
 
 
 __all__ = [
@@ -201,33 +210,50 @@ def step_transition(
         level = torch.tensor([plan.noise_levels[i] for i in index], dtype=torch.float32)
         if not bool((level > 0).all()):
             raise ValueError("per-row steps must all be stochastic (deterministic steps have no log-prob)")
+    stochastic_step = not isinstance(index, int) or level > 0
     if adapter.prediction_type != "flow":
         stochastic = schedule.stochastic_alphas_cumprod_prev
         # A stochastic step's target keeps noise at the end (see Schedule); per-row steps are all stochastic.
-        use_stochastic = stochastic is not None and (not isinstance(index, int) or level > 0)
-        a_prev = (stochastic if use_stochastic else schedule.alphas_cumprod_prev)[rows]
-        return ddim_step(
+        a_prev = (stochastic if stochastic is not None and stochastic_step else schedule.alphas_cumprod_prev)[rows]
+        ddim = functools.partial(
+            ddim_step,
             model_output,
             sample,
             schedule.alphas_cumprod[rows],
             a_prev,
             level,
             adapter.prediction_type,
-            prev_sample=prev_sample,
-            generator=generator,
             clip_sample_range=adapter.clip_sample_range,
         )
+        return _draw(ddim, _std_scale(plan, index) if stochastic_step else None, sample, prev_sample, generator)
     sigma, sigma_next = schedule.sigmas[rows], schedule.sigmas[rows + 1]
-    if not isinstance(index, int) or level > 0:
+    if stochastic_step:
         options = {"unnormalized_log_prob": True} if plan.log_prob == "unnormalized" else {}
-        kernel = KERNELS[plan.kernel]
-        return kernel(
-            model_output, sample, sigma, sigma_next, level, prev_sample=prev_sample, generator=generator, **options
-        )
+        kernel = functools.partial(KERNELS[plan.kernel], model_output, sample, sigma, sigma_next, level, **options)
+        return _draw(kernel, _std_scale(plan, index), sample, prev_sample, generator)
     if plan.ode_solver == "dpm_solver_2m":
         sigma_prev = schedule.sigmas[index - 1] if prev_x0 is not None else None
         return dpm_solver_2m_step(model_output, sample, sigma, sigma_next, prev_x0=prev_x0, sigma_prev=sigma_prev)
     return ode_step(model_output, sample, sigma, sigma_next)
+
+
+def _draw(kernel: Callable[..., StepOutput], scale, sample: Tensor, prev_sample, generator) -> StepOutput:
+    """The kernel's transition (drawn, or ``prev_sample`` scored), its std widened by ``scale`` when not None."""
+    if scale is None:
+        return kernel(prev_sample=prev_sample, generator=generator)
+    # The kernel's mean and std (scoring the input itself, so nothing is drawn), then the widened transition.
+    return widened_step(kernel(prev_sample=sample), scale, prev_sample=prev_sample, generator=generator)
+
+
+def _std_scale(plan: StepPlan, index: int | Sequence[int]) -> float | Tensor | None:
+    """The std multiplier of a step (or ``[B]`` per-row steps), ``None`` when it is 1 (the kernel's own draw)."""
+    if not plan.std_scales:
+        return None
+    if isinstance(index, int):
+        scale = plan.std_scale(index)
+        return None if scale == 1.0 else scale
+    scales = torch.tensor([plan.std_scale(i) for i in index], dtype=torch.float32)
+    return None if bool((scales == 1.0).all()) else scales
 
 
 def step_stds(adapter: DiffusionAdapter, plan: StepPlan, schedule: Schedule, steps: Sequence[int]) -> Tensor:
@@ -527,7 +553,8 @@ def transition_log_probs(
 
     Returns:
         ``(log_probs [b, n], means [b, n, ...], stds)`` for the ``n`` positions; the means and the transition
-        stds serve the KL term. ``stds`` is ``[n]`` for shared positions, ``[b, n]`` for per-sample ones.
+        stds serve the KL term. ``stds`` is ``[n]`` for shared positions, ``[b, n]`` for per-sample ones and for
+        trajectories whose rows have steps of their own (``row_steps``).
     """
     per_sample = isinstance(positions, Tensor)
     samples = slice(None) if samples is None else samples
@@ -560,5 +587,5 @@ def transition_log_probs(
     return (
         step.log_prob.view(batch, count),
         step.mean.view(batch, count, *step.mean.shape[1:]),
-        stds if per_sample else stds[0],
+        stds if per_sample or trajectory.row_steps is not None else stds[0],
     )

@@ -45,6 +45,7 @@ __all__ = [
     "gaussian_log_prob",
     "ode_step",
     "predict_x0",
+    "widened_step",
 ]
 
 Scalar = float | Tensor
@@ -137,6 +138,25 @@ def _finish(
     else:
         log_prob = gaussian_log_prob(prev_sample, mean, std)
     return StepOutput(prev_sample, log_prob, mean, std)
+
+
+def widened_step(step: StepOutput, scale: Scalar, prev_sample: Tensor | None = None, generator: Generator = None):
+    """The transition ``step`` with its std multiplied by ``scale`` and its mean unchanged: draw from (or score
+    ``prev_sample`` under) ``N(mean, (scale * std)^2)``.
+
+    BranchGRPO spreads siblings apart at a split by drawing with ``scale`` times the kernel's noise around the kernel's
+    own mean (docs/methods/grpo.md#branchgrpo); drawing and scoring with the same widened std keeps the transition a
+    sample of the density its ratio uses.
+
+    Args:
+        step: a stochastic kernel's output (its ``mean`` and ``std``; its draw is discarded).
+        scale: std multiplier, a float or ``[B]`` tensor, > 0.
+        prev_sample: score this transition instead of drawing one.
+        generator: generator(s) for the draw.
+    """
+    # The kernel's std is already broadcastable to the sample (0-d or [B, 1, ...]).
+    std = torch.as_tensor(step.std, dtype=torch.float32, device=step.mean.device) * _coef(scale, step.mean)
+    return _finish(step.mean, std, prev_sample, generator)
 
 
 # --- flow matching: stochastic kernels ------------------------------------------------------------------------

@@ -194,8 +194,13 @@ class GRPOSamplingConfig:
         used = ("branch_steps",) if self.plan == "branch_at" else ("tree_splits", "sde_steps")
         for key in used:
             values = getattr(self, key)
-            if values is not None and not all(0 <= i < self.num_steps for i in values):
-                raise ConfigError(f"steps must lie in [0, {self.num_steps}), got {values}", key=key)
+            if values is not None and not all(0 <= i < self.num_steps - 1 for i in values):
+                # The last step lands on the image: noise drawn there would be decoded and rewarded as it is.
+                raise ConfigError(
+                    f"steps must lie in [0, {self.num_steps - 1}) (not the last step, which lands on the image), "
+                    f"got {values}",
+                    key=key,
+                )
         if self.ode_solver != "euler":
             raise ConfigError("branching rollouts complete their paths with the Euler ODE", key=("ode_solver", "plan"))
         if self.plan == "branch_at" and (self.branch_children < 2 or self.branch_steps == []):
@@ -377,6 +382,12 @@ class GRPOConfig(TrainerConfig):
                 "grpo_guard needs the stored transition means, which branching rollouts do not keep: use "
                 "ratio_guard: none or recenter",
                 key=("train.ratio_guard", "sampling.plan"),
+            )
+        if branching and (self.train.advantage != "group" or self.train.advantage_aggregation != "sum"):
+            raise ConfigError(
+                "branching rollouts normalise each branch step's (or tree depth's) rewards within their own group: "
+                "use train.advantage: group and train.advantage_aggregation: sum",
+                key=("train.advantage", "train.advantage_aggregation", "sampling.plan"),
             )
         tree_keys = self.train.tree_fusion != "mean" or self.train.depth_pruning or self.train.width_pruning != "none"
         if tree_keys and self.sampling.plan != "tree":
@@ -583,12 +594,16 @@ class GRPOTrainer:
     # --- sampling ---------------------------------------------------------------------------------------------------
 
     def _local_slice(self, total: int) -> slice:
+        """This process's contiguous share of the epoch's ``total`` images (main paths for ``branch_at``, trees for
+        ``tree``)."""
         accelerator = self.run.accelerator
         per_process, remainder = divmod(total, accelerator.num_processes)
         if remainder:
+            what = {"branch_at": "ODE paths", "tree": "trees"}.get(self.config.sampling.plan, "images")
+            counted = "" if what == "trees" else " x sampling.images_per_prompt"
             raise ConfigError(
-                f"sampling.prompts_per_epoch x sampling.images_per_prompt = {total} images must divide evenly "
-                f"over {accelerator.num_processes} processes",
+                f"sampling.prompts_per_epoch{counted} = {total} {what} must divide evenly over "
+                f"{accelerator.num_processes} processes",
                 key=("sampling.prompts_per_epoch", "sampling.images_per_prompt"),
             )
         start = accelerator.process_index * per_process
@@ -659,18 +674,20 @@ class GRPOTrainer:
             "seeds": seeds,
             "chunk_size": sampling.batch_size,
         }
+        log_prob = self.config.train.log_prob
         if sampling.plan == "branch_at":
-            plan = build_plan(sampling, self.kernel, epoch, seed)
+            plan = dataclasses.replace(build_plan(sampling, self.kernel, epoch, seed), log_prob=log_prob)
             out = branch_rollout(self.adapter, prompts, plan, sampling.branch_children, **options)
             per_image = len(plan.stored)
             rows_units = [u for u in units for _ in range(sampling.branch_children)]
             rewards, parts = self._score_images(out.images.flatten(0, 1), rows_units, per_image)
             rewards = rewards.view(-1, per_image)
-            advantages = branch_advantages(rewards, out.path_ids, scale=self._global_std(rewards))
+            advantages = branch_advantages(rewards, out.path_ids, scale=self._global_std(rewards, per_column=True))
             trajectory, candidates = out.trajectory, None
             calls = count_branch_calls(plan.num_steps, plan.stored, sampling.branch_children) * len(prompts)
         else:
             tree = build_tree_plan(sampling, self.kernel)
+            tree = dataclasses.replace(tree, plan=dataclasses.replace(tree.plan, log_prob=log_prob))
             out = tree_rollout(self.adapter, prompts, tree, **options)
             leaf_units = [u for u in units for _ in range(tree.num_leaves)]
             rewards, parts = self._score_images(out.images, leaf_units, 1)
@@ -708,13 +725,14 @@ class GRPOTrainer:
         )
         return node_advantages[children], torch.nonzero(keep).flatten()
 
-    def _global_std(self, rewards: Tensor) -> float | None:
-        """With ``train.global_std``, the population std of the epoch's rewards over every process (the scale of all
-        advantages, as Flow-GRPO's ``global_std``); ``None`` otherwise: each group's (depth's) own std."""
+    def _global_std(self, rewards: Tensor, per_column: bool = False) -> float | Tensor | None:
+        """With ``train.global_std``, the population std of the epoch's rewards over every process (Flow-GRPO's
+        ``global_std``), per branch step (``[S]``) for ``[B, S]`` rewards when ``per_column``, as flow_grpo's tracker
+        takes the std of a reward matrix column by column; ``None`` otherwise: each group's (depth's) own std."""
         if not self.config.train.global_std:
             return None
-        gathered = self.run.accelerator.gather(rewards.flatten().to(self.run.device)).cpu()
-        return gathered.double().std(correction=0).item()
+        gathered = self.run.accelerator.gather(rewards.to(self.run.device)).cpu().double()
+        return gathered.std(dim=0, correction=0) if per_column else gathered.std(correction=0).item()
 
     def _score_images(self, images: Tensor, units: list[int], per_unit: int) -> tuple[Tensor, dict[str, Tensor]]:
         """Rewards ``[N]`` and parts of ``images`` ``[N, 3, H, W]``, image ``n`` of prompt index

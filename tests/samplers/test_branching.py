@@ -44,7 +44,8 @@ def test_branch_plan_puts_noise_only_at_the_branch_steps():
 
 def test_tree_plan_scales_the_split_steps_noise_and_trains_every_stochastic_step():
     tree = tree_plan(6, 0.3, [0, 2], sde_steps=[0, 1, 2, 3], split_noise_scale=4.0, kernel="const")
-    assert tree.plan.noise_levels == pytest.approx((1.2, 0.3, 1.2, 0.3, 0.0, 0.0))
+    assert tree.plan.noise_levels == pytest.approx((0.3, 0.3, 0.3, 0.3, 0.0, 0.0))
+    assert tree.plan.std_scales == (4.0, 1.0, 4.0, 1.0, 1.0, 1.0)  # wider splits around the kernel's own mean
     assert tree.plan.stored == tree.plan.trained == (0, 1, 2, 3)
     assert tree.num_leaves == 4
     with pytest.raises(ValueError, match="not stochastic"):
@@ -102,7 +103,8 @@ def test_branching_rollouts_are_on_policy(family, tiny_pipeline_dir):
     adapter = _adapter(tiny_pipeline_dir, family)
     kernel = _kernel(adapter)
     branched = branch_rollout(adapter, ["a red circle"], branch_plan(4, 0.7, [0, 2], kernel=kernel), 2, seeds=[3])
-    tree = tree_rollout(adapter, ["a red circle"], tree_plan(4, 0.7, [0, 1], kernel=kernel), seeds=[4], decode=False)
+    widened = tree_plan(4, 0.7, [0, 1], split_noise_scale=3.0, kernel=kernel)
+    tree = tree_rollout(adapter, ["a red circle"], widened, seeds=[4], decode=False)
     for traj in (branched.trajectory, tree.trajectory):
         positions = torch.arange(traj.log_probs.shape[1]).expand(traj.log_probs.shape[0], -1)
         with torch.no_grad():
@@ -134,3 +136,21 @@ def test_tree_rollout_shares_prefixes_and_records_every_stochastic_edge(sd3):
     assert out.parents[out.edge_children[first]] == children[0]
     assert torch.equal(out.trajectory.latents[first, 0], out.trajectory.next_latents[0, 0])
     assert torch.isnan(out.edge_log_probs[0]) and not torch.isnan(out.edge_log_probs[children]).any()
+
+
+def test_a_widened_split_keeps_the_kernels_mean_and_scales_its_std(sd3):
+    """BranchGRPO's split noise: the transition is N(kernel mean, (scale * kernel std)^2), drawn and scored alike."""
+    from diffalign.samplers.rollout import step_transition
+    from diffalign.samplers.steps import gaussian_log_prob
+
+    plain, wide = tree_plan(4, 0.7, [0]).plan, tree_plan(4, 0.7, [0], split_noise_scale=3.0).plan
+    schedule = sd3.set_timesteps(4)
+    x, v = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    x, v = x[None], v[None]
+    base = step_transition(sd3, plain, schedule, 0, v, x, generator=[torch.Generator().manual_seed(1)])
+    step = step_transition(sd3, wide, schedule, 0, v, x, generator=[torch.Generator().manual_seed(1)])
+    assert torch.equal(step.mean, base.mean)
+    assert torch.allclose(torch.as_tensor(step.std), 3 * torch.as_tensor(base.std))
+    assert torch.allclose(step.prev_sample - step.mean, 3 * (base.prev_sample - base.mean), atol=1e-6)
+    scored = step_transition(sd3, wide, schedule, 0, v, x, prev_sample=step.prev_sample)
+    assert torch.allclose(scored.log_prob, gaussian_log_prob(step.prev_sample, base.mean, 3 * base.std))

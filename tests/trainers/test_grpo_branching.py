@@ -84,21 +84,27 @@ def test_branch_at_advantages_and_noise_aware_loss(tiny_pipeline_dir, tmp_path):
 
 def test_tree_epoch_trains_the_unpruned_edges_and_changes_the_lora(tiny_pipeline_dir, tmp_path):
     config = tree_config(
-        tiny_pipeline_dir("sd3"),
-        tmp_path,
-        **{"train.depth_pruning": [3], "train.width_pruning": "extremes", "sampling.sde_steps": [0, 1, 2]},
+        tiny_pipeline_dir("sd3"), tmp_path, **{"train.width_pruning": "extremes", "sampling.sde_steps": [0, 1, 2]}
     )
     trainer = GRPOTrainer(config)
     trajectory, advantages, _, candidates = trainer.sample_branched_epoch(0)
     steps = trajectory.row_steps[:, 0]
-    # Per tree: 2 + 4 + 4 edges at steps 0, 1, 2; depth 3 (step 2) pruned, no step after the last split (1) remains.
-    assert steps.tolist().count(2) == 8 and len(steps) == 20
-    assert set(steps[candidates].tolist()) == {0, 1}
-    kept = trainer.kept_samples(advantages, candidates)
-    assert set(kept.tolist()) <= set(candidates.tolist())
+    # Per tree: 2 + 4 + 4 edges at steps 0, 1, 2 (splits at 0 and 1); the 8 edges after the last split (step 2) are
+    # width-pruned to the best 2 and the worst 2 of them.
+    assert steps.tolist() == [0] * 4 + [1] * 8 + [2] * 8
+    late = torch.arange(12, 20)
+    order = late[torch.sort(advantages[late], descending=True, stable=True).indices]
+    assert sorted(candidates.tolist()) == list(range(12)) + sorted(order[[0, 1, -2, -1]].tolist())
+    # Depth pruning drops the edges into depth 2 (made at step 1) instead.
+    trainer = GRPOTrainer(tree_config(tiny_pipeline_dir("sd3"), tmp_path, **{"train.depth_pruning": [2]}))
+    _, advantages, _, kept = trainer.sample_branched_epoch(0)
+    assert kept.tolist() == [0, 1, 2, 3] + list(range(12, 20))  # the step-1 edges (4..11) are pruned
+    # An epoch trains those of them with a non-zero advantage and moves the LoRA.
+    expected = int((advantages[kept] != 0).sum())
+    assert expected > 0
     before = [p.detach().clone() for p in trainer.run.params]
     metrics = trainer.train_step(0)
-    assert metrics["num_train_samples"] == len(kept)
+    assert metrics["num_train_samples"] == expected
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.run.params))
 
 
@@ -112,5 +118,7 @@ def test_branching_config_errors(tiny_pipeline_dir, tmp_path):
         make_config(folder, tmp_path, **{"train.width_pruning": "extremes"})
     with pytest.raises(ConfigError, match="branch_children"):
         branch_config(folder, tmp_path, **{"sampling.branch_children": 1})
-    with pytest.raises(ConfigError, match=r"\[0, 4\)"):
-        branch_config(folder, tmp_path, **{"sampling.branch_steps": [4]})
+    with pytest.raises(ConfigError, match=r"not the last step"):
+        branch_config(folder, tmp_path, **{"sampling.branch_steps": [3]})
+    with pytest.raises(ConfigError, match="advantage: group"):
+        branch_config(folder, tmp_path, **{"train.advantage": "running"})
