@@ -586,9 +586,9 @@ LEARN_STEPS = {
     "branchgrpo": 280,
     "dpo": 3000,
     "backprop": 450,
-    "refl": 900,
-    "direct_align": 900,
-    "image_refl": 800,
+    "refl": 600,
+    "direct_align": 600,
+    "image_refl": 600,
 }
 """Default optimizer-step budgets of :func:`bench_learn`: what each method did in 10 minutes on the 2-core
 development CPU (the demo 273-314 epochs, DPO 2,930 steps, backprop 436 steps on one thread; benchmarks/RESULTS.md)."""
