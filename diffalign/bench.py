@@ -558,9 +558,10 @@ GRPO_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     # MixGRPO: a 2-step SDE window sliding one step every 25 epochs over steps 0..7, then rolling back.
     "mixgrpo": {"sampling": {"plan": "sliding", "shift_every": 25, "lora_in_window_only": False}},
     "tempflow": {
-        # TempFlow-GRPO: one ODE path per prompt, 4 children at each of the demo's two trained steps (32 images an
-        # epoch as the demo's 4 x 8; 70 denoiser calls a prompt against 80), noise-aware step weights.
-        "sampling": {"plan": "branch_at", "branch_steps": [0, 1], "branch_children": 4, "images_per_prompt": 1},
+        # TempFlow-GRPO: one ODE path per prompt, 8 children at each of the demo's two trained steps (64 images an
+        # epoch; 138 denoiser calls a prompt against the demo's 80), noise-aware step weights. With 4 children (70
+        # calls) it rose half as fast (benchmarks/RESULTS.md).
+        "sampling": {"plan": "branch_at", "branch_steps": [0, 1], "branch_children": 8, "images_per_prompt": 1},
         "train": {"timestep_weighting": "noise_aware"},
     },
     "branchgrpo": {
