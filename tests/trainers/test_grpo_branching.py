@@ -82,6 +82,7 @@ def test_branch_at_advantages_and_noise_aware_loss(tiny_pipeline_dir, tmp_path):
     assert weighted.item() == pytest.approx(-(weights[0] + 2 * weights[1]).item() / 2, rel=1e-4)
 
 
+@pytest.mark.slow  # two tree trainers and an epoch (~5 s); the pruning math is in tests/losses
 def test_tree_epoch_trains_the_unpruned_edges_and_changes_the_lora(tiny_pipeline_dir, tmp_path):
     config = tree_config(
         tiny_pipeline_dir("sd3"), tmp_path, **{"train.width_pruning": "extremes", "sampling.sde_steps": [0, 1, 2]}
