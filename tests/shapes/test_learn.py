@@ -206,7 +206,8 @@ def test_bench_learn_cli_dispatches(monkeypatch, tmp_path):
     ]
     assert cli_main(["bench", "learn", "--method", "dpo", "--minutes", "0"]) == 2
     assert cli_main(["bench", "learn", "--method", "dpo", "--steps", "0"]) == 2
-    assert cli_main(["bench", "learn", "--method", "grpo", "--eval-every", "5"]) == 2
+    # GRPO methods take the held-out curve, but run their whole budget.
+    assert cli_main(["bench", "learn", "--method", "grpo", "--eval-every", "5", "--early-stopping", "2"]) == 2
     assert cli_main(["bench", "learn", "--method", "dpo", "--early-stopping", "2"]) == 2  # needs --eval-every
     assert cli_main(["bench", "learn", "--method", "dpo", "--steps", "5", "--minutes", "1"]) == 2  # one budget
 
