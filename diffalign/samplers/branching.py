@@ -18,7 +18,6 @@ re-scores them under new parameters exactly as a flat rollout's (ratio 1 before 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,10 +30,9 @@ from diffalign.samplers.rollout import (
     Trajectory,
     _check_plan,
     _resolve_seeds,
-    encode_prompts,
     make_generators,
+    prompt_conditioning,
     step_transition,
-    text_use,
 )
 
 
@@ -168,17 +166,6 @@ def count_tree_edges(tree: TreePlan) -> int:
 # --- shared pieces ---------------------------------------------------------------------------------------------------
 
 
-def _conditioning(adapter, prompts, guidance_scale, negative_prompt, conditioning) -> Conditioning:
-    """``[P]`` conditioning of ``prompts`` (each distinct prompt encoded once), or the given one."""
-    if conditioning is not None:
-        if len(conditioning) != len(prompts):
-            raise ValueError(f"conditioning has batch {len(conditioning)} for {len(prompts)} prompts")
-        return conditioning
-    _, negative, with_negative = text_use(prompts, guidance_scale, negative_prompt)
-    unique, unique_cond = encode_prompts(adapter, prompts, with_negative, negative)
-    return unique_cond[[unique.index(p) for p in prompts]]
-
-
 @torch.no_grad()
 def _predict(adapter, latents: Tensor, t: Tensor, cond: Conditioning, guidance: float, chunk: int | None) -> Tensor:
     """The denoiser's output on ``latents`` ``[n, ...]``, at most ``chunk`` rows per call."""
@@ -204,11 +191,6 @@ def _ode_to_end(adapter, schedule, start: int, latents, cond, guidance, chunk) -
 def _decode(adapter: DiffusionAdapter, latents: Tensor, chunk: int | None) -> Tensor:
     size = chunk or latents.shape[0]
     return torch.cat([adapter.decode(latents[i : i + size]) for i in range(0, latents.shape[0], size)])
-
-
-def _deterministic(plan: StepPlan) -> StepPlan:
-    """The plan with every step deterministic (the main path of a branching rollout)."""
-    return dataclasses.replace(plan, noise_levels=(0.0,) * plan.num_steps, stored=(), trained=())
 
 
 # --- TempFlow-GRPO ---------------------------------------------------------------------------------------------------
@@ -270,12 +252,12 @@ def branch_rollout(
     paths, k = len(prompts), num_children
     seeds = _resolve_seeds(seeds, paths)
     generators = make_generators(seeds, adapter.device)
-    cond = _conditioning(adapter, prompts, guidance_scale, negative_prompt, conditioning)
+    cond = prompt_conditioning(adapter, prompts, guidance_scale, negative_prompt, conditioning)
     child_cond = cond.repeat_interleave(k)
     # Each path's generator draws its children's noise in turn: rows are path-major.
     child_generators = [g for g in generators for _ in range(k)]
     schedule = adapter.set_timesteps(plan.num_steps)
-    main_plan = _deterministic(plan)
+    main_plan = ode_plan(plan.num_steps, plan.kernel)
 
     latents = adapter.prepare_latents(paths, generators).float()
     entering, produced, log_probs, finals = [], [], [], []
@@ -398,7 +380,7 @@ def tree_rollout(
     _check_plan(adapter, plan)
     seeds = _resolve_seeds(seeds, len(prompts))
     generators = make_generators(seeds, adapter.device)
-    cond = _conditioning(adapter, prompts, guidance_scale, negative_prompt, conditioning)
+    cond = prompt_conditioning(adapter, prompts, guidance_scale, negative_prompt, conditioning)
     schedule = adapter.set_timesteps(plan.num_steps)
 
     latents = adapter.prepare_latents(len(prompts), generators).float()

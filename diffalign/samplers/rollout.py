@@ -45,6 +45,7 @@ __all__ = [
     "Trajectory",
     "encode_prompts",
     "make_generators",
+    "prompt_conditioning",
     "rollout",
     "step_stds",
     "step_transition",
@@ -183,6 +184,24 @@ def encode_prompts(
     """Encode each distinct prompt once; returns ``(unique_prompts, conditioning [U])`` in first-seen order."""
     unique = list(dict.fromkeys(prompts))
     return unique, adapter.encode_prompt(unique, negative_prompt=negative_prompt, with_negative=with_negative)
+
+
+def prompt_conditioning(
+    adapter: DiffusionAdapter,
+    prompts: Sequence[str],
+    guidance_scale: float,
+    negative_prompt: str | None = None,
+    conditioning: Conditioning | None = None,
+) -> Conditioning:
+    """``[P]`` conditioning of ``prompts`` as :func:`rollout` encodes them at ``guidance_scale`` (each distinct prompt
+    once), or the given ``conditioning`` after checking its batch."""
+    if conditioning is not None:
+        if len(conditioning) != len(prompts):
+            raise ValueError(f"conditioning has batch {len(conditioning)} for {len(prompts)} prompts")
+        return conditioning
+    _, negative, with_negative = text_use(prompts, guidance_scale, negative_prompt)
+    unique, unique_cond = encode_prompts(adapter, prompts, with_negative, negative)
+    return unique_cond[[unique.index(p) for p in prompts]]
 
 
 def step_transition(
@@ -423,14 +442,7 @@ def rollout(
     seeds = _resolve_seeds(seeds, count)
     generators = make_generators(seeds, adapter.device)
 
-    if conditioning is None:
-        _, negative, with_negative = text_use(prompts, guidance_scale, negative_prompt)
-        unique, unique_cond = encode_prompts(adapter, prompts, with_negative, negative)
-        prompt_cond = unique_cond[[unique.index(p) for p in prompts]]
-    else:
-        if len(conditioning) != len(prompts):
-            raise ValueError(f"conditioning has batch {len(conditioning)} for {len(prompts)} prompts")
-        prompt_cond = conditioning
+    prompt_cond = prompt_conditioning(adapter, prompts, guidance_scale, negative_prompt, conditioning)
     unique = list(dict.fromkeys(prompts))
     image_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
     cond = prompt_cond.repeat_interleave(num_images_per_prompt)

@@ -108,7 +108,7 @@ from diffalign.losses.reward_backprop import (
 )
 from diffalign.rewarding import RewardLike, build_reward
 from diffalign.samplers.plan import StepPlan
-from diffalign.samplers.rollout import GradientPath, encode_prompts, make_generators, rollout, text_use
+from diffalign.samplers.rollout import GradientPath, make_generators, prompt_conditioning, rollout
 from diffalign.samplers.steps import predict_x0
 from diffalign.seeding import derive_seed
 from diffalign.trainers.common import TrainingRun, check_text_cache
@@ -601,9 +601,7 @@ class RewardBackpropTrainer:
     def _conditioning(self, prompts: list[str]) -> Conditioning:
         """``[B]`` conditioning of ``prompts`` as a rollout with the training guidance encodes it."""
         sampling = self.config.sampling
-        _, negative, with_negative = text_use(prompts, sampling.guidance_scale, sampling.negative_prompt)
-        unique, cond = encode_prompts(self.adapter, prompts, with_negative, negative)
-        return cond[[unique.index(p) for p in prompts]]
+        return prompt_conditioning(self.adapter, prompts, sampling.guidance_scale, sampling.negative_prompt)
 
     def truncated_images(self, prompts: list[str], seeds: list[int], num_grad: int) -> Tensor:
         """AlignProp / DRaFT-K: the last ``num_grad`` denoiser calls and the decode keep the graph.
