@@ -7,7 +7,9 @@ seeds) and at the end (2x). Run folders are named ``<anything>_s<seed>``.
 
     python benchmarks/learning_curves.py runs/online2/*_s? --out benchmarks/learning_curves.svg
 
-Prints a Markdown table (gain at 1x, gain at 2x, unseen-prompt change at the end, seconds per update) and writes the
+Prints a Markdown table (gain at 1x, gain at 2x, unseen-prompt change at the end, seconds per update, denoiser rows
+per update: every forward row while training, CFG halves and gradient-checkpoint recomputation counted, the
+periodic evaluation not; runs made before that count existed show n/a) and writes the
 plot (aligned strict accuracy against the fraction of the 1x budget, one line per run). Needs matplotlib
 (``pip install diffalign[plot]``).
 """
@@ -43,6 +45,7 @@ def load_run(folder: Path) -> dict[str, Any]:
         "unseen": metrics["unseen"]["gain"]["strict_accuracy"],
         "seconds_per_update": per_update,
         "calls": metrics.get("rollout_denoiser_calls_per_epoch"),
+        "rows": metrics.get("denoiser_rows_per_epoch") or metrics.get("train", {}).get("denoiser_rows_per_step"),
     }
 
 
@@ -55,17 +58,18 @@ def table(runs: list[dict[str, Any]]) -> str:
     """Markdown rows: method, seed, 1x budget, gain at 1x and at the end, unseen change at the end, s/update."""
     lines = [
         "| method | seed | 1x budget | gain at 1x | steps run | gain at end | unseen change at end | s / update | "
-        "rollout calls / update |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "rollout calls / update | denoiser rows / update |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in sorted(runs, key=lambda r: (r["method"], r["seed"] or 0)):
         one = at_step(run, run["budget"])
         gain_1x = f"{one - run['before']:+.3f}" if one is not None else "n/a"
         seconds = f"{run['seconds_per_update']:.2f}" if run["seconds_per_update"] else "n/a"
         calls = f"{run['calls']:.0f}" if run["calls"] else "n/a"
+        rows = f"{run['rows']:.0f}" if run["rows"] else "n/a"
         lines.append(
             f"| {run['method']} | {run['seed']} | {run['budget']} | {gain_1x} | {run['steps']} | "
-            f"{run['after'] - run['before']:+.3f} | {run['unseen']:+.3f} | {seconds} | {calls} |"
+            f"{run['after'] - run['before']:+.3f} | {run['unseen']:+.3f} | {seconds} | {calls} | {rows} |"
         )
     return "\n".join(lines)
 

@@ -241,6 +241,7 @@ def run_demo(
         eval_every: also measure the aligned prompts at ``eval_seeds`` every this many epochs (the held-out curve,
             ``curve`` in ``metrics.json``); 0 = only before and after.
     """
+    from diffalign.shapes.learn import train_counting_rows
     from diffalign.trainers.grpo import GRPOConfig, GRPOTrainer
 
     model = Path(model) if model is not None else BASE_MODEL
@@ -278,7 +279,7 @@ def run_demo(
     # several times cheaper than 256 copies). Sampling, re-scoring and evaluation all run inside it.
     with repeated_context_sampling(trainer.adapter):
         before = {name: e.score() for name, e in evaluators.items()}
-        trainer.train()
+        rows = train_counting_rows(trainer)
         context = trainer.run.ema.swapped_in() if trainer.run.ema is not None else torch.no_grad()
         with context:
             after = {name: e.score() for name, e in evaluators.items()}
@@ -288,6 +289,7 @@ def run_demo(
         "unseen": results["unseen"],
         "epochs": len(_train_records(output)),
         **_timing(output),
+        "denoiser_rows_per_epoch": rows / max(len(_train_records(output)), 1),
         "minutes": (time.monotonic() - started) / 60,
         "eval": {
             "prompts": len(aligned),

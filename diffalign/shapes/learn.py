@@ -175,6 +175,8 @@ class _Bench:
             raise ValueError("validation_seeds must differ from eval_seeds: the run would be selected on its score")
         self.started = time.monotonic()
         self.eval_seconds = 0.0
+        self.denoiser_rows = 0
+        """Rows the denoiser ran on while training (:class:`DenoiserRows`)."""
 
     def load_base(self) -> DiffusionAdapter:
         """The base model at the protocol's resolution."""
@@ -233,7 +235,13 @@ class _Bench:
             budget_minutes=self.minutes,
             budget_steps=self.settings.max_steps if self.minutes is None else None,
             **details,
-            train={"steps": trainer.run.optimizer_steps, "minutes": seconds / 60, **train, **_stopping(trainer)},
+            train={
+                "steps": trainer.run.optimizer_steps,
+                "minutes": seconds / 60,
+                "denoiser_rows_per_step": self.denoiser_rows / max(trainer.run.optimizer_steps, 1),
+                **train,
+                **_stopping(trainer),
+            },
         )
         print(format_summary(metrics, self.output))  # noqa: T201
         return metrics
@@ -282,6 +290,56 @@ def heldout_curve(metrics_log: Path) -> list[dict[str, float]]:
     ]
 
 
+class DenoiserRows:
+    """Counts the rows the denoiser runs forward on while training: one row per image and call, CFG's conditional
+    and unconditional halves each a row, gradient-checkpoint recomputation included (it is compute), the periodic
+    evaluation left out (:meth:`uncounted`). Machine-independent work per optimizer step, next to the seconds.
+
+    Use as a context manager around training; ``rows`` holds the count.
+    """
+
+    def __init__(self, denoiser: torch.nn.Module) -> None:
+        self.denoiser = denoiser
+        self.rows = 0
+        self._paused = 0
+        self._handle: Any = None
+
+    def __enter__(self) -> DenoiserRows:
+        self._handle = self.denoiser.register_forward_pre_hook(self._count, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+    def _count(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self._paused:
+            return
+        first = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        self.rows += int(first.shape[0])
+
+    def uncounted(self, evaluate: Any) -> Any:
+        """``evaluate`` (a trainer's periodic evaluation, ``None`` allowed) with counting paused while it runs."""
+        if evaluate is None:
+            return None
+
+        def run(step: int) -> Any:
+            self._paused += 1
+            try:
+                return evaluate(step)
+            finally:
+                self._paused -= 1
+
+        return run
+
+
+def train_counting_rows(trainer: Any) -> int:
+    """``trainer.train()`` with :class:`DenoiserRows` counting; returns the rows (the periodic evaluation's not)."""
+    with DenoiserRows(trainer.adapter.denoiser) as counter:
+        trainer.evaluator = counter.uncounted(trainer.evaluator)
+        trainer.train()
+    return counter.rows
+
+
 def _train(bench: _Bench, trainer: Any) -> float:
     """Train inside the sampling shortcut, held-out verifier curve every ``eval.every`` steps; returns seconds.
 
@@ -301,7 +359,7 @@ def _train(bench: _Bench, trainer: Any) -> float:
         )
     began = time.monotonic()
     with repeated_context_sampling(trainer.adapter):
-        trainer.train()
+        bench.denoiser_rows = train_counting_rows(trainer)
     return time.monotonic() - began
 
 

@@ -104,6 +104,9 @@ def test_learn_backprop_on_a_steps_budget_draws_the_heldout_curve(tmp_path):
     assert metrics["curve"][-1]["strict_accuracy"] == metrics["after"]["strict_accuracy"]
     assert metrics["curve"][-1]["mean_reward"] == pytest.approx(metrics["after"]["mean_reward"])
     assert "held-out strict accuracy during training" in format_summary(metrics)
+    # Work per step, the periodic evaluation left out: 2 images x 2 CFG rows x (3 sampling steps + 2 grad steps
+    # recomputed by gradient checkpointing).
+    assert metrics["train"]["denoiser_rows_per_step"] == 2 * 2 * (3 + 2)
 
 
 def test_learn_backprop_stops_early_on_validation_seeds_and_keeps_the_best(tmp_path):
@@ -223,3 +226,25 @@ def test_bench_learn_defaults_to_a_steps_budget(monkeypatch):
     assert calls[0]["minutes"] is None and calls[0]["max_steps"] == LEARN_STEPS["backprop"] == 450
     with pytest.raises(ValueError, match="give one budget"):
         bench_learn("backprop", minutes=1.0, steps=2)
+
+
+def test_denoiser_rows_counts_forward_rows_and_not_the_evaluation():
+    """Rows of every forward (positional or keyword latents), none while the wrapped evaluation runs, and the hook
+    is gone after the block."""
+    import torch
+
+    from diffalign.shapes.learn import DenoiserRows
+
+    class Denoiser(torch.nn.Module):
+        def forward(self, hidden_states, timestep=None):
+            return hidden_states
+
+    denoiser = Denoiser()
+    with DenoiserRows(denoiser) as counter:
+        denoiser(torch.zeros(3, 4))
+        denoiser(hidden_states=torch.zeros(5, 4), timestep=1)
+        evaluate = counter.uncounted(lambda step: denoiser(torch.zeros(7, 4)).shape[0] + step)
+        assert evaluate(1) == 8  # the evaluation's result passes through
+        assert counter.uncounted(None) is None  # no periodic evaluation
+    denoiser(torch.zeros(11, 4))
+    assert counter.rows == 3 + 5
