@@ -89,3 +89,17 @@ def test_demo_without_a_model_says_how_to_get_one(tmp_path, capsys):
 
 def test_compositional_filter():
     assert compositional(["a red circle", "two blue squares"]) == ["two blue squares"]
+
+
+@pytest.mark.parametrize("method", ["grpo", "flow_grpo", "mixgrpo", "tempflow", "branchgrpo"])
+def test_every_grpo_benchmark_variant_is_a_valid_demo_config(method, tmp_path):
+    """``diffalign bench learn --method M`` runs the demo's config with M's keys replaced: each must validate (a
+    tree's leaves are its group, a branching plan needs group advantages summed over steps, ...)."""
+    from diffalign.bench import GRPO_VARIANTS
+
+    assert set(GRPO_VARIANTS) == {"grpo", "flow_grpo", "mixgrpo", "tempflow", "branchgrpo"}
+    raw = demo_config(BASE_MODEL, tmp_path, None, 0, ["a red circle"])
+    for group, keys in GRPO_VARIANTS[method].items():
+        raw[group].update(keys)
+    config = load_config(GRPOConfig, raw)
+    assert config.sampling.plan == GRPO_VARIANTS[method].get("sampling", {}).get("plan", "window")
