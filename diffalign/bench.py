@@ -660,8 +660,9 @@ def bench_learn(
 
             budget = {"max_steps": steps} if steps is not None else {}
             variant = GRPO_VARIANTS[method]
-            run = run_demo(minutes=minutes, output=output, seed=seed, eval_every=eval_every, **variant, **budget)
-            metrics = {"method": method, **run}
+            metrics = run_demo(
+                minutes=minutes, output=output, seed=seed, eval_every=eval_every, method=method, **variant, **budget
+            )
             print(format_summary(metrics, output))  # noqa: T201
             return metrics
         from diffalign.shapes.learn import learn_backprop, learn_dpo

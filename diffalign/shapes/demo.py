@@ -221,6 +221,7 @@ def run_demo(
     sampling: dict[str, Any] | None = None,
     train: dict[str, Any] | None = None,
     eval_every: int = 0,
+    method: str = "grpo",
 ) -> dict[str, Any]:
     """Run the demo and return its metrics (also written to ``<output>/metrics.json``).
 
@@ -240,6 +241,7 @@ def run_demo(
         train: keys of the recipe's ``train`` group to replace.
         eval_every: also measure the aligned prompts at ``eval_seeds`` every this many epochs (the held-out curve,
             ``curve`` in ``metrics.json``); 0 = only before and after.
+        method: the name recorded as ``method`` in the metrics (``diffalign bench learn``'s GRPO variant).
     """
     from diffalign.shapes.learn import train_counting_rows
     from diffalign.trainers.grpo import GRPOConfig, GRPOTrainer
@@ -285,6 +287,7 @@ def run_demo(
             after = {name: e.score() for name, e in evaluators.items()}
     results = {name: compare(_summary(before[name][1]), _summary(after[name][1])) for name in evaluators}
     metrics = {
+        "method": method,
         **results["aligned"],
         "unseen": results["unseen"],
         "epochs": len(_train_records(output)),

@@ -67,7 +67,8 @@ def test_demo_writes_its_outputs(tiny_pipeline_dir, tmp_path):
         assert (output / name).exists(), name
     assert "min_timestep" in json.loads((output / "lora" / "diffalign_lora.json").read_text())
     assert json.loads((output / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
-    assert metrics["epochs"] >= 1
+    assert metrics["epochs"] >= 1 and metrics["method"] == "grpo"
+    assert metrics["denoiser_rows_per_epoch"] > 0
     assert metrics["eval"]["prompts"] == 4 and metrics["eval"]["unseen_prompts"] == 3
     for scores in (metrics, metrics["unseen"]):
         for phase in ("before", "after"):
