@@ -134,6 +134,7 @@ def _perturb_lora(adapter, seed=0):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_saved_by_diffalign_loads_into_a_fresh_pipeline(family, tiny_pipeline_dir, tmp_path):
     folder = tiny_pipeline_dir(family)
@@ -170,6 +171,7 @@ def test_lora_saved_by_diffalign_loads_into_a_fresh_pipeline(family, tiny_pipeli
     assert (_adapter_images(other, 3.0) - lora_images).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_lora_min_timestep_switches_the_lora_off_at_and_below_it(family, tiny_pipeline_dir, tmp_path):
     adapter = load_adapter(tiny_pipeline_dir(family), height=SIZE, width=SIZE, **_family_kwargs(family))
@@ -224,6 +226,7 @@ def test_lora_min_timestep_switches_the_lora_off_at_and_below_it(family, tiny_pi
     assert other.lora_min_timestep is None
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_default_lora_targets_exist_in_each_denoiser(tiny_pipeline_dir):
     for family in FAMILIES:
         adapter = load_adapter(tiny_pipeline_dir(family), height=SIZE, width=SIZE, **_family_kwargs(family))

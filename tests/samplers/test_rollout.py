@@ -276,6 +276,7 @@ def test_ddim_with_set_alpha_to_one_keeps_noise_in_its_stochastic_last_step(tiny
     torch.testing.assert_close(schedule.stochastic_alphas_cumprod_prev[:-1], schedule.alphas_cumprod_prev[:-1])
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_ddim_applies_the_schedulers_clip_sample(tiny_pipeline_dir, tmp_path):
     """SDXL keeps the scheduler's clip_sample (the SD1.x pipeline switches it off when it loads)."""
     options = {"clip_sample": True, "clip_sample_range": 0.05}

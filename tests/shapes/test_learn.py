@@ -109,6 +109,7 @@ def test_learn_backprop_on_a_steps_budget_draws_the_heldout_curve(tmp_path):
     assert metrics["train"]["denoiser_rows_per_step"] == 2 * 2 * (3 + 2)
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_learn_backprop_stops_early_on_validation_seeds_and_keeps_the_best(tmp_path):
     """early_stopping=1: the run stops at the first periodic evaluation (validation seeds, apart from the final
     measurement's) that does not beat the best so far, and ends with the best one's weights."""

@@ -233,6 +233,7 @@ def _count_save_operations(monkeypatch, cut_at=None):
     return done
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_a_save_cut_at_any_file_operation_leaves_a_loadable_latest(tiny_pipeline_dir, tmp_path, monkeypatch):
     """Re-saving an existing step (the final save after a periodic one) and pruning, cut after every operation."""
     folder = tiny_pipeline_dir("sd3")
@@ -271,6 +272,7 @@ def test_a_save_cut_at_any_file_operation_leaves_a_loadable_latest(tiny_pipeline
     assert resumed_from == sorted(resumed_from) and set(resumed_from) == {1, 2, 3}, resumed_from
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_a_nan_gradient_in_a_training_run_stops_it_with_the_last_good_checkpoint_intact(
     tiny_pipeline_dir, tmp_path, monkeypatch
 ):

@@ -177,6 +177,7 @@ def test_full_finetuning_changes_weights_and_keeps_the_reference(tiny_pipeline_d
 # --- resume and data -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_kill_and_resume_gives_the_same_losses(tiny_pipeline_dir, tmp_path):
     # 6 pairs, batches of 2, 2 micro-batches per step: steps straddle epoch ends, so the resume restores the data
     # position mid-epoch; crops, flips and caption dropout are on.

@@ -403,6 +403,7 @@ def test_lora_in_window_only_runs_the_base_model_after_the_window(tiny_pipeline_
     assert json.loads((tmp_path / "lora" / "diffalign_lora.json").read_text()) == {"min_timestep": float(timesteps[2])}
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_lr_schedule_counts_epochs_not_optimizer_steps(tiny_pipeline_dir, tmp_path):
     # 8 samples in micro-batches of 4: two optimizer steps an epoch; the linear decay must still span max_steps epochs.
     config = make_config(tiny_pipeline_dir("sd3"), tmp_path, max_steps=4, **{"optim.lr_scheduler": "linear"})
@@ -501,6 +502,7 @@ def _current(trainer, trajectory, samples, positions):
     return log_probs, trajectory.log_probs[samples].gather(1, positions), means, stds
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_recenter_guard_and_its_refusals(tiny_pipeline_dir, tmp_path):
     from diffalign.config import ConfigError
 
@@ -540,6 +542,7 @@ def test_recenter_guard_and_its_refusals(tiny_pipeline_dir, tmp_path):
                                        "train.log_prob": "unnormalized"})  # fmt: skip
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_per_reward_advantage_aggregation_in_the_trainer(tiny_pipeline_dir, tmp_path):
     from diffalign.config import ConfigError
     from diffalign.losses.advantages import per_reward_advantages
@@ -652,6 +655,7 @@ def test_text_embedding_cache_gives_the_same_rollouts_and_losses(tiny_pipeline_d
         make_config(folder, tmp_path, **{"model.offload_text_encoders": "cpu"})
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_a_resumed_run_reads_its_saved_text_embeddings(tiny_pipeline_dir, tmp_path, monkeypatch):
     """The cache is saved as <output_dir>/text_cache/rank0.safetensors; resuming reads it and encodes nothing."""
     from diffalign.adapters.base import DiffusionAdapter

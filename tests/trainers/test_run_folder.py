@@ -84,6 +84,7 @@ def test_resume_latest_without_a_checkpoint_is_an_error(tiny_pipeline_dir, tmp_p
         make_run(tiny_pipeline_dir("sd3"), tmp_path, resume="latest").resume()
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_resume_auto_starts_fresh_and_says_so(tiny_pipeline_dir, tmp_path, capsys):
     folder = tiny_pipeline_dir("sd3")
     assert make_run(folder, tmp_path, resume="auto").resume() == {"step": 0}
@@ -101,6 +102,7 @@ def test_resume_refuses_a_config_that_changes_the_run(tiny_pipeline_dir, tmp_pat
         make_run(folder, tmp_path, resume="latest", seed=1, optim={"lr": 2e-2})
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_resume_accepts_bookkeeping_changes_and_allowed_ones(tiny_pipeline_dir, tmp_path, capsys):
     folder = tiny_pipeline_dir("sd3")
     _old_run(folder, tmp_path, steps=1, seed=1)
@@ -136,6 +138,7 @@ def model(tiny_pipeline_dir):
     return str(tiny_pipeline_dir("sd3"))
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_train_flags(model, tmp_path, capsys):
     config = _grpo_yaml(tmp_path / "grpo.yaml", model, tmp_path / "run")
     assert main(["train", str(config), "--resume", "latest"]) == 1
@@ -197,6 +200,7 @@ def test_a_longer_decaying_schedule_is_a_training_change(tiny_pipeline_dir, tmp_
         make_run(folder, tmp_path, resume="latest", optim=linear, max_steps=20)
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_a_resume_from_another_runs_checkpoint_into_a_used_folder_is_refused(tiny_pipeline_dir, tmp_path):
     folder = tiny_pipeline_dir("sd3")
     _old_run(folder, tmp_path / "a", steps=1)
@@ -207,6 +211,7 @@ def test_a_resume_from_another_runs_checkpoint_into_a_used_folder_is_refused(tin
     assert run.resume()["step"] == 1  # a warm start into a fresh folder is fine
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_a_checkpoint_of_another_process_count_is_refused(tiny_pipeline_dir, tmp_path):
     folder = tiny_pipeline_dir("sd3")
     _old_run(folder, tmp_path, steps=1)
