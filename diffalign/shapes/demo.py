@@ -286,13 +286,14 @@ def run_demo(
         with context:
             after = {name: e.score() for name, e in evaluators.items()}
     results = {name: compare(_summary(before[name][1]), _summary(after[name][1])) for name in evaluators}
+    epochs = len(_train_records(output))
     metrics = {
         "method": method,
         **results["aligned"],
         "unseen": results["unseen"],
-        "epochs": len(_train_records(output)),
+        "epochs": epochs,
         **_timing(output),
-        "denoiser_rows_per_epoch": rows / max(len(_train_records(output)), 1),
+        "denoiser_rows_per_epoch": rows / max(epochs, 1),
         "minutes": (time.monotonic() - started) / 60,
         "eval": {
             "prompts": len(aligned),

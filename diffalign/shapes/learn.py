@@ -175,8 +175,6 @@ class _Bench:
             raise ValueError("validation_seeds must differ from eval_seeds: the run would be selected on its score")
         self.started = time.monotonic()
         self.eval_seconds = 0.0
-        self.denoiser_rows = 0
-        """Rows the denoiser ran on while training (:class:`DenoiserRows`)."""
 
     def load_base(self) -> DiffusionAdapter:
         """The base model at the protocol's resolution."""
@@ -227,7 +225,7 @@ class _Bench:
         The metrics record the budget, ``details``, then ``train`` (the run's settings) after the optimizer steps
         and the training minutes.
         """
-        seconds = _train(self, trainer)
+        seconds, rows = _train(self, trainer)
         after = self.evaluate(trainer.adapter, trainer.run.ema)
         metrics = self.finish(
             before,
@@ -238,7 +236,7 @@ class _Bench:
             train={
                 "steps": trainer.run.optimizer_steps,
                 "minutes": seconds / 60,
-                "denoiser_rows_per_step": self.denoiser_rows / max(trainer.run.optimizer_steps, 1),
+                "denoiser_rows_per_step": rows / max(trainer.run.optimizer_steps, 1),
                 **train,
                 **_stopping(trainer),
             },
@@ -333,15 +331,21 @@ class DenoiserRows:
 
 
 def train_counting_rows(trainer: Any) -> int:
-    """``trainer.train()`` with :class:`DenoiserRows` counting; returns the rows (the periodic evaluation's not)."""
+    """``trainer.train()`` with :class:`DenoiserRows` counting; returns the rows (the periodic evaluation's not).
+    The trainer's evaluator is wrapped for the run and put back after it."""
+    evaluator = trainer.evaluator
     with DenoiserRows(trainer.adapter.denoiser) as counter:
-        trainer.evaluator = counter.uncounted(trainer.evaluator)
-        trainer.train()
+        trainer.evaluator = counter.uncounted(evaluator)
+        try:
+            trainer.train()
+        finally:
+            trainer.evaluator = evaluator
     return counter.rows
 
 
-def _train(bench: _Bench, trainer: Any) -> float:
-    """Train inside the sampling shortcut, held-out verifier curve every ``eval.every`` steps; returns seconds.
+def _train(bench: _Bench, trainer: Any) -> tuple[float, int]:
+    """Train inside the sampling shortcut, held-out verifier curve every ``eval.every`` steps; returns the seconds
+    and the denoiser rows (:func:`train_counting_rows`).
 
     The periodic evaluation (logged as ``eval/reward_mean`` and ``eval/strict_mean`` in ``metrics.jsonl``) uses the
     verifier and the evaluation protocol whatever the training reward; its time counts against the budget.
@@ -359,8 +363,8 @@ def _train(bench: _Bench, trainer: Any) -> float:
         )
     began = time.monotonic()
     with repeated_context_sampling(trainer.adapter):
-        bench.denoiser_rows = train_counting_rows(trainer)
-    return time.monotonic() - began
+        rows = train_counting_rows(trainer)
+    return time.monotonic() - began, rows
 
 
 # ---------------------------------------------------------------------------------------------------------------------
