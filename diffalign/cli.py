@@ -22,6 +22,7 @@ the subcommand) adds the traceback. Heavy libraries are imported only by the sub
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -87,6 +88,51 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _alignment_options(parser: argparse.ArgumentParser, several: bool) -> None:
+    """Alignment at sampling time: RL guidance (``--alignment-scale``) and the noise search (``--best-of``)."""
+    parser.add_argument(
+        "--alignment-scale",
+        type=float,
+        nargs="+" if several else None,
+        default=None,
+        metavar="W",
+        help="RL guidance: base + W * (LoRA - base) at every step (0 base, 1 the LoRA, >1 stronger; one more "
+        "denoiser call per step)" + ("; several: one column group per LoRA and W" if several else ""),
+    )
+    parser.add_argument(
+        "--best-of",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sample N starting noises per image and keep the one the (first) --reward scores best",
+    )
+    parser.add_argument(
+        "--search-rounds",
+        type=int,
+        default=1,
+        help="with --best-of: rounds of search, each later one around the best noise so far (default: 1)",
+    )
+    parser.add_argument(
+        "--search-radius", type=float, default=0.5, help="with --search-rounds > 1: neighbour distance (default: 0.5)"
+    )
+
+
+def _noise_search(args: argparse.Namespace):
+    """The :class:`~diffalign.eval.search.NoiseSearch` of ``--best-of`` (None without it)."""
+    from diffalign.eval.search import NoiseSearch
+
+    if args.best_of is None:
+        if args.search_rounds != 1:
+            raise UsageError("--search-rounds needs --best-of N")
+        return None
+    if not args.reward:
+        raise UsageError("--best-of needs a --reward to choose the images by")
+    try:
+        return NoiseSearch(candidates=args.best_of, rounds=args.search_rounds, radius=args.search_radius)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def _add_train(sub, common) -> None:
     p = sub.add_parser("train", parents=[common], help="train with a YAML config (the method is read from it)")
     p.add_argument("config", nargs="?", help="YAML config with a 'method' key (grpo, diffusion_dpo, ...)")
@@ -114,6 +160,8 @@ def _add_sample(sub, common) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first image of each prompt (default: 0)")
     p.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt, seeds seed, seed+1, ...")
     _sampling_options(p)
+    _alignment_options(p, several=False)
+    p.add_argument("--reward", action="append", default=[], help="with --best-of: the reward to choose by")
     p.add_argument("--out", required=True, help="PNG file (several images: a grid, rows = prompts) or a folder")
     p.set_defaults(handler=cmd_sample)
 
@@ -138,6 +186,7 @@ def _add_grid(sub, common) -> None:
     p.add_argument("--no-base", action="store_true", help="leave out the base model's columns")
     p.add_argument("--cell-size", type=int, default=256, help="cell side in pixels (default: 256)")
     _sampling_options(p)
+    _alignment_options(p, several=True)
     p.add_argument("--out", required=True, help="grid PNG; the scores go to the same name with .json")
     p.add_argument("--json", help="where the scores go instead of <out>.json")
     p.set_defaults(handler=cmd_grid)
@@ -459,13 +508,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from diffalign.eval.grid import ode_images, resolve_lora, tile_images, to_pil
 
     _check_positive(steps=args.steps, num_images_per_prompt=args.num_images_per_prompt, batch_size=args.batch_size)
-    adapter = _load_model(args)
     if len(args.lora) > 1:
         raise UsageError("sample takes one --lora (use 'diffalign grid' to compare several)")
+    if args.alignment_scale is not None and not args.lora:
+        raise UsageError("--alignment-scale mixes the base model with a LoRA: give the --lora")
+    search = _noise_search(args)
+    if len(args.reward) > 1:
+        raise UsageError("sample chooses by one --reward")
+    adapter = _load_model(args)
     if args.lora:
         adapter.load_lora(resolve_lora(args.lora[0]))
+        adapter.alignment_scale = args.alignment_scale
     seeds = [args.seed + i for i in range(args.num_images_per_prompt)]
-    images = ode_images(adapter, args.prompt, seeds, args.steps, _guidance(args, adapter), args.batch_size)
+    guidance = _guidance(args, adapter)
+    if search is None:
+        images = ode_images(adapter, args.prompt, seeds, args.steps, guidance, args.batch_size)
+    else:
+        images = _searched_images(args, adapter, seeds, search, guidance)
     out = Path(args.out)
     if out.is_dir() or args.out.endswith(("/", os.sep)):
         out.mkdir(parents=True, exist_ok=True)
@@ -479,6 +538,35 @@ def cmd_sample(args: argparse.Namespace) -> int:
     picture.save(out, format="PNG")
     print(f"wrote {out} ({picture.width}x{picture.height}, {len(images)} image(s))")
     return 0
+
+
+def _searched_images(args: argparse.Namespace, adapter: Any, seeds: list[int], search: Any, guidance: float):
+    """``diffalign sample --best-of N``: the chosen images; every candidate's reward goes to ``<out>.search.json``."""
+    from diffalign.eval.score import build_rewards
+    from diffalign.eval.search import search_initial_noise
+
+    ((label, reward),) = build_rewards(args.reward, device=adapter.device).items()
+    result = search_initial_noise(
+        adapter,
+        args.prompt,
+        seeds,
+        reward,
+        search,
+        num_steps=args.steps,
+        guidance_scale=guidance,
+        batch_size=args.batch_size,
+    )
+    cells = [
+        {"prompt": p, "seed": seed, "candidates": c}
+        for (p, seed), c in zip([(p, seed) for p in args.prompt for seed in seeds], result.candidates)
+    ]
+    report = Path(args.out.rstrip("/" + os.sep) + ".search.json")
+    report.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"reward": label, "search": dataclasses.asdict(search), "cells": cells}
+    report.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    best = ", ".join(f"{value:.3f}" for value in result.best_rewards)
+    print(f"best-of-{search.candidates} ({search.rounds} round(s)) by {label}: {best}; every candidate in {report}")
+    return result.images
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -496,6 +584,9 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from diffalign.eval.score import build_rewards
 
     _check_positive(steps=args.steps, batch_size=args.batch_size, cell_size=args.cell_size)
+    if args.alignment_scale is not None and not args.lora:
+        raise UsageError("--alignment-scale mixes the base model with a LoRA: give at least one --lora")
+    search = _noise_search(args)
     prompts = _prompts(args)
     device = _device(args.device)
     rewards = build_rewards(args.reward, device=device)
@@ -511,6 +602,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
         guidance_scale=_guidance(args, adapter),
         cell_size=args.cell_size,
         batch_size=args.batch_size,
+        alignment_scales=args.alignment_scale,
+        search=search,
     )
     grid.settings.update(model=args.model, rewards={label: spec for label, spec in zip(rewards, args.reward)})
     png, scores = grid.save(args.out, args.json)

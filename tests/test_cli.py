@@ -226,6 +226,35 @@ def test_score_literal_prompts(tmp_path, monkeypatch, capsys):
     assert "3 prompts for 2 images" in _error_line(capsys)
 
 
+def test_sample_best_of_and_grid_alignment_scales(model, lora_dir, tmp_path, capsys):
+    out = tmp_path / "best.png"
+    args = ["sample", "--model", model, "--prompt", "a red circle", "--best-of", "3", "--reward", REDNESS]
+    assert main([*args, "--out", str(out), *_sampling()]) == 0
+    report = json.loads((tmp_path / "best.png.search.json").read_text())
+    (cell,) = report["cells"]
+    assert [c["index"] for c in cell["candidates"]] == [0, 1, 2] and sum(c["chosen"] for c in cell["candidates"]) == 1
+    best = max(c["reward"] for c in cell["candidates"])
+    chosen = redness(torch.from_numpy(np.array(Image.open(out))).permute(2, 0, 1)[None].float() / 255)
+    assert chosen.item() == pytest.approx(best, abs=0.01)  # the PNG is the best candidate (8-bit rounding aside)
+
+    grid = tmp_path / "grid.png"
+    args = ["grid", "--model", model, "--lora", str(lora_dir.parent), "--prompt", "a red circle", "--no-base"]
+    args += ["--alignment-scale", "0", "1", "--reward", REDNESS, "--out", str(grid), *_sampling()]
+    assert main(args) == 0
+    payload = json.loads(grid.with_suffix(".json").read_text())
+    assert payload["columns"] == ["checkpoint-7 w=0", "checkpoint-7 w=1"]
+    assert payload["settings"]["alignment_scales"] == [0.0, 1.0]
+    adapter = load_adapter(model, height=SIZE, width=SIZE)
+    base = redness(ode_images(adapter, ["a red circle"], [0], 2, 3.0))
+    assert payload["records"][0]["scores"]["redness"] == pytest.approx(base.item(), abs=1e-6)  # w = 0: the base
+
+    capsys.readouterr()
+    assert main(["sample", "--model", model, "--prompt", "a", "--alignment-scale", "1", "--out", str(out)]) == 2
+    assert "give the --lora" in capsys.readouterr().err
+    assert main(["sample", "--model", model, "--prompt", "a", "--best-of", "2", "--out", str(out)]) == 2
+    assert "needs a --reward" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["grid", "pairs"])
 def test_grid_and_pairs_take_literal_prompts(command, tmp_path, monkeypatch, capsys):
     seen = []

@@ -239,6 +239,11 @@ class DiffusionAdapter:
         combined generation: the base model runs the early, noisy steps and the LoRA takes over from a switch step
         (:func:`diffalign.losses.reward_backprop.switch_timestep` maps a step to this limit). Saved beside the LoRA
         weights and restored by :meth:`load_lora`, like :attr:`lora_min_timestep`."""
+        self.alignment_scale: float | None = None
+        """Sampling-time alignment (RL guidance, Jin et al. 2025): with a LoRA, every prediction becomes
+        ``base + w * (aligned - base)`` of the base model's (LoRA off) and the LoRA model's outputs, each with the
+        same CFG; ``w = 0`` is the base model, ``1`` the LoRA model, ``> 1`` extrapolates (one more denoiser call
+        per step). ``None``: off. A sampling choice, not saved with the LoRA (docs/methods/sampling-alignment.md)."""
         self.text_cache: TextEmbeddingCache | None = None
         """Per-prompt text conditionings that :meth:`encode_prompt` answers from
         (:mod:`diffalign.adapters.text_cache`); ``None``: every call encodes."""
@@ -509,11 +514,25 @@ class DiffusionAdapter:
         uncond_grad: bool = True,
     ) -> Tensor:
         """The model output at ``(latents, t)``: :meth:`_predict`, with the LoRA switched off at the timesteps at
-        or below :attr:`lora_min_timestep` and above :attr:`lora_max_timestep` when those are set.
+        or below :attr:`lora_min_timestep` and above :attr:`lora_max_timestep` when those are set, and mixed with
+        the base model's output by :attr:`alignment_scale` when that is set.
 
         A batch whose samples sit on both sides of a limit runs twice (with and without the LoRA) and each
         sample takes its own side; the samplers' batches share one timestep, so they run once.
         """
+        scale = self.alignment_scale
+        if scale is None or not self.has_lora or self._lora_off_depth:
+            return self._predict_scoped(latents, t, cond, guidance_scale, uncond_grad)
+        with self.lora_disabled():
+            base = self._predict(latents, t, cond, guidance_scale, uncond_grad=uncond_grad)
+        aligned = self._predict_scoped(latents, t, cond, guidance_scale, uncond_grad)
+        # lerp is exact at both ends (w = 0 gives base, w = 1 aligned, bit for bit) and extrapolates past them.
+        return torch.lerp(base, aligned, float(scale))
+
+    def _predict_scoped(
+        self, latents: Tensor, t: Tensor | float, cond: Conditioning, guidance_scale: float, uncond_grad: bool
+    ) -> Tensor:
+        """:meth:`_predict` with the LoRA on only inside its timestep scope (:meth:`predict`)."""
         low, high = self.lora_min_timestep, self.lora_max_timestep
         if (low is None and high is None) or not self.has_lora or self._lora_off_depth:
             return self._predict(latents, t, cond, guidance_scale, uncond_grad=uncond_grad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -13,6 +14,8 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+from diffalign.eval.search import NoiseSearch, search_initial_noise
 
 
 def to_pil(image: Tensor) -> Image.Image:
@@ -148,8 +151,9 @@ def lora_label(path: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def _weights(adapter: Any, lora: Path | None) -> Iterator[None]:
-    """The base model (LoRA disabled) when ``lora`` is None, else that LoRA loaded as the active adapter."""
+def _weights(adapter: Any, lora: Path | None, alignment_scale: float | None = None) -> Iterator[None]:
+    """The base model (LoRA disabled) when ``lora`` is None, else that LoRA loaded as the active adapter, mixed
+    with the base model by ``alignment_scale`` (RL guidance, :attr:`DiffusionAdapter.alignment_scale`) if given."""
     if lora is None:
         with adapter.lora_disabled():
             yield
@@ -159,7 +163,11 @@ def _weights(adapter: Any, lora: Path | None) -> Iterator[None]:
     except (ValueError, KeyError, RuntimeError) as err:  # peft/diffusers: no matching keys, wrong shapes
         message = f"cannot load the LoRA {lora} into this {adapter.family} model ({err}); was it trained on it?"
         raise ValueError(message) from err
-    yield
+    previous, adapter.alignment_scale = adapter.alignment_scale, alignment_scale
+    try:
+        yield
+    finally:
+        adapter.alignment_scale = previous
 
 
 @dataclass
@@ -190,13 +198,13 @@ class EvalGrid:
         return path, json_path
 
 
-def _unique_labels(models: list[tuple[str, Path | None]]) -> list[tuple[str, Path | None]]:
+def _unique_labels(models: list[tuple[str, Path | None, float | None]]) -> list[tuple[str, Path | None, float | None]]:
     """Number repeated labels (two runs' ``checkpoint-500``): ``checkpoint-500``, ``checkpoint-500 (2)``."""
     seen: dict[str, int] = {}
     unique = []
-    for label, lora in models:
+    for label, lora, scale in models:
         seen[label] = seen.get(label, 0) + 1
-        unique.append((label if seen[label] == 1 else f"{label} ({seen[label]})", lora))
+        unique.append((label if seen[label] == 1 else f"{label} ({seen[label]})", lora, scale))
     return unique
 
 
@@ -217,6 +225,8 @@ def make_eval_grid(
     guidance_scale: float = 1.0,
     cell_size: int = 128,
     batch_size: int | None = None,
+    alignment_scales: Sequence[float] | None = None,
+    search: NoiseSearch | None = None,
 ) -> EvalGrid:
     """Sample prompts x (models x seeds) with the ODE and lay them out, each cell captioned with its rewards.
 
@@ -237,32 +247,51 @@ def make_eval_grid(
         num_steps, guidance_scale: the ODE sampler's settings.
         cell_size: side of each cell in pixels (images are resized, nearest).
         batch_size: images per denoiser batch (default: all of a model's images at once).
+        alignment_scales: RL guidance: each LoRA is sampled at each of these scales ``w`` (one column group per
+            LoRA and scale, labelled ``"<lora> w=<w>"``; docs/methods/sampling-alignment.md); ``None``: plain LoRA.
+        search: choose every cell's starting noise by a reward (best-of-N or the zero-order search,
+            :func:`~diffalign.eval.search.search_initial_noise`); its reward is ``rewards[search.reward]`` (default:
+            the first), and each cell's record lists every candidate's reward under ``"candidates"``.
     """
     from diffalign.eval.score import reward_scores
 
-    models = ([("base", None)] if include_base else []) + [(lora_label(p), resolve_lora(p)) for p in loras]
+    scales: list[float | None] = list(alignment_scales) if alignment_scales else [None]
+    models = [("base", None, None)] if include_base else []
+    for path in loras:
+        label, folder = lora_label(path), resolve_lora(path)
+        models += [(label if w is None else f"{label} w={w:g}", folder, w) for w in scales]
     models = _unique_labels(models)
     if not models:
         raise ValueError("nothing to compare: give at least one LoRA, or keep the base model")
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if not prompts or not seeds:
         raise ValueError("an evaluation grid needs at least one prompt and one seed")
-    per_model, scores = [], []
-    for _, lora in models:
-        with _weights(adapter, lora):
-            images = ode_images(adapter, prompts, seeds, num_steps, guidance_scale, batch_size)
+    search_reward = _search_reward(search, rewards or {})
+    sampling = {"num_steps": num_steps, "guidance_scale": guidance_scale, "batch_size": batch_size}
+    per_model, scores, candidates = [], [], []
+    for _, lora, scale in models:
+        with _weights(adapter, lora, scale):
+            if search is None:
+                images, found = ode_images(adapter, prompts, seeds, **sampling), None
+            else:
+                result = search_initial_noise(adapter, prompts, seeds, search_reward, search, **sampling)
+                images, found = result.images, result.candidates
         per_model.append(images)
+        candidates.append(found)
         cell_prompts = [p for p in prompts for _ in seeds]
         scores.append(reward_scores(rewards or {}, images, cell_prompts))
 
     cells, records, captions = [], [], []
     for p, prompt in enumerate(prompts):
-        for m, (label, _) in enumerate(models):
+        for m, (label, _, _) in enumerate(models):
             for s, seed in enumerate(seeds):
                 index = p * len(seeds) + s
                 cell_scores = {name: float(values[index]) for name, values in scores[m].items()}
                 cells.append(per_model[m][index])
-                records.append({"prompt": prompt, "column": label, "seed": seed, "scores": cell_scores})
+                record = {"prompt": prompt, "column": label, "seed": seed, "scores": cell_scores}
+                if candidates[m] is not None:
+                    record["candidates"] = candidates[m][index]
+                records.append(record)
                 captions.append("\n".join(f"{name} {value:.3f}" for name, value in cell_scores.items()))
     num_lines = len(scores[0])
     image = image_grid(
@@ -270,9 +299,27 @@ def make_eval_grid(
         len(models) * len(seeds),
         captions=captions if num_lines else None,
         row_labels=prompts,
-        column_labels=[f"{label} s{seed}" for label, _ in models for seed in seeds],
+        column_labels=[f"{label} s{seed}" for label, _, _ in models for seed in seeds],
         cell_size=cell_size,
         caption_height=caption_height(num_lines),
     )
     settings = {"num_steps": num_steps, "guidance_scale": guidance_scale, "seeds": seeds, "rewards": list(scores[0])}
-    return EvalGrid(image, records, [label for label, _ in models], settings)
+    if alignment_scales:
+        settings["alignment_scales"] = [float(w) for w in alignment_scales]
+    if search is not None:
+        settings["search"] = {**dataclasses.asdict(search), "reward": _search_label(search, rewards or {})}
+    return EvalGrid(image, records, [label for label, _, _ in models], settings)
+
+
+def _search_label(search: NoiseSearch, rewards: Mapping[str, Any]) -> str:
+    """The label of the reward a noise search maximises: ``search.reward``, or the first of ``rewards``."""
+    if not rewards:
+        raise ValueError("a noise search (best-of-N) needs a reward to choose by: give one (--reward)")
+    label = search.reward or next(iter(rewards))
+    if label not in rewards:
+        raise ValueError(f"the search reward {label!r} is not one of the grid's rewards: {', '.join(rewards)}")
+    return label
+
+
+def _search_reward(search: NoiseSearch | None, rewards: Mapping[str, Any]) -> Any:
+    return None if search is None else rewards[_search_label(search, rewards)]

@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -585,15 +585,17 @@ def learn_backprop(
     gradient_checkpointing: bool = True,
     reward: str = "shapes_clip",
     backprop_options: dict[str, Any] | None = None,
-    real_images_per_prompt: int = 16,
+    real_captions: Literal["train", "aligned"] = "train",
+    real_images_per_prompt: int | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Reward backprop (DRaFT-K) of the shapes CLIP score; the demo's verifier measurements before and after.
 
     ``mode="direct_align"`` runs Direct-Align (plain, without SRPO's control words, which mean nothing to the shapes
     CLIP: :data:`DIRECT_ALIGN_OPTIONS`); ``mode="image_refl"`` runs ImageReFL on real pairs rendered by the shapes
-    renderer (``real_images_per_prompt`` scenes of each training prompt: :func:`render_real_pairs`;
-    :data:`IMAGE_REFL_OPTIONS`). ``backprop_options`` overrides any ``backprop`` key.
+    renderer (:func:`render_real_pairs`; :data:`IMAGE_REFL_OPTIONS`) of other captions than the aligned prompts, as
+    ImageReFL trains on COCO captions and evaluates on HPDv2 prompts. ``backprop_options`` overrides any
+    ``backprop`` key.
 
     Args:
         minutes: the training budget (evaluation not counted); ``None``: ``max_steps`` optimizer steps.
@@ -610,7 +612,12 @@ def learn_backprop(
         gradient_checkpointing: recompute each grad step's activations in backward (less memory, slower).
         reward: the differentiable reward (default ``"shapes_clip"``).
         backprop_options: more ``backprop`` keys, over the mode's defaults.
-        real_images_per_prompt: ``image_refl``: rendered real scenes per training prompt.
+        real_captions: ``image_refl``: the captions of the real pairs: ``"train"``, the base model's training
+            captions (:func:`~diffalign.shapes.scenes.train_prompts`, none of them aligned or unseen); ``"aligned"``,
+            the aligned prompts themselves (a control: the diffusion loss is then supervised training on correct
+            scenes of the evaluated prompts).
+        real_images_per_prompt: ``image_refl``: rendered real scenes per caption (default 2 for ``"train"``'s 514
+            captions, 16 for ``"aligned"``'s 8).
         **settings: the settings every runner takes, see :class:`LearnSettings` (``model``, ``prompts``,
             ``unseen_prompts``, ``eval_seeds``, ``unseen_seeds``, ``max_steps``, ``lora_rank``, ``ema_decay``,
             ``eval_every``).
@@ -639,7 +646,7 @@ def learn_backprop(
     }
     if mode == "image_refl":
         sampling["real_images"] = str(
-            render_real_pairs(bench.prompts, real_images_per_prompt, bench.output / "real_images", seed=seed)
+            _real_pairs(bench.prompts, real_captions, real_images_per_prompt, bench.output / "real_images", seed)
         )
     raw.update(
         method="reward_backprop",
@@ -665,8 +672,20 @@ def learn_backprop(
             "guidance_scale": guidance,
             "gradient_checkpointing": gradient_checkpointing,
             "ema_decay": bench.settings.ema_decay,
+            **({"real_captions": real_captions} if mode == "image_refl" else {}),
         },
     )
+
+
+def _real_pairs(aligned: list[str], captions: str, per_prompt: int | None, folder: Path, seed: int) -> Path:
+    """ImageReFL's real pairs on the shapes world: scenes of the training captions or of the aligned prompts."""
+    if captions not in ("train", "aligned"):
+        raise ValueError(f"real_captions must be 'train' or 'aligned', got {captions!r}")
+    from diffalign.shapes.scenes import train_prompts
+
+    prompts = train_prompts() if captions == "train" else aligned
+    per_prompt = per_prompt or (2 if captions == "train" else 16)
+    return render_real_pairs(prompts, per_prompt, folder, seed=seed)
 
 
 DIRECT_ALIGN_OPTIONS: dict[str, Any] = {"srp": False, "direct_align_inversion": False}
