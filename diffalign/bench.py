@@ -584,7 +584,10 @@ BACKPROP_MODES = {"backprop": "draft_k", "refl": "refl", "direct_align": "direct
 """The reward-backprop methods of :func:`bench_learn` and their ``backprop.mode`` (``backprop`` is DRaFT-K with
 K = all 10 steps)."""
 
-LEARN_METHODS = (*GRPO_VARIANTS, "dpo", *BACKPROP_MODES)
+SELF_PLAY_METHODS = ("raft", "spin")
+"""The self-play methods of :func:`bench_learn` (:func:`diffalign.shapes.learn.learn_self_play`)."""
+
+LEARN_METHODS = (*GRPO_VARIANTS, "dpo", *BACKPROP_MODES, *SELF_PLAY_METHODS)
 """Methods of :func:`bench_learn`."""
 
 LEARN_STEPS = {
@@ -598,6 +601,8 @@ LEARN_STEPS = {
     "refl": 600,
     "direct_align": 600,
     "image_refl": 600,
+    "raft": 1500,
+    "spin": 1500,
 }
 """Default optimizer-step budgets of :func:`bench_learn`: what each method did in 10 minutes on the 2-core
 development CPU (the demo 273-314 epochs, DPO 2,930 steps, backprop 436 steps on one thread; benchmarks/RESULTS.md)."""
@@ -665,12 +670,14 @@ def bench_learn(
             )
             print(format_summary(metrics, output))  # noqa: T201
             return metrics
-        from diffalign.shapes.learn import learn_backprop, learn_dpo
+        from diffalign.shapes.learn import learn_backprop, learn_dpo, learn_self_play
 
         budget = {"max_steps": steps} if steps is not None else {}
         extra = {"eval_every": eval_every, "early_stopping": early_stopping, **budget}
         if method == "dpo":
             return learn_dpo(minutes=minutes, output=output, seed=seed, **extra)
+        if method in SELF_PLAY_METHODS:
+            return learn_self_play(minutes=minutes, output=output, seed=seed, method=method, **extra)
         return learn_backprop(minutes=minutes, output=output, seed=seed, mode=BACKPROP_MODES[method], **extra)
     finally:
         torch.set_num_threads(previous)

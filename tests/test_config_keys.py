@@ -50,9 +50,15 @@ from diffalign.trainers.common import TrainingRun, list_checkpoints
 from diffalign.trainers.diffusion_dpo import DiffusionDPOConfig, DiffusionDPOTrainer
 from diffalign.trainers.grpo import GRPOConfig, GRPOTrainer, build_plan
 from diffalign.trainers.reward_backprop import RewardBackpropConfig, RewardBackpropTrainer
+from diffalign.trainers.self_play import SelfPlayConfig, SelfPlayTrainer
 
 
-CONFIGS: dict[str, type] = {"grpo": GRPOConfig, "dpo": DiffusionDPOConfig, "backprop": RewardBackpropConfig}
+CONFIGS: dict[str, type] = {
+    "grpo": GRPOConfig,
+    "dpo": DiffusionDPOConfig,
+    "backprop": RewardBackpropConfig,
+    "self_play": SelfPlayConfig,
+}
 SHARED_KEYS = leaf_keys(TrainerConfig)
 
 PENDING: set[str] = set()
@@ -958,6 +964,7 @@ def method_probe(trainer: str, method: str, trainer_class: type):
 method_probe("grpo", "grpo", GRPOTrainer)
 method_probe("dpo", "diffusion_dpo", DiffusionDPOTrainer)
 method_probe("backprop", "reward_backprop", RewardBackpropTrainer)
+method_probe("self_play", "raft", SelfPlayTrainer)
 
 
 def weighted_reward_scores(trainer_reward):
@@ -2263,6 +2270,235 @@ def _(grpo_with):
 
 
 # ==================================================================================================================
+# Self-play (raft, spin): tiny SD3, LoRA rank 2
+# ==================================================================================================================
+
+
+@pytest.fixture(scope="module")
+def self_play_raw(sd3_dir, folders):
+    return {
+        "method": "raft",
+        "model": {"path": str(sd3_dir), "lora": {"rank": 2}},
+        "reward": REDNESS,
+        "output_dir": str(folders("self_play")),
+        "seed": 0,
+        "max_steps": 2,
+        "logging": {"log_with": "none"},
+        "checkpoint": {"every": 0},
+        "sampling": {"prompts": PROMPTS + ["a green star"], "num_steps": 2, "guidance_scale": 2.0, "resolution": 16},
+        "self_play": {"steps_per_round": 2, "samples_per_prompt": 2, "batch_size": 2},
+    }
+
+
+@pytest.fixture(scope="module")
+def self_play_config(self_play_raw):
+    return lambda values=None: load_config(SelfPlayConfig, with_keys(self_play_raw, values or {}))
+
+
+@pytest.fixture(scope="module")
+def self_play(self_play_config):
+    return SelfPlayTrainer(self_play_config())
+
+
+@pytest.fixture(scope="module")
+def self_play_with(self_play, self_play_config):
+    return lambda values=None: SelfPlayTrainer(self_play_config(values), run=self_play.run)
+
+
+@pytest.fixture(scope="module")
+def spin_with(self_play_with, real_pairs_file):
+    return lambda values=None: self_play_with(
+        {"method": "spin", "sampling.prompts": None, "sampling.real_images": str(real_pairs_file), **(values or {})}
+    )
+
+
+def round_rollouts(trainer, monkeypatch) -> list[dict]:
+    """Start round 0 with the sampler spied on: the keyword arguments (and the plan's steps) of each rollout."""
+    import diffalign.trainers.self_play as self_play_module
+
+    calls, real = [], self_play_module.rollout
+
+    def recorded(adapter, prompts, plan, **kwargs):
+        calls.append({"prompts": list(prompts), "num_steps": plan.num_steps, **kwargs})
+        return real(adapter, prompts, plan, **kwargs)
+
+    monkeypatch.setattr(self_play_module, "rollout", recorded)
+    trainer.start_round(0, 0)
+    return calls
+
+
+@probe("self_play", "reward")
+def _(self_play, self_play_with):
+    scores, expected = weighted_reward_scores(self_play_with({"reward": {REDNESS: 2.0}}).reward)
+    torch.testing.assert_close(scores, 2 * expected)
+    torch.testing.assert_close(weighted_reward_scores(self_play.reward)[0], expected)
+
+
+@probe("self_play", "optim.gradient_accumulation_steps")
+def _(self_play_with, monkeypatch):
+    def micro_batches_per_step(accumulation):
+        trainer = self_play_with({"optim.gradient_accumulation_steps": accumulation})
+        calls = []
+        monkeypatch.setattr(trainer, "start_round", lambda round_index, step: None)
+        monkeypatch.setattr(trainer, "data", types.SimpleNamespace(stats={}))
+        monkeypatch.setattr(trainer, "micro_batch", lambda step, micro: calls.append(micro) or [0])
+        monkeypatch.setattr(trainer, "loss", lambda indices, generator: (torch.zeros(()), {}))
+        monkeypatch.setattr(trainer.run, "backward", lambda loss, step=None: None)
+        monkeypatch.setattr(trainer.run, "optimizer_step", lambda step=None: {})
+        trainer.train_step(0)
+        return calls
+
+    assert micro_batches_per_step(1) == [0]
+    assert micro_batches_per_step(3) == [0, 1, 2]
+
+
+@probe(
+    "self_play",
+    "model.offload_text_encoders",
+    reject_only="self-play encodes its captions as it trains, so the text encoders must stay; refused unless keep",
+)
+def _(self_play_raw):
+    expect_config_error(
+        SelfPlayConfig, with_keys(self_play_raw, {"model.offload_text_encoders": "cpu"}), "model.offload_text_encoders"
+    )
+
+
+@probe("self_play", "sampling.prompts")
+def _(self_play_with):
+    assert self_play_with({"sampling.prompts": ["one prompt"]}).items == ["one prompt"]
+
+
+@probe("self_play", "sampling.real_images")
+def _(spin_with, real_pairs_file):
+    trainer = spin_with()
+    assert [caption for caption, _ in trainer.items] == [json.loads(line)["prompt"] for line in open(real_pairs_file)]
+
+
+@probe("self_play", "sampling.num_steps")
+def _(self_play_with, monkeypatch):
+    assert round_rollouts(self_play_with({"sampling.num_steps": 3}), monkeypatch)[0]["num_steps"] == 3
+
+
+@probe("self_play", "sampling.guidance_scale")
+def _(self_play_with, monkeypatch):
+    assert round_rollouts(self_play_with({"sampling.guidance_scale": 4.5}), monkeypatch)[0]["guidance_scale"] == 4.5
+
+
+@probe("self_play", "sampling.negative_prompt")
+def _(self_play_with, monkeypatch):
+    calls = round_rollouts(self_play_with({"sampling.negative_prompt": "blurry"}), monkeypatch)
+    assert calls[0]["negative_prompt"] == "blurry"
+
+
+@probe("self_play", "sampling.batch_size")
+def _(self_play_with, monkeypatch):
+    assert round_rollouts(self_play_with({"sampling.batch_size": 3}), monkeypatch)[0]["chunk_size"] == 3
+
+
+@probe("self_play", "sampling.resolution")
+def _(self_play_config):
+    assert SelfPlayTrainer(self_play_config({"sampling.resolution": 32})).adapter.height == 32
+
+
+@probe("self_play", "self_play.steps_per_round")
+def _(self_play_with):
+    rounds = {}
+    for per_round in (1, 2):
+        trainer = self_play_with({"self_play.steps_per_round": per_round})
+        trainer.train_step(0)
+        trainer.train_step(1)
+        rounds[per_round] = trainer.round_index
+    assert rounds == {1: 1, 2: 0}
+
+
+@probe("self_play", "self_play.prompts_per_round")
+def _(self_play, self_play_with):
+    assert len(self_play.round_items(0)) == 3
+    assert len(self_play_with({"self_play.prompts_per_round": 2}).round_items(0)) == 2
+
+
+@probe("self_play", "self_play.samples_per_prompt")
+def _(self_play_with, monkeypatch):
+    calls = round_rollouts(self_play_with({"self_play.samples_per_prompt": 3}), monkeypatch)
+    assert len(calls[0]["prompts"]) == 3 * 3
+
+
+@probe("self_play", "self_play.keep_per_prompt")
+def _(self_play_with):
+    trainer = self_play_with({"self_play.keep_per_prompt": 2})
+    trainer.start_round(0, 0)
+    assert trainer.data.latents.shape[0] == 3 * 2
+
+
+@probe("self_play", "self_play.keep_share")
+def _(self_play_with):
+    trainer = self_play_with({"self_play.keep_share": 0.5})
+    trainer.start_round(0, 0)
+    assert trainer.data.latents.shape[0] == 2  # ceil(0.5 * 3) of the three prompts' best
+
+
+@probe("self_play", "self_play.batch_size")
+def _(self_play_with):
+    trainer = self_play_with({"self_play.batch_size": 5})
+    trainer.start_round(0, 0)
+    assert len(trainer.micro_batch(0, 0)) == 5
+
+
+@probe("self_play", "dpo.timestep_sampling")
+def _(self_play_with):
+    unshifted = {"dpo.sigma_shift": "none"}
+    logit_normal = timesteps(self_play_with(unshifted))  # auto: logit-normal for a flow model
+    uniform = timesteps(self_play_with({**unshifted, "dpo.timestep_sampling": "uniform"}))
+    assert uniform.std().item() == pytest.approx(289, rel=0.05) and logit_normal.std().item() < 230
+
+
+@probe("self_play", "dpo.logit_mean")
+def _(self_play_with):
+    unshifted = {"dpo.sigma_shift": "none"}
+    assert timesteps(self_play_with({**unshifted, "dpo.logit_mean": 1.5})).mean().item() > 750
+
+
+@probe("self_play", "dpo.logit_std")
+def _(self_play_with):
+    unshifted = {"dpo.sigma_shift": "none"}
+    narrow = timesteps(self_play_with({**unshifted, "dpo.logit_std": 0.2}))
+    assert narrow.std() < 0.3 * timesteps(self_play_with(unshifted)).std()
+
+
+@probe("self_play", "dpo.sigma_shift")
+def _(self_play, self_play_with):
+    assert timesteps(self_play).median().item() == pytest.approx(750, abs=25)  # SD3's shift 3
+    assert timesteps(self_play_with({"dpo.sigma_shift": "none"})).median().item() == pytest.approx(500, abs=25)
+
+
+@probe("self_play", "dpo.beta", slow=True)
+def _(spin_with, self_play_raw):
+    default, small = spin_with(), spin_with({"dpo.beta": 1.0})
+    default.start_round(0, 0)
+    small.start_round(0, 0)
+    with perturbed_lora(default.run), torch.no_grad():  # the policy leaves the round's reference
+        strong, _ = default.loss([0, 1], torch.Generator().manual_seed(0))
+        weak, _ = small.loss([0, 1], torch.Generator().manual_seed(0))
+    assert differ(strong, weak) and weak.item() == pytest.approx(math.log(2), abs=0.05)
+    expect_config_error(SelfPlayConfig, with_keys(self_play_raw, {"dpo.beta": 1.0}), "dpo.beta")  # raft: no beta
+
+
+@probe("self_play", "dpo.flux_guidance", slow=True)
+def _(self_play_config, real_pairs_file, tiny_pipeline_dir):
+    flux = {"model.path": str(tiny_pipeline_dir("flux")), "method": "spin", "sampling.prompts": None}
+    flux["sampling.real_images"] = str(real_pairs_file)
+    run = TrainingRun(self_play_config(flux), adapter_kwargs={"max_sequence_length": 77, "height": 16, "width": 16})
+    one = SelfPlayTrainer(self_play_config({**flux, "dpo.flux_guidance": 1.0}), run=run)
+    four = SelfPlayTrainer(self_play_config({**flux, "dpo.flux_guidance": 4.0}), run=run)
+    assert run.adapter.guidance_embedded
+    one.start_round(0, 0)
+    four.data, four.reference = one.data, one.reference
+    with torch.no_grad():
+        (_, at_one), (_, at_four) = (t.loss([0, 1], torch.Generator().manual_seed(0)) for t in (one, four))
+    assert at_one["mse_w"].item() != pytest.approx(at_four["mse_w"].item(), rel=1e-6)
+
+
+# ==================================================================================================================
 # The walk
 # ==================================================================================================================
 
@@ -2357,3 +2593,8 @@ def test_dpo_key(key, request):
 @pytest.mark.parametrize("key", _cases("backprop"))
 def test_backprop_key(key, request):
     _run_probe("backprop", key, request)
+
+
+@pytest.mark.parametrize("key", _cases("self_play"))
+def test_self_play_key(key, request):
+    _run_probe("self_play", key, request)

@@ -566,6 +566,93 @@ def learn_dpo(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Self-play rounds: RAFT and SPIN-Diffusion
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def learn_self_play(
+    minutes: float | None = 10.0,
+    output: str | Path = "runs/bench_learn/raft",
+    seed: int = 0,
+    *,
+    method: Literal["raft", "spin"] = "raft",
+    lr: float = 1e-4,
+    batch_size: int = 8,
+    steps_per_round: int = 100,
+    samples_per_prompt: int = 8,
+    keep_per_prompt: int = 1,
+    keep_share: float = 1.0,
+    beta: float = 100.0,
+    logit_mean: float = 1.0,
+    real_images_per_prompt: int = 16,
+    **settings: Any,
+) -> dict[str, Any]:
+    """RAFT or SPIN-Diffusion on the shapes world (:mod:`diffalign.trainers.self_play`); the demo's verifier
+    measurements before and after.
+
+    ``method="raft"`` samples ``samples_per_prompt`` images of each aligned prompt per round, ranks them by the
+    verifier (the demo's reward) and fine-tunes on the best ``keep_per_prompt`` of each. ``method="spin"`` plays the
+    model's own images against real scenes of the aligned prompts rendered by the shapes renderer
+    (``real_images_per_prompt`` each, :func:`render_real_pairs`): SPIN-Diffusion trains on real images of its
+    training prompts (Pick-a-Pic's winners), which on the shapes world are correct scenes of the evaluated prompts,
+    so compare it with the denoising loss on the same scenes (a supervised baseline), not with the reward methods.
+
+    Args:
+        minutes: the training budget (evaluation not counted); ``None``: ``max_steps`` optimizer steps.
+        output: run folder (``metrics.json``, ``lora/``, ``config.yaml``, ``metrics.jsonl``).
+        seed: seed of the samples, noises and timesteps.
+        method: ``"raft"`` or ``"spin"``.
+        lr: AdamW learning rate of the LoRA.
+        batch_size: training images (raft) or pairs (spin) per optimizer step.
+        steps_per_round: optimizer steps between two rounds of sampling.
+        samples_per_prompt, keep_per_prompt, keep_share: RAFT's K and its selection.
+        beta: spin's DPO temperature (per-pixel MSE convention; 100 is the SD3/flow default).
+        logit_mean: mean of the logit-normal noise-level density of training (as :func:`learn_dpo`).
+        real_images_per_prompt: spin: rendered real scenes per aligned prompt.
+        **settings: the settings every runner takes, see :class:`LearnSettings`.
+
+    Returns:
+        The metrics written to ``<output>/metrics.json``.
+    """
+    from diffalign.trainers.self_play import SelfPlayConfig, SelfPlayTrainer
+
+    bench = _Bench(method, minutes, output, seed, LearnSettings(**settings))
+    before = bench.evaluate(bench.load_base())
+    raw = bench.config(minutes, lr)
+    sampling = {
+        "num_steps": bench.protocol["num_steps"],
+        "guidance_scale": bench.protocol["guidance_scale"],
+        "resolution": bench.protocol["resolution"],
+        "batch_size": 64,
+    }
+    if method == "raft":
+        sampling["prompts"] = bench.prompts
+    else:
+        real = render_real_pairs(bench.prompts, real_images_per_prompt, bench.output / "real_images", seed=seed)
+        sampling["real_images"] = str(real)
+    rounds = {
+        "steps_per_round": steps_per_round,
+        "samples_per_prompt": samples_per_prompt,
+        "keep_per_prompt": keep_per_prompt,
+        "keep_share": keep_share,
+        "batch_size": batch_size,
+    }
+    raw.update(
+        method=method,
+        reward="shapes",
+        sampling=sampling,
+        self_play=rounds,
+        dpo={"beta": beta, "logit_mean": logit_mean},
+    )
+    trainer = SelfPlayTrainer(load_config(SelfPlayConfig, raw))
+    return bench.run(
+        trainer,
+        before,
+        train={"lr": lr, "beta": beta, "logit_mean": logit_mean, "lora_rank": bench.settings.lora_rank, **rounds},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Reward backprop
 # ---------------------------------------------------------------------------------------------------------------------
 

@@ -14,6 +14,8 @@ TRAINERS: dict[str, tuple[str, str, str]] = {
     "grpo": ("diffalign.trainers.grpo", "GRPOConfig", "GRPOTrainer"),
     "diffusion_dpo": ("diffalign.trainers.diffusion_dpo", "DiffusionDPOConfig", "DiffusionDPOTrainer"),
     "reward_backprop": ("diffalign.trainers.reward_backprop", "RewardBackpropConfig", "RewardBackpropTrainer"),
+    "raft": ("diffalign.trainers.self_play", "SelfPlayConfig", "SelfPlayTrainer"),
+    "spin": ("diffalign.trainers.self_play", "SelfPlayConfig", "SelfPlayTrainer"),
 }
 """method name -> (module, config class, trainer class), imported lazily."""
 

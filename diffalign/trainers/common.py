@@ -1058,9 +1058,10 @@ class TrainingRun:
                 key="eval.metric",
             )
         if self.early_stopping.update(step, float(metrics[key])):
-            self._best_weights = {name: p.detach().to("cpu", copy=True) for name, p in self._named_trainables()}
+            self._best_weights = {name: p.detach().to("cpu", copy=True) for name, p in self.named_trainables()}
 
-    def _named_trainables(self) -> list[tuple[str, nn.Parameter]]:
+    def named_trainables(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of the trained weights, in ``self.params`` order (this process's shards)."""
         return list(zip(self.trainable_names(), self.params))
 
     def _restore_best_weights(self, step: int) -> None:
@@ -1069,7 +1070,7 @@ class TrainingRun:
         if stopping is None or self._best_weights is None:
             return
         with torch.no_grad():
-            for name, param in self._named_trainables():
+            for name, param in self.named_trainables():
                 param.copy_(self._best_weights[name].to(param.device))
         self.log(step, {"early_stopping/best_step": stopping.best_step, "early_stopping/best": stopping.best_value})
         if self.is_main_process and stopping.best_step != step:

@@ -171,17 +171,9 @@ class DPODataConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
-class DPOLossConfig:
-    """The Diffusion-DPO objective."""
+class TimestepDensityConfig:
+    """Where the training noise levels are drawn (shared by Diffusion-DPO and the self-play trainers)."""
 
-    loss: Literal["dpo", "sft"] = "dpo"
-    """``dpo``: the Diffusion-DPO loss; ``sft``: plain denoising loss on the preferred images (--train_method sft)."""
-    beta: float | None = None
-    """DPO temperature in the -0.5 * beta convention; it multiplies differences of per-pixel MSEs (~1e-3), hence
-    the large values. null = per family: 5000 SD1.x/2.x and SDXL, 100 SD3/FLUX (docs/methods/dpo.md#beta). A diffusers
-    research-project beta must be doubled."""
-    sft_weight: float = 0.0
-    """Add sft_weight * MSE on the preferred image to the DPO loss (0 = pure DPO, as every reference)."""
     timestep_sampling: Literal["auto", "uniform", "logit_normal"] = "auto"
     """``auto``: uniform over the train timesteps for epsilon / v models, logit-normal for flow
     (docs/methods/dpo.md#timestep-sampling)."""
@@ -194,6 +186,24 @@ class DPOLossConfig:
     ``shift s / (1 + (shift - 1) s)``, as diffusers' SD3 scripts and flow_grpo's SD3 DPO draw from the shifted
     training schedule (median sigma 0.75 at SD3's shift 3); schedulers with dynamic shifting (FLUX) are not
     shifted unless ``model.timestep_shift`` fixes a shift. ``none``: sigma as drawn from the density."""
+
+    def __post_init__(self) -> None:
+        if self.logit_std <= 0:
+            raise ConfigError(f"must be > 0, got {self.logit_std}", key="logit_std")
+
+
+@dataclasses.dataclass(kw_only=True)
+class DPOLossConfig(TimestepDensityConfig):
+    """The Diffusion-DPO objective (and the noise levels it trains at, :class:`TimestepDensityConfig`)."""
+
+    loss: Literal["dpo", "sft"] = "dpo"
+    """``dpo``: the Diffusion-DPO loss; ``sft``: plain denoising loss on the preferred images (--train_method sft)."""
+    beta: float | None = None
+    """DPO temperature in the -0.5 * beta convention; it multiplies differences of per-pixel MSEs (~1e-3), hence
+    the large values. null = per family: 5000 SD1.x/2.x and SDXL, 100 SD3/FLUX (docs/methods/dpo.md#beta). A diffusers
+    research-project beta must be doubled."""
+    sft_weight: float = 0.0
+    """Add sft_weight * MSE on the preferred image to the DPO loss (0 = pure DPO, as every reference)."""
     offload_frozen: bool = False
     """Keep the frozen text encoders, the VAE and (full fine-tuning) the reference denoiser in CPU memory, each moved
     to the GPU only for its forward (accelerate's ``cpu_offload``), as DiffusionDPO's SDXL script offloads them:
@@ -210,12 +220,11 @@ class DPOLossConfig:
     CFG and ignore it."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.beta is not None and self.beta <= 0:
             raise ConfigError(f"must be > 0 or null (family default), got {self.beta}", key="beta")
         if self.sft_weight < 0:
             raise ConfigError(f"must be >= 0, got {self.sft_weight}", key="sft_weight")
-        if self.logit_std <= 0:
-            raise ConfigError(f"must be > 0, got {self.logit_std}", key="logit_std")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -253,6 +262,31 @@ class DiffusionDPOConfig(TrainerConfig):
                 "evaluation scores its images with a reward: set reward (e.g. pickscore), or eval.every = 0",
                 key=("reward", "eval.every"),
             )
+
+
+def sample_training_timesteps(adapter: Any, dpo: DPOLossConfig, batch_size: int, generator: torch.Generator) -> Tensor:
+    """``[batch_size]`` training timesteps on the scheduler's 0..1000 scale, as ``dpo.timestep_sampling`` says:
+    integers uniform over the train timesteps for epsilon / v models, ``1000 sigma`` with ``sigma`` logit-normal (then
+    shifted per ``dpo.sigma_shift``) for flow models (docs/methods/dpo.md#timestep-sampling)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    num_train = adapter.scheduler.config.num_train_timesteps
+    flow = adapter.prediction_type == "flow"
+    scheme = dpo.timestep_sampling
+    if scheme == "auto":
+        scheme = "logit_normal" if flow else "uniform"
+    if scheme == "uniform" and not flow:
+        return torch.randint(0, num_train, (batch_size,), generator=generator)
+    u = compute_density_for_timestep_sampling(
+        "logit_normal" if scheme == "logit_normal" else "uniform",
+        batch_size,
+        logit_mean=dpo.logit_mean,
+        logit_std=dpo.logit_std,
+        generator=generator,
+    )
+    if flow and dpo.sigma_shift == "scheduler":
+        u = shifted_sigmas(u, adapter.scheduler.config, adapter.timestep_shift)
+    return u * num_train if flow else (u * num_train).long().clamp(max=num_train - 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -438,27 +472,8 @@ class DiffusionDPOTrainer:
     # --- the loss ---------------------------------------------------------------------------------------------------
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator) -> Tensor:
-        """``[batch_size]`` timesteps on the scheduler's 0..1000 scale (integers for epsilon / v models)."""
-        from diffusers.training_utils import compute_density_for_timestep_sampling
-
-        dpo = self.config.dpo
-        num_train = self.adapter.scheduler.config.num_train_timesteps
-        flow = self.adapter.prediction_type == "flow"
-        scheme = dpo.timestep_sampling
-        if scheme == "auto":
-            scheme = "logit_normal" if flow else "uniform"
-        if scheme == "uniform" and not flow:
-            return torch.randint(0, num_train, (batch_size,), generator=generator)
-        u = compute_density_for_timestep_sampling(
-            "logit_normal" if scheme == "logit_normal" else "uniform",
-            batch_size,
-            logit_mean=dpo.logit_mean,
-            logit_std=dpo.logit_std,
-            generator=generator,
-        )
-        if flow and dpo.sigma_shift == "scheduler":
-            u = shifted_sigmas(u, self.adapter.scheduler.config, self.adapter.timestep_shift)
-        return u * num_train if flow else (u * num_train).long().clamp(max=num_train - 1)
+        """``[batch_size]`` timesteps on the scheduler's 0..1000 scale (:func:`sample_training_timesteps`)."""
+        return sample_training_timesteps(self.adapter, self.config.dpo, batch_size, generator)
 
     def conditioning(self, batch: Batch) -> Conditioning:
         """``[B]`` text conditioning of the captions, with each pair's original size and crop for the families

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import rewards
 from diffalign.cli import main as cli_main
 from diffalign.shapes.demo import demo_prompts
-from diffalign.shapes.learn import _Bench, evaluate_heldout, format_summary, learn_backprop, learn_dpo
+from diffalign.shapes.learn import _Bench, evaluate_heldout, format_summary, learn_backprop, learn_dpo, learn_self_play
 
 
 ALIGNED, UNSEEN = demo_prompts()
@@ -249,3 +249,23 @@ def test_denoiser_rows_counts_forward_rows_and_not_the_evaluation():
         assert counter.uncounted(None) is None  # no periodic evaluation
     denoiser(torch.zeros(11, 4))
     assert counter.rows == 3 + 5
+
+
+@pytest.mark.slow  # over 3 s: a shapes run of three steps and its evaluations
+@pytest.mark.parametrize("method", ["raft", "spin"])
+def test_learn_self_play_trains_rounds_and_reports_the_verifier(tmp_path, method):
+    metrics = learn_self_play(
+        None,
+        tmp_path / method,
+        method=method,
+        max_steps=3,
+        steps_per_round=2,
+        samples_per_prompt=2,
+        batch_size=2,
+        real_images_per_prompt=2,
+        **TINY_EVAL,
+    )
+    assert metrics["method"] == method and metrics["train"]["steps"] == 3
+    assert _lora_moved(tmp_path / method)
+    logged = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in logged if "round" in r] == [1.0]  # step 3 (logged as the last) is in round 1

@@ -10,10 +10,11 @@ from test_reward_backprop_trainer import DenoiserCalls, make_config
 
 from diffalign.adapters import load_adapter
 from diffalign.config import ConfigError
+from diffalign.data.image_captions import load_real_image, load_real_pairs
 from diffalign.losses.reward_backprop import switch_timestep
 from diffalign.samplers.plan import ode_plan
 from diffalign.samplers.rollout import rollout
-from diffalign.trainers.reward_backprop import RewardBackpropTrainer, load_real_image, load_real_pairs
+from diffalign.trainers.reward_backprop import RewardBackpropTrainer
 
 
 STEPS = 4
