@@ -38,6 +38,7 @@ GROUPS: tuple[tuple[str, str], ...] = (
     ("grpo", "Flow-GRPO and DDPO"),
     ("dpo", "Diffusion-DPO"),
     ("backprop", "Reward backprop"),
+    ("self_play", "Self-play rounds (RAFT, SPIN-Diffusion)"),
 )
 REGENERATE = "run python scripts/recipe_cards.py"
 
