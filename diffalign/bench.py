@@ -683,6 +683,84 @@ def bench_learn(
         torch.set_num_threads(previous)
 
 
+# --- sampling-time alignment -------------------------------------------------------------------------------------
+
+
+def bench_sampling_alignment(
+    scales: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0),
+    candidates: Sequence[int] = (1, 2, 4, 8),
+    search_reward: str = "shapes_clip",
+    num_seeds: int = 16,
+    threads: int | None = 1,
+) -> dict[str, Any]:
+    """Alignment at sampling time on the shapes world, judged by the verifier on the demo's aligned prompts.
+
+    RL guidance: the shipped demo LoRA (``diffalign/shapes/assets/demo_lora``) mixed with the base model at each
+    ``w`` in ``scales``. Noise search: best-of-N of the base model for each N in ``candidates``, the search reward
+    being ``search_reward`` (default the shapes CLIP, so that the verifier that judges is not the one searched with),
+    and the same N as one seed's worth of sampling cost. Prints and returns ``{"rl_guidance": [{w, strict_accuracy,
+    mean_reward, seconds}], "best_of": [{n, strict_accuracy, mean_reward, seconds}]}`` over 8 prompts x
+    ``num_seeds`` evaluation seeds.
+    """
+    import torch
+
+    from diffalign.adapters import load_adapter
+    from diffalign.eval.search import NoiseSearch, search_initial_noise
+    from diffalign.rewarding import build_reward, score_with_parts
+    from diffalign.shapes.demo import EVAL_SEEDS, demo_prompts, load_protocol
+    from diffalign.shapes.learn import evaluate_heldout
+    from diffalign.shapes.model import BASE_MODEL_DIR, repeated_context_sampling
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        protocol = load_protocol(BASE_MODEL_DIR)
+        size = protocol["resolution"]
+        adapter = load_adapter(BASE_MODEL_DIR, height=size, width=size)
+        verifier, searched_by = build_reward("shapes"), build_reward(search_reward)
+        prompts, seeds = demo_prompts()[0], EVAL_SEEDS[:num_seeds]
+        results: dict[str, Any] = {"rl_guidance": [], "best_of": []}
+        with repeated_context_sampling(adapter):
+            for n in candidates:
+                began = time.monotonic()
+                found = search_initial_noise(
+                    adapter,
+                    prompts,
+                    seeds,
+                    searched_by,
+                    NoiseSearch(candidates=n),
+                    num_steps=protocol["num_steps"],
+                    guidance_scale=protocol["guidance_scale"],
+                    batch_size=64,
+                )
+                parts = score_with_parts(verifier, found.images, [p for p in prompts for _ in seeds])
+                record = {
+                    "n": n,
+                    "strict_accuracy": parts["strict"].mean().item(),
+                    "mean_reward": parts["reward"].mean().item(),
+                    "seconds": time.monotonic() - began,
+                }
+                results["best_of"].append(record)
+                print(  # noqa: T201
+                    f"best-of-{n} by {search_reward}: strict {record['strict_accuracy']:.3f}, verifier reward "
+                    f"{record['mean_reward']:.3f} ({record['seconds']:.1f} s)"
+                )
+        adapter.load_lora(BASE_MODEL_DIR.parent / "demo_lora")
+        for w in scales:
+            adapter.alignment_scale = w
+            began = time.monotonic()
+            measured = evaluate_heldout(adapter, verifier, prompts, seeds, protocol)
+            record = {"w": w, **measured, "seconds": time.monotonic() - began}
+            results["rl_guidance"].append(record)
+            print(  # noqa: T201
+                f"RL guidance w={w:g}: strict {record['strict_accuracy']:.3f}, verifier reward "
+                f"{record['mean_reward']:.3f} ({record['seconds']:.1f} s)"
+            )
+        return results
+    finally:
+        torch.set_num_threads(previous)
+
+
 # --- reward server ----------------------------------------------------------------------------------------------
 
 

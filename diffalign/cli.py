@@ -287,6 +287,18 @@ def _add_bench(sub, common) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.set_defaults(handler=cmd_bench_learn)
     p = kinds.add_parser(
+        "sampling-alignment",
+        parents=[common],
+        help="shapes world: RL guidance of the demo LoRA at several w, best-of-N by the shapes CLIP (verifier-judged)",
+    )
+    p.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0], help="RL guidance w")
+    p.add_argument("--candidates", type=int, nargs="+", default=[1, 2, 4, 8], help="best-of-N values")
+    p.add_argument("--search-reward", default="shapes_clip", help="the reward best-of-N chooses by")
+    p.add_argument("--seeds", type=int, default=16, help="evaluation seeds per prompt (default: 16)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(handler=cmd_bench_sampling_alignment)
+    p = kinds.add_parser(
         "reward-server", parents=[common], help="reward server throughput on CPU, and GRPO epochs remote vs local"
     )
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="images per request")
@@ -699,6 +711,16 @@ def cmd_bench_branch(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         threads=args.threads,
     )
+    return 0
+
+
+def cmd_bench_sampling_alignment(args: argparse.Namespace) -> int:
+    _check_positive(seeds=args.seeds, **{f"candidates ({n})": n for n in args.candidates})
+    bench = _lazy("diffalign.bench", "bench_sampling_alignment", "diffalign bench sampling-alignment")
+    results = bench(args.scales, args.candidates, args.search_reward, args.seeds, args.threads)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

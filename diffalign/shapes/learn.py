@@ -642,7 +642,7 @@ def learn_self_play(
         reward="shapes",
         sampling=sampling,
         self_play=rounds,
-        dpo={"beta": beta, "logit_mean": logit_mean},
+        dpo={"logit_mean": logit_mean, **({"beta": beta} if method == "spin" else {})},
     )
     trainer = SelfPlayTrainer(load_config(SelfPlayConfig, raw))
     return bench.run(

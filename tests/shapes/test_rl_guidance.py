@@ -27,3 +27,15 @@ def test_the_verifier_reward_rises_with_the_alignment_scale_and_past_1():
     assert rewards[0.0] < rewards[0.5] < rewards[1.0]
     # Extrapolating past the LoRA strengthens it further here (RL guidance's w > 1).
     assert rewards[1.5] > rewards[1.0]
+
+
+@pytest.mark.slow  # over 3 s: 8 prompts sampled five times
+def test_bench_sampling_alignment_agrees_with_itself_at_the_plain_ends(capsys):
+    from diffalign.bench import bench_sampling_alignment
+
+    results = bench_sampling_alignment(scales=(0.0, 1.0), candidates=(1, 2), num_seeds=1)
+    best_of_one, base = results["best_of"][0], results["rl_guidance"][0]
+    # best-of-1 is plain sampling of the base model, and so is w = 0: the same 8 images
+    assert best_of_one["strict_accuracy"] == base["strict_accuracy"]
+    assert best_of_one["mean_reward"] == pytest.approx(base["mean_reward"], abs=1e-6)
+    assert "best-of-2 by shapes_clip" in capsys.readouterr().out
