@@ -327,6 +327,21 @@ def save_tiny_pipeline(family: str, folder: str | os.PathLike, seed: int = 0, va
     return folder
 
 
+def random_lora_adapter(folder: str | os.PathLike, size: int = 16, rank: int = 4, scale: float = 0.3, seed: int = 0):
+    """A tiny pipeline's adapter at ``size`` px with a LoRA of random weights (``scale`` times standard normal, so
+    that the LoRA model differs from the base model; a fresh LoRA's zero B matrices would leave them equal)."""
+    from diffalign.adapters import load_adapter
+
+    adapter = load_adapter(folder, height=size, width=size)
+    adapter.add_lora(rank=rank)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in adapter.denoiser.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    return adapter
+
+
 def redness(images: torch.Tensor, prompts=None) -> torch.Tensor:
     """A differentiable toy reward: mean red minus the mean of green and blue, per image, in ``[-1, 1]``.
 

@@ -12,22 +12,10 @@ from diffalign.eval.search import NoiseSearch, search_initial_noise
 from diffalign.rewarding import build_reward
 from diffalign.samplers.plan import ode_plan
 from diffalign.samplers.rollout import rollout
-from diffalign.testing import FAMILIES, redness
+from diffalign.testing import FAMILIES, random_lora_adapter, redness
 
 
 STEPS = 3
-
-
-def lora_adapter(folder):
-    """A tiny adapter with a LoRA whose weights are random (so that it changes the images)."""
-    adapter = load_adapter(folder, height=16, width=16)
-    adapter.add_lora(rank=4)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in adapter.denoiser.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    return adapter
 
 
 def images(adapter, seeds=(7,)):
@@ -40,7 +28,7 @@ def images(adapter, seeds=(7,)):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_alignment_scale_0_is_the_base_model_and_1_the_lora_model_bit_for_bit(tiny_pipeline_dir, family):
-    adapter = lora_adapter(tiny_pipeline_dir(family))
+    adapter = random_lora_adapter(tiny_pipeline_dir(family))
     lora = images(adapter)
     with adapter.lora_disabled():
         base = images(adapter)
@@ -54,7 +42,7 @@ def test_alignment_scale_0_is_the_base_model_and_1_the_lora_model_bit_for_bit(ti
 
 
 def test_the_guided_prediction_mixes_the_two_cfg_outputs_linearly_with_one_more_call(tiny_pipeline_dir):
-    adapter = lora_adapter(tiny_pipeline_dir("sd3"))
+    adapter = random_lora_adapter(tiny_pipeline_dir("sd3"))
     cond = adapter.encode_prompt(["a red circle", "a blue square"], with_negative=True)
     latents = torch.randn(2, *adapter.prepare_latents(1).shape[1:], generator=torch.Generator().manual_seed(1))
     calls = []
@@ -138,7 +126,7 @@ def test_a_reward_returning_nan_is_named(tiny_pipeline_dir):
 
 
 def test_grid_columns_per_alignment_scale_and_candidates_in_the_json(tiny_pipeline_dir, tmp_path):
-    adapter = lora_adapter(tiny_pipeline_dir("sd3"))
+    adapter = random_lora_adapter(tiny_pipeline_dir("sd3"))
     lora = adapter.save_lora(tmp_path / "aligned")
     grid = make_eval_grid(
         adapter,

@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 from test_reward_backprop_trainer import DenoiserCalls, make_config
 
-from diffalign.adapters import load_adapter
 from diffalign.config import ConfigError
 from diffalign.data.image_captions import load_real_image, load_real_pairs
 from diffalign.losses.reward_backprop import switch_timestep
 from diffalign.samplers.plan import ode_plan
 from diffalign.samplers.rollout import rollout
+from diffalign.testing import random_lora_adapter
 from diffalign.trainers.reward_backprop import RewardBackpropTrainer
 
 
@@ -47,19 +47,8 @@ def image_refl_config(folder, tmp_path, **overrides):
     return make_config(folder, tmp_path / "run", **values)
 
 
-def perturbed_lora_adapter(folder):
-    adapter = load_adapter(folder, height=16, width=16)
-    adapter.add_lora(rank=4)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in adapter.denoiser.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    return adapter
-
-
 def test_combined_generation_switch_matches_the_lora_at_0_and_the_base_at_num_steps(tiny_pipeline_dir, tmp_path):
-    adapter = perturbed_lora_adapter(tiny_pipeline_dir("sd3"))
+    adapter = random_lora_adapter(tiny_pipeline_dir("sd3"))
     timesteps = adapter.set_timesteps(STEPS).timesteps
 
     def images():

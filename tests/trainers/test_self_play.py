@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from config_probes import with_keys
 from test_image_refl import write_pairs
 
 from diffalign.config import ConfigError, load_config
@@ -32,13 +33,7 @@ def make_config(folder, output_dir, method="raft", **overrides):
     }
     if method == "raft":
         raw["sampling"]["prompts"] = PROMPTS
-    for key, value in overrides.items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return load_config(SelfPlayConfig, raw)
+    return load_config(SelfPlayConfig, with_keys(raw, overrides))
 
 
 def test_raft_keeps_the_best_of_each_prompt_then_the_top_share_over_prompts():
