@@ -17,6 +17,10 @@ Formats read by :func:`load_preference_dataset` (detected from ``source``; :func
 - **datasets**: a folder written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``; pick ``split``), with
   the parquet column names. Needs the optional extra ``diffalign[data]``.
 
+Every format may also carry ``caption_1``, the caption image 1 is judged under (default: ``caption``, which then
+belongs to image 0). A text preference pair (docs/methods/dpo.md#text-preference-pairs) has the same image on both
+sides, ``caption`` the preferred caption and ``caption_1`` the rejected one.
+
 Transform (as the diffusers SDXL Diffusion-DPO script, docs/methods/dpo.md#data): image 1 is brought to image 0's
 size, both are resized (bilinear) so the shorter side is ``resolution``, flipped together, then cropped together
 (center or random). ``original_size`` is image 0's ``(H, W)`` before resizing and ``crop_top_left`` is the
@@ -113,6 +117,8 @@ class PreferenceRecord(NamedTuple):
     image_0: Any
     image_1: Any
     label_0: float
+    caption_1: str | None = None
+    """The caption image 1 is judged under, when it is not ``caption`` (a text preference pair); jsonl only."""
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -129,6 +135,8 @@ class _PairTable:
     labels_1: list[Any] | None
     images: Callable[[int], tuple[Any, Any]]
     missing_images: list[bool]
+    captions_1: list[str | None] | None = None
+    """Each row's ``caption_1`` (``None``: the row's caption); ``None`` when the source has no such column."""
     num_bad_records: int = 0
     missing_keys: Counter = field(default_factory=Counter)
     line_numbers: list[int] | None = None
@@ -191,6 +199,7 @@ def _arrow_table(table: pa.Table, origin: str, root: Path) -> _PairTable:
         labels_1=table.column("label_1").to_pylist() if "label_1" in table.column_names else None,
         images=_ArrowImages(table, image_names),
         missing_images=missing,
+        captions_1=table.column("caption_1").to_pylist() if "caption_1" in table.column_names else None,
     )
 
 
@@ -198,14 +207,15 @@ def _read_parquet(files: list[Path], origin: str) -> _PairTable:
     """Read parquet file(s); image columns stay encoded in Arrow buffers."""
     schema_names = pq.read_schema(files[0]).names
     image_names = _pick_image_columns(schema_names, origin)
-    wanted = [*REQUIRED_KEYS, *(["label_1"] if "label_1" in schema_names else []), *image_names]
+    optional = [name for name in ("label_1", "caption_1") if name in schema_names]
+    wanted = [*REQUIRED_KEYS, *optional, *image_names]
     table = pa.concat_tables(pq.read_table(path, columns=wanted) for path in files)
     return _arrow_table(table, origin, files[0].parent)
 
 
 def _read_jsonl(path: Path) -> _PairTable:
     """Read a jsonl file; malformed lines and records without the needed keys are counted, not fatal."""
-    captions, labels_0, labels_1, paths, missing, lines = [], [], [], [], [], []
+    captions, captions_1, labels_0, labels_1, paths, missing, lines = [], [], [], [], [], [], []
     num_bad, missing_keys, notes = 0, Counter(), []
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -227,6 +237,7 @@ def _read_jsonl(path: Path) -> _PairTable:
                 continue
             pair = (record["image_0"], record["image_1"])
             captions.append(str(record["caption"] or ""))
+            captions_1.append(None if record.get("caption_1") is None else str(record["caption_1"]))
             labels_0.append(record["label_0"])
             labels_1.append(record.get("label_1"))
             paths.append(pair)
@@ -240,6 +251,7 @@ def _read_jsonl(path: Path) -> _PairTable:
         labels_1=labels_1,
         images=paths.__getitem__,  # a bound list method pickles, so DataLoader workers can use it
         missing_images=missing,
+        captions_1=captions_1 if any(c is not None for c in captions_1) else None,
         num_bad_records=num_bad,
         missing_keys=missing_keys,
         line_numbers=lines,
@@ -532,7 +544,10 @@ class PreferenceDataset(Dataset):
         transform = _PairTransform(
             self.resolution, self.random_crop, self.random_flip, self.empty_caption_prob, self.seed
         )
-        return transform(images, row=row, label=label, caption=self.table.captions[row], epoch=self.epoch)
+        caption_1 = self.table.captions_1[row] if self.table.captions_1 is not None else None
+        return transform(
+            images, row=row, label=label, caption=self.table.captions[row], epoch=self.epoch, caption_1=caption_1
+        )
 
 
 @dataclass(frozen=True)
@@ -548,9 +563,17 @@ class _PairTransform:
     seed: int
 
     def __call__(
-        self, images: Sequence[Image.Image], *, row: int, label: float, caption: str, epoch: int
+        self,
+        images: Sequence[Image.Image],
+        *,
+        row: int,
+        label: float,
+        caption: str,
+        epoch: int,
+        caption_1: str | None = None,
     ) -> dict[str, Any]:
-        """The dataset item of a decoded pair (see :class:`PreferenceDataset`); ``label`` is ``label_0``."""
+        """The dataset item of a decoded pair (see :class:`PreferenceDataset`); ``label`` is ``label_0``;
+        ``caption_1`` is image 1's caption when it has its own (a text preference pair)."""
         # One draw per decision, in a fixed order, so that switching one option off leaves the others unchanged.
         draws = np.random.default_rng((self.seed, epoch, row)).random(4)
         pixels, original_size, crop_top_left = _transform_pair(
@@ -560,12 +583,15 @@ class _PairTransform:
             flip=self.random_flip and draws[0] < 0.5,
             crop_draws=(draws[1], draws[2]),
         )
+        captions = (caption, caption if caption_1 is None else caption_1)
         if label < 0.5:  # image 1 preferred: put it first, as the reference flips the tuple
-            pixels = pixels[::-1]
+            pixels, captions = pixels[::-1], captions[::-1]
+        dropped = draws[3] < self.empty_caption_prob  # both captions or neither: "" against a caption means nothing
         return {
             "pixel_values_w": pixels[0],
             "pixel_values_l": pixels[1],
-            "caption": "" if draws[3] < self.empty_caption_prob else caption,
+            "caption": "" if dropped else captions[0],
+            "caption_l": "" if dropped else captions[1],
             "original_size": original_size,
             "crop_top_left": crop_top_left,
             "is_tie": label == 0.5,
@@ -655,6 +681,7 @@ def collate_preference_batch(items: Sequence[dict[str, Any] | UnreadablePair | N
             "pixel_values_w": empty,
             "pixel_values_l": empty.clone(),
             "captions": [],
+            "captions_l": [],
             "original_sizes": sizes,
             "crop_top_lefts": sizes.clone(),
             "is_tie": torch.zeros(0, dtype=torch.bool),
@@ -666,6 +693,7 @@ def collate_preference_batch(items: Sequence[dict[str, Any] | UnreadablePair | N
         "pixel_values_w": torch.stack([item["pixel_values_w"] for item in kept]),
         "pixel_values_l": torch.stack([item["pixel_values_l"] for item in kept]),
         "captions": [item["caption"] for item in kept],
+        "captions_l": [item.get("caption_l", item["caption"]) for item in kept],
         "original_sizes": torch.tensor([item["original_size"] for item in kept], dtype=torch.long),
         "crop_top_lefts": torch.tensor([item["crop_top_left"] for item in kept], dtype=torch.long),
         "is_tie": torch.tensor([item["is_tie"] for item in kept], dtype=torch.bool),
@@ -764,6 +792,8 @@ class StreamItem(NamedTuple):
     """The two raw image values; ``None`` from a stream run without images (:meth:`~StreamingPreferenceDataset.batches`
     with ``images=False``)."""
     epoch: int
+    caption_1: str | None = None
+    """Image 1's own caption (a text preference pair), else ``None``."""
 
 
 class _PieceState:
@@ -785,6 +815,7 @@ class _Entry(NamedTuple):
     """Row within the row group."""
     label: float
     caption: str
+    caption_1: str | None = None
 
 
 def _group_pieces(files: list[Path], origin: str) -> tuple[list[_Piece], tuple[str, str], list[str]]:
@@ -802,7 +833,8 @@ def _group_pieces(files: list[Path], origin: str) -> tuple[list[_Piece], tuple[s
         image_names = image_names or chosen
         if chosen != image_names:
             raise ValueError(f"{path} names its images {chosen}, the first shard {image_names}: use one layout")
-        label_names = label_names or ["label_0", *(["label_1"] if "label_1" in names else [])]
+        # caption_1 (text preference pairs) is read with the labels: it is as small as a caption.
+        label_names = label_names or ["label_0", *[name for name in ("label_1", "caption_1") if name in names]]
         file_row = 0
         for group in range(metadata.num_row_groups):
             num_rows = metadata.row_group(group).num_rows
@@ -995,13 +1027,14 @@ class StreamingPreferenceDataset(Dataset):
         captions = table.column("caption").to_pylist()
         labels_0 = table.column("label_0").to_pylist()
         labels_1 = table.column("label_1").to_pylist() if "label_1" in self.label_names else None
+        captions_1 = table.column("caption_1").to_pylist() if "caption_1" in self.label_names else None
         usable = []
         for row in piece.rows():
             label = self._usable(labels_0[row], labels_1[row] if labels_1 is not None else None)
             if label is not None:
-                usable.append((row, label, str(captions[row] or "")))
-        state = _PieceState(piece, (row for row, _, _ in usable))
-        entries = [_Entry(state, row, label, caption) for row, label, caption in usable]
+                usable.append((row, label, str(captions[row] or ""), captions_1[row] if captions_1 else None))
+        state = _PieceState(piece, (row for row, *_ in usable))
+        entries = [_Entry(state, row, label, caption, caption_1) for row, label, caption, caption_1 in usable]
         return entries if rng is None else [entries[i] for i in rng.permutation(len(entries))]
 
     def _order(self, stream: int, epoch: int) -> Iterator[_Entry]:
@@ -1042,6 +1075,7 @@ class StreamingPreferenceDataset(Dataset):
             entry.caption,
             values,
             epoch,
+            entry.caption_1,
         )
 
     def batches(self, epoch: int, start: int = 0, images: bool = True) -> Iterator[list[StreamItem]]:
@@ -1076,7 +1110,9 @@ class StreamingPreferenceDataset(Dataset):
                 self._broken.add(item.index)
                 logger.warning("unreadable image, pair skipped: %s", images)
             return UnreadablePair(item.index, images)
-        return self.transform(images, row=item.index, label=item.label, caption=item.caption, epoch=item.epoch)
+        return self.transform(
+            images, row=item.index, label=item.label, caption=item.caption, epoch=item.epoch, caption_1=item.caption_1
+        )
 
 
 def stream_preference_dataset(
@@ -1166,12 +1202,16 @@ def _write_jsonl(records: Iterable[Sequence[Any]], out_dir: Path, image_format: 
     extension = {"jpeg": "jpg"}.get(image_format.lower(), image_format.lower())
     target, partial = out_dir / JSONL_NAME, out_dir / (JSONL_NAME + ".partial")
     with open(partial, "w", encoding="utf-8") as handle:
-        for row, (caption, image_0, image_1, label_0) in enumerate(records):
+        for row, (caption, image_0, image_1, label_0, *rest) in enumerate(records):
             names = [f"{IMAGE_DIR}/{row:06d}_{k}.{extension}" for k in (0, 1)]
-            for name, image in zip(names, (image_0, image_1)):
+            if image_1 is image_0:  # a text preference pair: one file for both sides
+                names[1] = names[0]
+            for name, image in dict(zip(names, (image_0, image_1))).items():
                 _to_pil(image).save(out_dir / name, format=image_format)
             record = {"caption": caption, "image_0": names[0], "image_1": names[1]}
             record.update(label_0=float(label_0), label_1=1.0 - float(label_0))
+            if rest and rest[0] is not None:
+                record["caption_1"] = rest[0]
             handle.write(json.dumps(record) + "\n")
     os.replace(partial, target)  # a crash mid-write leaves no half-written data.jsonl behind
     return target
@@ -1196,7 +1236,9 @@ def _write_parquet(
     target, partial = out_dir / PARQUET_NAME, out_dir / (PARQUET_NAME + ".partial")
     columns: dict[str, list] = {name: [] for name in _PARQUET_SCHEMA.names}
     with pq.ParquetWriter(partial, _PARQUET_SCHEMA) as writer:
-        for caption, image_0, image_1, label_0 in records:
+        for caption, image_0, image_1, label_0, *rest in records:
+            if rest and rest[0] is not None:
+                raise ValueError("pairs with their own caption_1 (text preference pairs) are written as jsonl")
             columns["caption"].append(caption)
             columns["jpg_0"].append(_encode(image_0, image_format))
             columns["jpg_1"].append(_encode(image_1, image_format))
@@ -1222,8 +1264,10 @@ def write_preference_dataset(
     """Write pairs in the layout :func:`load_preference_dataset` reads (``load_preference_dataset(out_dir, ...)``).
 
     Args:
-        records: ``(caption, image_0, image_1, label_0)`` per pair (see :class:`PreferenceRecord`); ``label_0`` is
-            1.0 when image_0 is preferred, 0.0 when image_1 is, 0.5 for a tie. Streamed: any iterable works.
+        records: ``(caption, image_0, image_1, label_0[, caption_1])`` per pair (see :class:`PreferenceRecord`);
+            ``label_0`` is 1.0 when image_0 is preferred, 0.0 when image_1 is, 0.5 for a tie. ``caption_1`` (jsonl
+            only) is image 1's own caption; a text preference pair passes the same image object twice, written
+            once. Streamed: any iterable works.
         out_dir: folder to write to (created).
         format: ``"jsonl"`` writes ``data.jsonl`` + ``images/``; ``"parquet"`` writes ``data.parquet`` with the images
             encoded in the ``jpg_0``/``jpg_1`` columns (the Pick-a-Pic names, whatever ``image_format``).

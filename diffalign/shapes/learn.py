@@ -585,6 +585,7 @@ def learn_self_play(
     beta: float = 100.0,
     logit_mean: float = 1.0,
     real_images_per_prompt: int = 16,
+    guidance_scale: float | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """RAFT or SPIN-Diffusion on the shapes world (:mod:`diffalign.trainers.self_play`); the demo's verifier
@@ -609,6 +610,7 @@ def learn_self_play(
         beta: spin's DPO temperature (per-pixel MSE convention; 100 is the SD3/flow default).
         logit_mean: mean of the logit-normal noise-level density of training (as :func:`learn_dpo`).
         real_images_per_prompt: spin: rendered real scenes per aligned prompt.
+        guidance_scale: CFG of the rounds' samples (default: the evaluation protocol's).
         **settings: the settings every runner takes, see :class:`LearnSettings`.
 
     Returns:
@@ -619,9 +621,10 @@ def learn_self_play(
     bench = _Bench(method, minutes, output, seed, LearnSettings(**settings))
     before = bench.evaluate(bench.load_base())
     raw = bench.config(minutes, lr)
+    guidance = bench.protocol["guidance_scale"] if guidance_scale is None else guidance_scale
     sampling = {
         "num_steps": bench.protocol["num_steps"],
-        "guidance_scale": bench.protocol["guidance_scale"],
+        "guidance_scale": guidance,
         "resolution": bench.protocol["resolution"],
         "batch_size": 64,
     }
@@ -648,7 +651,14 @@ def learn_self_play(
     return bench.run(
         trainer,
         before,
-        train={"lr": lr, "beta": beta, "logit_mean": logit_mean, "lora_rank": bench.settings.lora_rank, **rounds},
+        train={
+            "lr": lr,
+            "beta": beta,
+            "logit_mean": logit_mean,
+            "guidance_scale": guidance,
+            "lora_rank": bench.settings.lora_rank,
+            **rounds,
+        },
     )
 
 

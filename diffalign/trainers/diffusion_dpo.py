@@ -264,6 +264,20 @@ class DiffusionDPOConfig(TrainerConfig):
             )
 
 
+def _share_identical_images(latents: Tensor, batch: Batch) -> Tensor:
+    """``[2B, ...]`` winner-then-loser latents in which each pair whose two images are the same pixels (a text
+    preference pair) uses the winner's VAE sample for the loser too, so that the pair differs by its captions alone
+    (docs/methods/dpo.md#text-preference-pairs)."""
+    size = len(batch["captions"])
+    same = [torch.equal(win, lose) for win, lose in zip(batch["pixel_values_w"], batch["pixel_values_l"])]
+    if not any(same):
+        return latents
+    latents = latents.clone()
+    for i in (i for i, equal in enumerate(same) if equal):
+        latents[size + i] = latents[i]
+    return latents
+
+
 def sample_training_timesteps(adapter: Any, dpo: DPOLossConfig, batch_size: int, generator: torch.Generator) -> Tensor:
     """``[batch_size]`` training timesteps on the scheduler's 0..1000 scale, as ``dpo.timestep_sampling`` says:
     integers uniform over the train timesteps for epsilon / v models, ``1000 sigma`` with ``sigma`` logit-normal (then
@@ -475,10 +489,10 @@ class DiffusionDPOTrainer:
         """``[batch_size]`` timesteps on the scheduler's 0..1000 scale (:func:`sample_training_timesteps`)."""
         return sample_training_timesteps(self.adapter, self.config.dpo, batch_size, generator)
 
-    def conditioning(self, batch: Batch) -> Conditioning:
-        """``[B]`` text conditioning of the captions, with each pair's original size and crop for the families
-        conditioned on them (SDXL)."""
-        cond = self.adapter.encode_prompt(batch["captions"], with_negative=False)
+    def conditioning(self, batch: Batch, key: str = "captions") -> Conditioning:
+        """``[B]`` text conditioning of the captions (``key="captions_l"``: the losers' own captions), with each pair's
+        original size and crop for the families conditioned on them (SDXL)."""
+        cond = self.adapter.encode_prompt(batch[key], with_negative=False)
         if self.config.dpo.micro_conditioning == "constant":  # the encoder's default: the training size, no crop
             return cond
         return self.adapter.with_size_conditioning(cond, batch["original_sizes"], batch["crop_top_lefts"])
@@ -513,6 +527,8 @@ class DiffusionDPOTrainer:
         per_pair = isinstance(generator, list)
         with torch.no_grad():
             latents = adapter.encode_images(pixels, generator=generator * copies if per_pair else generator)
+            if not sft_only:
+                latents = _share_identical_images(latents, batch)
         # Same noise and timestep for the winner and the loser of a pair
         # (docs/methods/dpo.md#shared-noise-and-timestep).
         shape = latents.shape[1:]
@@ -527,7 +543,9 @@ class DiffusionDPOTrainer:
         noisy = adapter.add_noise(latents, noise, timesteps)
         target = adapter.training_target(latents, noise, timesteps)
         cond = self.conditioning(batch)
-        cond = cond if sft_only else Conditioning.cat([cond, cond])
+        if not sft_only:  # the losers under their own captions when they have them (text preference pairs)
+            own = batch.get("captions_l", batch["captions"]) != batch["captions"]
+            cond = Conditioning.cat([cond, self.conditioning(batch, "captions_l") if own else cond])
         guidance = self.training_guidance if adapter.guidance_embedded else 1.0
         with run.autocast():
             pred = adapter.predict(noisy, timesteps, cond, guidance)
