@@ -587,7 +587,7 @@ K = all 10 steps)."""
 SELF_PLAY_METHODS = ("raft", "spin")
 """The self-play methods of :func:`bench_learn` (:func:`diffalign.shapes.learn.learn_self_play`)."""
 
-LEARN_METHODS = (*GRPO_VARIANTS, "dpo", *BACKPROP_MODES, *SELF_PLAY_METHODS)
+LEARN_METHODS = (*GRPO_VARIANTS, "dpo", "tpo", *BACKPROP_MODES, *SELF_PLAY_METHODS)
 """Methods of :func:`bench_learn`."""
 
 LEARN_STEPS = {
@@ -597,6 +597,7 @@ LEARN_STEPS = {
     "tempflow": 280,
     "branchgrpo": 280,
     "dpo": 3000,
+    "tpo": 3000,
     "backprop": 450,
     "refl": 600,
     "direct_align": 600,
@@ -674,8 +675,8 @@ def bench_learn(
 
         budget = {"max_steps": steps} if steps is not None else {}
         extra = {"eval_every": eval_every, "early_stopping": early_stopping, **budget}
-        if method == "dpo":
-            return learn_dpo(minutes=minutes, output=output, seed=seed, **extra)
+        if method in ("dpo", "tpo"):
+            return learn_dpo(minutes=minutes, output=output, seed=seed, text_pairs=method == "tpo", **extra)
         if method in SELF_PLAY_METHODS:
             return learn_self_play(minutes=minutes, output=output, seed=seed, method=method, **extra)
         return learn_backprop(minutes=minutes, output=output, seed=seed, mode=BACKPROP_MODES[method], **extra)

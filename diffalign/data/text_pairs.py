@@ -113,9 +113,7 @@ PERTURBATIONS: dict[str, Callable[[str], list[str]]] = {
 """The four principles of the paper, each a function from a caption to its possible rewrites."""
 
 
-def perturb_caption(
-    caption: str, rng: random.Random, kinds: Sequence[str] = tuple(PERTURBATIONS)
-) -> str | None:
+def perturb_caption(caption: str, rng: random.Random, kinds: Sequence[str] = tuple(PERTURBATIONS)) -> str | None:
     """A mismatched caption: one rewrite drawn uniformly from every rewrite that ``kinds`` allow, or ``None`` when no
     rule applies.
 

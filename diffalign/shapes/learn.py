@@ -466,9 +466,15 @@ def learn_dpo(
     sft_weight: float = 0.0,
     loss: str = "dpo",
     logit_mean: float = 1.0,
+    text_pairs: bool = False,
     **settings: Any,
 ) -> dict[str, Any]:
     """Diffusion-DPO on the shapes world from verifier-ranked pairs; the demo's measurements before and after.
+
+    ``text_pairs=True`` trains on text preference pairs instead (free-lunch alignment,
+    :mod:`diffalign.data.text_pairs`): two rendered scenes of each base training caption
+    (:func:`~diffalign.shapes.scenes.train_prompts`, none of them aligned or unseen), each preferred under its caption
+    over a rule-perturbed one; the aligned prompts are then only evaluated (the method ``tpo``).
 
     Args:
         minutes: the budget for pair generation and training (evaluation not counted); ``None``: the pairs, then
@@ -488,6 +494,7 @@ def learn_dpo(
         sft_weight: weight of the denoising loss on the preferred images added to the DPO loss.
         loss: ``"dpo"``, or ``"sft"`` (the denoising loss on the preferred images only: rejection-sampling
             fine-tuning, a baseline).
+        text_pairs: train on text preference pairs of rendered scenes (see above) instead of ranked samples.
         logit_mean: mean of the logit-normal noise-level density of training (> 0 favours high noise, where the
             layout is decided).
         **settings: the settings every runner takes, see :class:`LearnSettings` (``model``, ``prompts``,
@@ -500,12 +507,22 @@ def learn_dpo(
     from diffalign.data.ai_feedback import SUMMARY_NAME, make_preference_pairs
     from diffalign.trainers.diffusion_dpo import DiffusionDPOConfig, DiffusionDPOTrainer
 
-    bench = _Bench("dpo", minutes, output, seed, LearnSettings(**settings))
+    bench = _Bench("tpo" if text_pairs else "dpo", minutes, output, seed, LearnSettings(**settings))
     base = bench.load_base()
     before = bench.evaluate(base)
     steps = pair_steps or bench.protocol["num_steps"]
     pair_seconds = 0.0
-    if pairs is None:
+    if text_pairs:
+        from diffalign.data.text_pairs import make_text_preference_pairs
+        from diffalign.shapes.scenes import train_prompts
+
+        began = time.monotonic()
+        scenes = render_real_pairs(train_prompts(), 2, bench.output / "real_images", seed=seed)
+        made = make_text_preference_pairs(scenes, bench.output / "pairs", seed=seed)
+        pairs, pair_seconds = bench.output / "pairs", time.monotonic() - began
+        summary = {"num_prompts": len(train_prompts()), "num_per_prompt": 2, "pairing": "text", "num_steps": 0}
+        summary["num_pairs"] = made["pairs"]
+    elif pairs is None:
         pairs = bench.output / "pairs"
         began = time.monotonic()
         with repeated_context_sampling(base):
@@ -522,7 +539,8 @@ def learn_dpo(
                 batch_size=64,
             )
         pair_seconds = time.monotonic() - began
-    summary = json.loads((Path(pairs) / SUMMARY_NAME).read_text())
+    if not text_pairs:
+        summary = json.loads((Path(pairs) / SUMMARY_NAME).read_text())
     del base
     # The pairs' time counts against a minutes budget; if it spent it, training runs its one step and stops.
     raw = bench.config(None if minutes is None else max(minutes - pair_seconds / 60, 1e-6), lr)

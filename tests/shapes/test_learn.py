@@ -269,3 +269,14 @@ def test_learn_self_play_trains_rounds_and_reports_the_verifier(tmp_path, method
     assert _lora_moved(tmp_path / method)
     logged = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in logged if "round" in r] == [1.0]  # step 3 (logged as the last) is in round 1
+
+
+@pytest.mark.slow  # over 3 s: 1,028 scenes rendered, two DPO steps and the evaluations
+def test_learn_dpo_on_text_pairs_trains_on_other_captions_than_the_evaluated_ones(tmp_path):
+    metrics = learn_dpo(None, tmp_path / "tpo", text_pairs=True, max_steps=2, batch_size=2, **TINY_EVAL)
+    assert metrics["method"] == "tpo" and metrics["pairs"]["pairing"] == "text"
+    records = [json.loads(line) for line in (tmp_path / "tpo" / "pairs" / "data.jsonl").read_text().splitlines()]
+    assert len(records) == metrics["pairs"]["pairs"] == 1028
+    assert not {r["caption"] for r in records} & set(TINY_EVAL["prompts"])  # the evaluated prompts are not trained
+    assert all(r["caption_1"] != r["caption"] and r["image_0"] == r["image_1"] for r in records)
+    assert _lora_moved(tmp_path / "tpo")
