@@ -597,8 +597,8 @@ def learn_self_play(
     lr: float = 1e-4,
     batch_size: int = 8,
     steps_per_round: int = 100,
-    samples_per_prompt: int = 8,
-    keep_per_prompt: int = 1,
+    samples_per_prompt: int = 16,
+    keep_per_prompt: int = 2,
     keep_share: float = 1.0,
     beta: float = 100.0,
     logit_mean: float = 1.0,
@@ -628,7 +628,10 @@ def learn_self_play(
         beta: spin's DPO temperature (per-pixel MSE convention; 100 is the SD3/flow default).
         logit_mean: mean of the logit-normal noise-level density of training (as :func:`learn_dpo`).
         real_images_per_prompt: spin: rendered real scenes per aligned prompt.
-        guidance_scale: CFG of the rounds' samples (default: the evaluation protocol's).
+        guidance_scale: CFG of the rounds' samples (default: none, 1.0, for raft; the evaluation protocol's for
+            spin). RAFT fine-tunes the conditional model on its kept samples; samples drawn with CFG and sampled
+            with CFG again compound the guidance round after round: at the protocol's 4.5 the shapes model's
+            rounds degrade from round 8 on and collapse by round 13 (benchmarks/RESULTS.md).
         **settings: the settings every runner takes, see :class:`LearnSettings`.
 
     Returns:
@@ -639,7 +642,9 @@ def learn_self_play(
     bench = _Bench(method, minutes, output, seed, LearnSettings(**settings))
     before = bench.evaluate(bench.load_base())
     raw = bench.config(minutes, lr)
-    guidance = bench.protocol["guidance_scale"] if guidance_scale is None else guidance_scale
+    if guidance_scale is None:
+        guidance_scale = 1.0 if method == "raft" else bench.protocol["guidance_scale"]
+    guidance = guidance_scale
     sampling = {
         "num_steps": bench.protocol["num_steps"],
         "guidance_scale": guidance,
