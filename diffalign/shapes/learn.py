@@ -811,11 +811,18 @@ def _real_pairs(aligned: list[str], captions: str, per_prompt: int | None, folde
 DIRECT_ALIGN_OPTIONS: dict[str, Any] = {"srp": False, "direct_align_inversion": False}
 """Direct-Align on the shapes world: plain (no SRP; the inversion branch needs it), SRPO's grid and offset."""
 
-IMAGE_REFL_OPTIONS: dict[str, Any] = {"refl_step_range": (2, 9), "image_refl_start": 2, "image_refl_mse_weight": 10.0}
+IMAGE_REFL_OPTIONS: dict[str, Any] = {
+    "refl_step_range": (2, 9),
+    "image_refl_start": 2,
+    "image_refl_mse_weight": 10.0,
+    "image_refl_plain_every": 2,
+}
 """ImageReFL on the shapes world (10 steps): the real scene noised to step 2 and ``mid`` in 2..9, where the
 published 30 of 40 would leave only the last quarter, past the layout; the diffusion loss weighted 10 (the shapes
-CLIP's scores are ~300 times HPS's, so the published 0.01 would leave it negligible; at 300 steps, seed 0, weight 1
-gave +0.055 aligned strict and 10 gave +0.109, benchmarks/RESULTS.md)."""
+CLIP's scores are ~300 times HPS's, so the published 0.01 would leave it negligible); every second micro-batch a
+plain ReFL one on the aligned prompts (ImageReFL's ``state_del`` option). The real pairs are scenes of other
+captions (:func:`learn_backprop`'s ``real_captions``); without the plain micro-batches nothing trains on the aligned
+prompts, and 600 steps gave +0.008 (benchmarks/RESULTS.md)."""
 
 MODE_OPTIONS: dict[str, dict[str, Any]] = {"direct_align": DIRECT_ALIGN_OPTIONS, "image_refl": IMAGE_REFL_OPTIONS}
 BENCH_NAMES = {"refl": "refl", "direct_align": "direct_align", "image_refl": "image_refl"}
