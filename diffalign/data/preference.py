@@ -834,7 +834,10 @@ def _group_pieces(files: list[Path], origin: str) -> tuple[list[_Piece], tuple[s
         if chosen != image_names:
             raise ValueError(f"{path} names its images {chosen}, the first shard {image_names}: use one layout")
         # caption_1 (text preference pairs) is read with the labels: it is as small as a caption.
-        label_names = label_names or ["label_0", *[name for name in ("label_1", "caption_1") if name in names]]
+        own = ["label_0", *[name for name in ("label_1", "caption_1") if name in names]]
+        label_names = label_names or own
+        if ("caption_1" in own) != ("caption_1" in label_names):
+            raise ValueError(f"{path} and the first shard differ in having a caption_1 column: give all or none one")
         file_row = 0
         for group in range(metadata.num_row_groups):
             num_rows = metadata.row_group(group).num_rows
@@ -1093,11 +1096,14 @@ class StreamingPreferenceDataset(Dataset):
                 yield batch
 
     def captions(self) -> Iterator[str]:
-        """The captions of this process's usable pairs, in data-set order; reads the caption and label columns of
-        its streams only (what the text-embedding cache needs)."""
+        """The captions of this process's usable pairs (a text pair's ``caption_1`` too), in data-set order; reads
+        the caption and label columns of its streams only (what the text-embedding cache needs)."""
         for stream in self.streams:
             for piece in self.pieces[stream]:
-                yield from (entry.caption for entry in self._entries(piece, None))
+                for entry in self._entries(piece, None):
+                    yield entry.caption
+                    if entry.caption_1 is not None:
+                        yield entry.caption_1
 
     def __getitem__(self, item: StreamItem) -> dict[str, Any] | UnreadablePair:
         """Decode and transform one :class:`StreamItem` (what a DataLoader worker runs)."""

@@ -39,7 +39,8 @@ class NoiseSearch:
         candidates: ``N``, noises sampled and scored per cell and round (``N = 1``, one round: plain sampling).
         rounds: ``1`` = best-of-N; more = that many rounds, each later one sampling ``N - 1`` neighbours of the best
             noise so far (zero-order search).
-        radius: ``r``, how far a neighbour lies from its pivot (``0`` = the pivot itself; large = a fresh draw).
+        radius: ``r > 0``, how far a neighbour lies from its pivot (small: close to it; large: nearly a fresh
+            draw).
         reward: the label (in the ``rewards`` passed along) of the reward to maximise; ``None``: the first one.
     """
 
@@ -104,7 +105,13 @@ def _score(
             negative_prompt=settings["negative_prompt"],
             start_latents=noise,
         ).images
-    scores = score_with_parts(reward, images, prompts)["reward"]
+    chunk = settings["batch_size"] or len(prompts)
+    scores = torch.cat(
+        [
+            score_with_parts(reward, images[i : i + chunk], prompts[i : i + chunk])["reward"]
+            for i in range(0, len(prompts), chunk)
+        ]
+    )
     if not torch.isfinite(scores).all():
         bad = [prompts[i] for i in torch.nonzero(~torch.isfinite(scores)).flatten().tolist()]
         raise ValueError(f"the search reward returned NaN or inf for {len(bad)} image(s), e.g. of {bad[0]!r}")

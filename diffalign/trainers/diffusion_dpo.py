@@ -430,7 +430,9 @@ class DiffusionDPOTrainer:
         if isinstance(self.dataset, StreamingPreferenceDataset):
             captions = self.dataset.captions()
         else:
-            captions = (self.dataset.table.captions[row] for row in self.dataset.rows)
+            table = self.dataset.table
+            own = table.captions_1 or [None] * len(table.captions)  # text pairs: the losers' captions too
+            captions = (c for row in self.dataset.rows for c in (table.captions[row], own[row]) if c is not None)
         unique = dict.fromkeys(captions)
         if self.config.data.empty_caption_prob > 0:
             unique[""] = None

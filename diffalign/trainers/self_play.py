@@ -25,9 +25,11 @@ Round data and the reference: ``theta_k``'s trainable weights are written to
 checkpoint lies in them); a resumed run reads its round's back, samples the round's data again with them (the same
 seeds, the same images) and uses them as SPIN's reference, so a resumed run trains what an uninterrupted one does.
 
-Processes: each process samples and trains on its own share of the round's prompts (every ``num_processes``-th);
-RAFT's global ranking gathers the scores (not the images) so that every process applies the same threshold.
-FSDP sharding is not supported (the reference swaps whole weight tensors).
+Processes: each process samples and trains on its own share of the round's prompts (every ``num_processes``-th;
+a round must draw at least one per process); RAFT's global ranking gathers the scores (not the images) so that every
+process applies the same threshold, and a process whose share the cut empties keeps its own best sample. Each
+process draws its micro-batches from its own kept samples, so with several processes the mix of a step can differ
+from what one process would draw. FSDP sharding is not supported (the reference swaps whole weight tensors).
 """
 
 from __future__ import annotations
@@ -249,7 +251,15 @@ class SelfPlayTrainer:
             self.items: list[Any] = load_prompts_and_metadata(config.sampling.prompts)[0]
         else:
             self.items = load_real_pairs(config.sampling.real_images, key="sampling.real_images")
-        self.guidance = config.sampling.guidance_scale or self.adapter.default_guidance_scale
+        per_round = min(config.self_play.prompts_per_round or len(self.items), len(self.items))
+        if per_round < self.run.accelerator.num_processes:
+            raise ConfigError(
+                f"a round draws {per_round} prompts or pairs for {self.run.accelerator.num_processes} processes: "
+                "each process needs at least one; add data or raise self_play.prompts_per_round",
+                key="self_play.prompts_per_round",
+            )
+        guidance = config.sampling.guidance_scale
+        self.guidance = guidance if guidance is not None else self.adapter.default_guidance_scale
         self.beta = config.dpo.beta if config.dpo.beta is not None else self.adapter.default_dpo_beta
         sampled_at = self.guidance
         self.training_guidance = config.dpo.flux_guidance if config.dpo.flux_guidance is not None else sampled_at
@@ -278,18 +288,22 @@ class SelfPlayTrainer:
 
     @contextlib.contextmanager
     def weights(self, state: dict[str, Tensor]) -> Iterator[None]:
-        """The trainable weights set to ``state`` inside the block (e.g. SPIN's reference ``theta_k``)."""
+        """The trainable weights set to ``state`` inside the block (e.g. SPIN's reference ``theta_k``), with the
+        denoiser in eval mode (no LoRA dropout: the reference is a fixed function). The parameters' storage is
+        swapped, not copied; the live weights come back when the block ends, also on an error."""
         params = dict(self.run.named_trainables())
-        live = {name: param.detach().clone() for name, param in params.items()}
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        live = {name: params[name].data for name in state}
+        denoiser = self.adapter.denoiser
+        training = denoiser.training
+        for name, value in state.items():
+            params[name].data = value
+        denoiser.eval()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, value in live.items():
-                    params[name].copy_(value)
+            for name, value in live.items():
+                params[name].data = value
+            denoiser.train(training)
 
     def round_file(self, round_index: int) -> Path:
         return self.rounds_folder / f"round-{round_index}.safetensors"
@@ -352,12 +366,20 @@ class SelfPlayTrainer:
         captions = [p for p in prompts for _ in range(k)]
         seeds = [self._seed("sample", round_index, i, j) for i in indices for j in range(k)]
         latents, images = self._sample(captions, seeds)
-        scores = score_with_parts(self.reward, images, captions)["reward"].view(len(prompts), k)
+        chunk = self.config.sampling.batch_size
+        scores = torch.cat(
+            [
+                score_with_parts(self.reward, images[i : i + chunk], captions[i : i + chunk])["reward"]
+                for i in range(0, len(captions), chunk)
+            ]
+        ).view(len(prompts), k)
         if not torch.isfinite(scores).all():
             raise ValueError(f"the reward returned NaN or inf for a round-{round_index} sample; check the reward")
         local = scores.topk(settings.keep_per_prompt, dim=1).values.flatten()
         pool = self._gather(local)
         kept = raft_keep(scores, settings.keep_per_prompt, settings.keep_share, pool).flatten()
+        if not kept.any():  # the global cut left this process nothing: it keeps its best sample to train on
+            kept[scores.flatten().argmax()] = True
         stats = {
             "round/reward_sampled": float(self._gather(scores.flatten()).mean()),
             "round/reward_kept": float(self._gather(scores.flatten()[kept]).mean()),
@@ -371,9 +393,19 @@ class SelfPlayTrainer:
         pairs = [self.items[i] for i in indices]
         captions = [caption for caption, _ in pairs]
         height, width = self.adapter.height, self.adapter.width
-        pixels = torch.stack([load_real_image(path, height, width, key="sampling.real_images") for _, path in pairs])
         generator = torch.Generator().manual_seed(self._seed("vae", round_index, self.run.accelerator.process_index))
-        real = self.adapter.encode_images(pixels.to(self.run.device), generator=generator)
+        chunk = self.config.sampling.batch_size
+        real = torch.cat(
+            [
+                self.adapter.encode_images(
+                    torch.stack([load_real_image(path, height, width) for _, path in pairs[i : i + chunk]]).to(
+                        self.run.device
+                    ),
+                    generator=generator,
+                )
+                for i in range(0, len(pairs), chunk)
+            ]
+        )
         seeds = [self._seed("sample", round_index, i) for i in indices]
         latents, _ = self._sample(captions, seeds)
         return RoundData(captions, latents, real)

@@ -94,6 +94,11 @@ def test_dpo_on_a_text_pair_prefers_the_true_caption_on_one_shared_latent(tiny_p
         with perturbed_lora(run), torch.no_grad():  # policy != reference, so the margin is not 0
             return trainer.loss(batch, trainer.pair_generators(0, batch["indices"]))[1]
 
+    assert set(DiffusionDPOTrainer(config("pairs"), run=run)._unique_captions()) == {  # the caption cache's list
+        record["caption"],
+        record["caption_1"],
+        "",
+    }
     true_first, perturbed_first = loss("pairs"), loss("swapped")
     # One latent, one noise, one timestep: exchanging the captions negates the implicit reward margin exactly.
     assert true_first["reward_margin"].abs() > 0

@@ -11,7 +11,8 @@ from diffalign.eval.grid import make_eval_grid
 from diffalign.eval.search import NoiseSearch, search_initial_noise
 from diffalign.rewarding import build_reward
 from diffalign.samplers.plan import ode_plan
-from diffalign.samplers.rollout import rollout
+from diffalign.samplers.rollout import make_generators, rollout
+from diffalign.seeding import derive_seed
 from diffalign.testing import FAMILIES, random_lora_adapter, redness
 
 
@@ -98,12 +99,13 @@ def test_zero_order_rounds_never_lose_reward_and_search_around_the_pivot(tiny_pi
     # round 0 alone is best-of-3, with the same candidates
     first = search_initial_noise(adapter, ["a red circle"], [5], redness, NoiseSearch(candidates=3), **settings)
     assert [c["reward"] for c in first.candidates[0]] == [c["reward"] for c in cell[:3]]
-    # a neighbour at radius r keeps the pivot's direction: correlation 1 / sqrt(1 + r^2) with it
-    pivot = first.noise[0].flatten()
-    chosen_round = next(c["round"] for c in cell if c["chosen"])
-    if chosen_round == 1:
-        correlation = torch.nn.functional.cosine_similarity(result.noise[0].flatten(), pivot, dim=0).item()
-        assert correlation == pytest.approx(1 / (1 + 0.3**2) ** 0.5, abs=0.05)
+    # round 1 samples (pivot + r xi_k) / sqrt(1 + r^2) around round 0's best noise, xi_k from the derived seeds
+    xi = adapter.prepare_latents(2, make_generators([derive_seed(5, "noise-search", 1, k) for k in (1, 2)]))
+    neighbours = (first.noise[0] + 0.3 * xi) / (1 + 0.3**2) ** 0.5
+    with torch.no_grad():
+        plan = ode_plan(STEPS)
+        expected = rollout(adapter, ["a red circle"] * 2, plan, guidance_scale=2.0, start_latents=neighbours).images
+    assert [c["reward"] for c in cell[3:5]] == pytest.approx(redness(expected).tolist(), abs=1e-6)
 
 
 def test_search_settings_are_checked():

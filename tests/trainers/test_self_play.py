@@ -98,9 +98,13 @@ def test_spin_starts_every_round_at_log_2_because_the_reference_is_the_rounds_ow
 
 
 @pytest.mark.slow  # over 3 s: three runs of four and two steps, with checkpoints
-def test_a_run_resumed_inside_a_round_trains_what_an_uninterrupted_one_does(tiny_pipeline_dir, tmp_path):
+@pytest.mark.parametrize("method", ["raft", "spin"])
+def test_a_run_resumed_inside_a_round_trains_what_an_uninterrupted_one_does(tiny_pipeline_dir, tmp_path, method):
     folder = tiny_pipeline_dir("sd3")
     options = {"max_steps": 4, "self_play.steps_per_round": 3, "checkpoint.every": 1, "checkpoint.keep_last": 5}
+    options["method"] = method
+    if method == "spin":  # the reference theta_k comes back from round-0.safetensors on the resume
+        options["sampling.real_images"] = str(write_pairs(tmp_path / "real"))
     whole = SelfPlayTrainer(make_config(folder, tmp_path / "whole", **options))
     whole.train()
     cut = SelfPlayTrainer(make_config(folder, tmp_path / "cut", **{**options, "max_steps": 2}))
