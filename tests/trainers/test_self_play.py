@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 from config_probes import with_keys
+from families import FAMILIES_SD3_FAST
 from test_image_refl import write_pairs
 
 from diffalign.config import ConfigError, load_config
-from diffalign.testing import FAMILIES, redness
+from diffalign.testing import redness
 from diffalign.trainers import get_trainer
 from diffalign.trainers.self_play import SelfPlayConfig, SelfPlayTrainer, raft_keep
 
@@ -79,7 +80,7 @@ def test_a_raft_round_keeps_each_prompts_best_sample_and_trains_on_it(tiny_pipel
     assert trainer.round_index == 1 and (tmp_path / "self_play" / "round-1.safetensors").is_file()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES_SD3_FAST)
 def test_spin_starts_every_round_at_log_2_because_the_reference_is_the_rounds_own_model(
     tiny_pipeline_dir, tmp_path, family
 ):
