@@ -46,6 +46,7 @@ def score_with_parts(
     images: Tensor,
     prompts: list[str],
     metadata: Sequence[Mapping[str, Any]] | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, Tensor]:
     """``{"reward": total [B], <part>: [B], ...}`` without gradients, float32 on the CPU.
 
@@ -60,7 +61,20 @@ def score_with_parts(
         prompts: ``B`` prompts.
         metadata: ``B`` dicts aligned with the images (a JSONL prompt record's fields), passed only to a reward
             that takes metadata (``reward.takes_metadata``; for a sum, to its parts that do); ``None`` = none.
+        batch_size: score at most this many images per reward call, concatenating the scores (a reward model's
+            memory bound); ``None`` = all in one call.
     """
+    if batch_size is not None and len(prompts) > batch_size:
+        chunks = [
+            score_with_parts(
+                reward,
+                images[i : i + batch_size],
+                prompts[i : i + batch_size],
+                None if metadata is None else metadata[i : i + batch_size],
+            )
+            for i in range(0, len(prompts), batch_size)
+        ]
+        return {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
     with torch.no_grad():
         total, parts = reward.score_parts(images, prompts, **rewards.metadata_kwargs(reward, metadata))
     scores = {"reward": total}

@@ -52,6 +52,19 @@ def test_score_with_parts_lists_a_weighted_sums_terms_and_a_verifiers_strict_fla
     assert all(value.dtype == torch.float32 and value.device.type == "cpu" for value in scores.values())
 
 
+def test_score_with_parts_in_batches_gives_every_part_of_the_one_call():
+    weighted = build_reward({"diffalign.testing:redness": 1.0, "jpeg_compressibility": 0.5})
+    calls = []
+    real = weighted.score_parts
+    weighted.score_parts = lambda images, prompts, **kw: calls.append(len(prompts)) or real(images, prompts, **kw)
+    whole = score_with_parts(weighted, IMAGES, PROMPTS)
+    batched = score_with_parts(weighted, IMAGES, PROMPTS, batch_size=2)
+    assert calls == [3, 2, 1]  # one call, then batches of at most 2
+    assert set(batched) == set(whole)
+    for name in whole:
+        torch.testing.assert_close(batched[name], whole[name])
+
+
 def test_score_parts_checks_inputs_like_score():
     reward = build_reward(redness)
     with pytest.raises(rewards.RewardInputError):

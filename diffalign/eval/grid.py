@@ -266,7 +266,7 @@ def make_eval_grid(
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if not prompts or not seeds:
         raise ValueError("an evaluation grid needs at least one prompt and one seed")
-    search_reward = _search_reward(search, rewards or {})
+    search_label = _search_label(search, rewards or {}) if search is not None else None
     sampling = {"num_steps": num_steps, "guidance_scale": guidance_scale, "batch_size": batch_size}
     per_model, scores, candidates = [], [], []
     for _, lora, scale in models:
@@ -274,7 +274,7 @@ def make_eval_grid(
             if search is None:
                 images, found = ode_images(adapter, prompts, seeds, **sampling), None
             else:
-                result = search_initial_noise(adapter, prompts, seeds, search_reward, search, **sampling)
+                result = search_initial_noise(adapter, prompts, seeds, rewards[search_label], search, **sampling)
                 images, found = result.images, result.candidates
         per_model.append(images)
         candidates.append(found)
@@ -307,7 +307,7 @@ def make_eval_grid(
     if alignment_scales:
         settings["alignment_scales"] = [float(w) for w in alignment_scales]
     if search is not None:
-        settings["search"] = {**dataclasses.asdict(search), "reward": _search_label(search, rewards or {})}
+        settings["search"] = {**dataclasses.asdict(search), "reward": search_label}
     return EvalGrid(image, records, [label for label, _, _ in models], settings)
 
 
@@ -319,7 +319,3 @@ def _search_label(search: NoiseSearch, rewards: Mapping[str, Any]) -> str:
     if label not in rewards:
         raise ValueError(f"the search reward {label!r} is not one of the grid's rewards: {', '.join(rewards)}")
     return label
-
-
-def _search_reward(search: NoiseSearch | None, rewards: Mapping[str, Any]) -> Any:
-    return None if search is None else rewards[_search_label(search, rewards)]

@@ -105,13 +105,7 @@ def _score(
             negative_prompt=settings["negative_prompt"],
             start_latents=noise,
         ).images
-    chunk = settings["batch_size"] or len(prompts)
-    scores = torch.cat(
-        [
-            score_with_parts(reward, images[i : i + chunk], prompts[i : i + chunk])["reward"]
-            for i in range(0, len(prompts), chunk)
-        ]
-    )
+    scores = score_with_parts(reward, images, prompts, batch_size=settings["batch_size"])["reward"]
     if not torch.isfinite(scores).all():
         bad = [prompts[i] for i in torch.nonzero(~torch.isfinite(scores)).flatten().tolist()]
         raise ValueError(f"the search reward returned NaN or inf for {len(bad)} image(s), e.g. of {bad[0]!r}")

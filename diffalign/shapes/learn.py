@@ -644,10 +644,9 @@ def learn_self_play(
     raw = bench.config(minutes, lr)
     if guidance_scale is None:
         guidance_scale = 1.0 if method == "raft" else bench.protocol["guidance_scale"]
-    guidance = guidance_scale
     sampling = {
         "num_steps": bench.protocol["num_steps"],
-        "guidance_scale": guidance,
+        "guidance_scale": guidance_scale,
         "resolution": bench.protocol["resolution"],
         "batch_size": 64,
     }
@@ -678,7 +677,7 @@ def learn_self_play(
             "lr": lr,
             "beta": beta,
             "logit_mean": logit_mean,
-            "guidance_scale": guidance,
+            "guidance_scale": guidance_scale,
             "lora_rank": bench.settings.lora_rank,
             **rounds,
         },

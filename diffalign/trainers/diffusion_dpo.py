@@ -278,7 +278,9 @@ def _share_identical_images(latents: Tensor, batch: Batch) -> Tensor:
     return latents
 
 
-def sample_training_timesteps(adapter: Any, dpo: DPOLossConfig, batch_size: int, generator: torch.Generator) -> Tensor:
+def sample_training_timesteps(
+    adapter: Any, dpo: TimestepDensityConfig, batch_size: int, generator: torch.Generator
+) -> Tensor:
     """``[batch_size]`` training timesteps on the scheduler's 0..1000 scale, as ``dpo.timestep_sampling`` says:
     integers uniform over the train timesteps for epsilon / v models, ``1000 sigma`` with ``sigma`` logit-normal (then
     shifted per ``dpo.sigma_shift``) for flow models (docs/methods/dpo.md#timestep-sampling)."""

@@ -261,8 +261,8 @@ class SelfPlayTrainer:
         guidance = config.sampling.guidance_scale
         self.guidance = guidance if guidance is not None else self.adapter.default_guidance_scale
         self.beta = config.dpo.beta if config.dpo.beta is not None else self.adapter.default_dpo_beta
-        sampled_at = self.guidance
-        self.training_guidance = config.dpo.flux_guidance if config.dpo.flux_guidance is not None else sampled_at
+        flux_guidance = config.dpo.flux_guidance
+        self.training_guidance = flux_guidance if flux_guidance is not None else self.guidance
         self.evaluator = Evaluator.from_config(
             config, self.adapter, self.reward, self.run.output_dir, self.run.accelerator
         )
@@ -366,13 +366,8 @@ class SelfPlayTrainer:
         captions = [p for p in prompts for _ in range(k)]
         seeds = [self._seed("sample", round_index, i, j) for i in indices for j in range(k)]
         latents, images = self._sample(captions, seeds)
-        chunk = self.config.sampling.batch_size
-        scores = torch.cat(
-            [
-                score_with_parts(self.reward, images[i : i + chunk], captions[i : i + chunk])["reward"]
-                for i in range(0, len(captions), chunk)
-            ]
-        ).view(len(prompts), k)
+        batch_size = self.config.sampling.batch_size
+        scores = score_with_parts(self.reward, images, captions, batch_size=batch_size)["reward"].view(len(prompts), k)
         if not torch.isfinite(scores).all():
             raise ValueError(f"the reward returned NaN or inf for a round-{round_index} sample; check the reward")
         local = scores.topk(settings.keep_per_prompt, dim=1).values.flatten()
@@ -394,18 +389,11 @@ class SelfPlayTrainer:
         captions = [caption for caption, _ in pairs]
         height, width = self.adapter.height, self.adapter.width
         generator = torch.Generator().manual_seed(self._seed("vae", round_index, self.run.accelerator.process_index))
-        chunk = self.config.sampling.batch_size
-        real = torch.cat(
-            [
-                self.adapter.encode_images(
-                    torch.stack([load_real_image(path, height, width) for _, path in pairs[i : i + chunk]]).to(
-                        self.run.device
-                    ),
-                    generator=generator,
-                )
-                for i in range(0, len(pairs), chunk)
-            ]
-        )
+        chunk, real = self.config.sampling.batch_size, []
+        for start in range(0, len(pairs), chunk):  # the VAE sees one sampling batch of images at a time
+            pixels = torch.stack([load_real_image(path, height, width) for _, path in pairs[start : start + chunk]])
+            real.append(self.adapter.encode_images(pixels.to(self.run.device), generator=generator))
+        real = torch.cat(real)
         seeds = [self._seed("sample", round_index, i) for i in indices]
         latents, _ = self._sample(captions, seeds)
         return RoundData(captions, latents, real)
@@ -449,7 +437,7 @@ class SelfPlayTrainer:
             with self.run.autocast():
                 loss = diffusion_sft_loss(adapter.predict(noisy, timesteps, cond, guidance), target)
             return loss, {"loss": loss.detach()}
-        # The reference first: swapping weights in place after the policy's forward would void its saved tensors.
+        # The reference first: the policy's graph is then built on the live weights alone, never on swapped ones.
         with torch.no_grad(), self.weights(self.reference), self.run.autocast():
             ref = adapter.predict(noisy, timesteps, cond, guidance)
         with self.run.autocast():
