@@ -587,7 +587,17 @@ K = all 10 steps)."""
 SELF_PLAY_METHODS = ("raft", "spin")
 """The self-play methods of :func:`bench_learn` (:func:`diffalign.shapes.learn.learn_self_play`)."""
 
-LEARN_METHODS = (*GRPO_VARIANTS, "dpo", "tpo", *BACKPROP_MODES, *SELF_PLAY_METHODS)
+DPO_VARIANTS: dict[str, dict[str, Any]] = {
+    "dpo": {},
+    "tpo": {"text_pairs": True},
+    "inpo": {"noising": "ddim_inversion", "inversion_steps": 10, "inversion_eta": 0.1},
+    "smpo": {"noising": "renoise_inversion", "inversion_steps": 5, "smoothing": "reward", "beta": 20.0},
+}
+"""The preference methods of :func:`bench_learn` (:func:`diffalign.shapes.learn.learn_dpo` options): Diffusion-DPO,
+free-lunch text pairs, DDIM-InPO (InPO's 10 inversion steps and eta 0.1) and SmPO (ReNoise inversion with SmPO's
+5 steps of SD1.5, verifier-smoothed betas of ``20 * 10 * (2p - 1)``, typically 60-150, against DPO's 100)."""
+
+LEARN_METHODS = (*GRPO_VARIANTS, *DPO_VARIANTS, *BACKPROP_MODES, *SELF_PLAY_METHODS)
 """Methods of :func:`bench_learn`."""
 
 LEARN_STEPS = {
@@ -598,6 +608,8 @@ LEARN_STEPS = {
     "branchgrpo": 280,
     "dpo": 3000,
     "tpo": 3000,
+    "inpo": 3000,
+    "smpo": 3000,
     "backprop": 450,
     "refl": 600,
     "direct_align": 600,
@@ -675,8 +687,8 @@ def bench_learn(
 
         budget = {"max_steps": steps} if steps is not None else {}
         extra = {"eval_every": eval_every, "early_stopping": early_stopping, **budget}
-        if method in ("dpo", "tpo"):
-            return learn_dpo(minutes=minutes, output=output, seed=seed, text_pairs=method == "tpo", **extra)
+        if method in DPO_VARIANTS:
+            return learn_dpo(minutes=minutes, output=output, seed=seed, method=method, **DPO_VARIANTS[method], **extra)
         if method in SELF_PLAY_METHODS:
             return learn_self_play(minutes=minutes, output=output, seed=seed, method=method, **extra)
         return learn_backprop(minutes=minutes, output=output, seed=seed, mode=BACKPROP_MODES[method], **extra)

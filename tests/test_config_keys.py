@@ -1729,6 +1729,80 @@ def _(dpo_sd3_with):
     assert shifted.median().item() == pytest.approx(750, abs=25)  # 3 s / (1 + 2 s) at s = 0.5
 
 
+def recorded_noise(trainer, batch, monkeypatch):
+    """The noise the loss of ``trainer`` trains ``batch`` with (the last ``add_noise`` call of one loss)."""
+    seen, add_noise = [], trainer.adapter.add_noise
+    monkeypatch.setattr(trainer.adapter, "add_noise", lambda x0, noise, t: seen.append(noise) or add_noise(x0, noise, t))
+    with torch.no_grad():
+        dpo_loss(trainer, batch)
+    monkeypatch.undo()
+    return seen[-1]
+
+
+@probe("dpo", "dpo.noising")
+def _(dpo, dpo_with, dpo_batch, monkeypatch):
+    forward = recorded_noise(dpo, dpo_batch, monkeypatch)
+    inverted = recorded_noise(dpo_with({"dpo.noising": "ddim_inversion"}), dpo_batch, monkeypatch)
+    renoised = recorded_noise(dpo_with({"dpo.noising": "renoise_inversion"}), dpo_batch, monkeypatch)
+    half = forward.shape[0] // 2
+    assert torch.equal(forward[:half], forward[half:]) and not torch.allclose(inverted[:half], inverted[half:])
+    assert differ(forward, inverted) and differ(inverted, renoised)
+
+
+@probe("dpo", "dpo.inversion_steps")
+def _(dpo_with, dpo_batch, monkeypatch):
+    ten = recorded_noise(dpo_with({"dpo.noising": "ddim_inversion"}), dpo_batch, monkeypatch)
+    two = recorded_noise(dpo_with({"dpo.noising": "ddim_inversion", "dpo.inversion_steps": 2}), dpo_batch, monkeypatch)
+    assert differ(ten, two)
+
+
+@probe("dpo", "dpo.inversion_eta")
+def _(dpo_with, dpo_batch, monkeypatch):
+    inversion = {"dpo.noising": "ddim_inversion", "dpo.inversion_steps": 50}  # this batch's levels are 24 and 97
+    plain = recorded_noise(dpo_with(inversion), dpo_batch, monkeypatch)
+    noisy = recorded_noise(dpo_with({**inversion, "dpo.inversion_eta": 0.5}), dpo_batch, monkeypatch)
+    assert differ(plain, noisy)
+
+
+def smoothed(dpo_with, values):
+    """``(beta [B], metrics)`` of SmPO's smoothing on a batch whose second pair the reward (redness) relabels."""
+    from diffalign.rewarding import build_reward
+    from diffalign.testing import redness
+
+    trainer = dpo_with({"reward": "jpeg_compressibility", "dpo.smoothing": "reward", **values})
+    red, grey = torch.zeros(2, 3, 8, 8), torch.full((2, 3, 8, 8), 0.5)
+    red[:, 0] = 1.0
+    batch = {
+        "pixel_values_w": torch.stack([red[0], grey[1]]),
+        "pixel_values_l": torch.stack([grey[0], red[1]]),
+        "captions": ["a", "b"],
+        "captions_l": ["a", "b"],
+        "judged_captions": [("a", "a"), ("b", "b")],
+    }
+    trainer.reward = build_reward(redness)
+    return trainer.smoothed_pairs(batch)[1:]
+
+
+@probe("dpo", "dpo.smoothing")
+def _(dpo_with):
+    beta, metrics = smoothed(dpo_with, {})
+    assert metrics["smoothing/relabelled"].item() == 0.5 and beta.shape == (2,) and (beta < 5000 * 10).all()
+
+
+@probe("dpo", "dpo.smoothing_temperature")
+def _(dpo_with):
+    sharp, _ = smoothed(dpo_with, {"dpo.smoothing_temperature": 0.01})
+    soft, _ = smoothed(dpo_with, {"dpo.smoothing_temperature": 100.0})
+    assert sharp.min().item() == pytest.approx(5000 * 10, rel=1e-3) and soft.max().item() < 0.01 * 5000 * 10
+
+
+@probe("dpo", "dpo.smoothing_scale")
+def _(dpo_with):
+    ten, _ = smoothed(dpo_with, {})
+    one, _ = smoothed(dpo_with, {"dpo.smoothing_scale": 1.0})
+    torch.testing.assert_close(ten, 10 * one)
+
+
 @probe("dpo", "dpo.flux_guidance", slow=True)
 def _(dpo_config, tiny_pipeline_dir):
     # Only guidance-embedded families (FLUX.1-dev) take the value as an input.

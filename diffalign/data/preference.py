@@ -592,6 +592,7 @@ class _PairTransform:
             "pixel_values_l": pixels[1],
             "caption": "" if dropped else captions[0],
             "caption_l": "" if dropped else captions[1],
+            "judged_captions": captions,  # kept through the dropout: what a reward scores the pair under
             "original_size": original_size,
             "crop_top_left": crop_top_left,
             "is_tie": label == 0.5,
@@ -666,7 +667,9 @@ def collate_preference_batch(items: Sequence[dict[str, Any] | UnreadablePair | N
     ``None`` is dropped too).
 
     Returns:
-        ``pixel_values_w``, ``pixel_values_l``: float32 ``[B, 3, R, R]``; ``captions``: list of B str;
+        ``pixel_values_w``, ``pixel_values_l``: float32 ``[B, 3, R, R]``; ``captions``: list of B str (``""`` where
+        the caption was dropped), ``captions_l`` the losers' own; ``judged_captions``: B ``(winner's, loser's)``
+        captions before the dropout (what a reward scores them under);
         ``original_sizes``, ``crop_top_lefts``: int64 ``[B, 2]`` as ``(H, W)`` / ``(top, left)``; ``is_tie``:
         bool ``[B]``; ``indices``: int64 ``[B]`` source rows; ``num_skipped``: int, pairs dropped from this batch;
         ``skipped``: their descriptions (``UnreadablePair.note``), plain strings, so they cross DataLoader workers.
@@ -682,6 +685,7 @@ def collate_preference_batch(items: Sequence[dict[str, Any] | UnreadablePair | N
             "pixel_values_l": empty.clone(),
             "captions": [],
             "captions_l": [],
+            "judged_captions": [],
             "original_sizes": sizes,
             "crop_top_lefts": sizes.clone(),
             "is_tie": torch.zeros(0, dtype=torch.bool),
@@ -694,6 +698,7 @@ def collate_preference_batch(items: Sequence[dict[str, Any] | UnreadablePair | N
         "pixel_values_l": torch.stack([item["pixel_values_l"] for item in kept]),
         "captions": [item["caption"] for item in kept],
         "captions_l": [item.get("caption_l", item["caption"]) for item in kept],
+        "judged_captions": [item.get("judged_captions", (item["caption"],) * 2) for item in kept],
         "original_sizes": torch.tensor([item["original_size"] for item in kept], dtype=torch.long),
         "crop_top_lefts": torch.tensor([item["crop_top_left"] for item in kept], dtype=torch.long),
         "is_tie": torch.tensor([item["is_tie"] for item in kept], dtype=torch.bool),

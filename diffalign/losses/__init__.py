@@ -19,6 +19,7 @@ from diffalign.losses.dpo import (
     diffusion_sft_loss,
     dpo_loss_from_mse,
     per_sample_mse,
+    smoothed_pair_beta,
 )
 from diffalign.losses.policy_gradient import (
     clipped_policy_loss,
@@ -48,6 +49,7 @@ __all__ = [
     "diffusion_dpo_loss",
     "diffusion_sft_loss",
     "dpo_loss_from_mse",
+    "smoothed_pair_beta",
     "fuse_tree_rewards",
     "group_advantages",
     "group_stds",

@@ -31,6 +31,7 @@ __all__ = [
     "diffusion_sft_loss",
     "dpo_loss_from_mse",
     "per_sample_mse",
+    "smoothed_pair_beta",
 ]
 
 
@@ -50,8 +51,31 @@ def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
     return err.mean(dim=tuple(range(1, err.ndim)))
 
 
+def smoothed_pair_beta(
+    beta: float, score_w: Tensor, score_l: Tensor, temperature: float, scale: float = 10.0
+) -> Tensor:
+    """SmPO's per-pair temperature (Lu et al. 2025, "Smoothed Preference Optimization via ReNoise Inversion";
+    docs/methods/dpo.md#smoothed-preferences): ``[B]`` ``beta * scale * (2 p - 1)``.
+
+    ``p = sigmoid((score_w - score_l) / temperature)`` is the reward model's probability that the winner is preferred
+    (the "preference likelihood averaging" of the paper with ``gamma = 1``): the smoothed DPO objective is the plain
+    one with ``beta`` scaled by ``2 p - 1``, so near-ties train weakly and clear pairs strongly. SmPO's code min-max
+    normalises PickScore's raw cosine by its range (0.1666, i.e. 16.66 on diffalign's ``100 x cos`` PickScore) before
+    a softmax over the two images, which is this sigmoid with that range as the temperature, and multiplies by 10.
+
+    Args:
+        beta: the DPO temperature (``-0.5 * beta`` convention).
+        score_w: ``[B]`` reward of the winners; score_l: ``[B]`` of the losers (a loser scored higher gives
+            ``2 p - 1 < 0``: the caller relabels such pairs first, as SmPO's preprocessing does).
+        temperature: the score difference that makes ``p = sigmoid(1)``.
+        scale: the constant factor (SmPO: 10).
+    """
+    p = torch.sigmoid((score_w.float() - score_l.float()) / temperature)
+    return beta * scale * (2 * p - 1)
+
+
 def dpo_loss_from_mse(
-    mse_w: Tensor, mse_l: Tensor, ref_mse_w: Tensor, ref_mse_l: Tensor, beta: float
+    mse_w: Tensor, mse_l: Tensor, ref_mse_w: Tensor, ref_mse_l: Tensor, beta: float | Tensor
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Diffusion-DPO loss from per-sample errors (Wallace et al. 2023, Eq. 14; docs/methods/dpo.md#diffusion-dpo-loss).
 
@@ -60,7 +84,8 @@ def dpo_loss_from_mse(
         mse_l: ``[B]`` policy error on the rejected (loser) samples; carries gradients.
         ref_mse_w: ``[B]`` reference error on the winners (detached here).
         ref_mse_l: ``[B]`` reference error on the losers (detached here).
-        beta: DPO temperature in the ``-0.5 * beta`` convention (per family: ``default_dpo_beta``).
+        beta: DPO temperature in the ``-0.5 * beta`` convention (per family: ``default_dpo_beta``); or ``[B]``, one
+            per pair (:func:`smoothed_pair_beta`).
 
     Returns:
         ``(loss, metrics)``: the scalar loss ``mean(-logsigmoid(inside))`` and detached 0-d tensors
@@ -97,7 +122,7 @@ def diffusion_dpo_loss(
     ref_pred_l: Tensor,
     target_w: Tensor,
     target_l: Tensor,
-    beta: float,
+    beta: float | Tensor,
     sft_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Diffusion-DPO loss from model outputs, with an optional SFT term on the winner.
@@ -112,7 +137,7 @@ def diffusion_dpo_loss(
         ref_pred_l: ``[B, ...]`` reference prediction on the losers.
         target_w: ``[B, ...]`` regression target of the winners (epsilon, v or ``eps - x0``).
         target_l: ``[B, ...]`` regression target of the losers.
-        beta: DPO temperature, ``-0.5 * beta`` convention (per family: ``default_dpo_beta``).
+        beta: DPO temperature, ``-0.5 * beta`` convention (per family: ``default_dpo_beta``); or ``[B]`` per pair.
         sft_weight: ``lambda`` of an added ``lambda * mean(mse_w)`` (the plain denoising loss on the preferred
             image). 0 (default) is the pure DPO loss of every reference. SalesforceAIResearch/DiffusionDPO's
             ``--train_method sft`` is a *separate* method, SFT alone on the preferred images

@@ -467,6 +467,12 @@ def learn_dpo(
     loss: str = "dpo",
     logit_mean: float = 1.0,
     text_pairs: bool = False,
+    noising: str = "forward",
+    inversion_steps: int = 10,
+    inversion_eta: float = 0.0,
+    smoothing: str = "none",
+    smoothing_temperature: float = 0.5,
+    method: str | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Diffusion-DPO on the shapes world from verifier-ranked pairs; the demo's measurements before and after.
@@ -497,6 +503,11 @@ def learn_dpo(
         text_pairs: train on text preference pairs of rendered scenes (see above) instead of ranked samples.
         logit_mean: mean of the logit-normal noise-level density of training (> 0 favours high noise, where the
             layout is decided).
+        noising: ``dpo.noising``: ``"forward"`` (Diffusion-DPO), ``"ddim_inversion"`` (InPO) or
+            ``"renoise_inversion"`` (SmPO), with ``inversion_steps`` and ``inversion_eta``.
+        smoothing: ``dpo.smoothing``: ``"reward"`` for SmPO's smoothed preferences, scored by the verifier with
+            ``smoothing_temperature`` (its scores are shares of the caption's facts, in [0, 1]).
+        method: the name in the metrics (default ``"tpo"`` with text pairs, else ``"dpo"``).
         **settings: the settings every runner takes, see :class:`LearnSettings` (``model``, ``prompts``,
             ``unseen_prompts``, ``eval_seeds``, ``unseen_seeds``, ``max_steps``, ``lora_rank``, ``ema_decay``,
             ``eval_every``).
@@ -507,7 +518,8 @@ def learn_dpo(
     from diffalign.data.ai_feedback import SUMMARY_NAME, make_preference_pairs
     from diffalign.trainers.diffusion_dpo import DiffusionDPOConfig, DiffusionDPOTrainer
 
-    bench = _Bench("tpo" if text_pairs else "dpo", minutes, output, seed, LearnSettings(**settings))
+    method = method or ("tpo" if text_pairs else "dpo")
+    bench = _Bench(method, minutes, output, seed, LearnSettings(**settings))
     base = bench.load_base()
     before = bench.evaluate(base)
     steps = pair_steps or bench.protocol["num_steps"]
@@ -554,7 +566,17 @@ def learn_dpo(
             "random_flip": False,  # a mirrored pair would contradict its left/right caption
             "empty_caption_prob": empty_caption_prob,
         },
-        dpo={"loss": loss, "beta": beta, "sft_weight": sft_weight, "logit_mean": logit_mean},
+        dpo={
+            "loss": loss,
+            "beta": beta,
+            "sft_weight": sft_weight,
+            "logit_mean": logit_mean,
+            "noising": noising,
+            "inversion_steps": inversion_steps,
+            "inversion_eta": inversion_eta,
+            "smoothing": smoothing,
+            "smoothing_temperature": smoothing_temperature,
+        },
     )
     trainer = DiffusionDPOTrainer(load_config(DiffusionDPOConfig, raw))
     return bench.run(
@@ -578,6 +600,11 @@ def learn_dpo(
             "sft_weight": sft_weight,
             "loss": loss,
             "logit_mean": logit_mean,
+            "noising": noising,
+            "inversion_steps": inversion_steps,
+            "inversion_eta": inversion_eta,
+            "smoothing": smoothing,
+            "smoothing_temperature": smoothing_temperature,
             "ema_decay": bench.settings.ema_decay,
         },
     )

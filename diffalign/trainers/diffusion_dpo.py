@@ -80,8 +80,9 @@ from diffalign.data.preference import (
     stream_preference_dataset,
 )
 from diffalign.eval.evaluator import Evaluator
-from diffalign.losses.dpo import diffusion_dpo_loss, diffusion_sft_loss
-from diffalign.rewarding import RewardLike, build_reward
+from diffalign.losses.dpo import diffusion_dpo_loss, diffusion_sft_loss, smoothed_pair_beta
+from diffalign.rewarding import RewardLike, build_reward, score_with_parts
+from diffalign.samplers.inversion import forward_coefficients, implied_noise, invert
 from diffalign.seeding import derive_seed
 from diffalign.trainers.common import TrainingRun
 
@@ -219,12 +220,49 @@ class DPOLossConfig(TimestepDensityConfig):
     for FLUX.1-dev), so that the preference is learned at the guidance it is used at. Other families train without
     CFG and ignore it."""
 
+    noising: Literal["forward", "ddim_inversion", "renoise_inversion"] = "forward"
+    """How a clean image reaches its training noise level (docs/methods/dpo.md#inversion). ``forward``: fresh
+    Gaussian noise shared by the pair (Diffusion-DPO). ``ddim_inversion`` (DDIM-InPO) and ``renoise_inversion``
+    (SmPO): the policy's own ODE run backwards from the image (no CFG, its caption) to the level, training on the noise
+    that latent implies, one per image; epsilon and v models as published, flow models by the same step on the
+    velocity (an analogue no paper has tested)."""
+    inversion_steps: int = 10
+    """Grid steps of the inversion over the whole noise range (InPO 10; SmPO 5 for SD1.5, 10 for SDXL); a sample
+    walks the grid points below its level, then to the level. Costs that many no-grad policy calls per micro-batch
+    (twice as many with ReNoise)."""
+    inversion_eta: float = 0.0
+    """InPO's stochastic term: after each inversion step add ``eta`` times the DDIM posterior std of noise (InPO:
+    0.1; 0 = deterministic)."""
+    smoothing: Literal["none", "reward"] = "none"
+    """``reward``: SmPO's smoothed preferences (docs/methods/dpo.md#smoothed-preferences): each pair is scored by the
+    config's ``reward`` under its captions, the reward's winner is trained as the winner, and beta becomes per pair
+    ``beta * smoothing_scale * (2 sigmoid((r_w - r_l) / smoothing_temperature) - 1)``."""
+    smoothing_temperature: float = 16.658
+    """Score difference scale of the smoothed preference; SmPO's: the range of PickScore's cosine in its code
+    (0.1666), 16.66 on diffalign's ``pickscore`` reward (100 x cosine)."""
+    smoothing_scale: float = 10.0
+    """The constant factor of the smoothed beta (SmPO's code: 10)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.beta is not None and self.beta <= 0:
             raise ConfigError(f"must be > 0 or null (family default), got {self.beta}", key="beta")
         if self.sft_weight < 0:
             raise ConfigError(f"must be >= 0, got {self.sft_weight}", key="sft_weight")
+        if self.inversion_steps < 1:
+            raise ConfigError(f"must be >= 1, got {self.inversion_steps}", key="inversion_steps")
+        if self.inversion_eta < 0:
+            raise ConfigError(f"must be >= 0, got {self.inversion_eta}", key="inversion_eta")
+        if self.inversion_eta and self.noising == "forward":
+            raise ConfigError(
+                "inversion_eta adds noise along an inversion: set noising: ddim_inversion (InPO), or inversion_eta: 0",
+                key=("inversion_eta", "noising"),
+            )
+        for name in ("smoothing_temperature", "smoothing_scale"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"must be > 0, got {getattr(self, name)}", key=name)
+        if self.smoothing != "none" and self.loss != "dpo":
+            raise ConfigError("smoothing reweights pairs of the DPO loss: set loss: dpo", key=("smoothing", "loss"))
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -257,6 +295,11 @@ class DiffusionDPOConfig(TrainerConfig):
                 "cached first: set data.precompute_text_embeddings: true",
                 key=("model.offload_text_encoders", "data.precompute_text_embeddings"),
             )
+        if self.dpo.smoothing == "reward" and self.reward is None:
+            raise ConfigError(
+                "smoothed preferences score every pair with a reward: set reward (SmPO: pickscore)",
+                key=("reward", "dpo.smoothing"),
+            )
         if self.eval.every > 0 and self.reward is None:
             raise ConfigError(
                 "evaluation scores its images with a reward: set reward (e.g. pickscore), or eval.every = 0",
@@ -276,6 +319,20 @@ def _share_identical_images(latents: Tensor, batch: Batch) -> Tensor:
     for i in (i for i, equal in enumerate(same) if equal):
         latents[size + i] = latents[i]
     return latents
+
+
+def _swap_pairs(batch: Batch, flip: Tensor) -> Batch:
+    """``batch`` with winner and loser exchanged (images and captions) in the pairs where ``flip`` (``[B]`` bool)."""
+    mask = flip.view(-1, 1, 1, 1)
+    swapped = dict(batch)
+    swapped["pixel_values_w"] = torch.where(mask, batch["pixel_values_l"], batch["pixel_values_w"])
+    swapped["pixel_values_l"] = torch.where(mask, batch["pixel_values_w"], batch["pixel_values_l"])
+    captions_l = batch.get("captions_l", batch["captions"])
+    pairs = list(zip(batch["captions"], captions_l, batch["judged_captions"], flip.tolist(), strict=True))
+    swapped["captions"] = [loser if f else winner for winner, loser, _, f in pairs]
+    swapped["captions_l"] = [winner if f else loser for winner, loser, _, f in pairs]
+    swapped["judged_captions"] = [judged[::-1] if f else judged for _, _, judged, f in pairs]
+    return swapped
 
 
 def sample_training_timesteps(
@@ -526,6 +583,9 @@ class DiffusionDPOTrainer:
         adapter, run = self.adapter, self.run
         size = len(batch["captions"])
         sft_only = self.config.dpo.loss == "sft"
+        beta, smoothing = self.beta, {}
+        if self.config.dpo.smoothing == "reward":
+            batch, beta, smoothing = self.smoothed_pairs(batch)
         pixels = batch["pixel_values_w"] if sft_only else torch.cat([batch["pixel_values_w"], batch["pixel_values_l"]])
         copies = pixels.shape[0] // size
         per_pair = isinstance(generator, list)
@@ -544,13 +604,15 @@ class DiffusionDPOTrainer:
             timesteps = self.sample_timesteps(size, generator)
         noise = noise.to(latents).repeat(copies, *[1] * len(shape))
         timesteps = timesteps.to(adapter.device).repeat(copies)
-        noisy = adapter.add_noise(latents, noise, timesteps)
-        target = adapter.training_target(latents, noise, timesteps)
         cond = self.conditioning(batch)
         if not sft_only:  # the losers under their own captions when they have them (text preference pairs)
             own = batch.get("captions_l", batch["captions"]) != batch["captions"]
             cond = Conditioning.cat([cond, self.conditioning(batch, "captions_l") if own else cond])
         guidance = self.training_guidance if adapter.guidance_embedded else 1.0
+        if self.config.dpo.noising != "forward":
+            noise = self.inverted_noise(latents, timesteps, cond, guidance, generator, copies)
+        noisy = adapter.add_noise(latents, noise, timesteps)
+        target = adapter.training_target(latents, noise, timesteps)
         with run.autocast():
             pred = adapter.predict(noisy, timesteps, cond, guidance)
         if sft_only:
@@ -558,16 +620,94 @@ class DiffusionDPOTrainer:
             return loss, {"loss": loss.detach(), "sft_loss": loss.detach()}
         with torch.no_grad(), run.reference(), run.autocast():
             ref = adapter.predict(noisy, timesteps, cond, guidance)
-        return diffusion_dpo_loss(
+        loss, metrics = diffusion_dpo_loss(
             pred[:size],
             pred[size:],
             ref[:size],
             ref[size:],
             target[:size],
             target[size:],
-            self.beta,
+            beta,
             sft_weight=self.config.dpo.sft_weight,
         )
+        return loss, {**metrics, **smoothing}
+
+    def inverted_noise(
+        self,
+        latents: Tensor,
+        timesteps: Tensor,
+        cond: Conditioning,
+        guidance: float,
+        generator: torch.Generator | list[torch.Generator],
+        copies: int,
+    ) -> Tensor:
+        """``[N, ...]`` the noise each clean latent implies after the policy's inversion to its timestep (InPO /
+        SmPO, ``dpo.noising``; docs/methods/dpo.md#inversion): one per image, no longer shared by a pair.
+
+        Args:
+            latents: ``[N, ...]`` clean latents (``N = copies * B``, winners first).
+            timesteps: ``[N]`` their training levels.
+            cond: ``[N]`` their captions' conditioning (the inversion runs without CFG).
+            guidance: the guidance-embedding value of guidance-embedded families.
+            generator: as :meth:`loss` (the noise of ``dpo.inversion_eta``).
+            copies: images per pair in ``latents``.
+        """
+        dpo, adapter = self.config.dpo, self.adapter
+
+        def predict(sample: Tensor, levels: Tensor) -> Tensor:
+            with self.run.autocast():
+                return adapter.predict(sample, levels, cond, guidance)
+
+        def draw_noise(shape: torch.Size) -> Tensor:
+            if isinstance(generator, list):
+                return torch.stack([torch.randn(shape[1:], generator=g) for g in generator * copies])
+            return torch.randn(shape, generator=generator)
+
+        inverted = invert(
+            predict,
+            adapter,
+            latents,
+            timesteps,
+            dpo.inversion_steps,
+            renoise=dpo.noising == "renoise_inversion",
+            eta=dpo.inversion_eta,
+            draw_noise=draw_noise,
+        )
+        return implied_noise(latents, inverted, forward_coefficients(adapter, timesteps, latents)).to(latents)
+
+    def smoothed_pairs(self, batch: Batch) -> tuple[Batch, Tensor, dict[str, Tensor]]:
+        """SmPO's smoothed preferences (``dpo.smoothing: reward``; docs/methods/dpo.md#smoothed-preferences).
+
+        Both images of each pair are scored by the reward under their captions before caption dropout; a pair the
+        reward prefers the other way round is relabelled (winner and loser swap, as SmPO's preprocessing relabels
+        by PickScore), and each pair gets its own beta (:func:`~diffalign.losses.dpo.smoothed_pair_beta`).
+
+        Returns:
+            ``(batch, beta, metrics)``: the relabelled batch, ``[B]`` per-pair betas, and detached metrics
+            ``smoothing/beta`` (mean) and ``smoothing/relabelled`` (share of pairs swapped).
+        """
+        dpo = self.config.dpo
+        judged = batch["judged_captions"]
+        images = torch.cat([batch["pixel_values_w"], batch["pixel_values_l"]])
+        prompts = [pair[0] for pair in judged] + [pair[1] for pair in judged]
+        scores = score_with_parts(self.reward, images, prompts)["reward"]
+        if not torch.isfinite(scores).all():
+            bad = prompts[int(torch.nonzero(~torch.isfinite(scores))[0])]
+            raise ValueError(
+                f"the reward returned NaN or inf for a preference image of {bad!r}: smoothing needs finite scores; "
+                "check the reward, or set dpo.smoothing: none"
+            )
+        score_w, score_l = scores.chunk(2)
+        flip = score_l > score_w  # [B]
+        batch = _swap_pairs(batch, flip) if bool(flip.any()) else batch
+        beta = smoothed_pair_beta(
+            self.beta,
+            torch.maximum(score_w, score_l),
+            torch.minimum(score_w, score_l),
+            dpo.smoothing_temperature,
+            dpo.smoothing_scale,
+        ).to(self.run.device)
+        return batch, beta, {"smoothing/beta": beta.mean().detach(), "smoothing/relabelled": flip.float().mean()}
 
     # --- training ---------------------------------------------------------------------------------------------------
 

@@ -695,3 +695,73 @@ def test_a_resumed_run_reads_the_saved_caption_cache_instead_of_encoding(tiny_pi
     identity = resumed.run._text_identity()
     assert TextEmbeddingCache().load(saved, identity) == len(CAPTIONS) + 1
     assert TextEmbeddingCache().load(saved, {**identity, "model": "another/model"}) == 0
+
+
+# --- InPO / SmPO: inversion noising and smoothed preferences ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("family", "noising"), [("sd15", "ddim_inversion"), ("sd3", "renoise_inversion")])
+def test_inversion_noising_trains_on_the_noise_of_the_policys_own_inversion(
+    family, noising, tiny_pipeline_dir, pairs_dir, tmp_path, monkeypatch
+):
+    from diffalign.samplers.inversion import forward_coefficients, implied_noise, invert
+
+    overrides = [f"dpo.noising={noising}", "dpo.inversion_steps=4"]
+    trainer = _trainer(_config(tmp_path, tiny_pipeline_dir(family), pairs_dir, overrides), family)
+    adapter, seen = trainer.adapter, {}
+    add_noise = adapter.add_noise
+
+    def record(x0, noise, timesteps):
+        seen.setdefault("calls", []).append((x0, noise, timesteps))
+        return add_noise(x0, noise, timesteps)
+
+    monkeypatch.setattr(adapter, "add_noise", record)
+    _, _, batch = next(trainer.batch_stream(0, 0))
+    loss, _ = trainer.loss(batch, torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0, whatever the noise
+    x0, noise, timesteps = seen["calls"][-1]  # the training call (the coefficient probes come before it)
+    assert torch.equal(timesteps[:2], timesteps[2:])  # the level is still shared by a pair ...
+    assert not torch.allclose(noise[:2], noise[2:])  # ... the noise is each image's own
+    cond = trainer.conditioning(batch)
+    cond = type(cond).cat([cond, cond])
+
+    def predict(sample, levels):
+        return adapter.predict(sample, levels, cond)
+
+    inverted = invert(predict, adapter, x0, timesteps, 4, renoise=noising == "renoise_inversion")
+    expected = implied_noise(x0, inverted, forward_coefficients(adapter, timesteps, x0))
+    torch.testing.assert_close(noise.float(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_inversion_options_are_validated(tmp_path):
+    with pytest.raises(ConfigError, match="dpo.inversion_eta"):
+        _config(tmp_path, tmp_path, tmp_path, ["dpo.inversion_eta=0.1"])
+    with pytest.raises(ConfigError, match="dpo.inversion_steps"):
+        _config(tmp_path, tmp_path, tmp_path, ["dpo.noising=ddim_inversion", "dpo.inversion_steps=0"])
+    with pytest.raises(ConfigError, match="reward"):
+        _config(tmp_path, tmp_path, tmp_path, ["dpo.smoothing=reward"])
+    with pytest.raises(ConfigError, match="dpo.loss"):
+        _config(tmp_path, tmp_path, tmp_path, ["dpo.smoothing=reward", "dpo.loss=sft", "reward=jpeg_compressibility"])
+
+
+def test_smoothing_relabels_pairs_by_reward_and_gives_each_its_beta(tiny_pipeline_dir, tmp_path):
+    from diffalign.testing import redness
+
+    # Pair 0 labels the redder image the winner, pair 1 the less red one: the reward relabels pair 1 only.
+    red, grey = torch.zeros(3, SIZE, SIZE), torch.full((3, SIZE, SIZE), 128 / 255)  # 8-bit exact: stored as PNG
+    red[0] = 230 / 255
+    records = [("a red circle", red, grey, 1.0), ("a red square", red, grey, 0.0)]
+    data = write_preference_dataset(records, tmp_path / "pairs", "jsonl")
+    overrides = ["reward=jpeg_compressibility", "dpo.smoothing=reward", "dpo.smoothing_temperature=0.5"]
+    config = _config(tmp_path, tiny_pipeline_dir("sd15"), data, overrides)
+    trainer = DiffusionDPOTrainer(config, run=TrainingRun(config), reward=redness)
+    _, _, batch = next(trainer.batch_stream(0, 0))
+    relabelled, beta, metrics = trainer.smoothed_pairs(batch)
+    assert metrics["smoothing/relabelled"].item() == 0.5
+    assert torch.allclose(relabelled["pixel_values_w"][:, 0].mean((1, 2)), torch.tensor(230 / 255))  # red wins
+    gap = (redness(red[None]) - redness(grey[None])).item()
+    expected = 5000.0 * 10 * (2 * torch.sigmoid(torch.tensor(gap / 0.5)) - 1)
+    torch.testing.assert_close(beta, expected.expand(2), atol=1e-3, rtol=1e-5)
+    assert metrics["smoothing/beta"].item() == pytest.approx(expected.item(), rel=1e-5)
+    loss, logged = trainer.loss(batch, torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and logged["smoothing/relabelled"].item() == 0.5
