@@ -1732,7 +1732,12 @@ def _(dpo_sd3_with):
 def recorded_noise(trainer, batch, monkeypatch):
     """The noise the loss of ``trainer`` trains ``batch`` with (the last ``add_noise`` call of one loss)."""
     seen, add_noise = [], trainer.adapter.add_noise
-    monkeypatch.setattr(trainer.adapter, "add_noise", lambda x0, noise, t: seen.append(noise) or add_noise(x0, noise, t))
+
+    def record(x0, noise, timesteps):
+        seen.append(noise)
+        return add_noise(x0, noise, timesteps)
+
+    monkeypatch.setattr(trainer.adapter, "add_noise", record)
     with torch.no_grad():
         dpo_loss(trainer, batch)
     monkeypatch.undo()
