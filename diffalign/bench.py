@@ -597,7 +597,7 @@ DPO_VARIANTS: dict[str, dict[str, Any]] = {
 free-lunch text pairs, DDIM-InPO (InPO's 10 inversion steps and eta 0.1) and SmPO (ReNoise inversion with SmPO's
 5 steps of SD1.5, verifier-smoothed betas of ``20 * 10 * (2p - 1)``, typically 60-150, against DPO's 100)."""
 
-LEARN_METHODS = (*GRPO_VARIANTS, *DPO_VARIANTS, *BACKPROP_MODES, *SELF_PLAY_METHODS)
+LEARN_METHODS = (*GRPO_VARIANTS, *DPO_VARIANTS, *BACKPROP_MODES, *SELF_PLAY_METHODS, "self_npo")
 """Methods of :func:`bench_learn`."""
 
 LEARN_STEPS = {
@@ -608,14 +608,15 @@ LEARN_STEPS = {
     "branchgrpo": 280,
     "dpo": 3000,
     "tpo": 3000,
-    "inpo": 3000,
-    "smpo": 3000,
+    "inpo": 900,
+    "smpo": 900,
     "backprop": 450,
     "refl": 600,
     "direct_align": 600,
     "image_refl": 600,
     "raft": 1500,
     "spin": 1500,
+    "self_npo": 1000,
 }
 """Default optimizer-step budgets of :func:`bench_learn`: what each method did in 10 minutes on the 2-core
 development CPU (the demo 273-314 epochs, DPO 2,930 steps, backprop 436 steps on one thread; benchmarks/RESULTS.md)."""
@@ -683,12 +684,14 @@ def bench_learn(
             )
             print(format_summary(metrics, output))  # noqa: T201
             return metrics
-        from diffalign.shapes.learn import learn_backprop, learn_dpo, learn_self_play
+        from diffalign.shapes.learn import learn_backprop, learn_dpo, learn_self_npo, learn_self_play
 
         budget = {"max_steps": steps} if steps is not None else {}
         extra = {"eval_every": eval_every, "early_stopping": early_stopping, **budget}
         if method in DPO_VARIANTS:
             return learn_dpo(minutes=minutes, output=output, seed=seed, method=method, **DPO_VARIANTS[method], **extra)
+        if method == "self_npo":
+            return learn_self_npo(minutes=minutes, output=output, seed=seed, **extra)
         if method in SELF_PLAY_METHODS:
             return learn_self_play(minutes=minutes, output=output, seed=seed, method=method, **extra)
         return learn_backprop(minutes=minutes, output=output, seed=seed, mode=BACKPROP_MODES[method], **extra)

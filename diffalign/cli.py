@@ -100,6 +100,13 @@ def _alignment_options(parser: argparse.ArgumentParser, several: bool) -> None:
         "denoiser call per step)" + ("; several: one column group per LoRA and W" if several else ""),
     )
     parser.add_argument(
+        "--negative-lora",
+        default=None,
+        metavar="DIR",
+        help="a negative LoRA (a Self-NPO run or its lora/ folder) added to CFG's unconditional branch; the text "
+        "branch runs without it (one more denoiser call per step)",
+    )
+    parser.add_argument(
         "--best-of",
         type=int,
         default=None,
@@ -528,6 +535,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if len(args.reward) > 1:
         raise UsageError("sample chooses by one --reward")
     adapter = _load_model(args)
+    _load_negative_lora(args, adapter)
     if args.lora:
         adapter.load_lora(resolve_lora(args.lora[0]))
         adapter.alignment_scale = args.alignment_scale
@@ -550,6 +558,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     picture.save(out, format="PNG")
     print(f"wrote {out} ({picture.width}x{picture.height}, {len(images)} image(s))")
     return 0
+
+
+def _load_negative_lora(args: argparse.Namespace, adapter: Any) -> None:
+    """``--negative-lora``: load it into CFG's unconditional branch (it needs CFG to act)."""
+    from diffalign.eval.grid import resolve_lora
+
+    if args.negative_lora is None:
+        return
+    if _guidance(args, adapter) <= 1.0:
+        raise UsageError("--negative-lora acts on CFG's unconditional branch: give --guidance above 1")
+    adapter.load_negative_lora(resolve_lora(args.negative_lora))
 
 
 def _searched_images(args: argparse.Namespace, adapter: Any, seeds: list[int], search: Any, guidance: float):
@@ -603,6 +622,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     device = _device(args.device)
     rewards = build_rewards(args.reward, device=device)
     adapter = _load_model(args)
+    _load_negative_lora(args, adapter)
     grid = make_eval_grid(
         adapter,
         prompts,
@@ -618,6 +638,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
         search=search,
     )
     grid.settings.update(model=args.model, rewards={label: spec for label, spec in zip(rewards, args.reward)})
+    if args.negative_lora is not None:
+        grid.settings["negative_lora"] = args.negative_lora
     png, scores = grid.save(args.out, args.json)
     print(f"wrote {png} ({grid.image.width}x{grid.image.height}) and {scores}")
     return 0

@@ -39,6 +39,7 @@ GROUPS: tuple[tuple[str, str], ...] = (
     ("dpo", "Diffusion-DPO"),
     ("backprop", "Reward backprop"),
     ("self_play", "Self-play rounds (RAFT, SPIN-Diffusion)"),
+    ("self_npo", "Negative models (Self-NPO)"),
 )
 REGENERATE = "run python scripts/recipe_cards.py"
 

@@ -255,6 +255,29 @@ def test_sample_best_of_and_grid_alignment_scales(model, lora_dir, tmp_path, cap
     assert "needs a --reward" in capsys.readouterr().err
 
 
+def test_sample_and_grid_with_a_negative_lora(model, lora_dir, tmp_path, capsys):
+    out = tmp_path / "npo.png"
+    args = ["sample", "--model", model, "--prompt", "a red circle", "--negative-lora", str(lora_dir.parent)]
+    assert main([*args, "--out", str(out), *_sampling()]) == 0
+    adapter = load_adapter(model, height=SIZE, width=SIZE)
+    adapter.load_negative_lora(lora_dir)
+    expected = ode_images(adapter, ["a red circle"], [0], 2, 3.0)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(to_pil(expected[0])))
+    plain = ode_images(load_adapter(model, height=SIZE, width=SIZE), ["a red circle"], [0], 2, 3.0)
+    assert (expected - plain).abs().max() > 1e-3  # the negative branch changed the image
+
+    grid = tmp_path / "grid.png"
+    args = ["grid", "--model", model, "--prompt", "a red circle", "--negative-lora", str(lora_dir)]
+    assert main([*args, "--reward", REDNESS, "--out", str(grid), *_sampling()]) == 0
+    payload = json.loads(grid.with_suffix(".json").read_text())
+    assert payload["settings"]["negative_lora"] == str(lora_dir)
+    assert payload["records"][0]["scores"]["redness"] == pytest.approx(redness(expected).item(), abs=1e-6)
+
+    capsys.readouterr()
+    assert main([*args, "--out", str(grid), *_sampling(guidance=1.0)]) == 2
+    assert "--guidance above 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["grid", "pairs"])
 def test_grid_and_pairs_take_literal_prompts(command, tmp_path, monkeypatch, capsys):
     seen = []

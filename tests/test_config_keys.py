@@ -50,6 +50,7 @@ from diffalign.trainers.common import TrainingRun, list_checkpoints
 from diffalign.trainers.diffusion_dpo import DiffusionDPOConfig, DiffusionDPOTrainer
 from diffalign.trainers.grpo import GRPOConfig, GRPOTrainer, build_plan
 from diffalign.trainers.reward_backprop import RewardBackpropConfig, RewardBackpropTrainer
+from diffalign.trainers.self_npo import SelfNPOConfig, SelfNPOTrainer
 from diffalign.trainers.self_play import SelfPlayConfig, SelfPlayTrainer
 
 
@@ -58,6 +59,7 @@ CONFIGS: dict[str, type] = {
     "dpo": DiffusionDPOConfig,
     "backprop": RewardBackpropConfig,
     "self_play": SelfPlayConfig,
+    "self_npo": SelfNPOConfig,
 }
 SHARED_KEYS = leaf_keys(TrainerConfig)
 
@@ -965,6 +967,7 @@ method_probe("grpo", "grpo", GRPOTrainer)
 method_probe("dpo", "diffusion_dpo", DiffusionDPOTrainer)
 method_probe("backprop", "reward_backprop", RewardBackpropTrainer)
 method_probe("self_play", "raft", SelfPlayTrainer)
+method_probe("self_npo", "self_npo", SelfNPOTrainer)
 
 
 def weighted_reward_scores(trainer_reward):
@@ -2578,6 +2581,148 @@ def _(self_play_config, real_pairs_file, tiny_pipeline_dir):
 
 
 # ==================================================================================================================
+# Self-NPO: tiny SD3, LoRA rank 2
+# ==================================================================================================================
+
+
+@pytest.fixture(scope="module")
+def npo_raw(sd3_dir, folders, real_pairs_file):
+    return {
+        "method": "self_npo",
+        "model": {"path": str(sd3_dir), "lora": {"rank": 2}},
+        "output_dir": str(folders("self_npo")),
+        "seed": 0,
+        "max_steps": 2,
+        "optim": {"lr": 1e-2},
+        "logging": {"log_with": "none"},
+        "checkpoint": {"every": 0},
+        "data": {"real_images": str(real_pairs_file), "resolution": 16, "batch_size": 2},
+    }
+
+
+@pytest.fixture(scope="module")
+def npo_config(npo_raw):
+    return lambda values=None: load_config(SelfNPOConfig, with_keys(npo_raw, values or {}))
+
+
+@pytest.fixture(scope="module")
+def npo(npo_config):
+    return SelfNPOTrainer(npo_config())
+
+
+@pytest.fixture(scope="module")
+def npo_with(npo, npo_config):
+    return lambda values=None: SelfNPOTrainer(npo_config(values), run=npo.run)
+
+
+def teacher_calls(trainer, monkeypatch) -> list[float]:
+    """The guidance of each denoiser call of one teacher walk."""
+    calls, predict = [], trainer.adapter.predict
+
+    def record(sample, level, cond, guidance=1.0, uncond_grad=True):
+        calls.append(guidance)
+        return predict(sample, level, cond, guidance, uncond_grad)
+
+    monkeypatch.setattr(trainer.adapter, "predict", record)
+    x0 = trainer.encode([0, 1], torch.Generator().manual_seed(0))
+    trainer.teacher_walk(x0, trainer.adapter.encode_prompt(["a", "b"]), torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    return calls
+
+
+def npo_loss(trainer) -> torch.Tensor:
+    with torch.no_grad():
+        return trainer.loss([0, 1], torch.Generator().manual_seed(0))[0]
+
+
+@probe("self_npo", "data.real_images")
+def _(npo, real_pairs_file):
+    assert [caption for caption, _ in npo.pairs] == [json.loads(line)["prompt"] for line in open(real_pairs_file)]
+
+
+@probe("self_npo", "data.resolution")
+def _(npo, npo_config):
+    assert npo.adapter.height == 16 and SelfNPOTrainer(npo_config({"data.resolution": 32})).adapter.height == 32
+
+
+@probe("self_npo", "data.batch_size")
+def _(npo_with):
+    assert len(npo_with({"data.batch_size": 5}).micro_batch(0, 0)) == 5
+
+
+@probe("self_npo", "self_npo.num_grid_steps")
+def _(npo, npo_with):
+    assert npo.grid.tolist()[:2] == [39.0, 79.0] and npo_with({"self_npo.num_grid_steps": 10}).grid.tolist()[:2] == [
+        99.0,
+        199.0,
+    ]
+
+
+@probe("self_npo", "self_npo.truncation_steps")
+def _(npo_with, monkeypatch):
+    assert len(teacher_calls(npo_with({"self_npo.truncation_steps": 2}), monkeypatch)) == 3
+    assert len(teacher_calls(npo_with(), monkeypatch)) == 6
+
+
+@probe("self_npo", "self_npo.teacher_guidance")
+def _(npo_with, monkeypatch):
+    assert len(teacher_calls(npo_with({"self_npo.teacher_guidance": -5.0}), monkeypatch)) == 12  # both halves
+
+
+@probe("self_npo", "self_npo.teacher_decay")
+def _(npo_with):
+    trainer = npo_with({"self_npo.teacher_decay": 0.5})
+    trainer.teacher = {name: torch.zeros_like(p) for name, p in trainer.run.named_trainables()}
+    trainer.update_teacher()
+    for name, param in trainer.run.named_trainables():
+        torch.testing.assert_close(trainer.teacher[name], 0.5 * param.detach().float())
+
+
+@probe("self_npo", "self_npo.loss")
+def _(npo_with):
+    assert differ(npo_loss(npo_with()), npo_loss(npo_with({"self_npo.loss": "l2"})))
+
+
+@probe("self_npo", "self_npo.huber_c")
+def _(npo_with):
+    assert differ(npo_loss(npo_with()), npo_loss(npo_with({"self_npo.huber_c": 1.0})))
+
+
+@probe("self_npo", "reward")
+def _(npo, npo_with):
+    assert npo.reward is None and npo.evaluator is None  # Self-NPO trains without one: it only evaluates
+    scores, expected = weighted_reward_scores(npo_with({"reward": {REDNESS: 2.0}}).reward)
+    torch.testing.assert_close(scores, 2 * expected)
+
+
+@probe(
+    "self_npo",
+    "model.offload_text_encoders",
+    reject_only="Self-NPO encodes its captions as it trains, so the text encoders must stay; refused unless keep",
+)
+def _(npo_raw):
+    expect_config_error(
+        SelfNPOConfig, with_keys(npo_raw, {"model.offload_text_encoders": "cpu"}), "model.offload_text_encoders"
+    )
+
+
+@probe("self_npo", "optim.gradient_accumulation_steps")
+def _(npo_with, monkeypatch):
+    def micro_batches_per_step(accumulation):
+        trainer = npo_with({"optim.gradient_accumulation_steps": accumulation})
+        calls = []
+        monkeypatch.setattr(trainer, "micro_batch", lambda step, micro: calls.append(micro) or [0])
+        monkeypatch.setattr(trainer, "loss", lambda indices, generator: (torch.zeros(()), {}))
+        monkeypatch.setattr(trainer.run, "backward", lambda loss, step=None: None)
+        monkeypatch.setattr(trainer.run, "optimizer_step", lambda step=None: {})
+        trainer.train_step(0)
+        return calls
+
+    assert micro_batches_per_step(1) == [0]
+    assert micro_batches_per_step(3) == [0, 1, 2]
+
+
+# ==================================================================================================================
 # The walk
 # ==================================================================================================================
 
@@ -2677,3 +2822,8 @@ def test_backprop_key(key, request):
 @pytest.mark.parametrize("key", _cases("self_play"))
 def test_self_play_key(key, request):
     _run_probe("self_play", key, request)
+
+
+@pytest.mark.parametrize("key", _cases("self_npo"))
+def test_self_npo_key(key, request):
+    _run_probe("self_npo", key, request)

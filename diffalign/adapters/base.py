@@ -39,6 +39,8 @@ LORA_SCOPE_NAME = "diffalign_lora.json"
 ``pipe.load_lora_weights`` ignores it; honour ``t`` with a ``callback_on_step_end`` that calls
 ``pipe.disable_lora()`` once the next timestep is at or below ``t``, and ``s`` with ``pipe.scheduler.set_shift(s)``
 (static schedulers) or ``mu=log(s)`` (FLUX's dynamic shift)."""
+NEGATIVE_ADAPTER = "negative"
+"""The peft adapter name of a negative LoRA (:meth:`DiffusionAdapter.load_negative_lora`)."""
 
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
 CompileMode = Literal["none", "default", "max-autotune-no-cudagraphs"]
@@ -106,6 +108,11 @@ class Conditioning:
 
     def without_negative(self) -> Conditioning:
         return Conditioning(dict(self.embeds), None, dict(self.extras))
+
+    def unconditional(self) -> Conditioning:
+        """The negative (unconditional) branch as a conditioning of its own, for a call without CFG."""
+        self.guided_inputs()  # the clear error when there is no negative branch
+        return Conditioning(dict(self.negative), None, dict(self.extras))
 
     @staticmethod
     def cat(items: Sequence[Conditioning]) -> Conditioning:
@@ -244,6 +251,12 @@ class DiffusionAdapter:
         ``base + w * (aligned - base)`` of the base model's (LoRA off) and the LoRA model's outputs, each with the
         same CFG; ``w = 0`` is the base model, ``1`` the LoRA model, ``> 1`` extrapolates (one more denoiser call
         per step). ``None``: off. A sampling choice, not saved with the LoRA (docs/methods/sampling-alignment.md)."""
+        self.negative_lora: str | None = None
+        """The peft adapter whose weights join CFG's unconditional branch (negative preference optimisation,
+        Self-NPO): with guidance the unconditional half runs the positive model plus this adapter and the conditional
+        half the positive model alone, as two calls. :meth:`load_negative_lora` sets it to ``"negative"``; a Self-NPO
+        run sets ``"default"`` (its own LoRA, the positive model then the base). ``None``: off
+        (docs/methods/self-npo.md#sampling)."""
         self.text_cache: TextEmbeddingCache | None = None
         """Per-prompt text conditionings that :meth:`encode_prompt` answers from
         (:mod:`diffalign.adapters.text_cache`); ``None``: every call encodes."""
@@ -580,6 +593,13 @@ class DiffusionAdapter:
         batch = latents.shape[0]
         if len(cond) != batch:
             raise ValueError(f"conditioning has batch {len(cond)} but latents have batch {batch}")
+        if guidance_scale > 1.0 and self.negative_lora is not None:
+            inputs, timesteps = cond.guided_inputs(), self._timesteps(t, batch)
+            with self._adapters_on(negative=True):
+                uncond = self._forward(latents, timesteps, {k: v[:batch] for k, v in inputs.items()}, cond)
+            with self._adapters_on(negative=False):
+                text = self._forward(latents, timesteps, cond.embeds, cond)
+            return uncond + guidance_scale * (text - uncond)
         if guidance_scale > 1.0 and not uncond_grad and torch.is_grad_enabled():
             inputs = cond.guided_inputs()  # the clear error when there is no negative branch
             timesteps = self._timesteps(t, batch)
@@ -742,7 +762,68 @@ class DiffusionAdapter:
 
     @property
     def has_lora(self) -> bool:
-        return bool(getattr(self.denoiser, "_hf_peft_config_loaded", False))
+        """Whether the denoiser carries the trainable ``"default"`` LoRA (a negative LoRA alone does not count)."""
+        return "default" in self._peft_adapters()
+
+    def _peft_adapters(self) -> dict[str, Any]:
+        if not getattr(self.denoiser, "_hf_peft_config_loaded", False):
+            return {}
+        return dict(self.denoiser.peft_config)
+
+    def load_negative_lora(self, folder: str | os.PathLike) -> None:
+        """Load a diffusers-format LoRA as the ``"negative"`` adapter of CFG's unconditional branch
+        (:attr:`negative_lora`; e.g. a Self-NPO run's export). It never trains and acts in no other call."""
+        if self.guidance_embedded:
+            raise ValueError(
+                f"{self.family} takes its guidance as an input and samples without CFG, so it has no unconditional "
+                "branch for a negative LoRA"
+            )
+        folder = Path(folder)
+        if not (folder / LORA_WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"no LoRA weights at {folder / LORA_WEIGHTS_NAME}")
+        if NEGATIVE_ADAPTER in self._peft_adapters():
+            self.denoiser.delete_adapters(NEGATIVE_ADAPTER)
+        self.denoiser.load_lora_adapter(
+            str(folder), prefix=self.denoiser_name, adapter_name=NEGATIVE_ADAPTER, weight_name=LORA_WEIGHTS_NAME
+        )
+        self.negative_lora = NEGATIVE_ADAPTER
+        self._restore_adapters()
+
+    def _restore_adapters(self) -> None:
+        """The adapters' normal state: ``"default"`` alone active (off inside :meth:`lora_disabled`), a negative
+        adapter inactive and frozen."""
+        adapters = self._peft_adapters()
+        if not adapters:
+            return
+        if "default" in adapters:
+            self.denoiser.set_adapter("default")  # peft also sets requires_grad: default trains, others not
+            if self._lora_off_depth:
+                self.denoiser.disable_adapters()
+            else:
+                self.denoiser.enable_adapters()
+        else:
+            self.denoiser.disable_adapters()
+        for name, p in self.denoiser.named_parameters():
+            if f".{NEGATIVE_ADAPTER}." in name:
+                p.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def _adapters_on(self, negative: bool) -> Iterator[None]:
+        """One half of CFG with a negative LoRA (:attr:`negative_lora`): the positive model's adapters (``"default"``
+        unless it is the negative one or :meth:`lora_disabled` holds it off), plus the negative one when
+        ``negative``."""
+        names = [] if self._lora_off_depth or self.negative_lora == "default" or not self.has_lora else ["default"]
+        if negative:
+            names.append(self.negative_lora)
+        if names:
+            self.denoiser.enable_adapters()
+            self.denoiser.set_adapter(names if len(names) > 1 else names[0])
+        else:
+            self.denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            self._restore_adapters()
 
     @contextlib.contextmanager
     def lora_disabled(self) -> Iterator[None]:
@@ -811,7 +892,7 @@ class DiffusionAdapter:
         self.denoiser.load_lora_adapter(
             str(folder), prefix=self.denoiser_name, adapter_name="default", weight_name=LORA_WEIGHTS_NAME
         )
-        self.denoiser.set_adapter("default")
+        self._restore_adapters()
         scope_file = folder / LORA_SCOPE_NAME
         scope = json.loads(scope_file.read_text()) if scope_file.is_file() else {}
         self.lora_min_timestep = scope.get("min_timestep")
@@ -819,7 +900,7 @@ class DiffusionAdapter:
         self.timestep_shift = scope.get("timestep_shift")
         params = []
         for name, p in self.denoiser.named_parameters():
-            if "lora_" in name:
+            if "lora_" in name and f".{NEGATIVE_ADAPTER}." not in name:
                 p.data = p.data.float()
                 p.requires_grad_(True)
                 params.append(p)

@@ -611,6 +611,69 @@ def learn_dpo(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Self-NPO: a negative LoRA for CFG's unconditional branch
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def learn_self_npo(
+    minutes: float | None = 10.0,
+    output: str | Path = "runs/bench_learn/self_npo",
+    seed: int = 0,
+    *,
+    lr: float = 1e-4,
+    batch_size: int = 8,
+    truncation_steps: int = 5,
+    num_grid_steps: int = 25,
+    teacher_guidance: float = -1.0,
+    teacher_decay: float = 0.999,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Self-NPO on the shapes world (:mod:`diffalign.trainers.self_npo`): a negative LoRA trained from the base
+    model's own truncated walks, measured as it is used, on CFG's unconditional half at the protocol's guidance.
+
+    The walks start from one rendered scene of each base training caption (:func:`render_real_pairs` of
+    :func:`~diffalign.shapes.scenes.train_prompts`, none of them aligned or unseen): Self-NPO needs image-caption
+    pairs to start from but no preference and no reward, and nothing here is about the evaluated prompts.
+
+    Args:
+        minutes: the training budget (evaluation not counted); ``None``: ``max_steps`` optimizer steps.
+        output: run folder (``metrics.json``, ``lora/``, ``config.yaml``, ``metrics.jsonl``).
+        seed: seed of the scenes, the walks and the noises.
+        lr: AdamW learning rate of the LoRA.
+        batch_size: pairs per optimizer step.
+        truncation_steps, num_grid_steps, teacher_guidance, teacher_decay: ``self_npo`` settings (Self-NPO's SD1.5
+            values by default).
+        **settings: the settings every runner takes, see :class:`LearnSettings`.
+
+    Returns:
+        The metrics written to ``<output>/metrics.json``.
+    """
+    from diffalign.shapes.scenes import train_prompts
+    from diffalign.trainers.self_npo import SelfNPOConfig, SelfNPOTrainer
+
+    bench = _Bench("self_npo", minutes, output, seed, LearnSettings(**settings))
+    before = bench.evaluate(bench.load_base())
+    real = render_real_pairs(train_prompts(), 1, bench.output / "real_images", seed=seed)
+    objective = {
+        "truncation_steps": truncation_steps,
+        "num_grid_steps": num_grid_steps,
+        "teacher_guidance": teacher_guidance,
+        "teacher_decay": teacher_decay,
+    }
+    raw = bench.config(minutes, lr)
+    raw.update(
+        method="self_npo",
+        reward="shapes",  # only for the periodic evaluation
+        data={"real_images": str(real), "resolution": bench.protocol["resolution"], "batch_size": batch_size},
+        self_npo=objective,
+    )
+    trainer = SelfNPOTrainer(load_config(SelfNPOConfig, raw))
+    return bench.run(
+        trainer, before, train={"lr": lr, "batch_size": batch_size, "lora_rank": bench.settings.lora_rank, **objective}
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Self-play rounds: RAFT and SPIN-Diffusion
 # ---------------------------------------------------------------------------------------------------------------------
 

@@ -241,6 +241,10 @@ class TrainingRun:
         self.ema = EMA(self.params, config.ema.decay, config.ema.update_every) if config.ema.enabled else None
         self.early_stopping = self._build_early_stopping(config)
         self._best_weights: dict[str, Tensor] | None = None  # the trained weights of the best evaluation (CPU)
+        self.state_tensors: dict[str, tuple[Callable[[], dict[str, Tensor]], Callable[[dict[str, Tensor]], None]]]
+        self.state_tensors = {}
+        """A trainer's own tensors that resuming needs (Self-NPO's EMA teacher): ``{name: (get, set)}``; every
+        checkpoint writes ``get()`` to ``<name>.safetensors`` and resuming hands the file back to ``set``."""
         self.optimizer_steps = 0
         self.schedule_steps = 0  # trainer steps the lr schedule has advanced (advance_schedule)
         self.overflow_streak = 0  # fp16 loss-scale overflows in a row (optimizer_step)
@@ -796,6 +800,8 @@ class TrainingRun:
             if self.ema is not None:
                 shadow = dict(zip(self.trainable_names(), self.ema.shadow))
                 ckpt.write_tensors(folder / ckpt.EMA_FILE, shadow, {"num_updates": str(self.ema.num_updates)})
+            for name, (get, _) in self.state_tensors.items():
+                ckpt.write_tensors(folder / f"{name}.safetensors", {k: v.detach().cpu() for k, v in get().items()})
         ckpt.write_json(folder / ckpt.SCHEDULER_FILE, self.lr_scheduler.state_dict())
         save_config(self._run_config(), folder / ckpt.CONFIG_FILE)
         if lora is not None:
@@ -918,6 +924,8 @@ class TrainingRun:
             )
             if self.ema is not None:
                 self._load_ema(path)
+            for name, (_, set_tensors) in self.state_tensors.items():
+                set_tensors(ckpt.read_file(path, f"{name}.safetensors", ckpt.read_tensors)[0])
         self.lr_scheduler.load_state_dict(ckpt.read_file(path, ckpt.SCHEDULER_FILE, ckpt.read_json))
         rng = ckpt.rng_file(self.accelerator.process_index)
         if (path / rng).is_file() or "num_processes" not in state:  # else: a new rank keeps its seeded streams
@@ -961,6 +969,7 @@ class TrainingRun:
                 "--allow-config-change to continue anyway (RNG states of missing ranks start from the seed)"
             )
         names = [ckpt.SCHEDULER_FILE] + ([] if self.sharded else [ckpt.TRAINABLE_FILE, ckpt.OPTIMIZER_FILE])
+        names += [] if self.sharded else [f"{name}.safetensors" for name in self.state_tensors]
         if saved_processes == self.accelerator.num_processes:
             names.append(ckpt.rng_file(self.accelerator.process_index))
         for name in names:
@@ -1063,6 +1072,42 @@ class TrainingRun:
     def named_trainables(self) -> list[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` of the trained weights, in ``self.params`` order (this process's shards)."""
         return list(zip(self.trainable_names(), self.params))
+
+    def accumulate_micro_batches(
+        self, step: int, accumulation: int, micro_loss: Callable[[int], tuple[Tensor, Mapping[str, Tensor]]]
+    ) -> dict[str, float]:
+        """The ``accumulation`` micro-batches of one optimizer step (the trainer's
+        ``optim.gradient_accumulation_steps``): ``micro_loss(micro)`` gives each one's ``(loss, metrics)``; its
+        ``loss / accumulation`` is backpropagated (gradients synchronised on the last one). Returns the metrics
+        averaged over the micro-batches, then over the processes."""
+        totals: dict[str, float] = {}
+        for micro in range(accumulation):
+            with self.accumulate(sync=micro == accumulation - 1):
+                loss, metrics = micro_loss(micro)
+                self.backward(loss / accumulation, step=step)
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + float(value) / accumulation
+        return self.reduce_metrics(totals)
+
+    @contextlib.contextmanager
+    def weights_swapped(self, state: Mapping[str, Tensor]) -> Iterator[None]:
+        """The trained weights set to ``state`` (by name) inside the block, e.g. SPIN's ``theta_k`` or Self-NPO's
+        EMA teacher, with the denoiser in eval mode (no LoRA dropout: a fixed function). The parameters' storage
+        is swapped, not copied; the live weights come back when the block ends, also on an error. Not for sharded
+        runs (whole tensors are swapped)."""
+        params = dict(self.named_trainables())
+        live = {name: params[name].data for name in state}
+        denoiser = self.adapter.denoiser
+        training = denoiser.training
+        for name, value in state.items():
+            params[name].data = value
+        denoiser.eval()
+        try:
+            yield
+        finally:
+            for name, value in live.items():
+                params[name].data = value
+            denoiser.train(training)
 
     def _restore_best_weights(self, step: int) -> None:
         """End with the best evaluation's weights (early stopping on), and log where that was."""

@@ -34,12 +34,10 @@ from what one process would draw. FSDP sharding is not supported (the reference 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -286,25 +284,6 @@ class SelfPlayTrainer:
         accelerator = self.run.accelerator
         return order[accelerator.process_index :: accelerator.num_processes]
 
-    @contextlib.contextmanager
-    def weights(self, state: dict[str, Tensor]) -> Iterator[None]:
-        """The trainable weights set to ``state`` inside the block (e.g. SPIN's reference ``theta_k``), with the
-        denoiser in eval mode (no LoRA dropout: the reference is a fixed function). The parameters' storage is
-        swapped, not copied; the live weights come back when the block ends, also on an error."""
-        params = dict(self.run.named_trainables())
-        live = {name: params[name].data for name in state}
-        denoiser = self.adapter.denoiser
-        training = denoiser.training
-        for name, value in state.items():
-            params[name].data = value
-        denoiser.eval()
-        try:
-            yield
-        finally:
-            for name, value in live.items():
-                params[name].data = value
-            denoiser.train(training)
-
     def round_file(self, round_index: int) -> Path:
         return self.rounds_folder / f"round-{round_index}.safetensors"
 
@@ -327,7 +306,7 @@ class SelfPlayTrainer:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_file({k: v.contiguous().cpu() for k, v in self.reference.items()}, str(path))
                 self._prune_rounds(round_index)
-        with self.weights(self.reference), torch.no_grad():
+        with self.run.weights_swapped(self.reference), torch.no_grad():
             self.data = (
                 self._raft_round(round_index) if self.config.method == "raft" else self._spin_round(round_index)
             )
@@ -438,7 +417,7 @@ class SelfPlayTrainer:
                 loss = diffusion_sft_loss(adapter.predict(noisy, timesteps, cond, guidance), target)
             return loss, {"loss": loss.detach()}
         # The reference first: the policy's graph is then built on the live weights alone, never on swapped ones.
-        with torch.no_grad(), self.weights(self.reference), self.run.autocast():
+        with torch.no_grad(), self.run.weights_swapped(self.reference), self.run.autocast():
             ref = adapter.predict(noisy, timesteps, cond, guidance)
         with self.run.autocast():
             pred = adapter.predict(noisy, timesteps, cond, guidance)
@@ -452,18 +431,13 @@ class SelfPlayTrainer:
         round_index = step // self.config.self_play.steps_per_round
         if round_index != self.round_index:
             self.start_round(round_index, step)
-        accumulation = self.config.optim.gradient_accumulation_steps
-        totals: dict[str, float] = {}
-        for micro in range(accumulation):
-            generator = torch.Generator().manual_seed(
-                self._seed("noise", step, micro, self.run.accelerator.process_index)
-            )
-            with self.run.accumulate(sync=micro == accumulation - 1):
-                loss, metrics = self.loss(self.micro_batch(step, micro), generator)
-                self.run.backward(loss / accumulation, step=step)
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + float(value) / accumulation
-        metrics = self.run.reduce_metrics(totals)
+        process = self.run.accelerator.process_index
+
+        def micro_loss(micro: int) -> tuple[Tensor, dict[str, Tensor]]:
+            generator = torch.Generator().manual_seed(self._seed("noise", step, micro, process))
+            return self.loss(self.micro_batch(step, micro), generator)
+
+        metrics = self.run.accumulate_micro_batches(step, self.config.optim.gradient_accumulation_steps, micro_loss)
         metrics.update(self.data.stats, **{"round": float(round_index)})
         metrics.update(self.run.optimizer_step(step=step))
         return metrics
