@@ -1764,6 +1764,15 @@ def _(dpo_with, dpo_batch, monkeypatch):
     assert differ(ten, two)
 
 
+@probe("dpo", "dpo.inversion_level")
+def _(dpo, dpo_with, dpo_batch, monkeypatch):
+    assert dpo.inversion_level == "destination"  # auto on an epsilon model: as the published codes
+    inversion = {"dpo.noising": "ddim_inversion", "dpo.inversion_steps": 50}
+    destination = recorded_noise(dpo_with(inversion), dpo_batch, monkeypatch)
+    source = recorded_noise(dpo_with({**inversion, "dpo.inversion_level": "source"}), dpo_batch, monkeypatch)
+    assert differ(destination, source)
+
+
 @probe("dpo", "dpo.inversion_eta")
 def _(dpo_with, dpo_batch, monkeypatch):
     inversion = {"dpo.noising": "ddim_inversion", "dpo.inversion_steps": 50}  # this batch's levels are 24 and 97

@@ -19,7 +19,7 @@ latent (``a = 1, b = 0``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -117,12 +117,13 @@ def invert(
     renoise: bool = False,
     eta: float = 0.0,
     draw_noise: Callable[[torch.Size], Tensor] | None = None,
+    at: Literal["destination", "source"] = "destination",
 ) -> Tensor:
     """Run the model's ODE backwards from clean latents ``x0`` to ``timesteps``; the inverted ``x_t``, float32.
 
     Args:
         predict: ``predict(x, t) -> output`` of the model (``[B, ...]`` and ``[B]``), e.g. the policy on the
-            captions without CFG; called at each step's destination level.
+            captions without CFG.
         adapter: supplies the forward process (:func:`forward_coefficients`) and ``scheduler.config``.
         x0: ``[B, ...]`` clean latents.
         timesteps: ``[B]`` the levels to reach.
@@ -132,6 +133,9 @@ def invert(
         eta: InPO's stochastic term: after each step add ``eta * z * std``, ``std`` the DDIM posterior std between
             the two levels (:func:`ddim_posterior_std`; InPO uses 0.1). Needs ``draw_noise``.
         draw_noise: ``draw_noise(shape) -> [B, ...]`` standard normal noise (the caller's generators).
+        at: the level each step's (first) prediction is made at: ``"destination"``, the usual DDIM-inversion
+            approximation of the published codes, or ``"source"``, the level the latent is at (explicit Euler; the
+            ReNoise trial prediction is then at the destination, a Heun-like average).
 
     Returns:
         ``[B, ...]`` the latent at ``timesteps``.
@@ -147,9 +151,9 @@ def invert(
             a, b, c, d = src
             src = (torch.ones_like(a), torch.zeros_like(b), c, d)
         dst = forward_coefficients(adapter, target, sample)
-        # Evaluated at the destination level, as diffusers' DDIMInverseScheduler pipelines and InPO's / SmPO's code
-        # do (the usual inversion approximation: the model sees the level the step is heading to).
-        output = predict(sample, target).float()
+        # at="destination": the model sees the level the step is heading to (diffusers' DDIMInverseScheduler, InPO's
+        # and SmPO's code); at="source": the level the latent is at (the explicit Euler step of the ODE).
+        output = predict(sample, target if at == "destination" else source).float()
         if renoise:
             trial = _recombine(split_prediction(output, sample, src), dst)
             output = 0.5 * (output + predict(trial, target).float())

@@ -230,6 +230,11 @@ class DPOLossConfig(TimestepDensityConfig):
     """Grid steps of the inversion over the whole noise range (InPO 10; SmPO 5 for SD1.5, 10 for SDXL); a sample
     walks the grid points below its level, then to the level. Costs that many no-grad policy calls per micro-batch
     (twice as many with ReNoise)."""
+    inversion_level: Literal["auto", "destination", "source"] = "auto"
+    """The level each inversion step's model call is made at: ``destination`` (the level the step heads to: the
+    DDIM-inversion approximation of InPO's and SmPO's code), ``source`` (the level the latent is at: the explicit
+    Euler step). ``auto``: destination for epsilon / v models, as published; source for flow models, whose first step
+    would otherwise label the clean image with a noise level (docs/methods/dpo.md#inversion)."""
     inversion_eta: float = 0.0
     """InPO's stochastic term: after each inversion step add ``eta`` times the DDIM posterior std of noise (InPO:
     0.1; 0 = deterministic)."""
@@ -393,6 +398,11 @@ class DiffusionDPOTrainer:
         sampled_at = config.eval.guidance_scale or self.adapter.default_guidance_scale
         self.training_guidance = config.dpo.flux_guidance if config.dpo.flux_guidance is not None else sampled_at
         """The guidance-embedding value in training (``dpo.flux_guidance``; guidance-embedded families only)."""
+        level = config.dpo.inversion_level
+        self.inversion_level = (
+            level if level != "auto" else "source" if self.adapter.prediction_type == "flow" else "destination"
+        )
+        """Where each inversion step's model call is made (``dpo.inversion_level`` resolved for the family)."""
         self.dataset = self._load_dataset()
         self.num_batches = self._num_batches()
         reward = reward if reward is not None else config.reward
@@ -672,6 +682,7 @@ class DiffusionDPOTrainer:
             renoise=dpo.noising == "renoise_inversion",
             eta=dpo.inversion_eta,
             draw_noise=draw_noise,
+            at=self.inversion_level,
         )
         return implied_noise(latents, inverted, forward_coefficients(adapter, timesteps, latents)).to(latents)
 

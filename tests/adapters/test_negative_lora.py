@@ -45,6 +45,7 @@ def test_the_unconditional_half_runs_the_negative_lora_and_the_text_half_the_bas
     torch.testing.assert_close(_predict(negative, latents, cond, 1.0), text, rtol=0, atol=0)
 
 
+@pytest.mark.slow  # over 3 s: three adapters with two LoRAs
 def test_with_an_aligned_lora_the_negative_branch_adds_to_it_and_never_trains(parts, tmp_path):
     folder, lora_dir, latents = parts
     aligned_dir = tmp_path / "aligned"

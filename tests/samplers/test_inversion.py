@@ -64,12 +64,21 @@ def test_coefficients_and_split_recover_the_pair_that_made_the_sample(adapters, 
         torch.testing.assert_close((a, b, c, d), (1 - sigma, sigma, -torch.ones_like(a), torch.ones_like(d)))
 
 
-@pytest.mark.parametrize(("family", "renoise"), [("sd15", False), ("sd15", True), ("sd3", False), ("sd3", True)])
-def test_inversion_is_exact_for_a_model_that_knows_the_noise(adapters, family, renoise):
+@pytest.mark.parametrize(
+    ("family", "renoise", "at"),
+    [
+        ("sd15", False, "destination"),
+        ("sd15", True, "destination"),
+        ("sd3", False, "destination"),
+        ("sd3", True, "source"),
+        ("sd2v", False, "source"),
+    ],
+)
+def test_inversion_is_exact_for_a_model_that_knows_the_noise(adapters, family, renoise, at):
     """A model whose output is always the target of one fixed (x0, eps) lies on the straight line of that pair: every
     inverse step lands on ``add_noise(x0, eps, s)``, so inversion ends at the forward-noised latent and implies eps.
-    That holds for epsilon and flow targets, which do not depend on the level the model is called at (inversion
-    calls it at the destination level); a v target does, so v models invert approximately, as DDIM inversion does."""
+    That holds for epsilon and flow targets at either level; a v target depends on the level it is predicted at, so
+    v models invert exactly only when called at the latent's own level (``at="source"``)."""
     adapter = adapters[family]
     timesteps = _levels(family)[1:]
     generator = torch.Generator().manual_seed(1)
@@ -80,13 +89,13 @@ def test_inversion_is_exact_for_a_model_that_knows_the_noise(adapters, family, r
         calls.append(levels.clone())
         return adapter.training_target(x0, eps, levels)
 
-    inverted = invert(predict, adapter, x0, timesteps, num_steps=10, renoise=renoise)
+    inverted = invert(predict, adapter, x0, timesteps, num_steps=10, renoise=renoise, at=at)
     torch.testing.assert_close(inverted, adapter.add_noise(x0, eps, timesteps), atol=5e-4, rtol=1e-4)
     noise = implied_noise(x0, inverted, forward_coefficients(adapter, timesteps, x0))
     torch.testing.assert_close(noise, eps, atol=5e-3, rtol=1e-3)
     assert len(calls) == 10 * (2 if renoise else 1)
-    first = inversion_path(timesteps, 10, 1000)[:, 1]
-    assert torch.equal(calls[0], first)  # the first call is at the first destination level
+    first = inversion_path(timesteps, 10, 1000)[:, 1 if at == "destination" else 0]
+    assert torch.equal(calls[0], first)  # the first call: at the first destination, or at the clean level
 
 
 def test_inversion_of_a_real_model_differs_from_forward_noise_and_is_deterministic(adapters):
