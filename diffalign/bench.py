@@ -584,7 +584,7 @@ BACKPROP_MODES = {"backprop": "draft_k", "refl": "refl", "direct_align": "direct
 """The reward-backprop methods of :func:`bench_learn` and their ``backprop.mode`` (``backprop`` is DRaFT-K with
 K = all 10 steps)."""
 
-SELF_PLAY_METHODS = ("raft", "spin")
+SELF_PLAY_METHODS = ("raft", "spin", "seppo")
 """The self-play methods of :func:`bench_learn` (:func:`diffalign.shapes.learn.learn_self_play`)."""
 
 DPO_VARIANTS: dict[str, dict[str, Any]] = {
@@ -616,6 +616,7 @@ LEARN_STEPS = {
     "image_refl": 600,
     "raft": 1500,
     "spin": 1500,
+    "seppo": 1500,
     "self_npo": 1000,
 }
 """Default optimizer-step budgets of :func:`bench_learn`: what each method did in 10 minutes on the 2-core

@@ -38,7 +38,7 @@ GROUPS: tuple[tuple[str, str], ...] = (
     ("grpo", "Flow-GRPO and DDPO"),
     ("dpo", "Diffusion-DPO"),
     ("backprop", "Reward backprop"),
-    ("self_play", "Self-play rounds (RAFT, SPIN-Diffusion)"),
+    ("self_play", "Self-play rounds (RAFT, SPIN-Diffusion, SePPO)"),
     ("self_npo", "Negative models (Self-NPO)"),
 )
 REGENERATE = "run python scripts/recipe_cards.py"

@@ -2562,6 +2562,19 @@ def _(self_play, self_play_with):
     assert timesteps(self_play_with({"dpo.sigma_shift": "none"})).median().item() == pytest.approx(500, abs=25)
 
 
+@probe("self_play", "dpo.anchor", slow=True)
+def _(spin_with):
+    losses, flipped = {}, {}
+    for anchor in ("sign", "indicator"):
+        trainer = spin_with({"method": "seppo", "dpo.anchor": anchor})
+        trainer.start_round(0, 0)
+        with perturbed_lora(trainer.run, scale=0.05, seed=1), torch.no_grad():  # the policy leaves the reference
+            losses[anchor], metrics = trainer.loss([0, 1, 0, 1], torch.Generator().manual_seed(0))
+        flipped[anchor] = metrics["flipped"].item()
+    assert 0 < flipped["sign"] < 1  # some pairs' reference samples count as winners: their terms differ
+    assert differ(losses["sign"], losses["indicator"])
+
+
 @probe("self_play", "dpo.beta", slow=True)
 def _(spin_with, self_play_raw):
     default, small = spin_with(), spin_with({"dpo.beta": 1.0})

@@ -15,6 +15,7 @@ from diffalign.losses.advantages import (
     zero_std_ratio,
 )
 from diffalign.losses.dpo import (
+    anchored_dpo_loss_from_mse,
     diffusion_dpo_loss,
     diffusion_sft_loss,
     dpo_loss_from_mse,
@@ -46,6 +47,7 @@ __all__ = [
     "branch_advantages",
     "clip_advantages",
     "clipped_policy_loss",
+    "anchored_dpo_loss_from_mse",
     "diffusion_dpo_loss",
     "diffusion_sft_loss",
     "dpo_loss_from_mse",

@@ -27,6 +27,7 @@ from torch import Tensor
 
 
 __all__ = [
+    "anchored_dpo_loss_from_mse",
     "diffusion_dpo_loss",
     "diffusion_sft_loss",
     "dpo_loss_from_mse",
@@ -112,6 +113,47 @@ def dpo_loss_from_mse(
             "ref_mse_w": ref_mse_w.mean(),
             "ref_mse_l": ref_mse_l.mean(),
         }
+    return loss, metrics
+
+
+def anchored_dpo_loss_from_mse(
+    mse_w: Tensor,
+    mse_r: Tensor,
+    ref_mse_w: Tensor,
+    ref_mse_r: Tensor,
+    beta: float,
+    anchor: str = "sign",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """SePPO's anchored loss (Zhang, Lan et al. 2024, "SePPO: Semi-Policy Preference Optimization for Diffusion
+    Alignment"; docs/methods/self-play.md#seppo): Diffusion-DPO of a winning image against a *reference sample*
+    ``r`` (an image the reference model generated), whose role is decided per pair by the winner, the anchor.
+
+    With ``delta(x) = mse(x) - ref_mse(x)``, the sign ``s = sign(ref_mse_w - mse_w)`` is ``+1`` when the policy fits
+    the winner better than the reference does (the reference sample is then likely a loser: plain DPO) and ``-1`` when
+    the reference fits it better (the reference sample is then likely a winner too, and its term is flipped so
+    that the policy is pulled toward both)::
+
+        inside = -0.5 * beta * (delta(w) - s * delta(r))
+
+    ``anchor="indicator"`` uses ``s = 1[ref_mse_w > mse_w]`` instead (the paper's ablation): the reference sample's
+    term is dropped rather than flipped. ``s`` carries no gradient.
+
+    Args:
+        mse_w, mse_r: ``[B]`` policy errors on the winners and the reference samples (with gradients).
+        ref_mse_w, ref_mse_r: ``[B]`` the reference model's errors on them.
+        beta: DPO temperature, ``-0.5 * beta`` convention.
+        anchor: ``"sign"`` (SePPO's anchor-based adaptive flipper) or ``"indicator"``.
+
+    Returns:
+        ``(loss, metrics)`` as :func:`dpo_loss_from_mse`, plus ``flipped``: the share of pairs with ``s < 1``.
+    """
+    if anchor not in ("sign", "indicator"):
+        raise ValueError(f"anchor must be 'sign' or 'indicator', got {anchor!r}")
+    with torch.no_grad():
+        gap = ref_mse_w.detach() - mse_w.detach()
+        s = torch.sign(gap) if anchor == "sign" else (gap > 0).to(gap.dtype)
+    loss, metrics = dpo_loss_from_mse(mse_w, s * mse_r, ref_mse_w, s * ref_mse_r, beta)
+    metrics.update(mse_l=mse_r.detach().mean(), ref_mse_l=ref_mse_r.detach().mean(), flipped=(s < 1).float().mean())
     return loss, metrics
 
 

@@ -674,7 +674,7 @@ def learn_self_npo(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Self-play rounds: RAFT and SPIN-Diffusion
+# Self-play rounds: RAFT, SPIN-Diffusion and SePPO
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -683,7 +683,7 @@ def learn_self_play(
     output: str | Path = "runs/bench_learn/raft",
     seed: int = 0,
     *,
-    method: Literal["raft", "spin"] = "raft",
+    method: Literal["raft", "spin", "seppo"] = "raft",
     lr: float = 1e-4,
     batch_size: int = 8,
     steps_per_round: int = 100,
@@ -702,20 +702,22 @@ def learn_self_play(
     ``method="raft"`` samples ``samples_per_prompt`` images of each aligned prompt per round, ranks them by the
     verifier (the demo's reward) and fine-tunes on the best ``keep_per_prompt`` of each. ``method="spin"`` plays the
     model's own images against real scenes of the aligned prompts rendered by the shapes renderer
-    (``real_images_per_prompt`` each, :func:`render_real_pairs`): SPIN-Diffusion trains on real images of its
-    training prompts (Pick-a-Pic's winners), which on the shapes world are correct scenes of the evaluated prompts,
-    so compare it with the denoising loss on the same scenes (a supervised baseline), not with the reward methods.
+    (``real_images_per_prompt`` each, :func:`render_real_pairs`); ``method="seppo"`` plays the same scenes against a
+    previous round's model's images with SePPO's anchored loss. SPIN-Diffusion and SePPO train on real images of
+    their training prompts (Pick-a-Pic's winners), which on the shapes world are correct scenes of the evaluated
+    prompts, so compare them with the denoising loss on the same scenes (a supervised baseline), not with the reward
+    methods.
 
     Args:
         minutes: the training budget (evaluation not counted); ``None``: ``max_steps`` optimizer steps.
         output: run folder (``metrics.json``, ``lora/``, ``config.yaml``, ``metrics.jsonl``).
         seed: seed of the samples, noises and timesteps.
-        method: ``"raft"`` or ``"spin"``.
+        method: ``"raft"``, ``"spin"`` or ``"seppo"``.
         lr: AdamW learning rate of the LoRA.
         batch_size: training images (raft) or pairs (spin) per optimizer step.
         steps_per_round: optimizer steps between two rounds of sampling.
         samples_per_prompt, keep_per_prompt, keep_share: RAFT's K and its selection.
-        beta: spin's DPO temperature (per-pixel MSE convention; 100 is the SD3/flow default).
+        beta: spin's and seppo's DPO temperature (per-pixel MSE convention; 100 is the SD3/flow default).
         logit_mean: mean of the logit-normal noise-level density of training (as :func:`learn_dpo`).
         real_images_per_prompt: spin: rendered real scenes per aligned prompt.
         guidance_scale: CFG of the rounds' samples (default: none, 1.0, for raft; the evaluation protocol's for
@@ -757,7 +759,7 @@ def learn_self_play(
         reward="shapes",
         sampling=sampling,
         self_play=rounds,
-        dpo={"logit_mean": logit_mean, **({"beta": beta} if method == "spin" else {})},
+        dpo={"logit_mean": logit_mean, **({"beta": beta} if method != "raft" else {})},
     )
     trainer = SelfPlayTrainer(load_config(SelfPlayConfig, raw))
     return bench.run(

@@ -16,6 +16,7 @@ TRAINERS: dict[str, tuple[str, str, str]] = {
     "reward_backprop": ("diffalign.trainers.reward_backprop", "RewardBackpropConfig", "RewardBackpropTrainer"),
     "raft": ("diffalign.trainers.self_play", "SelfPlayConfig", "SelfPlayTrainer"),
     "spin": ("diffalign.trainers.self_play", "SelfPlayConfig", "SelfPlayTrainer"),
+    "seppo": ("diffalign.trainers.self_play", "SelfPlayConfig", "SelfPlayTrainer"),
     "self_npo": ("diffalign.trainers.self_npo", "SelfNPOConfig", "SelfNPOTrainer"),
 }
 """method name -> (module, config class, trainer class), imported lazily."""

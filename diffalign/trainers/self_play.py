@@ -1,6 +1,6 @@
-"""Self-play rounds: RAFT and SPIN-Diffusion, docs/methods/self-play.md.
+"""Self-play rounds: RAFT, SPIN-Diffusion and SePPO, docs/methods/self-play.md.
 
-Both methods alternate two phases. At the start of each round (every ``self_play.steps_per_round`` optimizer
+All three alternate two phases. At the start of each round (every ``self_play.steps_per_round`` optimizer
 steps) the model as it is then, ``theta_k``, samples images with the deterministic ODE; the round's optimizer steps
 then train on what it sampled:
 
@@ -14,6 +14,11 @@ then train on what it sampled:
   trains Diffusion-DPO with the real image as the winner, the model's own image as the loser, and ``theta_k`` itself
   as the reference (not the base model): ``-logsigmoid(-0.5 beta ((mse_w - mse_w^k) - (mse_l - mse_l^k)))``, the
   paper's approximate objective, whose fixed point is the data distribution.
+- ``method: seppo`` (Zhang, Lan et al. 2024, "SePPO: Semi-Policy Preference Optimization for Diffusion
+  Alignment"): as spin, but the round's reference (and sampler of its "reference samples") is a *previous* round's
+  model drawn uniformly (round 0: the initial model), and each pair's reference-sample term is signed by the winner,
+  the anchor (:func:`~diffalign.losses.dpo.anchored_dpo_loss_from_mse`): when the reference fits the winner better
+  than the policy does, the reference sample counts as a winner too.
 
 Each image's noise and timestep are drawn as Diffusion-DPO draws them (``dpo.timestep_sampling``; a winner and its
 loser share both). Samples are kept as the sampler's final latents: the round trains on exactly what ``theta_k``
@@ -48,7 +53,7 @@ from diffalign.config import ConfigError, TrainerConfig
 from diffalign.data.image_captions import load_real_image, load_real_pairs
 from diffalign.data.prompts import load_prompts_and_metadata
 from diffalign.eval.evaluator import Evaluator
-from diffalign.losses.dpo import diffusion_dpo_loss, diffusion_sft_loss
+from diffalign.losses.dpo import anchored_dpo_loss_from_mse, diffusion_dpo_loss, diffusion_sft_loss, per_sample_mse
 from diffalign.rewarding import RewardLike, build_reward, score_with_parts
 from diffalign.samplers.plan import ode_plan
 from diffalign.samplers.rollout import rollout
@@ -133,6 +138,10 @@ class SelfPlayLossConfig(TimestepDensityConfig):
     beta: float | None = None
     """``spin``: the DPO temperature in the -0.5 * beta convention (docs/methods/dpo.md#beta); null = the family's
     Diffusion-DPO default (5000 SD1.x/2.x and SDXL, 100 SD3/FLUX). raft refuses it (it has no reference)."""
+    anchor: Literal["sign", "indicator"] = "sign"
+    """``seppo``: how the winner decides the reference sample's role: ``sign`` flips its term when the reference fits
+    the winner better (SePPO's anchor-based adaptive flipper), ``indicator`` drops it then (the paper's ablation);
+    docs/methods/self-play.md#seppo. Other methods ignore it."""
     flux_guidance: float | None = None
     """Guidance value fed to guidance-embedded denoisers (FLUX.1-dev) in training; null = the guidance of the
     round's samples (``sampling.guidance_scale``, else the family default). Other families ignore it."""
@@ -145,13 +154,13 @@ class SelfPlayLossConfig(TimestepDensityConfig):
 
 @dataclasses.dataclass(kw_only=True)
 class SelfPlayConfig(TrainerConfig):
-    """Config of the ``raft`` and ``spin`` trainers (self-play rounds, :mod:`diffalign.trainers.self_play`)."""
+    """Config of the ``raft``, ``spin`` and ``seppo`` trainers (self-play rounds, :mod:`diffalign.trainers.self_play`)."""
 
     resume_safe_keys: ClassVar[tuple[str, ...]] = ("sampling.batch_size",)
     """The sampling batch changes no draw (each image has its own seed)."""
 
-    method: Literal["raft", "spin"] = "raft"
-    """``raft`` (reward-ranked fine-tuning) or ``spin`` (SPIN-Diffusion)."""
+    method: Literal["raft", "spin", "seppo"] = "raft"
+    """``raft`` (reward-ranked fine-tuning), ``spin`` (SPIN-Diffusion) or ``seppo`` (SePPO)."""
     max_steps: int = 800
     """Optimizer steps over all rounds (RAFT's notebook: 10 stages of 80; SPIN-Diffusion: 500 per iteration)."""
     sampling: SelfPlaySamplingConfig = dataclasses.field(default_factory=SelfPlaySamplingConfig)
@@ -170,9 +179,9 @@ class SelfPlayConfig(TrainerConfig):
                 raise ConfigError("raft ranks its samples by a reward: set reward (e.g. pickscore)", key="reward")
             if self.dpo.beta is not None:
                 raise ConfigError("raft trains the denoising loss, which has no beta: leave it null", key="dpo.beta")
-        if self.method == "spin" and self.sampling.real_images is None:
+        if self.method in ("spin", "seppo") and self.sampling.real_images is None:
             raise ConfigError(
-                "spin plays real images against the model's own: set sampling.real_images to a JSONL of "
+                f"{self.method} plays real images against the model's own: set sampling.real_images to a JSONL of "
                 '{"prompt", "image"} records or a folder of images with .txt captions',
                 key="sampling.real_images",
             )
@@ -306,15 +315,37 @@ class SelfPlayTrainer:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_file({k: v.contiguous().cpu() for k, v in self.reference.items()}, str(path))
                 self._prune_rounds(round_index)
+        if self.config.method == "seppo":
+            self.reference = self._seppo_reference(round_index, self.reference)
         with self.run.weights_swapped(self.reference), torch.no_grad():
             self.data = (
                 self._raft_round(round_index) if self.config.method == "raft" else self._spin_round(round_index)
             )
         self.round_index = round_index
 
+    def reference_round(self, round_index: int) -> int:
+        """SePPO's reference for a round: a previous round's starting model drawn uniformly (seeded by the round), the
+        initial model in round 0."""
+        if round_index == 0:
+            return 0
+        return random.Random(self._seed("reference", round_index)).randrange(round_index)
+
+    def _seppo_reference(self, round_index: int, current: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The trainable weights of :meth:`reference_round` (``current`` when it is this round's own)."""
+        from safetensors.torch import load_file
+
+        chosen = self.reference_round(round_index)
+        if chosen == round_index:
+            return current
+        return {k: v.to(self.run.device) for k, v in load_file(str(self.round_file(chosen))).items()}
+
     def _prune_rounds(self, current: int) -> None:
-        """Remove the starting weights of rounds before the oldest checkpoint's (no resume can need them)."""
+        """Remove the starting weights of rounds before the oldest checkpoint's (no resume can need them); SePPO
+        keeps every round's (each may become a later round's reference)."""
         from diffalign.trainers.checkpoints import checkpoint_step, list_checkpoints
+
+        if self.config.method == "seppo":
+            return
 
         steps = [checkpoint_step(path) for path in list_checkpoints(self.run.output_dir)]
         needed = min([current, *(step // self.config.self_play.steps_per_round for step in steps)])
@@ -400,7 +431,8 @@ class SelfPlayTrainer:
 
     def loss(self, indices: list[int], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         """raft: the denoising loss on the kept samples; spin: Diffusion-DPO of real (winner) against own (loser)
-        images with ``theta_k`` as the reference. Noise and timestep shared by a pair."""
+        images with ``theta_k`` as the reference; seppo: the anchored loss of real images against the reference
+        model's own. Noise and timestep shared by a pair."""
         adapter, data = self.adapter, self.data
         own = data.latents[indices]
         x0 = own if data.real is None else torch.cat([data.real[indices], own])
@@ -421,6 +453,11 @@ class SelfPlayTrainer:
             ref = adapter.predict(noisy, timesteps, cond, guidance)
         with self.run.autocast():
             pred = adapter.predict(noisy, timesteps, cond, guidance)
+        if self.config.method == "seppo":
+            mse = per_sample_mse(pred, target)
+            with torch.no_grad():
+                ref_mse = per_sample_mse(ref, target)
+            return anchored_dpo_loss_from_mse(*mse.chunk(2), *ref_mse.chunk(2), self.beta, self.config.dpo.anchor)
         pred_w, pred_l = pred.chunk(2)
         ref_w, ref_l = ref.chunk(2)
         target_w, target_l = target.chunk(2)

@@ -118,3 +118,42 @@ def test_shape_mismatch_raises():
 def test_default_betas():
     betas = {adapter.family: adapter.default_dpo_beta for adapter in ADAPTERS}
     assert betas == {"sd": 5000.0, "sdxl": 5000.0, "sd3": 100.0, "flux": 100.0}
+
+
+def test_smoothed_pair_beta_by_hand():
+    from diffalign.losses import smoothed_pair_beta
+
+    # p = sigmoid(gap / T): gap 0 -> p 0.5 -> beta 0; gap T -> p = sigmoid(1)
+    beta = smoothed_pair_beta(100.0, torch.tensor([1.0, 3.0]), torch.tensor([1.0, 1.0]), temperature=2.0, scale=10.0)
+    p = 1 / (1 + math.exp(-1.0))
+    torch.testing.assert_close(beta, torch.tensor([0.0, 100.0 * 10 * (2 * p - 1)]))
+
+
+def test_anchored_loss_by_hand():
+    """SePPO: pair 0, the policy fits the winner better than the reference (s = +1: plain DPO against the reference
+    sample); pair 1, the reference fits it better (s = -1: the reference sample's term flips; indicator: dropped)."""
+    from diffalign.losses import anchored_dpo_loss_from_mse
+
+    mse_w, ref_w = torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0])  # deltas -1, +1
+    mse_r, ref_r = torch.tensor([4.0, 1.0]), torch.tensor([1.0, 3.0])  # deltas +3, -2
+    beta = 0.5
+
+    def nll(inside):
+        return math.log1p(math.exp(-inside))
+
+    # sign: inside_0 = -0.25 * (-1 - 3) = 1; inside_1 = -0.25 * (1 - (-1)(-2)) = -0.25 * (1 - 2) = 0.25
+    loss, metrics = anchored_dpo_loss_from_mse(mse_w, mse_r, ref_w, ref_r, beta)
+    assert loss.item() == pytest.approx((nll(1.0) + nll(0.25)) / 2)
+    assert metrics["flipped"].item() == 0.5 and metrics["mse_l"].item() == 2.5
+    # indicator: inside_1 = -0.25 * (1 - 0) = -0.25
+    loss, _ = anchored_dpo_loss_from_mse(mse_w, mse_r, ref_w, ref_r, beta, anchor="indicator")
+    assert loss.item() == pytest.approx((nll(1.0) + nll(-0.25)) / 2)
+    # with s = +1 everywhere it is Diffusion-DPO
+    plain, _ = dpo_loss_from_mse(mse_w[:1], mse_r[:1], ref_w[:1], ref_r[:1], beta)
+    assert anchored_dpo_loss_from_mse(mse_w[:1], mse_r[:1], ref_w[:1], ref_r[:1], beta)[0].item() == plain.item()
+    # the sign carries no gradient: d loss / d mse_r of the flipped pair is the flipped DPO gradient
+    mse_r = mse_r.clone().requires_grad_(True)
+    anchored_dpo_loss_from_mse(mse_w, mse_r, ref_w, ref_r, beta)[0].backward()
+    assert mse_r.grad[0] < 0 < mse_r.grad[1]  # descent raises the error on r in pair 0, lowers it in pair 1
+    with pytest.raises(ValueError, match="anchor"):
+        anchored_dpo_loss_from_mse(mse_w, mse_r, ref_w, ref_r, beta, anchor="other")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from config_probes import with_keys
 from families import FAMILIES_SD3_FAST
+from safetensors.torch import load_file
 from test_image_refl import write_pairs
 
 from diffalign.config import ConfigError, load_config
@@ -98,13 +99,29 @@ def test_spin_starts_every_round_at_log_2_because_the_reference_is_the_rounds_ow
     assert second_round["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the reference is theta_1 now, not the base
 
 
+def test_seppo_draws_a_previous_rounds_model_as_its_reference_and_keeps_every_round(tiny_pipeline_dir, tmp_path):
+    real = str(write_pairs(tmp_path / "real"))
+    options = {"sampling.real_images": real, "self_play.steps_per_round": 1, "max_steps": 4}
+    trainer = SelfPlayTrainer(make_config(tiny_pipeline_dir("sd3"), tmp_path, "seppo", **options))
+    assert trainer.reference_round(0) == 0 and all(0 <= trainer.reference_round(r) < r for r in range(1, 9))
+    assert {trainer.reference_round(5) for _ in range(3)} == {trainer.reference_round(5)}  # seeded by the round
+    first = trainer.train_step(0)  # round 0: the reference is the initial model, equal to the policy
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["flipped"] == 1.0  # s = 0 on exact ties
+    for step in range(1, 4):
+        trainer.train_step(step)
+        chosen = trainer.reference_round(step)
+        saved = load_file(str(trainer.round_file(chosen)))
+        assert all(torch.equal(trainer.reference[name].cpu(), saved[name]) for name in saved)
+    assert sorted(p.name for p in (tmp_path / "self_play").iterdir()) == [f"round-{r}.safetensors" for r in range(4)]
+
+
 @pytest.mark.slow  # over 3 s: three runs of four and two steps, with checkpoints
-@pytest.mark.parametrize("method", ["raft", "spin"])
+@pytest.mark.parametrize("method", ["raft", "spin", "seppo"])
 def test_a_run_resumed_inside_a_round_trains_what_an_uninterrupted_one_does(tiny_pipeline_dir, tmp_path, method):
     folder = tiny_pipeline_dir("sd3")
     options = {"max_steps": 4, "self_play.steps_per_round": 3, "checkpoint.every": 1, "checkpoint.keep_last": 5}
     options["method"] = method
-    if method == "spin":  # the reference theta_k comes back from round-0.safetensors on the resume
+    if method != "raft":  # the reference comes back from the round files on the resume
         options["sampling.real_images"] = str(write_pairs(tmp_path / "real"))
     whole = SelfPlayTrainer(make_config(folder, tmp_path / "whole", **options))
     whole.train()
