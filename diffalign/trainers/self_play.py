@@ -154,7 +154,8 @@ class SelfPlayLossConfig(TimestepDensityConfig):
 
 @dataclasses.dataclass(kw_only=True)
 class SelfPlayConfig(TrainerConfig):
-    """Config of the ``raft``, ``spin`` and ``seppo`` trainers (self-play rounds, :mod:`diffalign.trainers.self_play`)."""
+    """Config of the ``raft``, ``spin`` and ``seppo`` trainers (self-play rounds,
+    :mod:`diffalign.trainers.self_play`)."""
 
     resume_safe_keys: ClassVar[tuple[str, ...]] = ("sampling.batch_size",)
     """The sampling batch changes no draw (each image has its own seed)."""
