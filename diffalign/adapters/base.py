@@ -755,6 +755,7 @@ class DiffusionAdapter:
             lora_dropout=dropout,
         )
         self.denoiser.add_adapter(config)
+        self._restore_adapters()  # active and enabled, also after a negative LoRA left the adapters disabled
         params = [p for p in self.denoiser.parameters() if p.requires_grad]
         for p in params:  # LoRA weights train in fp32 even when the base runs in fp16/bf16
             p.data = p.data.float()
@@ -813,7 +814,7 @@ class DiffusionAdapter:
         unless it is the negative one or :meth:`lora_disabled` holds it off), plus the negative one when
         ``negative``."""
         names = [] if self._lora_off_depth or self.negative_lora == "default" or not self.has_lora else ["default"]
-        if negative:
+        if negative and not (self.negative_lora == "default" and self._lora_off_depth):  # lora_disabled: the base
             names.append(self.negative_lora)
         if names:
             self.denoiser.enable_adapters()

@@ -64,14 +64,19 @@ def split_prediction(output: Tensor, sample: Tensor, coefficients: Coefficients)
     return (d * sample - b * output) / det, (a * output - c * sample) / det
 
 
-def implied_noise(x0: Tensor, sample: Tensor, coefficients: Coefficients) -> Tensor:
+def implied_noise(x0: Tensor, sample: Tensor, coefficients: Coefficients, fallback: Tensor | None = None) -> Tensor:
     """``eps_hat = (x_t - a x0) / b``: the noise that puts ``x0`` at ``sample`` by the forward process; ``[B, ...]``.
 
     Training on ``(add_noise(x0, eps_hat, t), training_target(x0, eps_hat, t))`` is then training on the inverted
-    latent itself.
+    latent itself. Where ``b = 0`` (a flow model's clean level) every noise puts ``x0`` there: ``fallback`` (e.g.
+    fresh Gaussian noise) is taken, or 0.
     """
     a, b, _, _ = coefficients
-    return (sample.float() - a * x0.float()) / b
+    clean = b == 0
+    noise = (sample.float() - a * x0.float()) / torch.where(clean, torch.ones_like(b), b)
+    if not bool(clean.any()):
+        return noise
+    return torch.where(clean, fallback.float() if fallback is not None else torch.zeros_like(noise), noise)
 
 
 def inversion_path(timesteps: Tensor, num_steps: int, num_train_timesteps: int) -> Tensor:
@@ -155,12 +160,18 @@ def invert(
         # and SmPO's code); at="source": the level the latent is at (the explicit Euler step of the ODE).
         output = predict(sample, target if at == "destination" else source).float()
         if renoise:
-            trial = _recombine(split_prediction(output, sample, src), dst)
+            trial = step_to(output, sample, src, dst)
             output = 0.5 * (output + predict(trial, target).float())
-        sample = _recombine(split_prediction(output, sample, src), dst)
+        sample = step_to(output, sample, src, dst)
         if eta:
             sample = sample + eta * ddim_posterior_std(src, dst) * draw_noise(sample.shape).to(sample)
     return sample
+
+
+def step_to(output: Tensor, sample: Tensor, source: Coefficients, target: Coefficients) -> Tensor:
+    """The deterministic step of a model ``output`` at ``sample`` (level ``source``) to the level ``target``: the
+    output's ``(x0_hat, eps_hat)`` recombined there (DDIM for epsilon / v models, Euler for flow); ``[B, ...]``."""
+    return _recombine(split_prediction(output, sample, source), target)
 
 
 def _recombine(pair: tuple[Tensor, Tensor], coefficients: Coefficients) -> Tensor:

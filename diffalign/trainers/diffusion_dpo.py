@@ -619,8 +619,8 @@ class DiffusionDPOTrainer:
             own = batch.get("captions_l", batch["captions"]) != batch["captions"]
             cond = Conditioning.cat([cond, self.conditioning(batch, "captions_l") if own else cond])
         guidance = self.training_guidance if adapter.guidance_embedded else 1.0
-        if self.config.dpo.noising != "forward":
-            noise = self.inverted_noise(latents, timesteps, cond, guidance, generator, copies)
+        if self.config.dpo.noising != "forward":  # the drawn noise stays where the level is clean (flow sigma 0)
+            noise = self.inverted_noise(latents, timesteps, cond, guidance, generator, copies, fallback=noise)
         noisy = adapter.add_noise(latents, noise, timesteps)
         target = adapter.training_target(latents, noise, timesteps)
         with run.autocast():
@@ -650,6 +650,7 @@ class DiffusionDPOTrainer:
         guidance: float,
         generator: torch.Generator | list[torch.Generator],
         copies: int,
+        fallback: Tensor | None = None,
     ) -> Tensor:
         """``[N, ...]`` the noise each clean latent implies after the policy's inversion to its timestep (InPO /
         SmPO, ``dpo.noising``; docs/methods/dpo.md#inversion): one per image, no longer shared by a pair.
@@ -661,6 +662,7 @@ class DiffusionDPOTrainer:
             guidance: the guidance-embedding value of guidance-embedded families.
             generator: as :meth:`loss` (the noise of ``dpo.inversion_eta``).
             copies: images per pair in ``latents``.
+            fallback: ``[N, ...]`` the noise of a latent whose level is clean (flow sigma 0: any noise fits).
         """
         dpo, adapter = self.config.dpo, self.adapter
 
@@ -684,7 +686,8 @@ class DiffusionDPOTrainer:
             draw_noise=draw_noise,
             at=self.inversion_level,
         )
-        return implied_noise(latents, inverted, forward_coefficients(adapter, timesteps, latents)).to(latents)
+        coefficients = forward_coefficients(adapter, timesteps, latents)
+        return implied_noise(latents, inverted, coefficients, fallback).to(latents)
 
     def smoothed_pairs(self, batch: Batch) -> tuple[Batch, Tensor, dict[str, Tensor]]:
         """SmPO's smoothed preferences (``dpo.smoothing: reward``; docs/methods/dpo.md#smoothed-preferences).

@@ -45,7 +45,7 @@ from diffalign.data.image_captions import load_real_image, load_real_pairs
 from diffalign.eval.evaluator import Evaluator
 from diffalign.losses.npo import guided_output, previous_level, pseudo_huber, renoise, truncation_grid
 from diffalign.rewarding import RewardLike, build_reward
-from diffalign.samplers.inversion import forward_coefficients, split_prediction
+from diffalign.samplers.inversion import forward_coefficients, split_prediction, step_to
 from diffalign.seeding import derive_seed
 from diffalign.trainers.common import TrainingRun
 
@@ -164,6 +164,12 @@ class SelfNPOTrainer:
         self.reward = build_reward(reward, device=self.run.device) if reward is not None else None
         self.pairs = load_real_pairs(config.data.real_images, key="data.real_images")
         self.num_train = adapter.scheduler.config.num_train_timesteps
+        if config.self_npo.num_grid_steps > self.num_train // 2:
+            raise ConfigError(
+                f"{config.self_npo.num_grid_steps} grid steps do not fit the {self.num_train} train timesteps: use "
+                f"at most {self.num_train // 2} (Self-NPO: 25)",
+                key="self_npo.num_grid_steps",
+            )
         self.grid = truncation_grid(config.self_npo.num_grid_steps, self.num_train)
         if adapter.prediction_type == "flow":
             self.grid = self.grid.float()
@@ -222,10 +228,9 @@ class SelfNPOTrainer:
         with torch.no_grad(), self.run.weights_swapped(self.teacher), self.run.autocast():
             for _ in range(settings.truncation_steps):
                 output = self._teacher_output(sample, level, cond)
-                pair = split_prediction(output, sample, forward_coefficients(adapter, level, sample))
                 below = previous_level(level, settings.num_grid_steps, self.num_train)
-                a, b, _, _ = forward_coefficients(adapter, below, sample)
-                sample, level = a * pair[0] + b * pair[1], below
+                source, target = (forward_coefficients(adapter, t, sample) for t in (level, below))
+                sample, level = step_to(output, sample, source, target), below
             output = self._teacher_output(sample, level, cond)
             target = split_prediction(output, sample, forward_coefficients(adapter, level, sample))[0]
         return target, sample, level

@@ -325,11 +325,9 @@ class SelfPlayTrainer:
         self.round_index = round_index
 
     def reference_round(self, round_index: int) -> int:
-        """SePPO's reference for a round: a previous round's starting model drawn uniformly (seeded by the round), the
-        initial model in round 0."""
-        if round_index == 0:
-            return 0
-        return random.Random(self._seed("reference", round_index)).randrange(round_index)
+        """SePPO's reference for a round: one of the checkpoints kept so far, the starting models of rounds
+        ``0..round_index`` (the latest is this round's own, SPIN's choice), drawn uniformly and seeded by the round."""
+        return random.Random(self._seed("reference", round_index)).randrange(round_index + 1)
 
     def _seppo_reference(self, round_index: int, current: dict[str, Tensor]) -> dict[str, Tensor]:
         """The trainable weights of :meth:`reference_round` (``current`` when it is this round's own)."""

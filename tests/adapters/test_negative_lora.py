@@ -92,3 +92,29 @@ def test_a_run_can_use_its_own_lora_as_the_negative_branch(parts):
 def test_a_missing_negative_lora_is_named(parts, tmp_path):
     with pytest.raises(FileNotFoundError, match="no LoRA weights"):
         _adapter(parts[0]).load_negative_lora(tmp_path)
+
+
+def test_inside_lora_disabled_a_runs_own_negative_lora_is_off_too(parts):
+    """With negative_lora = "default", lora_disabled() still means the base model on both halves (the reference,
+    RL guidance and LoRA scopes rely on it)."""
+    folder, lora_dir, latents = parts
+    adapter, base = _adapter(folder), _adapter(folder)
+    adapter.load_lora(lora_dir)
+    adapter.negative_lora = "default"
+    cond = adapter.encode_prompt(["a red circle", "two blue squares"])
+    with adapter.lora_disabled():  # two calls against base's one batched call: equal up to float rounding
+        torch.testing.assert_close(_predict(adapter, latents, cond), _predict(base, latents, cond), rtol=0, atol=1e-5)
+    assert (_predict(adapter, latents, cond) - _predict(base, latents, cond)).abs().max() > 1e-3
+
+
+def test_a_lora_added_after_a_negative_one_is_active(parts):
+    folder, lora_dir, latents = parts
+    adapter = _adapter(folder)
+    adapter.load_negative_lora(lora_dir)
+    cond = adapter.encode_prompt(["a red circle", "two blue squares"])
+    before = _predict(adapter, latents, cond, 1.0)
+    params = adapter.add_lora(rank=2)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.3)
+    assert adapter.has_lora and (_predict(adapter, latents, cond, 1.0) - before).abs().max() > 1e-4

@@ -140,3 +140,16 @@ def test_eta_adds_the_ddim_posterior_std_of_noise(adapters):
     with pytest.raises(ValueError, match="draw_noise"):
         invert(predict, adapter, x0, timesteps, num_steps=2, eta=0.1)
     assert math.isfinite(std.item())
+
+
+def test_the_clean_flow_level_takes_the_fallback_noise(adapters):
+    """At flow sigma 0 every noise puts x0 at x0 (b = 0): the implied noise is the fallback, not a division by 0."""
+    adapter = adapters["sd3"]
+    timesteps = torch.tensor([0.0, 500.0])
+    x0, fallback = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    eps = torch.randn(2, 4, 3, 3)
+    sample = adapter.add_noise(x0, eps, timesteps)
+    noise = implied_noise(x0, sample, forward_coefficients(adapter, timesteps, x0), fallback)
+    assert noise.isfinite().all()
+    torch.testing.assert_close(noise[0], fallback[0])
+    torch.testing.assert_close(noise[1], eps[1], atol=1e-5, rtol=1e-5)
