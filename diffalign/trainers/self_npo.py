@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import random
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -105,8 +105,6 @@ class SelfNPOLossConfig:
 @dataclasses.dataclass(kw_only=True)
 class SelfNPOConfig(TrainerConfig):
     """Config of the ``self_npo`` trainer (:mod:`diffalign.trainers.self_npo`)."""
-
-    resume_safe_keys: ClassVar[tuple[str, ...]] = ()
 
     method: Literal["self_npo"] = "self_npo"
     """Trainer name."""
