@@ -31,7 +31,7 @@ import torch
 from diffalign.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer
 
 
-FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux")
+FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "qwenimage", "zimage")
 """The tiny pipelines :func:`build_tiny_pipeline` can build."""
 
 TINY_IMAGE_SIZE = 32
@@ -282,7 +282,188 @@ def tiny_flux(seed: int = 0, latent_channels: int = 16):
     )
 
 
-_BUILDERS = {"sd15": tiny_sd15, "sd2v": tiny_sd2v, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+"""The special tokens of Qwen's chat template that the tiny Qwen tokenizer knows."""
+
+_QWEN_TOKENIZER_CORPUS = (
+    "Describe the image by detailing the color, shape, size, texture, quantity, text, spatial relationships of the "
+    "objects and background:",
+    "a photo of one two three red green blue yellow purple circle square triangle star dot to the left right of above "
+    "below a cat dog on the table",
+)
+
+
+def tiny_qwen2_tokenizer():
+    """A byte-level BPE tokenizer of Qwen's kind (:class:`transformers.Qwen2TokenizerFast`, 400 tokens with Qwen's
+    chat special tokens), trained here on a fixed two-line corpus, so every text tokenises and nothing is downloaded.
+
+    Qwen-Image's pipeline drops the first 34 tokens of its system-prompt template (their count under the real
+    tokenizer); this one splits the template's prefix into 42, so the last 8 template tokens stay with the prompt,
+    like a longer system prompt. The prompt itself is never cut.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=list(QWEN_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_QWEN_TOKENIZER_CORPUS, trainer)
+    return Qwen2TokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None
+    )
+
+
+def _qwen25_vl_text_encoder(seed: int, vocab_size: int, hidden_size: int = 32):
+    """A tiny Qwen2.5-VL (2 text layers of width 32 with multimodal RoPE, a one-block vision tower)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},  # sums to head_dim / 2 = 4
+            bos_token_id=None,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=16,
+            num_heads=2,
+            out_hidden_size=hidden_size,
+            fullatt_block_indexes=[0],
+        ),
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def tiny_qwenimage(seed: int = 0, latent_channels: int = 4):
+    """Qwen-Image-style pipeline: MMDiT with separate image/text MLPs over a Qwen2.5-VL encoder, a causal video VAE
+    (one frame per image), packed latents, true CFG."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    tokenizer = tiny_qwen2_tokenizer()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=latent_channels,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],  # vae_scale_factor 2, as every tiny pipeline here
+        latents_mean=[0.1 * i for i in range(latent_channels)],
+        latents_std=[1.0 + 0.1 * i for i in range(latent_channels)],
+    )
+    torch.manual_seed(seed + 4)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4 * latent_channels,
+        out_channels=latent_channels,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # the text encoder's width
+        axes_dims_rope=(4, 6, 6),
+    )
+    # Qwen-Image's own scheduler settings (dynamic shift up to 0.9, terminal sigma 0.02).
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    return QwenImagePipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=_qwen25_vl_text_encoder(seed + 1, len(tokenizer)),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+"""Qwen3's chat template, reduced to what a text-to-image prompt uses: messages, the generation prompt and the empty
+thinking block that ``enable_thinking=False`` adds."""
+
+
+def tiny_zimage(seed: int = 0, latent_channels: int = 4):
+    """Z-Image-style pipeline: single-stream DiT with noise and caption refiners over a Qwen3 encoder (second-to-last
+    hidden states), list inputs of per-sample length, a FLUX-style VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = tiny_qwen2_tokenizer()
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=1024,
+            pad_token_id=0,
+        )
+    )
+    torch.manual_seed(seed + 4)
+    transformer = ZImageTransformer2DModel(
+        in_channels=latent_channels,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=32,  # the text encoder's width
+        axes_dims=[4, 6, 6],
+        axes_lens=[1024, 64, 64],
+    )
+    vae = _vae(seed, latent_channels=latent_channels, scaling_factor=0.3611, shift_factor=0.1159)
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),  # Z-Image's scheduler
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
+_BUILDERS = {
+    "sd15": tiny_sd15,
+    "sd2v": tiny_sd2v,
+    "sdxl": tiny_sdxl,
+    "sd3": tiny_sd3,
+    "flux": tiny_flux,
+    "qwenimage": tiny_qwenimage,
+    "zimage": tiny_zimage,
+}
 
 
 SHAPES_VAE = Path(__file__).resolve().parent / "shapes" / "assets" / "base_model" / "vae"
@@ -304,6 +485,10 @@ def build_tiny_pipeline(family: str, seed: int = 0, vae: str = "random"):
         raise ValueError(f"unknown tiny pipeline family {family!r}; choose one of {', '.join(FAMILIES)}")
     if vae not in ("random", "shapes"):
         raise ValueError(f"vae must be 'random' or 'shapes', got {vae!r}")
+    if vae == "shapes" and family == "qwenimage":
+        raise ValueError(
+            "the shapes VAE is a 2-D AutoencoderKL; qwenimage's causal video VAE has no trained tiny form"
+        )
     if vae == "shapes":
         from diffusers import AutoencoderKL
 

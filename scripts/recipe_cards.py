@@ -350,6 +350,8 @@ evaluation frequency) are not compared.
 
 
 def _cell(text: Any) -> str:
+    if isinstance(text, str) and text != text.strip() or text == "":
+        return f"`{text!r}`"  # a value of blanks (a negative prompt of one space) would be an empty cell
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 

@@ -7,3 +7,13 @@ from diffalign.testing import FAMILIES
 
 FAMILIES_SD3_FAST = [f if f == "sd3" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
 """Every family, the four besides SD3 marked slow: a battery that would take the fast suite past its time limit."""
+
+
+def pipeline_guidance(family: str, guidance_scale: float) -> dict:
+    """The pipeline-call arguments that guide as the adapter's ``guidance_scale`` does: Qwen-Image guides with
+    ``true_cfg_scale`` and a negative prompt (the adapter's default, ``" "``), the others with ``guidance_scale``."""
+    if family == "zimage":  # the pipeline's scale g is text + g (text - uncond): g = s - 1
+        return {"guidance_scale": max(guidance_scale - 1, 0.0)}
+    if family == "qwenimage":
+        return {"true_cfg_scale": guidance_scale, "negative_prompt": " "} if guidance_scale > 1 else {}
+    return {"guidance_scale": guidance_scale}

@@ -435,6 +435,11 @@ def test_planned_peak_is_within_20_percent_of_the_measured_peak(case, tiny_pipel
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+NOT_YET_PLANNED = {"Qwen/Qwen-Image"}
+"""Shipped configs of families whose architecture the planner does not hold yet ([families] adds them): planning them
+must fail with the error that names the model, not with a wrong plan."""
+
+
 def _shipped() -> list[Path]:
     return sorted(p for group in ("grpo", "backprop", "dpo") for p in (ROOT / "configs" / group).glob("*.yaml"))
 
@@ -450,6 +455,10 @@ def test_every_shipped_config_plans_offline(tiny_pipeline_dir, monkeypatch):
         tiny = {"grpo": "sd3", "backprop": "sd15", "dpo": "sd15"}[path.parent.name]
         overrides = [f"model.path={tiny_pipeline_dir(tiny)}"] if path.stem == "tiny_cpu" else []
         config = load_config_file(path, *overrides)
+        if config.model.path in NOT_YET_PLANNED:
+            with pytest.raises(UnknownArchitectureError, match=config.model.path):
+                Planner(config.model.path)
+            continue
         began = time.perf_counter()
         if config.model.path not in planners:
             planners[config.model.path] = Planner(config.model.path)

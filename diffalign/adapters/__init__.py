@@ -2,6 +2,7 @@
 
 from diffalign.adapters.base import Conditioning, DiffusionAdapter, Schedule
 from diffalign.adapters.flux import FluxAdapter
+from diffalign.adapters.qwenimage import QwenImageAdapter
 from diffalign.adapters.registry import (
     ADAPTERS,
     UnsupportedPipelineError,
@@ -14,6 +15,7 @@ from diffalign.adapters.registry import (
 from diffalign.adapters.sd import StableDiffusionAdapter
 from diffalign.adapters.sd3 import StableDiffusion3Adapter
 from diffalign.adapters.sdxl import StableDiffusionXLAdapter
+from diffalign.adapters.zimage import ZImageAdapter
 
 
 __all__ = [
@@ -21,11 +23,13 @@ __all__ = [
     "Conditioning",
     "DiffusionAdapter",
     "FluxAdapter",
+    "QwenImageAdapter",
     "Schedule",
     "StableDiffusion3Adapter",
     "StableDiffusionAdapter",
     "StableDiffusionXLAdapter",
     "UnsupportedPipelineError",
+    "ZImageAdapter",
     "adapter_class_for",
     "load_adapter",
     "load_pipeline",

@@ -71,18 +71,23 @@ class Conditioning:
         negative: the unconditional branch for classifier-free guidance (same keys and shapes), or ``None`` when
             the conditioning was built without one (no CFG, or FLUX's guidance embedding).
         extras: batch-independent tensors, ``{name: Tensor}``.
+        ragged: keys whose dim 1 is a text sequence of per-prompt length, right-padded with zeros: the encoder
+            states and the mask that marks their real tokens (0 on padding), for families that encode prompts to
+            their own length (Qwen-Image). :meth:`cat` and :meth:`guided_inputs` pad them to a common length;
+            the denoiser masks the padding, so padding changes no output.
     """
 
     embeds: dict[str, Tensor]
     negative: dict[str, Tensor] | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+    ragged: frozenset[str] = frozenset()
 
     def __len__(self) -> int:
         return next(iter(self.embeds.values())).shape[0]
 
     def _map(self, fn) -> Conditioning:
         negative = None if self.negative is None else {k: fn(v) for k, v in self.negative.items()}
-        return Conditioning({k: fn(v) for k, v in self.embeds.items()}, negative, dict(self.extras))
+        return Conditioning({k: fn(v) for k, v in self.embeds.items()}, negative, dict(self.extras), self.ragged)
 
     def __getitem__(self, index: int | slice | Tensor | Sequence[int]) -> Conditioning:
         """Select samples along the batch (an int keeps the batch dimension)."""
@@ -107,12 +112,12 @@ class Conditioning:
         return moved
 
     def without_negative(self) -> Conditioning:
-        return Conditioning(dict(self.embeds), None, dict(self.extras))
+        return Conditioning(dict(self.embeds), None, dict(self.extras), self.ragged)
 
     def unconditional(self) -> Conditioning:
         """The negative (unconditional) branch as a conditioning of its own, for a call without CFG."""
         self.guided_inputs()  # the clear error when there is no negative branch
-        return Conditioning(dict(self.negative), None, dict(self.extras))
+        return Conditioning(dict(self.negative), None, dict(self.extras), self.ragged)
 
     @staticmethod
     def cat(items: Sequence[Conditioning]) -> Conditioning:
@@ -122,11 +127,12 @@ class Conditioning:
         has_negative = {item.negative is not None for item in items}
         if len(has_negative) != 1:
             raise ValueError("cannot concatenate conditionings with and without a negative (CFG) branch")
-        embeds = {k: torch.cat([item.embeds[k] for item in items]) for k in items[0].embeds}
+        ragged = items[0].ragged
+        embeds = {k: _cat_padded([item.embeds[k] for item in items], k in ragged) for k in items[0].embeds}
         negative = None
         if items[0].negative is not None:
-            negative = {k: torch.cat([item.negative[k] for item in items]) for k in items[0].negative}
-        return Conditioning(embeds, negative, dict(items[0].extras))
+            negative = {k: _cat_padded([item.negative[k] for item in items], k in ragged) for k in items[0].negative}
+        return Conditioning(embeds, negative, dict(items[0].extras), ragged)
 
     def guided_inputs(self) -> dict[str, Tensor]:
         """Denoiser inputs of the CFG batch: ``cat([negative, positive])`` per key, shape ``[2B, ...]``."""
@@ -135,7 +141,25 @@ class Conditioning:
                 "classifier-free guidance needs a negative branch: build the conditioning with "
                 "adapter.encode_prompt(prompts, with_negative=True)"
             )
-        return {k: torch.cat([self.negative[k], v]) for k, v in self.embeds.items()}
+        return {k: _cat_padded([self.negative[k], v], k in self.ragged) for k, v in self.embeds.items()}
+
+
+def _cat_padded(tensors: Sequence[Tensor], ragged: bool) -> Tensor:
+    """``torch.cat`` along the batch; ``ragged`` tensors (``[B, L_i, ...]``) are first right-padded with zeros to
+    the longest ``L``."""
+    if ragged:
+        length = max(t.shape[1] for t in tensors)
+        tensors = [_pad_sequence(t, length) for t in tensors]
+    return torch.cat(list(tensors))
+
+
+def _pad_sequence(tensor: Tensor, length: int) -> Tensor:
+    """Right-pad dim 1 of ``tensor`` with zeros to ``length``."""
+    missing = length - tensor.shape[1]
+    if not missing:
+        return tensor
+    padding = tensor.new_zeros(tensor.shape[0], missing, *tensor.shape[2:])
+    return torch.cat([tensor, padding], dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -599,20 +623,25 @@ class DiffusionAdapter:
                 uncond = self._forward(latents, timesteps, {k: v[:batch] for k, v in inputs.items()}, cond)
             with self._adapters_on(negative=False):
                 text = self._forward(latents, timesteps, cond.embeds, cond)
-            return uncond + guidance_scale * (text - uncond)
+            return self.combine_guidance(uncond, text, guidance_scale)
         if guidance_scale > 1.0 and not uncond_grad and torch.is_grad_enabled():
             inputs = cond.guided_inputs()  # the clear error when there is no negative branch
             timesteps = self._timesteps(t, batch)
             with torch.no_grad():
                 uncond = self._forward(latents, timesteps, {k: v[:batch] for k, v in inputs.items()}, cond)
             text = self._forward(latents, timesteps, cond.embeds, cond)
-            return uncond + guidance_scale * (text - uncond)
+            return self.combine_guidance(uncond, text, guidance_scale)
         if guidance_scale > 1.0:
             inputs = cond.guided_inputs()
             output = self._forward(torch.cat([latents, latents]), self._timesteps(t, 2 * batch), inputs, cond)
             uncond, text = output.chunk(2)
-            return uncond + guidance_scale * (text - uncond)
+            return self.combine_guidance(uncond, text, guidance_scale)
         return self._forward(latents, self._timesteps(t, batch), cond.embeds, cond)
+
+    def combine_guidance(self, uncond: Tensor, text: Tensor, guidance_scale: float) -> Tensor:
+        """Classifier-free guidance of the two branches' outputs (``[B, ...]`` each): ``uncond + g * (text - uncond)``.
+        Families whose pipeline guides otherwise (Qwen-Image's norm rescale) override it."""
+        return uncond + guidance_scale * (text - uncond)
 
     def _timesteps(self, t: Tensor | float, batch: int) -> Tensor:
         t = torch.as_tensor(t, device=self.device)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from diffalign.adapters.base import Conditioning, DiffusionAdapter, PromptInput, Schedule
+from diffalign.adapters.base import Conditioning, PromptInput
+from diffalign.adapters.packed import PackedFlowAdapter
 from diffalign.adapters.sd3 import SD3_LORA_TARGETS
 
 
@@ -14,14 +14,13 @@ FLUX_LORA_TARGETS = SD3_LORA_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context
 """Flow-GRPO's FLUX LoRA targets: attention projections plus both streams' MLPs (docs/architecture.md#lora-targets)."""
 
 
-class FluxAdapter(DiffusionAdapter):
+class FluxAdapter(PackedFlowAdapter):
     """Adapter for ``FluxPipeline``.
 
-    Latents live packed, ``[B, (h/2)(w/2), 4C]``, through the whole sampling loop (the step kernels are layout
-    agnostic); :meth:`decode` unpacks. FLUX.1-dev is guidance-distilled: ``guidance_scale`` feeds the guidance
-    embedding in one call and no negative branch is built (``with_negative`` is ignored); checkpoints without a
-    guidance embedding (schnell) ignore ``guidance_scale``, as the pipeline does. The transformer sees
-    ``timestep / 1000``.
+    Latents live packed, ``[B, (h/2)(w/2), 4C]`` (:class:`~diffalign.adapters.packed.PackedFlowAdapter`).
+    FLUX.1-dev is guidance-distilled: ``guidance_scale`` feeds the guidance embedding in one call and no negative
+    branch is built (``with_negative`` is ignored); checkpoints without a guidance embedding (schnell) ignore
+    ``guidance_scale``, as the pipeline does. The transformer sees ``timestep / 1000``.
 
     Args:
         max_sequence_length: T5 tokens (the pipeline's default, 512).
@@ -40,18 +39,6 @@ class FluxAdapter(DiffusionAdapter):
         self.max_sequence_length = max_sequence_length
         super().__init__(pipe, *args, **kwargs)
 
-    @property
-    def default_resolution(self) -> int:
-        return self.pipe.default_sample_size * self.vae_scale_factor
-
-    @property
-    def latent_multiple(self) -> int:
-        return self.vae_scale_factor * 2
-
-    @property
-    def _latent_hw(self) -> tuple[int, int]:
-        return self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
-
     def _encode(self, prompts: list[str], negative_prompt: PromptInput | None, with_negative: bool) -> Conditioning:
         embeds, pooled, text_ids = self.pipe.encode_prompt(
             prompt=prompts,
@@ -63,15 +50,6 @@ class FluxAdapter(DiffusionAdapter):
         return Conditioning(
             {"encoder_hidden_states": embeds, "pooled_projections": pooled}, None, {"txt_ids": text_ids}
         )
-
-    def prepare_latents(
-        self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None = None
-    ) -> Tensor:
-        channels = self.denoiser.config.in_channels // 4
-        latents, _ = self.pipe.prepare_latents(
-            batch_size, channels, self.height, self.width, self.dtype, self.device, generator
-        )
-        return latents
 
     def _image_ids(self) -> Tensor:
         h, w = self._latent_hw
@@ -105,28 +83,6 @@ class FluxAdapter(DiffusionAdapter):
             img_ids=self._image_ids(),
             return_dict=False,
         )[0]
-
-    def set_timesteps(self, num_inference_steps: int) -> Schedule:
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-
-        config = self.scheduler.config
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        if config.get("use_flow_sigmas", False):
-            sigmas = None
-        h, w = self._latent_hw
-
-        def mu() -> float:
-            return calculate_shift(
-                (h // 2) * (w // 2),
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.15),
-            )
-
-        shift = self.flow_shift_options(mu)
-        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, sigmas=sigmas, **shift)
-        return Schedule(timesteps, sigmas=self.scheduler.sigmas.to(self.device))
 
     def decode(self, latents: Tensor) -> Tensor:
         """Unpack ``[B, L, 4C]`` to ``[B, C, h, w]`` (the pipeline's ``_unpack_latents``), then decode."""

@@ -11,9 +11,11 @@ import torch
 
 from diffalign.adapters.base import DiffusionAdapter
 from diffalign.adapters.flux import FluxAdapter
+from diffalign.adapters.qwenimage import QwenImageAdapter
 from diffalign.adapters.sd import StableDiffusionAdapter
 from diffalign.adapters.sd3 import StableDiffusion3Adapter
 from diffalign.adapters.sdxl import StableDiffusionXLAdapter
+from diffalign.adapters.zimage import ZImageAdapter
 
 
 ADAPTERS: tuple[type[DiffusionAdapter], ...] = (
@@ -21,6 +23,8 @@ ADAPTERS: tuple[type[DiffusionAdapter], ...] = (
     StableDiffusionXLAdapter,
     StableDiffusion3Adapter,
     FluxAdapter,
+    QwenImageAdapter,
+    ZImageAdapter,
 )
 """The families that ship with diffalign. A new family is one adapter file, listed here or registered from
 outside with :func:`register_adapter` (plus a tiny builder in testing.py for its tests)."""

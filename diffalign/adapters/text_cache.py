@@ -50,7 +50,7 @@ def _owned(cond: Conditioning) -> Conditioning:
         return {name: tensor.clone() for name, tensor in values.items()}
 
     negative = None if cond.negative is None else clone(cond.negative)
-    return Conditioning(clone(cond.embeds), negative, clone(cond.extras))
+    return Conditioning(clone(cond.embeds), negative, clone(cond.extras), cond.ragged)
 
 
 class TextEmbeddingCache:
@@ -126,15 +126,17 @@ class TextEmbeddingCache:
         and ``identity``, what the caller says the entries were encoded with (model, revision, dtype...), which
         :meth:`load` compares.
         """
-        tensors, keys, negatives = {}, [], []
+        tensors, keys, negatives, ragged = {}, [], [], []
         for index, (key, cond) in enumerate(self._entries.items()):
             keys.append(list(key))
             negatives.append(cond.negative is not None)
+            ragged.append(sorted(cond.ragged))
             for part, values in (("embeds", cond.embeds), ("negative", cond.negative or {}), ("extras", cond.extras)):
                 tensors.update({f"{index}.{part}.{name}": tensor for name, tensor in values.items()})
         metadata = {
             "keys": json.dumps(keys),
             "negative": json.dumps(negatives),
+            "ragged": json.dumps(ragged),
             "signature": json.dumps(self.signature),
             "identity": json.dumps(dict(identity), sort_keys=True),
         }
@@ -170,9 +172,11 @@ class TextEmbeddingCache:
             index, part, name = full_name.split(".", 2)
             parts[int(index)][part][name] = tensor
         keys, negatives = json.loads(metadata["keys"]), json.loads(metadata["negative"])
-        for index, (key, has_negative) in enumerate(zip(keys, negatives)):
+        ragged = json.loads(metadata.get("ragged", "null")) or [[] for _ in keys]  # files from before ragged keys
+        for index, (key, has_negative, ragged_keys) in enumerate(zip(keys, negatives, ragged)):
             entry = parts[index]
             negative = dict(entry["negative"]) if has_negative else None
-            self._entries[tuple(key)] = Conditioning(dict(entry["embeds"]), negative, dict(entry["extras"]))
+            embeds, extras = dict(entry["embeds"]), dict(entry["extras"])
+            self._entries[tuple(key)] = Conditioning(embeds, negative, extras, frozenset(ragged_keys))
         self.signature = signature
         return len(keys)

@@ -247,7 +247,14 @@ def test_lora_export_loads_into_a_fresh_pipeline(lora_run):
 
 @pytest.mark.parametrize(
     "family, mode",
-    [("sd15", "refl"), ("sd2v", "refl"), ("sdxl", "draft_lv"), ("sd3", "refl"), ("flux", "draft_lv")],
+    [
+        ("sd15", "refl"),
+        ("sd2v", "refl"),
+        ("sdxl", "draft_lv"),
+        ("sd3", "refl"),
+        ("flux", "draft_lv"),
+        ("qwenimage", "refl"),
+    ],
 )
 def test_two_steps_change_the_lora(family, mode, tiny_pipeline_dir, tmp_path):
     overrides = {"backprop.mode": mode, "backprop.refl_step_range": [2, 3], "gradient_checkpointing": True}

@@ -1,0 +1,62 @@
+"""The shared part of the flow families whose transformer reads 2x2-packed latents (FLUX.1, Qwen-Image).
+
+Their pipelines draw the noise unpacked, pack it with ``_pack_latents`` to ``[B, (h/2)(w/2), 4C]`` and set the
+schedule the same way: sigmas ``linspace(1, 1/N, N)`` shifted by ``mu``, which grows with the number of packed tokens
+(``calculate_shift``). This base holds that; each family adds its text conditioning, its denoiser call and its VAE.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diffalign.adapters.base import DiffusionAdapter, Schedule
+
+
+class PackedFlowAdapter(DiffusionAdapter):
+    """Base of the adapters whose latents live packed, ``[B, (h/2)(w/2), 4C]``, through the whole sampling loop
+    (the step kernels are layout agnostic); subclasses unpack in :meth:`decode` and pack in :meth:`encode_images`."""
+
+    @property
+    def default_resolution(self) -> int:
+        return self.pipe.default_sample_size * self.vae_scale_factor
+
+    @property
+    def latent_multiple(self) -> int:
+        return self.vae_scale_factor * 2
+
+    @property
+    def _latent_hw(self) -> tuple[int, int]:
+        return self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
+
+    def prepare_latents(
+        self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> Tensor:
+        channels = self.denoiser.config.in_channels // 4
+        latents = self.pipe.prepare_latents(
+            batch_size, channels, self.height, self.width, self.dtype, self.device, generator
+        )
+        return latents[0] if isinstance(latents, tuple) else latents  # FLUX also returns its image ids
+
+    def set_timesteps(self, num_inference_steps: int) -> Schedule:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        config = self.scheduler.config
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        if config.get("use_flow_sigmas", False):
+            sigmas = None
+        h, w = self._latent_hw
+
+        def mu() -> float:
+            return calculate_shift(
+                (h // 2) * (w // 2),
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.15),
+            )
+
+        shift = self.flow_shift_options(mu)
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, sigmas=sigmas, **shift)
+        return Schedule(timesteps, sigmas=self.scheduler.sigmas.to(self.device))
