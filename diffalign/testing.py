@@ -31,7 +31,7 @@ import torch
 from diffalign.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer
 
 
-FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "qwenimage", "zimage")
+FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "flux2", "qwenimage", "zimage")
 """The tiny pipelines :func:`build_tiny_pipeline` can build."""
 
 TINY_IMAGE_SIZE = 32
@@ -455,12 +455,94 @@ def tiny_zimage(seed: int = 0, latent_channels: int = 4):
     )
 
 
+MISTRAL_CHAT_TEMPLATE = (
+    "{% for message in messages %}[{{ message['role'] | upper }}]"
+    "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}[/{{ message['role'] | upper }}]{% endfor %}"
+)
+"""A chat template of Mistral's shape for the tiny FLUX.2 tokenizer: FLUX.2's pipeline sends a system message and the
+prompt as lists of text parts."""
+
+
+def tiny_flux2(seed: int = 0, latent_channels: int = 4):
+    """FLUX.2-dev-style pipeline: double/single-stream transformer with 4-axis RoPE and a guidance embedding, a
+    Mistral-3 text encoder read at layers 10, 20 and 30 (so 30 tiny layers), a VAE with batch-norm statistics."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    tokenizer = tiny_qwen2_tokenizer()
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    torch.manual_seed(seed + 1)
+    text_config = dict(
+        model_type="mistral",
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=30,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+    )
+    vision_config = dict(
+        model_type="pixtral",
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        head_dim=8,
+        image_size=28,
+        patch_size=14,
+    )
+    text_encoder = Mistral3ForConditionalGeneration(
+        Mistral3Config(text_config=text_config, vision_config=vision_config, spatial_merge_size=2)
+    )
+    torch.manual_seed(seed + 4)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,  # latent channels x 2x2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * 16,  # three text-encoder layers, stacked per token
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=TINY_IMAGE_SIZE,
+    )
+    with torch.no_grad():  # statistics of a trained VAE, not the identity a fresh batch norm holds
+        vae.bn.running_mean.copy_(torch.linspace(-0.2, 0.2, vae.bn.running_mean.numel()))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 1.5, vae.bn.running_var.numel()))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type="exponential",
+    )
+    return Flux2Pipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+
+
 _BUILDERS = {
     "sd15": tiny_sd15,
     "sd2v": tiny_sd2v,
     "sdxl": tiny_sdxl,
     "sd3": tiny_sd3,
     "flux": tiny_flux,
+    "flux2": tiny_flux2,
     "qwenimage": tiny_qwenimage,
     "zimage": tiny_zimage,
 }

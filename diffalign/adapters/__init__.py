@@ -2,6 +2,7 @@
 
 from diffalign.adapters.base import Conditioning, DiffusionAdapter, Schedule
 from diffalign.adapters.flux import FluxAdapter
+from diffalign.adapters.flux2 import Flux2Adapter
 from diffalign.adapters.qwenimage import QwenImageAdapter
 from diffalign.adapters.registry import (
     ADAPTERS,
@@ -22,6 +23,7 @@ __all__ = [
     "ADAPTERS",
     "Conditioning",
     "DiffusionAdapter",
+    "Flux2Adapter",
     "FluxAdapter",
     "QwenImageAdapter",
     "Schedule",

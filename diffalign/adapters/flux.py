@@ -73,9 +73,13 @@ class FluxAdapter(PackedFlowAdapter):
         if self.denoiser.config.guidance_embeds:
             guidance = torch.full([batch], guidance_scale, device=self.device, dtype=torch.float32)
         timesteps = self._timesteps(t, batch).to(latents.dtype)
+        return self._forward_guided(latents, timesteps / 1000, guidance, cond)
+
+    def _forward_guided(self, latents: Tensor, time: Tensor, guidance: Tensor | None, cond: Conditioning) -> Tensor:
+        """One denoiser call: ``latents [B, L, 4C]``, ``time [B]`` in ``[0, 1]``, ``guidance [B]`` or ``None``."""
         return self.call_denoiser(
             hidden_states=latents,
-            timestep=timesteps / 1000,
+            timestep=time,
             guidance=guidance,
             pooled_projections=cond.embeds["pooled_projections"],
             encoder_hidden_states=cond.embeds["encoder_hidden_states"],

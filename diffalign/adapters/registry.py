@@ -11,6 +11,7 @@ import torch
 
 from diffalign.adapters.base import DiffusionAdapter
 from diffalign.adapters.flux import FluxAdapter
+from diffalign.adapters.flux2 import Flux2Adapter
 from diffalign.adapters.qwenimage import QwenImageAdapter
 from diffalign.adapters.sd import StableDiffusionAdapter
 from diffalign.adapters.sd3 import StableDiffusion3Adapter
@@ -23,6 +24,7 @@ ADAPTERS: tuple[type[DiffusionAdapter], ...] = (
     StableDiffusionXLAdapter,
     StableDiffusion3Adapter,
     FluxAdapter,
+    Flux2Adapter,
     QwenImageAdapter,
     ZImageAdapter,
 )

@@ -23,7 +23,7 @@ def _family_kwargs(family):
 
 def _pipe_images(pipe, family, guidance_scale, seed=0, **kwargs):
     return pipe(
-        list(PROMPTS),  # a copy: ZImagePipeline writes its chat template into the caller's list
+        prompt=list(PROMPTS),  # a copy: ZImagePipeline writes its chat template into the caller's list
         num_inference_steps=STEPS,
         **pipeline_guidance(family, guidance_scale),
         height=SIZE,

@@ -47,7 +47,7 @@ def test_ode_rollout_reproduces_pipeline(family_adapter, tiny_pipeline_dir):
     # Each prompt repeated rather than num_images_per_prompt=2, which QwenImagePipeline's encode_prompt breaks (it
     # repeats a 2-D text mask as if it were 3-D); for the other pipelines the two are the same call.
     expected = pipe(
-        [prompt for prompt in PROMPTS for _ in range(2)],
+        prompt=[prompt for prompt in PROMPTS for _ in range(2)],  # by name: Flux2Pipeline takes an image first
         num_inference_steps=6,
         **pipeline_guidance(family, guidance),
         height=SIZE,
