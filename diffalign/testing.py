@@ -31,7 +31,7 @@ import torch
 from diffalign.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer
 
 
-FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "flux2", "qwenimage", "zimage")
+FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "flux2", "qwenimage", "zimage", "sana")
 """The tiny pipelines :func:`build_tiny_pipeline` can build."""
 
 TINY_IMAGE_SIZE = 32
@@ -536,6 +536,65 @@ def tiny_flux2(seed: int = 0, latent_channels: int = 4):
     )
 
 
+def tiny_sana(seed: int = 0, latent_channels: int = 4):
+    """SANA-style pipeline: linear-attention DiT with cross-attention to a Gemma 2 encoder and a deep-compression
+    autoencoder (one ResBlock and one EfficientViT stage, so 2x here). The released models ship a flow DPM-Solver++;
+    the tiny one steps with FlowMatchEulerDiscreteScheduler (shift 3, SANA's flow_shift), whose Euler step is the ODE
+    kernel diffalign's rollouts use, so rollouts can be compared with the pipeline."""
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = tiny_qwen2_tokenizer()
+    torch.manual_seed(seed + 1)
+    text_encoder = Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=2048,
+            pad_token_id=0,
+        )
+    )
+    torch.manual_seed(seed + 4)
+    transformer = SanaTransformer2DModel(
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=32,  # the text encoder's width
+        sample_size=TINY_IMAGE_SIZE // 2,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderDC(
+        latent_channels=latent_channels,
+        attention_head_dim=8,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 16),
+        decoder_block_out_channels=(8, 16),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), (5,)),
+        decoder_qkv_multiscales=((), (5,)),
+        scaling_factor=0.41407,  # SANA's DC-AE f32c32
+    )
+    return SanaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
 _BUILDERS = {
     "sd15": tiny_sd15,
     "sd2v": tiny_sd2v,
@@ -545,6 +604,7 @@ _BUILDERS = {
     "flux2": tiny_flux2,
     "qwenimage": tiny_qwenimage,
     "zimage": tiny_zimage,
+    "sana": tiny_sana,
 }
 
 

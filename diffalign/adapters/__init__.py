@@ -4,6 +4,7 @@ from diffalign.adapters.base import Conditioning, DiffusionAdapter, Schedule
 from diffalign.adapters.flux import FluxAdapter
 from diffalign.adapters.flux2 import Flux2Adapter
 from diffalign.adapters.qwenimage import QwenImageAdapter
+from diffalign.adapters.sana import SanaAdapter
 from diffalign.adapters.registry import (
     ADAPTERS,
     UnsupportedPipelineError,
@@ -26,6 +27,7 @@ __all__ = [
     "Flux2Adapter",
     "FluxAdapter",
     "QwenImageAdapter",
+    "SanaAdapter",
     "Schedule",
     "StableDiffusion3Adapter",
     "StableDiffusionAdapter",

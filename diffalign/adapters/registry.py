@@ -13,6 +13,7 @@ from diffalign.adapters.base import DiffusionAdapter
 from diffalign.adapters.flux import FluxAdapter
 from diffalign.adapters.flux2 import Flux2Adapter
 from diffalign.adapters.qwenimage import QwenImageAdapter
+from diffalign.adapters.sana import SanaAdapter
 from diffalign.adapters.sd import StableDiffusionAdapter
 from diffalign.adapters.sd3 import StableDiffusion3Adapter
 from diffalign.adapters.sdxl import StableDiffusionXLAdapter
@@ -27,6 +28,7 @@ ADAPTERS: tuple[type[DiffusionAdapter], ...] = (
     Flux2Adapter,
     QwenImageAdapter,
     ZImageAdapter,
+    SanaAdapter,
 )
 """The families that ship with diffalign. A new family is one adapter file, listed here or registered from
 outside with :func:`register_adapter` (plus a tiny builder in testing.py for its tests)."""

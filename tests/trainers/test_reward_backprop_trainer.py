@@ -256,6 +256,7 @@ def test_lora_export_loads_into_a_fresh_pipeline(lora_run):
         ("qwenimage", "refl"),
         ("zimage", "draft_lv"),
         ("flux2", "draft_lv"),
+        ("sana", "refl"),
     ],
 )
 def test_two_steps_change_the_lora(family, mode, tiny_pipeline_dir, tmp_path):
