@@ -4,7 +4,6 @@ from diffalign.adapters.base import Conditioning, DiffusionAdapter, Schedule
 from diffalign.adapters.flux import FluxAdapter
 from diffalign.adapters.flux2 import Flux2Adapter
 from diffalign.adapters.qwenimage import QwenImageAdapter
-from diffalign.adapters.sana import SanaAdapter
 from diffalign.adapters.registry import (
     ADAPTERS,
     UnsupportedPipelineError,
@@ -14,6 +13,7 @@ from diffalign.adapters.registry import (
     register_adapter,
     unregister_adapter,
 )
+from diffalign.adapters.sana import SanaAdapter
 from diffalign.adapters.sd import StableDiffusionAdapter
 from diffalign.adapters.sd3 import StableDiffusion3Adapter
 from diffalign.adapters.sdxl import StableDiffusionXLAdapter
