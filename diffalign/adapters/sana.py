@@ -86,7 +86,7 @@ class SanaAdapter(DiffusionAdapter):
         elif self.timestep_shift is not None:
             raise ValueError(
                 f"model.timestep_shift needs a scheduler with set_shift; {type(self.scheduler).__name__} sets its "
-                "shift in its config (flow_shift): load the pipeline with a FlowMatchEulerDiscreteScheduler to change it"
+                "shift in its config (flow_shift): load the pipeline with a FlowMatchEulerDiscreteScheduler to set one"
             )
         timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device)
         return Schedule(timesteps, sigmas=self.scheduler.sigmas.to(self.device))
