@@ -31,7 +31,7 @@ import torch
 from diffalign.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer
 
 
-FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "flux2", "qwenimage", "zimage", "sana")
+FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "flux_kontext", "flux2", "qwenimage", "zimage", "sana")
 """The tiny pipelines :func:`build_tiny_pipeline` can build."""
 
 TINY_IMAGE_SIZE = 32
@@ -455,6 +455,14 @@ def tiny_zimage(seed: int = 0, latent_channels: int = 4):
     )
 
 
+def tiny_flux_kontext(seed: int = 0, latent_channels: int = 16):
+    """FLUX.1 Kontext-style pipeline: the tiny FLUX.1 components in ``FluxKontextPipeline``, which edits a source
+    image (its packed latents sit beside the noise's in the transformer's sequence)."""
+    from diffusers import FluxKontextPipeline
+
+    return FluxKontextPipeline(**tiny_flux(seed, latent_channels).components)
+
+
 MISTRAL_CHAT_TEMPLATE = (
     "{% for message in messages %}[{{ message['role'] | upper }}]"
     "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}[/{{ message['role'] | upper }}]{% endfor %}"
@@ -601,6 +609,7 @@ _BUILDERS = {
     "sdxl": tiny_sdxl,
     "sd3": tiny_sd3,
     "flux": tiny_flux,
+    "flux_kontext": tiny_flux_kontext,
     "flux2": tiny_flux2,
     "qwenimage": tiny_qwenimage,
     "zimage": tiny_zimage,
@@ -634,7 +643,7 @@ def build_tiny_pipeline(family: str, seed: int = 0, vae: str = "random"):
     if vae == "shapes":
         from diffusers import AutoencoderKL
 
-        kwargs = {"latent_channels": 4} if family in ("sd3", "flux") else {}
+        kwargs = {"latent_channels": 4} if family in ("sd3", "flux", "flux_kontext") else {}
         pipe = _BUILDERS[family](seed, **kwargs)
         pipe.vae = AutoencoderKL.from_pretrained(SHAPES_VAE)
         pipe.register_modules(vae=pipe.vae)

@@ -9,9 +9,11 @@ FAMILIES_SD3_FAST = [f if f == "sd3" else pytest.param(f, marks=pytest.mark.slow
 """Every family, the four besides SD3 marked slow: a battery that would take the fast suite past its time limit."""
 
 
-def pipeline_guidance(family: str, guidance_scale: float) -> dict:
+def pipeline_guidance(family: str, guidance_scale: float, size: int = 32) -> dict:
     """The pipeline-call arguments that guide as the adapter's ``guidance_scale`` does: Qwen-Image guides with
     ``true_cfg_scale`` and a negative prompt (the adapter's default, ``" "``), the others with ``guidance_scale``."""
+    if family == "flux_kontext":  # Kontext generates at the max_area's size (1024^2 by default), not at height x width
+        return {"guidance_scale": guidance_scale, "max_area": size * size}
     if family == "sana":  # resolution binning would resize the 32 px test images to a 512 px aspect bin
         return {"guidance_scale": guidance_scale, "use_resolution_binning": False}
     if family == "zimage":  # the pipeline's scale g is text + g (text - uncond): g = s - 1

@@ -3,6 +3,7 @@
 from diffalign.adapters.base import Conditioning, DiffusionAdapter, Schedule
 from diffalign.adapters.flux import FluxAdapter
 from diffalign.adapters.flux2 import Flux2Adapter
+from diffalign.adapters.flux_kontext import FluxKontextAdapter
 from diffalign.adapters.qwenimage import QwenImageAdapter
 from diffalign.adapters.registry import (
     ADAPTERS,
@@ -26,6 +27,7 @@ __all__ = [
     "DiffusionAdapter",
     "Flux2Adapter",
     "FluxAdapter",
+    "FluxKontextAdapter",
     "QwenImageAdapter",
     "SanaAdapter",
     "Schedule",

@@ -234,6 +234,9 @@ class DiffusionAdapter:
     guidance_embedded: ClassVar[bool] = False
     """The guidance scale is an input of the denoiser (FLUX.1-dev's guidance embedding), not two CFG branches;
     training calls then pass a guidance value too."""
+    edits_images: ClassVar[bool] = False
+    """The family edits: each prompt comes with a source image that :meth:`with_source_images` adds to its
+    conditioning (FLUX.1 Kontext)."""
     clip_sample_range: float | None = None
     """DDIM families: clamp each step's predicted ``x0`` to ``[-r, r]`` (the scheduler's ``clip_sample``)."""
 
@@ -512,6 +515,18 @@ class DiffusionAdapter:
 
     def _encode(self, prompts: list[str], negative_prompt: PromptInput | None, with_negative: bool) -> Conditioning:
         raise NotImplementedError
+
+    def with_source_images(self, cond: Conditioning, images: Tensor) -> Conditioning:
+        """``cond`` with one source image per sample for an editing family to condition on
+        (docs/architecture.md#editing).
+
+        Args:
+            cond: ``[B]`` conditioning of the edit instructions.
+            images: ``[B, 3, H, W]`` source images in ``[0, 1]`` at the adapter's resolution.
+        """
+        raise ValueError(
+            f"{self.family} does not take a source image; the editing families are FluxKontextPipeline (flux_kontext)"
+        )
 
     # --- latents ----------------------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import torch
 from diffalign.adapters.base import DiffusionAdapter
 from diffalign.adapters.flux import FluxAdapter
 from diffalign.adapters.flux2 import Flux2Adapter
+from diffalign.adapters.flux_kontext import FluxKontextAdapter
 from diffalign.adapters.qwenimage import QwenImageAdapter
 from diffalign.adapters.sana import SanaAdapter
 from diffalign.adapters.sd import StableDiffusionAdapter
@@ -26,6 +27,7 @@ ADAPTERS: tuple[type[DiffusionAdapter], ...] = (
     StableDiffusion3Adapter,
     FluxAdapter,
     Flux2Adapter,
+    FluxKontextAdapter,
     QwenImageAdapter,
     ZImageAdapter,
     SanaAdapter,

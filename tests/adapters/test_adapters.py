@@ -18,7 +18,7 @@ SIZE = 32
 
 def _family_kwargs(family):
     # T5 slots: a shorter sequence than the pipelines' default keeps the tiny tests fast; both sides use it.
-    return {"max_sequence_length": 77} if family in ("sd3", "flux") else {}
+    return {"max_sequence_length": 77} if family in ("sd3", "flux", "flux_kontext") else {}
 
 
 def _pipe_images(pipe, family, guidance_scale, seed=0, **kwargs):

@@ -118,7 +118,7 @@ def test_shape_mismatch_raises():
 def test_default_betas():
     betas = {adapter.family: adapter.default_dpo_beta for adapter in ADAPTERS}
     assert betas == {"sd": 5000.0, "sdxl": 5000.0} | dict.fromkeys(
-        ["sd3", "flux", "flux2", "qwenimage", "zimage", "sana"], 100.0
+        ["sd3", "flux", "flux_kontext", "flux2", "qwenimage", "zimage", "sana"], 100.0
     )
 
 

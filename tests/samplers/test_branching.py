@@ -22,7 +22,7 @@ SIZE = 32
 
 
 def _adapter(tiny_pipeline_dir, family):
-    kwargs = {"max_sequence_length": 77} if family in ("sd3", "flux") else {}
+    kwargs = {"max_sequence_length": 77} if family in ("sd3", "flux", "flux_kontext") else {}
     return load_adapter(tiny_pipeline_dir(family), height=SIZE, width=SIZE, **kwargs)
 
 

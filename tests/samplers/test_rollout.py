@@ -17,7 +17,7 @@ SIZE = 32
 
 
 def _kwargs(family):
-    return {"max_sequence_length": 77} if family in ("sd3", "flux") else {}
+    return {"max_sequence_length": 77} if family in ("sd3", "flux", "flux_kontext") else {}
 
 
 def _kernel(adapter):

@@ -29,7 +29,7 @@ CAPTIONS = ["a red circle", "two blue squares", "a green triangle", "a cat"]
 
 
 def _adapter_kwargs(family):
-    return {"max_sequence_length": 77} if family in ("sd3", "flux") else {}
+    return {"max_sequence_length": 77} if family in ("sd3", "flux", "flux_kontext") else {}
 
 
 def _write_pairs(folder, num_pairs=4, size=(SIZE, SIZE), seed=0, data_format="jsonl", rows_per_group=256):

@@ -22,7 +22,7 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle", "two yellow circ
 
 
 def make_config(folder, output_dir, family="sd3", **overrides):
-    flow = family in ("sd3", "flux")
+    flow = family not in ("sd15", "sd2v", "sdxl")
     raw = {
         "model": {"path": str(folder), "lora": {"rank": 4}},
         "reward": "diffalign.testing:redness",

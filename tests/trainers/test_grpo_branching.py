@@ -12,7 +12,7 @@ from tests.trainers.test_grpo import make_config
 
 
 def branch_config(folder, tmp_path, family="sd3", **overrides):
-    flow = family in ("sd3", "flux")
+    flow = family not in ("sd15", "sd2v", "sdxl")
     return make_config(
         folder,
         tmp_path,
