@@ -692,6 +692,24 @@ def redness(images: torch.Tensor, prompts=None) -> torch.Tensor:
 redness.differentiable = True
 
 
+def redder_than_source(images: torch.Tensor, prompts=None, metadata=None) -> torch.Tensor:
+    """A toy edit reward: :func:`redness` of each image minus that of its source image (``metadata[i]["image"]``, the
+    path an edit run's prompt record names), per image; the edit is scored relative to what it started from.
+
+    Args:
+        images: ``[B, 3, H, W]`` in ``[0, 1]``.
+        prompts: ignored.
+        metadata: ``B`` dicts, each with the source image's path under ``"image"``.
+    """
+    from diffalign.data.image_captions import load_real_image
+
+    if metadata is None or any("image" not in item for item in metadata):
+        raise ValueError("redder_than_source scores edits: every image needs its source's path in metadata['image']")
+    height, width = images.shape[-2:]
+    sources = torch.stack([load_real_image(Path(item["image"]), height, width) for item in metadata])
+    return redness(images) - redness(sources.to(images.device))
+
+
 def free_port() -> int:
     """A loopback TCP port that was free a moment ago (the system picks it), for a server or launch to bind."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from diffalign.config import ConfigError, TrainerConfig
 from diffalign.config.groups import RewardSpec
+from diffalign.data.edits import SourceImages, resolve_source_images
 from diffalign.data.prompts import load_prompts_and_metadata
 from diffalign.eval.evaluator import Evaluator
 from diffalign.losses.advantages import (
@@ -83,7 +84,14 @@ from diffalign.samplers.plan import (
     sliding_window_plan,
     window_bounds,
 )
-from diffalign.samplers.rollout import InitialNoise, Trajectory, rollout, step_stds, transition_log_probs
+from diffalign.samplers.rollout import (
+    InitialNoise,
+    Trajectory,
+    prompt_conditioning,
+    rollout,
+    step_stds,
+    transition_log_probs,
+)
 from diffalign.seeding import derive_seed
 from diffalign.trainers.common import TrainingRun, check_text_cache
 from rewards import metadata_kwargs
@@ -561,6 +569,8 @@ class GRPOTrainer:
         if config.train.advantage_aggregation == "per_reward":
             check_several_rewards(self.reward)
         self.prompts, self.prompt_metadata = load_prompts_and_metadata(config.sampling.prompts)
+        self.sources = self._source_images()
+        """The prompts' source images when the run edits (docs/architecture.md#editing), else ``None``."""
         kernel = config.sampling.kernel
         if kernel == "auto":
             kernel = "sde" if self.adapter.prediction_type == "flow" else "ddim"
@@ -590,6 +600,22 @@ class GRPOTrainer:
         self.run.snapshot_reference() if config.train.beta > 0 else None
         self._scorer = ThreadPoolExecutor(max_workers=1)
         self._weight_tables: dict[StepPlan, Tensor] = {}
+
+    def _source_images(self) -> SourceImages | None:
+        paths = resolve_source_images(self.prompt_metadata, self.config.sampling.prompts)
+        if paths is None:
+            return None
+        if not self.adapter.edits_images:
+            raise ConfigError(
+                f"sampling.prompts name source images ('image') but {self.adapter.family} does not edit; use an "
+                "editing model (FluxKontextPipeline) or prompts without images",
+                key="sampling.prompts",
+            )
+        if self.config.sampling.plan in ("branch_at", "tree"):
+            raise ConfigError(
+                "editing runs sample flat groups: plan branch_at and tree are not supported", key="sampling.plan"
+            )
+        return SourceImages(paths, self.adapter.height, self.adapter.width)
 
     # --- sampling ---------------------------------------------------------------------------------------------------
 
@@ -635,10 +661,16 @@ class GRPOTrainer:
         def score_chunk(chunk: slice, images: Tensor | None) -> None:
             futures.append(self._scorer.submit(self._score, images, image_prompts[chunk], image_metadata[chunk]))
 
+        conditioning = None
+        if self.sources is not None:  # an edit: each image's source rides in its conditioning
+            image_units = [i for i in group_indices for _ in range(images_per_group)][local]
+            text = prompt_conditioning(self.adapter, image_prompts, sampling.guidance_scale, sampling.negative_prompt)
+            conditioning = self.adapter.with_source_images(text, self.sources.batch(image_units))
         trajectory = rollout(
             self.adapter,
             image_prompts,
             plan,
+            conditioning=conditioning,
             guidance_scale=sampling.guidance_scale,
             seeds=seeds,
             chunk_size=sampling.batch_size,

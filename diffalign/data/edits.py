@@ -1,0 +1,83 @@
+"""Source images of editing prompts: a prompt JSONL whose records also name an ``"image"`` to edit
+(docs/architecture.md#editing), e.g. ``{"prompt": "make the circle red", "image": "sources/0001.png"}``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from diffalign.data.image_captions import load_real_image
+
+
+__all__ = ["SOURCE_KEY", "SourceImages", "has_source_images", "resolve_source_images"]
+
+SOURCE_KEY = "image"
+"""The metadata field of a prompt record that names its source image."""
+
+
+def resolve_source_images(
+    metadata: Sequence[dict[str, Any]], prompt_source: Any, key: str = "sampling.prompts"
+) -> list[Path] | None:
+    """The source image of every record, or ``None`` when no record names one; relative paths are taken from the
+    prompt file's folder, and each record's ``"image"`` is rewritten to its absolute path (rewards read it there).
+
+    Raises:
+        ValueError: some records name a source image and others do not (the first without one is named).
+        FileNotFoundError: named images that do not exist (listed).
+    """
+    named = [SOURCE_KEY in record for record in metadata]
+    if not any(named):
+        return None
+    if not all(named):
+        index = named.index(False)
+        raise ValueError(
+            f"{key}: record {index + 1} has no {SOURCE_KEY!r} although others do; an edit run needs a source image "
+            "for every prompt"
+        )
+    base = Path(prompt_source).parent if isinstance(prompt_source, (str, os.PathLike)) else Path.cwd()
+    paths = [(base / str(record[SOURCE_KEY])).resolve() for record in metadata]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"{key}: {len(missing)} source image(s) missing: {shown}")
+    for record, path in zip(metadata, paths):
+        record[SOURCE_KEY] = str(path)
+    return paths
+
+
+class SourceImages:
+    """The source images of a prompt list, read at the working size on first use and kept (on the CPU).
+
+    Args:
+        paths: one file per prompt (:func:`resolve_source_images`).
+        height, width: the size the adapter works at.
+    """
+
+    def __init__(self, paths: Sequence[Path], height: int, width: int) -> None:
+        self.paths = list(paths)
+        self.height, self.width = height, width
+        self._loaded: dict[int, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def get(self, index: int) -> Tensor:
+        """Prompt ``index``'s source image, ``[3, height, width]`` in ``[0, 1]``."""
+        if index not in self._loaded:
+            self._loaded[index] = load_real_image(self.paths[index], self.height, self.width, key="sampling.prompts")
+        return self._loaded[index]
+
+    def batch(self, indices: Sequence[int]) -> Tensor:
+        """``[len(indices), 3, height, width]``: the source images of these prompts, in order."""
+        import torch
+
+        return torch.stack([self.get(i) for i in indices])
+
+
+def has_source_images(metadata: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether any record names a source image."""
+    return any(SOURCE_KEY in record for record in metadata)
