@@ -108,14 +108,14 @@ def _bench_rollout_table(families, num_steps, batch_size, repeats, resolution) -
         f"rollout() vs pipe(): {num_steps} steps, batch {batch_size}, {resolution}px, CFG 4.5, median of {repeats}, "
         f"torch threads {torch.get_num_threads()}"
     )
-    header = f"{'family':<8} {'pipe s':>8} {'rollout s':>10} {'ratio':>6} {'pipe cpu':>9} {'rollout cpu':>12}"
+    header = f"{'family':<12} {'pipe s':>8} {'rollout s':>10} {'ratio':>6} {'pipe cpu':>9} {'rollout cpu':>12}"
     print(f"{header} {'cpu ratio':>9} {'max |diff|':>10}")  # noqa: T201
     records = []
     for family in families:
         record = _bench_rollout_family(family, num_steps, batch_size, repeats, resolution)
         records.append(record)
         print(  # noqa: T201
-            f"{family:<8} {record['pipe_s']:>8.3f} {record['rollout_s']:>10.3f} {record['ratio']:>6.2f} "
+            f"{family:<12} {record['pipe_s']:>8.3f} {record['rollout_s']:>10.3f} {record['ratio']:>6.2f} "
             f"{record['pipe_cpu_s']:>9.3f} {record['rollout_cpu_s']:>12.3f} {record['cpu_ratio']:>9.2f} "
             f"{record['max_abs_diff']:>10.1e}"
         )
@@ -448,11 +448,11 @@ def bench_grpo(
             )
     header = f"GRPO epoch time: {num_steps} steps, {images_per_prompt * prompts_per_epoch} images/epoch, "
     print(header + f"{resolution}px, CFG 4.5, threads={torch.get_num_threads()}")  # noqa: T201
-    print(f"{'family':8} {'plan':8} {'sample s':>9} {'train s':>9} {'epoch s':>9} {'vs sde':>7}")  # noqa: T201
+    print(f"{'family':12} {'plan':8} {'sample s':>9} {'train s':>9} {'epoch s':>9} {'vs sde':>7}")  # noqa: T201
     for record in records:
         base = next(r for r in records if r["family"] == record["family"] and r["plan"] == plans[0])
         print(  # noqa: T201
-            f"{record['family']:8} {record['plan']:8} {record['sample_s']:9.3f} {record['train_s']:9.3f} "
+            f"{record['family']:12} {record['plan']:8} {record['sample_s']:9.3f} {record['train_s']:9.3f} "
             f"{record['epoch_s']:9.3f} {record['epoch_s'] / base['epoch_s']:7.2f}"
         )
     return records
