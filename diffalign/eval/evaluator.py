@@ -9,11 +9,12 @@ from typing import Any
 import torch
 
 from diffalign.adapters import DiffusionAdapter
+from diffalign.data.edits import SourceImages, resolve_source_images
 from diffalign.data.prompts import load_prompts_and_metadata
 from diffalign.eval.grid import image_grid
 from diffalign.rewarding import score_with_parts
 from diffalign.samplers.plan import ode_plan
-from diffalign.samplers.rollout import TextUse, rollout, text_use
+from diffalign.samplers.rollout import TextUse, prompt_conditioning, rollout, text_use
 
 
 class Evaluator:
@@ -32,6 +33,8 @@ class Evaluator:
             reward that takes metadata; ``None``: none.
         accelerator: with several processes, each samples and scores its contiguous share of the (prompt, seed)
             images, the results are gathered, and only the main process writes the grid; ``None``: one process.
+        sources: an editing model's source images, one per prompt (docs/architecture.md#editing): each edit is
+            sampled from its prompt's source, and the grid shows the source left of the edits; ``None``: none.
     """
 
     def __init__(
@@ -46,11 +49,17 @@ class Evaluator:
         batch_size: int = 8,
         metadata: Sequence[Mapping[str, Any]] | None = None,
         accelerator: Any | None = None,
+        sources: SourceImages | None = None,
     ) -> None:
         if metadata is not None and len(metadata) != len(prompts):
             raise ValueError(
                 f"Evaluator: {len(metadata)} metadata dicts for {len(prompts)} prompts; give one per prompt"
             )
+        if sources is not None and len(sources) != len(prompts):
+            raise ValueError(
+                f"Evaluator: {len(sources)} source images for {len(prompts)} prompts; give one per prompt"
+            )
+        self.sources = sources
         self.adapter, self.reward = adapter, reward
         self.prompts, self.seeds = prompts, seeds
         self.metadata = [dict(m) for m in metadata] if metadata is not None else [{} for _ in prompts]
@@ -78,6 +87,12 @@ class Evaluator:
         if guidance is None:
             guidance = getattr(sampling, "guidance_scale", adapter.default_guidance_scale)
         prompts, metadata = load_prompts_and_metadata(evaluation.prompts)
+        paths = resolve_source_images(metadata, evaluation.prompts, key="eval.prompts")
+        if paths is not None and not adapter.edits_images:
+            raise ValueError(
+                f"eval.prompts name source images ('image') but {adapter.family} does not edit; use prompts without "
+                "images, or an editing model"
+            )
         return cls(
             adapter,
             reward,
@@ -89,6 +104,7 @@ class Evaluator:
             evaluation.batch_size,
             metadata=metadata,
             accelerator=accelerator,
+            sources=None if paths is None else SourceImages(paths, adapter.height, adapter.width),
         )
 
     def text_uses(self) -> list[TextUse]:
@@ -114,10 +130,15 @@ class Evaluator:
         """All ``(prompt, seed)`` items, this process's share of them, and its images ``[share, 3, H, W]``."""
         items = [(p, seed) for p in range(len(self.prompts)) for seed in self.seeds]
         share = self._share(items)
+        prompts, conditioning = [self.prompts[p] for p, _ in share], None
+        if self.sources is not None:
+            text = prompt_conditioning(self.adapter, prompts, self.guidance_scale)
+            conditioning = self.adapter.with_source_images(text, self.sources.batch([p for p, _ in share]))
         trajectory = rollout(
             self.adapter,
-            [self.prompts[p] for p, _ in share],
+            prompts,
             ode_plan(self.num_steps),
+            conditioning=conditioning,
             guidance_scale=self.guidance_scale,
             seeds=[seed for _, seed in share],
             chunk_size=self.batch_size,
@@ -153,6 +174,18 @@ class Evaluator:
             folder = self.output_dir / "eval"
             folder.mkdir(parents=True, exist_ok=True)
             captions = [f"{v:.2f}" for v in scores["reward"].tolist()]
-            grid = image_grid(images, len(self.seeds), captions=captions, row_labels=self.prompts)
+            columns = len(self.seeds)
+            if self.sources is not None:  # each row: the source, then its edits
+                images, captions = self._with_source_column(images, captions)
+                columns += 1
+            grid = image_grid(images, columns, captions=captions, row_labels=self.prompts)
             grid.save(folder / f"step-{step:06d}.png")
         return {f"eval/{name}_mean": values.mean().item() for name, values in scores.items()}
+
+    def _with_source_column(self, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, list[str]]:
+        """Prompt-major ``[P * S]`` edits and captions with each prompt's source image put first in its row."""
+        seeds, rows, labels = len(self.seeds), [], []
+        for p in range(len(self.prompts)):
+            rows += [self.sources.get(p), *images[p * seeds : (p + 1) * seeds]]
+            labels += ["source", *captions[p * seeds : (p + 1) * seeds]]
+        return torch.stack(rows), labels

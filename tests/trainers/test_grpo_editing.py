@@ -123,3 +123,20 @@ def test_an_edit_reward_relative_to_the_source_rises(tiny_pipeline_dir, tmp_path
     after = _held_out_edit_reward(trainer, prompts)
     gain = (after - before).mean().item()
     assert gain > 0.005, f"edit reward {before.mean():.4f} -> {after.mean():.4f}"
+
+
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
+def test_evaluation_edits_each_source_and_shows_it_first_in_its_row(tiny_pipeline_dir, tmp_path):
+    prompts = write_edit_prompts(tmp_path / "data", count=2)
+    evaluation = {"eval.every": 1, "eval.prompts": str(prompts), "eval.seeds": "[0,1]", "eval.num_steps": 3}
+    trainer = GRPOTrainer(make_config(tiny_pipeline_dir("flux_kontext"), prompts, tmp_path / "run", **evaluation))
+    metrics = trainer.evaluator(0)  # the edit reward needs each source's path: the metadata reached it
+    images, scores = trainer.evaluator.score()
+    assert images.shape == (4, 3, 32, 32) and metrics["eval/reward_mean"] == pytest.approx(scores["reward"].mean())
+    grid = Image.open(tmp_path / "run" / "eval" / "step-000000.png")
+    assert grid.size == (240 + 3 * 128, 2 * (128 + 14))  # the source column, then one column per seed
+    swapped = write_edit_prompts(tmp_path / "other", count=2)  # the same prompts, other sources: other edits
+    trainer.evaluator.sources = SourceImages(
+        resolve_source_images([json.loads(line) for line in swapped.read_text().splitlines()][::-1], swapped), 32, 32
+    )
+    assert (trainer.evaluator.score()[0] - images).abs().max() > 1e-3
