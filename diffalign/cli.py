@@ -610,7 +610,22 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return load_prompts(args.prompts, literal_hint="--prompt 'TEXT'")
 
 
+def _prompt_records(args: argparse.Namespace) -> tuple[list[str], list[dict], list[Path] | None]:
+    """The prompts of ``--prompt`` / ``--prompts`` with their metadata and, for an edit JSONL, their source images
+    (paths relative to the file; docs/architecture.md#editing)."""
+    from diffalign.data.edits import resolve_source_images
+    from diffalign.data.prompts import load_prompt_records
+
+    if args.prompt is not None:
+        texts = _prompts(args)
+        return texts, [{} for _ in texts], None
+    records = load_prompt_records(args.prompts, literal_hint="--prompt 'TEXT'")
+    metadata = [dict(record.metadata) for record in records]
+    return [record.prompt for record in records], metadata, resolve_source_images(metadata, args.prompts, "--prompts")
+
+
 def cmd_grid(args: argparse.Namespace) -> int:
+    from diffalign.data.edits import SourceImages
     from diffalign.eval.grid import make_eval_grid
     from diffalign.eval.score import build_rewards
 
@@ -618,11 +633,16 @@ def cmd_grid(args: argparse.Namespace) -> int:
     if args.alignment_scale is not None and not args.lora:
         raise UsageError("--alignment-scale mixes the base model with a LoRA: give at least one --lora")
     search = _noise_search(args)
-    prompts = _prompts(args)
+    prompts, metadata, source_paths = _prompt_records(args)
     device = _device(args.device)
     rewards = build_rewards(args.reward, device=device)
     adapter = _load_model(args)
     _load_negative_lora(args, adapter)
+    sources = None
+    if source_paths is not None:
+        if not adapter.edits_images:
+            raise UsageError(f"--prompts name source images ('image') but {adapter.family} does not edit")
+        sources = SourceImages(source_paths, adapter.height, adapter.width).batch(range(len(prompts)))
     grid = make_eval_grid(
         adapter,
         prompts,
@@ -636,6 +656,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         alignment_scales=args.alignment_scale,
         search=search,
+        sources=sources,
+        metadata=metadata,
     )
     grid.settings.update(model=args.model, rewards={label: spec for label, spec in zip(rewards, args.reward)})
     if args.negative_lora is not None:

@@ -111,18 +111,25 @@ def ode_images(
     guidance_scale: float,
     batch_size: int | None = None,
     negative_prompt: str | None = None,
+    sources: Tensor | None = None,
 ) -> Tensor:
-    """Deterministic (ODE) samples of every prompt at every seed: ``[P * S, 3, H, W]``, prompt-major.
+    """Deterministic (ODE) samples of every prompt at every seed: ``[P * S, 3, H, W]``, prompt-major; an editing
+    model edits ``sources[p]`` (``[P, 3, H, W]``) for prompt ``p`` (docs/architecture.md#editing).
 
     The image of ``(prompt, seed)`` depends on nothing else: the same pair gives the same image in any grid.
     """
     from diffalign.samplers.plan import ode_plan
-    from diffalign.samplers.rollout import rollout
+    from diffalign.samplers.rollout import prompt_conditioning, rollout
 
+    conditioning = None
+    if sources is not None:
+        text = prompt_conditioning(adapter, list(prompts), guidance_scale, negative_prompt)
+        conditioning = adapter.with_source_images(text, sources)
     trajectory = rollout(
         adapter,
         list(prompts),
         ode_plan(num_steps),
+        conditioning=conditioning,
         num_images_per_prompt=len(seeds),
         guidance_scale=guidance_scale,
         seeds=[int(seed) for _ in prompts for seed in seeds],
@@ -227,6 +234,8 @@ def make_eval_grid(
     batch_size: int | None = None,
     alignment_scales: Sequence[float] | None = None,
     search: NoiseSearch | None = None,
+    sources: Tensor | None = None,
+    metadata: Sequence[Mapping[str, Any]] | None = None,
 ) -> EvalGrid:
     """Sample prompts x (models x seeds) with the ODE and lay them out, each cell captioned with its rewards.
 
@@ -252,6 +261,9 @@ def make_eval_grid(
         search: choose every cell's starting noise by a reward (best-of-N or the zero-order search,
             :func:`~diffalign.eval.search.search_initial_noise`); its reward is ``rewards[search.reward]`` (default:
             the first), and each cell's record lists every candidate's reward under ``"candidates"``.
+        sources: an editing model's source images, ``[P, 3, H, W]`` in ``[0, 1]``, one per prompt: every column
+            edits its row's source, which the grid shows first in the row ("source | before | after").
+        metadata: one dict per prompt for the rewards that take metadata (an edit reward reads its source's path).
     """
     from diffalign.eval.score import reward_scores
 
@@ -266,23 +278,32 @@ def make_eval_grid(
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if not prompts or not seeds:
         raise ValueError("an evaluation grid needs at least one prompt and one seed")
+    if sources is not None and search is not None:
+        raise ValueError("the noise search samples from text only: leave it out when the grid edits source images")
+    if sources is not None and len(sources) != len(prompts):
+        raise ValueError(f"{len(sources)} source images for {len(prompts)} prompts")
     search_label = _search_label(search, rewards or {}) if search is not None else None
     sampling = {"num_steps": num_steps, "guidance_scale": guidance_scale, "batch_size": batch_size}
+    cell_metadata = [dict(metadata[p]) for p in range(len(prompts)) for _ in seeds] if metadata else None
     per_model, scores, candidates = [], [], []
     for _, lora, scale in models:
         with _weights(adapter, lora, scale):
             if search is None:
-                images, found = ode_images(adapter, prompts, seeds, **sampling), None
+                images, found = ode_images(adapter, prompts, seeds, **sampling, sources=sources), None
             else:
                 result = search_initial_noise(adapter, prompts, seeds, rewards[search_label], search, **sampling)
                 images, found = result.images, result.candidates
         per_model.append(images)
         candidates.append(found)
         cell_prompts = [p for p in prompts for _ in seeds]
-        scores.append(reward_scores(rewards or {}, images, cell_prompts))
+        scores.append(reward_scores(rewards or {}, images, cell_prompts, cell_metadata))
 
+    num_lines = len(scores[0])
     cells, records, captions = [], [], []
     for p, prompt in enumerate(prompts):
+        if sources is not None:
+            cells.append(sources[p].to(per_model[0].dtype).cpu())
+            captions.append("\n" * (num_lines - 1))
         for m, (label, _, _) in enumerate(models):
             for s, seed in enumerate(seeds):
                 index = p * len(seeds) + s
@@ -293,17 +314,20 @@ def make_eval_grid(
                     record["candidates"] = candidates[m][index]
                 records.append(record)
                 captions.append("\n".join(f"{name} {value:.3f}" for name, value in cell_scores.items()))
-    num_lines = len(scores[0])
+    columns = [f"{label} s{seed}" for label, _, _ in models for seed in seeds]
+    columns = ["source", *columns] if sources is not None else columns
     image = image_grid(
-        torch.stack(cells),
-        len(models) * len(seeds),
+        torch.stack([cell.cpu() for cell in cells]),
+        len(columns),
         captions=captions if num_lines else None,
         row_labels=prompts,
-        column_labels=[f"{label} s{seed}" for label, _, _ in models for seed in seeds],
+        column_labels=columns,
         cell_size=cell_size,
         caption_height=caption_height(num_lines),
     )
     settings = {"num_steps": num_steps, "guidance_scale": guidance_scale, "seeds": seeds, "rewards": list(scores[0])}
+    if sources is not None and metadata:
+        settings["sources"] = [m.get("image") for m in metadata]
     if alignment_scales:
         settings["alignment_scales"] = [float(w) for w in alignment_scales]
     if search is not None:

@@ -1,12 +1,15 @@
-"""Flow-GRPO on an editing family (FLUX.1 Kontext): prompt records with source images, the sources in the rollout's
-conditioning and in the rewards' metadata, and an edit reward that rises."""
+"""Editing with FLUX.1 Kontext end to end: prompt records with source images, Flow-GRPO sampling and re-scoring
+with the sources in the conditioning and in the rewards' metadata, an edit reward that rises, evaluation and the
+`grid` command with the source first in each row."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from diffalign.adapters import load_adapter
 from diffalign.config import ConfigError, load_config
 from diffalign.data.edits import SourceImages, resolve_source_images
 from diffalign.samplers import ode_plan, rollout
@@ -140,3 +143,40 @@ def test_evaluation_edits_each_source_and_shows_it_first_in_its_row(tiny_pipelin
         resolve_source_images([json.loads(line) for line in swapped.read_text().splitlines()][::-1], swapped), 32, 32
     )
     assert (trainer.evaluator.score()[0] - images).abs().max() > 1e-3
+
+
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
+def test_grid_command_shows_source_before_and_after(tiny_pipeline_dir, tmp_path):
+    from diffalign.cli import main
+    from diffalign.eval.grid import caption_height, ode_images
+    from diffalign.testing import random_lora_adapter
+
+    prompts = write_edit_prompts(tmp_path / "data", count=2)
+    model = tiny_pipeline_dir("flux_kontext")
+    lora = random_lora_adapter(model, size=32).save_lora(tmp_path / "tuned" / "lora")
+    out = tmp_path / "grid.png"
+    args = ["grid", "--model", str(model), "--lora", str(lora), "--prompts", str(prompts), "--seeds", "0"]
+    args += ["--reward", "diffalign.testing:redder_than_source", "--steps", "2", "--guidance", "2.5"]
+    assert main([*args, "--height", "32", "--width", "32", "--cell-size", "32", "--out", str(out)]) == 0
+
+    payload = json.loads(out.with_suffix(".json").read_text())
+    records = [json.loads(line) for line in prompts.read_text().splitlines()]
+    assert payload["settings"]["sources"] == [str((prompts.parent / r["image"]).resolve()) for r in records]
+    assert [(r["prompt"], r["column"]) for r in payload["records"]] == [
+        (records[0]["prompt"], "base"),
+        (records[0]["prompt"], "tuned"),
+        (records[1]["prompt"], "base"),
+        (records[1]["prompt"], "tuned"),
+    ]
+    grid = Image.open(out)
+    caption = caption_height(1)
+    assert grid.size == (240 + 3 * 32, caption + 2 * (32 + caption))  # source | base | tuned
+    # The first cell of each row is its source image; the base column is the base model's edit of it.
+    sources = SourceImages(resolve_source_images(records, prompts), 32, 32)
+    first = torch.tensor(np.asarray(grid.crop((240, caption, 240 + 32, caption + 32)))).permute(2, 0, 1) / 255
+    torch.testing.assert_close(first, sources.get(0), atol=1 / 255, rtol=0)
+    adapter = load_adapter(model, height=32, width=32)
+    base = ode_images(adapter, [r["prompt"] for r in records], [0], 2, 2.5, sources=sources.batch([0, 1]))
+    expected = redder_than_source(base, None, [{"image": p} for p in payload["settings"]["sources"]])
+    got = torch.tensor([r["scores"]["redder_than_source"] for r in payload["records"] if r["column"] == "base"])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
