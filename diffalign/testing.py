@@ -239,9 +239,24 @@ def tiny_sd3(seed: int = 0, latent_channels: int = 16):
     )
 
 
+def flux_scheduler():
+    """FLUX's flow scheduler: shift 3 with the resolution-dependent (dynamic, exponential) shift between 0.5 and
+    1.15 over 256 to 4096 image tokens; FLUX.2 ships the same settings."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
 def tiny_flux(seed: int = 0, latent_channels: int = 16):
     """FLUX.1-dev-style pipeline: double/single-stream transformer, packed latents, guidance embedding."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(seed + 4)
     transformer = FluxTransformer2DModel(
@@ -256,16 +271,8 @@ def tiny_flux(seed: int = 0, latent_channels: int = 16):
         guidance_embeds=True,
         axes_dims_rope=(4, 6, 6),
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
     return FluxPipeline(
-        scheduler=scheduler,
+        scheduler=flux_scheduler(),
         vae=_vae(
             seed,
             latent_channels=16,
@@ -316,6 +323,22 @@ def tiny_qwen2_tokenizer():
     bpe.train_from_iterator(_QWEN_TOKENIZER_CORPUS, trainer)
     return Qwen2TokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None
+    )
+
+
+def tiny_decoder_config(vocab_size: int) -> dict:
+    """The settings of the tiny decoder-only text encoders (Qwen3 for Z-Image, Gemma 2 for SANA): 2 layers of width
+    32, 4 query and 2 key-value heads of 8 dimensions, padding id 0."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=2048,
+        pad_token_id=0,
     )
 
 
@@ -420,19 +443,7 @@ def tiny_zimage(seed: int = 0, latent_channels: int = 4):
     tokenizer = tiny_qwen2_tokenizer()
     tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     torch.manual_seed(seed + 1)
-    text_encoder = Qwen3Model(
-        Qwen3Config(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=1024,
-            pad_token_id=0,
-        )
-    )
+    text_encoder = Qwen3Model(Qwen3Config(**tiny_decoder_config(len(tokenizer))))
     torch.manual_seed(seed + 4)
     transformer = ZImageTransformer2DModel(
         in_channels=latent_channels,
@@ -474,7 +485,7 @@ prompt as lists of text parts."""
 def tiny_flux2(seed: int = 0, latent_channels: int = 4):
     """FLUX.2-dev-style pipeline: double/single-stream transformer with 4-axis RoPE and a guidance embedding, a
     Mistral-3 text encoder read at layers 10, 20 and 30 (so 30 tiny layers), a VAE with batch-norm statistics."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers import AutoencoderKLFlux2, Flux2Pipeline, Flux2Transformer2DModel
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     tokenizer = tiny_qwen2_tokenizer()
@@ -530,17 +541,8 @@ def tiny_flux2(seed: int = 0, latent_channels: int = 4):
     with torch.no_grad():  # statistics of a trained VAE, not the identity a fresh batch norm holds
         vae.bn.running_mean.copy_(torch.linspace(-0.2, 0.2, vae.bn.running_mean.numel()))
         vae.bn.running_var.copy_(torch.linspace(0.5, 1.5, vae.bn.running_var.numel()))
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-        time_shift_type="exponential",
-    )
     return Flux2Pipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+        scheduler=flux_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
     )
 
 
@@ -554,19 +556,7 @@ def tiny_sana(seed: int = 0, latent_channels: int = 4):
 
     tokenizer = tiny_qwen2_tokenizer()
     torch.manual_seed(seed + 1)
-    text_encoder = Gemma2Model(
-        Gemma2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=2048,
-            pad_token_id=0,
-        )
-    )
+    text_encoder = Gemma2Model(Gemma2Config(**tiny_decoder_config(len(tokenizer))))
     torch.manual_seed(seed + 4)
     transformer = SanaTransformer2DModel(
         in_channels=latent_channels,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -692,6 +693,32 @@ class DiffusionAdapter:
         if config.get("time_shift_type", "exponential") != "exponential":
             raise ValueError("model.timestep_shift needs the scheduler's exponential time shift (time_shift_type)")
         return {"mu": math.log(self.timestep_shift)}
+
+    def linear_flow_schedule(self, num_inference_steps: int, image_tokens: int) -> Schedule:
+        """The schedule of the flow pipelines that start from sigmas ``linspace(1, 1/N, N)`` and shift them by the
+        number of image tokens (FLUX.1, Qwen-Image, Z-Image: ``calculate_shift`` with the scheduler's settings),
+        or by :attr:`timestep_shift` when it is set."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        config = self.scheduler.config
+        sigmas = (
+            None
+            if config.get("use_flow_sigmas", False)
+            else np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        )
+
+        def mu() -> float:
+            return calculate_shift(
+                image_tokens,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.15),
+            )
+
+        shift = self.flow_shift_options(mu)
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, sigmas=sigmas, **shift)
+        return Schedule(timesteps, sigmas=self.scheduler.sigmas.to(self.device))
 
     def decode(self, latents: Tensor) -> Tensor:
         """Decode latents into images ``[B, 3, H, W]`` float32 in ``[0, 1]``; differentiable.

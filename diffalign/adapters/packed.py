@@ -7,7 +7,6 @@ schedule the same way: sigmas ``linspace(1, 1/N, N)`` shifted by ``mu``, which g
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,23 +39,5 @@ class PackedFlowAdapter(DiffusionAdapter):
         return latents[0] if isinstance(latents, tuple) else latents  # FLUX also returns its image ids
 
     def set_timesteps(self, num_inference_steps: int) -> Schedule:
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-
-        config = self.scheduler.config
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        if config.get("use_flow_sigmas", False):
-            sigmas = None
         h, w = self._latent_hw
-
-        def mu() -> float:
-            return calculate_shift(
-                (h // 2) * (w // 2),
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.15),
-            )
-
-        shift = self.flow_shift_options(mu)
-        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, sigmas=sigmas, **shift)
-        return Schedule(timesteps, sigmas=self.scheduler.sigmas.to(self.device))
+        return self.linear_flow_schedule(num_inference_steps, (h // 2) * (w // 2))

@@ -101,22 +101,6 @@ class ZImageAdapter(DiffusionAdapter):
         return -torch.stack(outputs).squeeze(2)
 
     def set_timesteps(self, num_inference_steps: int) -> Schedule:
-        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, retrieve_timesteps
-
-        config = self.scheduler.config
-        sigmas = torch.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()
-
-        def mu() -> float:
-            h, w = self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
-            return calculate_shift(
-                (h // 2) * (w // 2),
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.15),
-            )
-
         # The pipeline always passes mu; a scheduler without dynamic shifting ignores it and applies its own shift.
-        shift = self.flow_shift_options(mu)
-        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, sigmas=sigmas, **shift)
-        return Schedule(timesteps, sigmas=self.scheduler.sigmas.to(self.device))
+        h, w = self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
+        return self.linear_flow_schedule(num_inference_steps, (h // 2) * (w // 2))
