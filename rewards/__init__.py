@@ -39,6 +39,7 @@ from rewards import (  # noqa: E402, F401  isort: skip
     geneval,
     hps,
     hpsv3,
+    image_similarity,
     imagereward,
     jpeg,
     mps,
