@@ -435,7 +435,7 @@ def test_planned_peak_is_within_20_percent_of_the_measured_peak(case, tiny_pipel
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-NOT_YET_PLANNED = {"Qwen/Qwen-Image", "Tongyi-MAI/Z-Image"}
+NOT_YET_PLANNED = {"Qwen/Qwen-Image", "Tongyi-MAI/Z-Image", "black-forest-labs/FLUX.1-Kontext-dev"}
 """Shipped configs of families whose architecture the planner does not hold yet ([families] adds them): planning them
 must fail with the error that names the model, not with a wrong plan."""
 

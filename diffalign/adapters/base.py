@@ -135,6 +135,21 @@ class Conditioning:
             negative = {k: _cat_padded([item.negative[k] for item in items], k in ragged) for k in items[0].negative}
         return Conditioning(embeds, negative, dict(items[0].extras), ragged)
 
+    def without_padding(self) -> Conditioning:
+        """Ragged keys cut to the longest real row (the last position a ragged ``*mask`` key marks), so that a row
+        kept from a padded batch (a text-cache entry) holds its own tokens only; unchanged without ragged keys."""
+        mask_keys = [key for key in self.ragged if "mask" in key]
+        if not mask_keys:
+            return self
+
+        def trimmed(values: dict[str, Tensor]) -> dict[str, Tensor]:
+            real = torch.stack([values[key].bool().any(dim=0) for key in mask_keys]).any(dim=0).nonzero()  # [L]
+            keep = int(real.max()) + 1 if len(real) else 1
+            return {key: value[:, :keep] if key in self.ragged else value for key, value in values.items()}
+
+        negative = None if self.negative is None else trimmed(self.negative)
+        return Conditioning(trimmed(self.embeds), negative, dict(self.extras), self.ragged)
+
     def guided_inputs(self) -> dict[str, Tensor]:
         """Denoiser inputs of the CFG batch: ``cat([negative, positive])`` per key, shape ``[2B, ...]``."""
         if self.negative is None:
@@ -483,8 +498,9 @@ class DiffusionAdapter:
         batch_size: int = 16,
     ) -> int:
         """Encode the prompts missing from :attr:`text_cache` (created if there is none), ``batch_size`` at a time;
-        returns how many were encoded. Rows are encoded independently (padded to the fixed text length), so the
-        cached conditioning equals what an uncached call returns up to float rounding."""
+        returns how many were encoded. Each row is kept on its own (families with a fixed text length pad it to that
+        length; ragged text is cut to the row's own tokens), so the cached conditioning predicts what an uncached
+        call does up to float rounding."""
         from diffalign.adapters.text_cache import TextEmbeddingCache
 
         if self.text_cache is None:
@@ -517,13 +533,14 @@ class DiffusionAdapter:
     def _encode(self, prompts: list[str], negative_prompt: PromptInput | None, with_negative: bool) -> Conditioning:
         raise NotImplementedError
 
-    def with_source_images(self, cond: Conditioning, images: Tensor) -> Conditioning:
+    def with_source_images(self, cond: Conditioning, images: Tensor, batch_size: int | None = None) -> Conditioning:
         """``cond`` with one source image per sample for an editing family to condition on
         (docs/architecture.md#editing).
 
         Args:
             cond: ``[B]`` conditioning of the edit instructions.
             images: ``[B, 3, H, W]`` source images in ``[0, 1]`` at the adapter's resolution.
+            batch_size: images per VAE call (default: all at once).
         """
         raise ValueError(
             f"{self.family} does not take a source image; the editing families are FluxKontextPipeline (flux_kontext)"

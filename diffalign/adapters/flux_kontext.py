@@ -11,7 +11,7 @@ from diffalign.adapters.flux import FLUX_LORA_TARGETS, FluxAdapter
 
 KONTEXT_LORA_TARGETS = FLUX_LORA_TARGETS + ("proj_mlp",)
 """Flow-GRPO's FLUX.1 Kontext targets: the FLUX set plus the single blocks' MLP input (``proj_mlp``;
-``config/base.py`` of yifan123/flow_grpo at 9745241)."""
+``scripts/train_flux_kontext.py`` of yifan123/flow_grpo at 9745241)."""
 
 
 class FluxKontextAdapter(FluxAdapter):
@@ -39,11 +39,12 @@ class FluxKontextAdapter(FluxAdapter):
         )
         return latents
 
-    def with_source_images(self, cond: Conditioning, images: Tensor) -> Conditioning:
+    def with_source_images(self, cond: Conditioning, images: Tensor, batch_size: int | None = None) -> Conditioning:
         if len(images) != len(cond):
             raise ValueError(f"got {len(images)} source images for {len(cond)} prompts")
-        with torch.no_grad():
-            latents = self.encode_images(images, sample=False)  # [B, L, 4C], the pipeline's argmax
+        size = batch_size or len(images)
+        with torch.no_grad():  # [B, L, 4C], the pipeline's argmax, a chunk of images per VAE call
+            latents = torch.cat([self.encode_images(chunk, sample=False) for chunk in images.split(size)])
         edited = Conditioning(dict(cond.embeds), None, dict(cond.extras), cond.ragged)
         edited.embeds["image_latents"] = latents.to(self.dtype)
         if cond.negative is not None:

@@ -35,7 +35,8 @@ class QwenImageAdapter(PackedFlowAdapter):
     The transformer sees ``timestep / 1000``; the VAE is a causal video VAE, decoded one frame at a time.
 
     Args:
-        max_sequence_length: the most text tokens kept per prompt (the pipeline's default, 1024; flow_grpo 512).
+        max_sequence_length: the most text tokens kept per prompt (``pipe(...)``'s default, 512, as flow_grpo's;
+            the pipeline refuses more than 1024).
     """
 
     family = "qwenimage"
@@ -47,7 +48,11 @@ class QwenImageAdapter(PackedFlowAdapter):
     default_dpo_beta = 100.0  # no published DPO recipe: the flow-matching scale of SD3
     default_negative_prompt = " "  # the pipeline's documented negative prompt; flow_grpo uses it too
 
-    def __init__(self, pipe, *args, max_sequence_length: int = 1024, **kwargs) -> None:
+    def __init__(self, pipe, *args, max_sequence_length: int = 512, **kwargs) -> None:
+        if not 0 < max_sequence_length <= 1024:
+            raise ValueError(
+                f"qwenimage: max_sequence_length must be in 1..1024 (the pipeline's limit), got {max_sequence_length}"
+            )
         self.max_sequence_length = max_sequence_length
         super().__init__(pipe, *args, **kwargs)
 

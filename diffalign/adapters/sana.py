@@ -71,7 +71,7 @@ class SanaAdapter(DiffusionAdapter):
             latents,
             encoder_hidden_states=inputs["encoder_hidden_states"],
             encoder_attention_mask=inputs["encoder_attention_mask"],
-            timestep=timesteps.to(latents.dtype) * config.timestep_scale,
+            timestep=timesteps.float() * config.timestep_scale,  # float32, as the pipeline's
             return_dict=False,
         )[0]
         if config.out_channels // 2 == config.in_channels:  # learned variance: keep the velocity half

@@ -117,7 +117,7 @@ class TextEmbeddingCache:
             raise ValueError(f"conditioning has batch {len(cond)} for {len(prompts)} prompts")
         on_cpu = cond.to("cpu")
         for row, key in enumerate(_keys(prompts, negative_prompt, with_negative)):
-            self._entries[key] = _owned(on_cpu[row])
+            self._entries[key] = _owned(on_cpu[row].without_padding())  # not the batch's padding, ragged text
 
     def save(self, path: str | os.PathLike, identity: Mapping[str, str]) -> Path:
         """Write every entry to a safetensors file, atomically (a temporary name, then renamed).

@@ -95,9 +95,8 @@ class ZImageAdapter(DiffusionAdapter):
         lengths = inputs["cap_mask"].sum(dim=1).tolist()
         captions = [feats[:length] for feats, length in zip(inputs["cap_feats"], lengths)]
         frames = list(latents.unsqueeze(2).unbind(dim=0))  # B x [C, 1, h, w]
-        outputs = self.call_denoiser(frames, (1000 - timesteps.to(latents.dtype)) / 1000, captions, return_dict=False)[
-            0
-        ]
+        # The time in float32, as the pipeline computes it (bf16 would round t = 997 to 996).
+        outputs = self.call_denoiser(frames, (1000 - timesteps.float()) / 1000, captions, return_dict=False)[0]
         return -torch.stack(outputs).squeeze(2)
 
     def set_timesteps(self, num_inference_steps: int) -> Schedule:

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from diffalign.data.image_captions import load_real_image
@@ -67,14 +68,13 @@ class SourceImages:
 
     def get(self, index: int) -> Tensor:
         """Prompt ``index``'s source image, ``[3, height, width]`` in ``[0, 1]``."""
-        if index not in self._loaded:
-            self._loaded[index] = load_real_image(self.paths[index], self.height, self.width, key="sampling.prompts")
-        return self._loaded[index]
+        if index not in self._loaded:  # kept as 8-bit pixels, a quarter of the float32 image
+            image = load_real_image(self.paths[index], self.height, self.width, key="sampling.prompts")
+            self._loaded[index] = (image * 255).round().to(torch.uint8)
+        return self._loaded[index].float() / 255
 
     def batch(self, indices: Sequence[int]) -> Tensor:
         """``[len(indices), 3, height, width]``: the source images of these prompts, in order."""
-        import torch
-
         return torch.stack([self.get(i) for i in indices])
 
 

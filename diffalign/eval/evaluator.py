@@ -131,9 +131,11 @@ class Evaluator:
         items = [(p, seed) for p in range(len(self.prompts)) for seed in self.seeds]
         share = self._share(items)
         prompts, conditioning = [self.prompts[p] for p, _ in share], None
-        if self.sources is not None:
-            text = prompt_conditioning(self.adapter, prompts, self.guidance_scale)
-            conditioning = self.adapter.with_source_images(text, self.sources.batch([p for p, _ in share]))
+        if self.sources is not None:  # each distinct source encoded once, then repeated for its seeds
+            distinct = list(dict.fromkeys(p for p, _ in share))
+            text = prompt_conditioning(self.adapter, [self.prompts[p] for p in distinct], self.guidance_scale)
+            edited = self.adapter.with_source_images(text, self.sources.batch(distinct), batch_size=self.batch_size)
+            conditioning = edited[[distinct.index(p) for p, _ in share]]
         trajectory = rollout(
             self.adapter,
             prompts,

@@ -124,7 +124,7 @@ def ode_images(
     conditioning = None
     if sources is not None:
         text = prompt_conditioning(adapter, list(prompts), guidance_scale, negative_prompt)
-        conditioning = adapter.with_source_images(text, sources)
+        conditioning = adapter.with_source_images(text, sources, batch_size=batch_size)
     trajectory = rollout(
         adapter,
         list(prompts),

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from diffalign.config import ConfigError, TrainerConfig
+from diffalign.data.edits import has_source_images
 from diffalign.data.image_captions import load_real_image, load_real_pairs
 from diffalign.data.prompts import load_prompts_and_metadata
 from diffalign.eval.evaluator import Evaluator
@@ -256,7 +257,14 @@ class SelfPlayTrainer:
             raise ConfigError(f"{config.method} does not support FSDP sharding yet: train on one GPU per process")
         self.adapter = self.run.adapter
         if config.method == "raft":
-            self.items: list[Any] = load_prompts_and_metadata(config.sampling.prompts)[0]
+            prompts, metadata = load_prompts_and_metadata(config.sampling.prompts)
+            if has_source_images(metadata):  # not silently sampled as text-to-image
+                raise ConfigError(
+                    "sampling.prompts name source images ('image'): edits train with the grpo trainer; self-play "
+                    "samples from text only",
+                    key="sampling.prompts",
+                )
+            self.items: list[Any] = prompts
         else:
             self.items = load_real_pairs(config.sampling.real_images, key="sampling.real_images")
         per_round = min(config.self_play.prompts_per_round or len(self.items), len(self.items))

@@ -74,7 +74,13 @@ def test_cached_rows_from_other_batches_and_a_saved_cache_predict_as_a_fresh_enc
     cache = TextEmbeddingCache()
     adapter.text_cache = cache
     try:
-        adapter.precompute_text_embeddings(prompts, with_negative=True, batch_size=1)  # each row its own length
+        adapter.precompute_text_embeddings(prompts, with_negative=True, batch_size=3)  # one padded batch
+        (entry,) = cache.entries([SHORT]).values()
+        adapter.text_cache = None
+        alone = adapter.encode_prompt([SHORT], with_negative=True)
+        adapter.text_cache = cache
+        for key in entry.ragged:  # the short prompt's entry keeps its own tokens, not the batch's padding
+            assert entry.embeds[key].shape == alone.embeds[key].shape
         path = cache.save(tmp_path / "text.safetensors", identity={"model": adapter.family})
         reloaded = TextEmbeddingCache()
         assert reloaded.load(path, identity={"model": adapter.family}) == 3

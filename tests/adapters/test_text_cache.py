@@ -20,7 +20,7 @@ def _close(a, b):
 
 @pytest.mark.parametrize("family", ["sd3", "flux", "sdxl"])
 def test_cached_prompts_equal_encoded_ones_and_survive_the_encoders(family, tiny_pipeline_dir):
-    kwargs = {"max_sequence_length": 77} if family in ("sd3", "flux", "flux_kontext") else {}
+    kwargs = {"max_sequence_length": 77} if family in ("sd3", "flux") else {}
     adapter = load_adapter(tiny_pipeline_dir(family), height=32, width=32, **kwargs)
     with_negative = family != "flux"
     expected = adapter.encode_prompt(["a green triangle", "a red circle"], with_negative=with_negative)
