@@ -255,6 +255,7 @@ def test_sample_best_of_and_grid_alignment_scales(model, lora_dir, tmp_path, cap
     assert "needs a --reward" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_sample_and_grid_with_a_negative_lora(model, lora_dir, tmp_path, capsys):
     out = tmp_path / "npo.png"
     args = ["sample", "--model", model, "--prompt", "a red circle", "--negative-lora", str(lora_dir.parent)]

@@ -71,6 +71,7 @@ def test_score_parts_checks_inputs_like_score():
         reward.score_parts(IMAGES[:, :2], PROMPTS)
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_shapes_rewards_come_from_entry_points_without_importing_the_shapes_world_first():
     """A fresh interpreter: the runtime (trainers, evaluation) imports no shapes module; loading "shapes" does."""
     probe = (

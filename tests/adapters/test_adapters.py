@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from families import pipeline_guidance
+from families import FAMILIES_FIRST_FIVE_FAST, pipeline_guidance
 
 from diffalign.adapters import Conditioning, UnsupportedPipelineError, load_adapter
 from diffalign.testing import FAMILIES
@@ -47,7 +47,7 @@ def _adapter_images(adapter, guidance_scale, seed=0):
         return adapter.decode(latents)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILIES_FIRST_FIVE_FAST)
 def family_setup(request, tiny_pipeline_dir):
     family = request.param
     folder = tiny_pipeline_dir(family)

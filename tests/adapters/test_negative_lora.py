@@ -29,6 +29,7 @@ def _predict(adapter, latents, cond, guidance=GUIDANCE):
         return adapter.predict(latents, torch.tensor(600.0), cond, guidance)
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_the_unconditional_half_runs_the_negative_lora_and_the_text_half_the_base(parts):
     folder, lora_dir, latents = parts
     base, negative = _adapter(folder), _adapter(folder)

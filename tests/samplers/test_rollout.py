@@ -3,13 +3,12 @@
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from families import pipeline_guidance
+from families import FAMILIES_FIRST_FIVE_FAST, pipeline_guidance
 
 from diffalign.adapters import load_adapter
 from diffalign.samplers.plan import ode_plan, random_window_plan, sde_plan, sliding_window_plan
 from diffalign.samplers.rollout import GradientPath, InitialNoise, rollout, transition_log_probs
 from diffalign.samplers.steps import gaussian_log_prob
-from diffalign.testing import FAMILIES
 
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -24,7 +23,7 @@ def _kernel(adapter):
     return "sde" if adapter.prediction_type == "flow" else "ddim"
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILIES_FIRST_FIVE_FAST)
 def family_adapter(request, tiny_pipeline_dir):
     family = request.param
     return family, load_adapter(tiny_pipeline_dir(family), height=SIZE, width=SIZE, **_kwargs(family))

@@ -89,6 +89,7 @@ def test_learn_backprop_tiny_run(tmp_path):
     assert metrics["train"]["steps"] == 2 and metrics["train"]["reward"] == "shapes_clip"
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_learn_backprop_on_a_steps_budget_draws_the_heldout_curve(tmp_path):
     """minutes=None: max_steps alone ends training (the same work on any machine); eval_every=1 evaluates the
     held-out verifier before training and after each step: its ends are the before/after measurements (same
@@ -142,6 +143,7 @@ def test_validation_seeds_must_differ_from_the_evaluation_seeds(tmp_path):
         learn_backprop(output=tmp_path, early_stopping=1, **TINY_EVAL)
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_learn_backprop_stops_at_its_time_budget(tmp_path):
     metrics = learn_backprop(minutes=1e-4, output=tmp_path / "backprop", num_steps=2, k=1, batch_size=1, **TINY_EVAL)
     assert metrics["train"]["steps"] == 1

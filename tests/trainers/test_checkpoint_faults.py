@@ -89,6 +89,7 @@ def test_checkpoint_files_are_tensors_and_json_only(tiny_pipeline_dir, tmp_path)
         "trainer_state.json",
     ],
 )
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_a_crafted_pickle_in_a_checkpoint_file_is_refused_without_running(tiny_pipeline_dir, tmp_path, name):
     run = make_run(tiny_pipeline_dir("sd3"), tmp_path / "run")
     _step(run)
@@ -100,6 +101,7 @@ def test_a_crafted_pickle_in_a_checkpoint_file_is_refused_without_running(tiny_p
     assert not marker.exists(), "loading the checkpoint ran the payload"
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_a_checkpoint_written_with_pickles_is_refused_with_the_reason(tiny_pipeline_dir, tmp_path):
     run = make_run(tiny_pipeline_dir("sd3"), tmp_path)
     _step(run)

@@ -44,6 +44,7 @@ def test_resolved_config_is_written_and_loads_back(tiny_pipeline_dir, tmp_path):
     assert load_config(TrainerConfig, tmp_path / "config.yaml").seed == 7
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_checkpoints_are_atomic_pruned_and_resumable(tiny_pipeline_dir, tmp_path):
     run = make_run(
         tiny_pipeline_dir("sd3"),
@@ -82,6 +83,7 @@ def test_checkpoints_are_atomic_pruned_and_resumable(tiny_pipeline_dir, tmp_path
     assert fresh.optimizer.state_dict()["state"], "optimizer moments restored"
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_resume_refuses_a_mismatched_lora(tiny_pipeline_dir, tmp_path):
     run = make_run(tiny_pipeline_dir("sd3"), tmp_path)
     _fake_step(run)

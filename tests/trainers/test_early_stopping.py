@@ -62,6 +62,7 @@ def test_the_run_stops_and_ends_with_the_best_evaluations_weights(tiny_pipeline_
     assert '"early_stopping/best_step": 2.0' in records
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_a_resumed_run_keeps_its_best_and_its_count(tiny_pipeline_dir, tmp_path):
     """Resumed from checkpoint-3 (best at 2, one evaluation since): step 4 is the second without improvement, so the
     resumed run stops there too and ends with step 2's weights, read from the checkpoint."""

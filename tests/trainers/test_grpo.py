@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from families import FAMILIES_FIRST_FIVE_FAST
 
 from diffalign.config import LoraConfig, load_config
 from diffalign.losses.advantages import group_advantages
-from diffalign.testing import FAMILIES, cpu_launch_command, redness
+from diffalign.testing import cpu_launch_command, redness
 from diffalign.trainers.grpo import GRPOConfig, GRPOTrainer, build_plan, epoch_prompts
 
 
@@ -71,7 +72,7 @@ def test_grpo_trains_on_a_reward_function_passed_directly(tiny_pipeline_dir, tmp
     assert metrics[f"reward/{trainer.reward.name}"] == pytest.approx(scored.mean().item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES_FIRST_FIVE_FAST)
 def test_first_inner_step_is_on_policy(family, tiny_pipeline_dir, tmp_path):
     config = make_config(tiny_pipeline_dir(family), tmp_path, family, **{"train.beta": 0.05})
     trainer = GRPOTrainer(config)
@@ -89,6 +90,7 @@ def test_first_inner_step_is_on_policy(family, tiny_pipeline_dir, tmp_path):
     assert abs(metrics["ratio_mean"].item() - 1) <= 1e-5 and metrics["kl"].item() == 0
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_ddpo_trains_a_random_subset_of_steps_per_sample(tiny_pipeline_dir, tmp_path):
     """train_fraction < 1 with the ddim kernel: each sample trains its own uniform random subset each epoch
     (ddpo-pytorch); flow kernels keep Flow-GRPO's first steps in order."""
@@ -377,6 +379,7 @@ def test_max_minutes_stops_after_the_epoch_that_spends_the_budget(tiny_pipeline_
     assert [r["step"] for r in records] == [1]  # 6 ms: the first epoch already spends it
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_lora_in_window_only_runs_the_base_model_after_the_window(tiny_pipeline_dir, tmp_path):
     from diffalign.config import ConfigError
 
@@ -625,6 +628,7 @@ def test_fast_window_drawn_per_rollout_chunk(tiny_pipeline_dir, tmp_path):
     assert math.isfinite(trainer.train_epoch(trajectory, advantages, 0)["policy_loss"])
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_text_embedding_cache_gives_the_same_rollouts_and_losses(tiny_pipeline_dir, tmp_path):
     """sampling.precompute_text_embeddings with model.offload_text_encoders: delete: the encoders leave the pipeline
     and an epoch samples and trains as without the cache (rows encoded in other batches: 1e-5)."""

@@ -253,10 +253,10 @@ def test_lora_export_loads_into_a_fresh_pipeline(lora_run):
         ("sdxl", "draft_lv"),
         ("sd3", "refl"),
         ("flux", "draft_lv"),
-        ("qwenimage", "refl"),
-        ("zimage", "draft_lv"),
-        ("flux2", "draft_lv"),
-        ("sana", "refl"),
+        pytest.param("qwenimage", "refl", marks=pytest.mark.slow),  # the later families: slow suite
+        pytest.param("zimage", "draft_lv", marks=pytest.mark.slow),  # the later families: slow suite
+        pytest.param("flux2", "draft_lv", marks=pytest.mark.slow),  # the later families: slow suite
+        pytest.param("sana", "refl", marks=pytest.mark.slow),  # the later families: slow suite
     ],
 )
 def test_two_steps_change_the_lora(family, mode, tiny_pipeline_dir, tmp_path):

@@ -52,6 +52,7 @@ def test_a_folder_without_a_run_is_fine(tiny_pipeline_dir, tmp_path):
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "notes.txt").is_file()
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_overwrite_replaces_the_old_run(tiny_pipeline_dir, tmp_path):
     folder = tiny_pipeline_dir("sd3")
     _old_run(folder, tmp_path, seed=1)
@@ -72,6 +73,7 @@ def test_overwrite_replaces_the_old_run(tiny_pipeline_dir, tmp_path):
 # --- resume: loud, strict about the folder, and about the config -----------------------------------------------------
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_resume_says_where_it_resumed_from(tiny_pipeline_dir, tmp_path, capsys):
     folder = tiny_pipeline_dir("sd3")
     _old_run(folder, tmp_path, steps=2)
@@ -117,6 +119,7 @@ def test_resume_accepts_bookkeeping_changes_and_allowed_ones(tiny_pipeline_dir, 
 # --- metrics.jsonl after a crash -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_resume_drops_metrics_logged_after_the_checkpoint(tiny_pipeline_dir, tmp_path):
     folder = tiny_pipeline_dir("sd3")
     run = _old_run(folder, tmp_path, steps=2)
@@ -179,6 +182,7 @@ def test_a_folder_with_only_a_config_is_not_a_run(tiny_pipeline_dir, tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["seed"] == 2
 
 
+@pytest.mark.slow  # over 3 s: the fast suite must stay under 4 minutes on 2 cores
 def test_resuming_an_older_checkpoint_drops_the_later_ones(tiny_pipeline_dir, tmp_path, capsys):
     folder = tiny_pipeline_dir("sd3")
     _old_run(folder, tmp_path, steps=3)
