@@ -336,6 +336,7 @@ def test_unknown_option_error_lists_the_factory_options_and_the_term_keys():
     assert "also takes weight, scale, shift, device, dtype, options" in message
 
 
+@pytest.mark.slow  # about 3 s on the CI machine: the fast suite must stay under 4 minutes on 2 cores
 def test_checking_reward_options_loads_no_model_library():
     """Options are checked against the factory's signature: transformers and open_clip stay unimported."""
     code = (

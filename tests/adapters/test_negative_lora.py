@@ -95,6 +95,7 @@ def test_a_missing_negative_lora_is_named(parts, tmp_path):
         _adapter(parts[0]).load_negative_lora(tmp_path)
 
 
+@pytest.mark.slow  # about 3 s on the CI machine: the fast suite must stay under 4 minutes on 2 cores
 def test_inside_lora_disabled_a_runs_own_negative_lora_is_off_too(parts):
     """With negative_lora = "default", lora_disabled() still means the base model on both halves (the reference,
     RL guidance and LoRA scopes rely on it)."""

@@ -347,6 +347,7 @@ def test_load_wraps_a_bare_function():
     assert reward.score(smooth_images(2, 8, 8)).shape == (2,)
 
 
+@pytest.mark.slow  # about 3 s on the CI machine: the fast suite must stay under 4 minutes on 2 cores
 def test_importing_rewards_is_light_and_independent_of_diffalign():
     """``import rewards`` pulls in neither diffalign nor the model libraries (they load with the weights)."""
     code = (

@@ -68,6 +68,7 @@ def test_learn_dpo_tiny_run(tmp_path):
     assert set(captions) <= set(ALIGNED[:2])  # pairs of the prompts being aligned
 
 
+@pytest.mark.slow  # about 3 s on the CI machine: the fast suite must stay under 4 minutes on 2 cores
 def test_learn_dpo_stops_at_its_time_budget(tmp_path):
     metrics = learn_dpo(
         minutes=1e-4,  # spent by the pairs: training runs its one step and stops
@@ -80,6 +81,7 @@ def test_learn_dpo_stops_at_its_time_budget(tmp_path):
     assert metrics["train"]["steps"] == 1
 
 
+@pytest.mark.slow  # about 3 s on the CI machine: the fast suite must stay under 4 minutes on 2 cores
 def test_learn_backprop_tiny_run(tmp_path):
     output = tmp_path / "backprop"
     metrics = learn_backprop(

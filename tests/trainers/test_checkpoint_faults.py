@@ -112,6 +112,7 @@ def test_a_checkpoint_written_with_pickles_is_refused_with_the_reason(tiny_pipel
         make_run(tiny_pipeline_dir("sd3"), tmp_path, resume="latest").resume()
 
 
+@pytest.mark.slow  # about 3 s on the CI machine: the fast suite must stay under 4 minutes on 2 cores
 def test_a_checkpoint_missing_a_file_names_it(tiny_pipeline_dir, tmp_path):
     run = make_run(tiny_pipeline_dir("sd3"), tmp_path)
     _step(run)

@@ -232,6 +232,7 @@ def test_model_variant_and_revision_reach_the_loader(tmp_path, monkeypatch):
     assert seen["source"] == "org/model" and seen["revision"] == "abc123" and seen["variant"] == "fp16"
 
 
+@pytest.mark.slow  # about 3 s on the CI machine: the fast suite must stay under 4 minutes on 2 cores
 def test_logging_run_name_names_the_wandb_run(tiny_pipeline_dir, tmp_path, monkeypatch):
     from accelerate import Accelerator
 

@@ -175,6 +175,7 @@ def test_the_saved_config_does_not_keep_the_launch_flags(tiny_pipeline_dir, tmp_
     assert saved["overwrite"] is False and saved["allow_config_change"] is False
 
 
+@pytest.mark.slow  # about 3 s on the CI machine: the fast suite must stay under 4 minutes on 2 cores
 def test_a_folder_with_only_a_config_is_not_a_run(tiny_pipeline_dir, tmp_path):
     folder = tiny_pipeline_dir("sd3")
     make_run(folder, tmp_path, seed=1)  # stopped before logging or saving anything

@@ -99,6 +99,7 @@ def test_spin_starts_every_round_at_log_2_because_the_reference_is_the_rounds_ow
     assert second_round["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the reference is theta_1 now, not the base
 
 
+@pytest.mark.slow  # about 3 s on the CI machine: the fast suite must stay under 4 minutes on 2 cores
 def test_seppo_draws_a_previous_rounds_model_as_its_reference_and_keeps_every_round(tiny_pipeline_dir, tmp_path):
     real = str(write_pairs(tmp_path / "real"))
     options = {"sampling.real_images": real, "self_play.steps_per_round": 1, "max_steps": 4}
