@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffalign.adapters.base import Conditioning, DiffusionAdapter, PromptInput, Schedule
+from diffalign.adapters.base import Conditioning, DiffusionAdapter, PromptInput, Schedule, _cat_padded
 from diffalign.adapters.sd import _negative_list
 
 
@@ -75,13 +75,9 @@ class ZImageAdapter(DiffusionAdapter):
         captions, _ = self.pipe.encode_prompt(
             list(texts), self.device, do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length
         )
-        length = max(caption.shape[0] for caption in captions)
-        feats = captions[0].new_zeros(len(captions), length, captions[0].shape[1])
-        mask = torch.zeros(len(captions), length, dtype=torch.long, device=feats.device)
-        for row, caption in enumerate(captions):
-            feats[row, : caption.shape[0]] = caption
-            mask[row, : caption.shape[0]] = 1
-        return {"cap_feats": feats.to(self.dtype), "cap_mask": mask}
+        feats = _cat_padded([caption[None] for caption in captions], ragged=True)
+        masks = [torch.ones(1, len(caption), dtype=torch.long, device=caption.device) for caption in captions]
+        return {"cap_feats": feats.to(self.dtype), "cap_mask": _cat_padded(masks, ragged=True)}
 
     def prepare_latents(
         self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None = None

@@ -11,10 +11,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffalign.adapters import Conditioning, DiffusionAdapter
+from diffalign.config import ConfigError
 from diffalign.data.image_captions import load_real_image
+from diffalign.samplers.rollout import prompt_conditioning
 
 
-__all__ = ["SOURCE_KEY", "SourceImages", "has_source_images", "resolve_source_images"]
+__all__ = [
+    "SOURCE_KEY",
+    "SourceImages",
+    "has_source_images",
+    "refuse_source_images",
+    "resolve_source_images",
+    "source_conditioning",
+]
 
 SOURCE_KEY = "image"
 """The metadata field of a prompt record that names its source image."""
@@ -81,3 +91,37 @@ class SourceImages:
 def has_source_images(metadata: Sequence[Mapping[str, Any]]) -> bool:
     """Whether any record names a source image."""
     return any(SOURCE_KEY in record for record in metadata)
+
+
+def refuse_source_images(metadata: Sequence[Mapping[str, Any]], trainer: str) -> None:
+    """For trainers that sample from text only: prompt records with source images are an error, not silently
+    sampled as text-to-image.
+
+    Raises:
+        ConfigError: a record names a source image (``sampling.prompts``).
+    """
+    if has_source_images(metadata):
+        raise ConfigError(
+            f"sampling.prompts name source images ('image'): edits train with the grpo trainer; {trainer} samples "
+            "from text only",
+            key="sampling.prompts",
+        )
+
+
+def source_conditioning(
+    adapter: DiffusionAdapter,
+    prompts: Sequence[str],
+    sources: SourceImages,
+    indices: Sequence[int],
+    guidance_scale: float,
+    negative_prompt: str | None = None,
+    batch_size: int | None = None,
+) -> Conditioning:
+    """``[len(indices)]`` conditioning of prompt records ``indices`` (into ``prompts`` and ``sources``), each with
+    its source image: every distinct record's text and source are encoded once (``batch_size`` images per VAE call)
+    and repeated where the record recurs (a group, the seeds of an evaluation)."""
+    distinct = list(dict.fromkeys(indices))
+    position = {index: row for row, index in enumerate(distinct)}
+    text = prompt_conditioning(adapter, [prompts[i] for i in distinct], guidance_scale, negative_prompt)
+    edited = adapter.with_source_images(text, sources.batch(distinct), batch_size=batch_size)
+    return edited[[position[i] for i in indices]]

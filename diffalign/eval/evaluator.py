@@ -9,12 +9,12 @@ from typing import Any
 import torch
 
 from diffalign.adapters import DiffusionAdapter
-from diffalign.data.edits import SourceImages, resolve_source_images
+from diffalign.data.edits import SourceImages, resolve_source_images, source_conditioning
 from diffalign.data.prompts import load_prompts_and_metadata
 from diffalign.eval.grid import image_grid
 from diffalign.rewarding import score_with_parts
 from diffalign.samplers.plan import ode_plan
-from diffalign.samplers.rollout import TextUse, prompt_conditioning, rollout, text_use
+from diffalign.samplers.rollout import TextUse, rollout, text_use
 
 
 class Evaluator:
@@ -131,11 +131,11 @@ class Evaluator:
         items = [(p, seed) for p in range(len(self.prompts)) for seed in self.seeds]
         share = self._share(items)
         prompts, conditioning = [self.prompts[p] for p, _ in share], None
-        if self.sources is not None:  # each distinct source encoded once, then repeated for its seeds
-            distinct = list(dict.fromkeys(p for p, _ in share))
-            text = prompt_conditioning(self.adapter, [self.prompts[p] for p in distinct], self.guidance_scale)
-            edited = self.adapter.with_source_images(text, self.sources.batch(distinct), batch_size=self.batch_size)
-            conditioning = edited[[distinct.index(p) for p, _ in share]]
+        if self.sources is not None:  # an edit: each prompt's source, encoded once for all its seeds
+            indices = [p for p, _ in share]
+            conditioning = source_conditioning(
+                self.adapter, self.prompts, self.sources, indices, self.guidance_scale, batch_size=self.batch_size
+            )
         trajectory = rollout(
             self.adapter,
             prompts,

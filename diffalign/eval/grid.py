@@ -302,7 +302,7 @@ def make_eval_grid(
     cells, records, captions = [], [], []
     for p, prompt in enumerate(prompts):
         if sources is not None:
-            cells.append(sources[p].to(per_model[0].dtype).cpu())
+            cells.append(sources[p])
             captions.append("\n" * (num_lines - 1))
         for m, (label, _, _) in enumerate(models):
             for s, seed in enumerate(seeds):

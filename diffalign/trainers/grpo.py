@@ -43,10 +43,9 @@ from typing import Any, ClassVar, Literal, TypeVar
 import torch
 from torch import Tensor
 
-from diffalign.adapters import Conditioning
 from diffalign.config import ConfigError, TrainerConfig
 from diffalign.config.groups import RewardSpec
-from diffalign.data.edits import SourceImages, resolve_source_images
+from diffalign.data.edits import SourceImages, resolve_source_images, source_conditioning
 from diffalign.data.prompts import load_prompts_and_metadata
 from diffalign.eval.evaluator import Evaluator
 from diffalign.losses.advantages import (
@@ -85,14 +84,7 @@ from diffalign.samplers.plan import (
     sliding_window_plan,
     window_bounds,
 )
-from diffalign.samplers.rollout import (
-    InitialNoise,
-    Trajectory,
-    prompt_conditioning,
-    rollout,
-    step_stds,
-    transition_log_probs,
-)
+from diffalign.samplers.rollout import InitialNoise, Trajectory, rollout, step_stds, transition_log_probs
 from diffalign.seeding import derive_seed
 from diffalign.trainers.common import TrainingRun, check_text_cache
 from rewards import metadata_kwargs
@@ -665,7 +657,15 @@ class GRPOTrainer:
         conditioning = None
         if self.sources is not None:  # an edit: each image's source rides in its conditioning
             image_units = [i for i in group_indices for _ in range(images_per_group)][local]
-            conditioning = self._edit_conditioning(image_units)
+            conditioning = source_conditioning(
+                self.adapter,
+                self.prompts,
+                self.sources,
+                image_units,
+                sampling.guidance_scale,
+                sampling.negative_prompt,
+                sampling.batch_size,
+            )
         trajectory = rollout(
             self.adapter,
             image_prompts,
@@ -683,18 +683,6 @@ class GRPOTrainer:
         rewards = torch.cat([r[0] for r in results])
         parts = {name: torch.cat([r[1][name] for r in results]) for name in results[0][1]}
         return trajectory, rewards, parts, group_ids
-
-    def _edit_conditioning(self, units: list[int]) -> Conditioning:
-        """``[len(units)]`` conditioning of prompt records ``units`` with their sources, each distinct source
-        encoded once (``sampling.batch_size`` per VAE call) and repeated for its group."""
-        sampling = self.config.sampling
-        distinct = list(dict.fromkeys(units))
-        text = prompt_conditioning(
-            self.adapter, [self.prompts[i] for i in distinct], sampling.guidance_scale, sampling.negative_prompt
-        )
-        sources = self.sources.batch(distinct)
-        edited = self.adapter.with_source_images(text, sources, batch_size=sampling.batch_size)
-        return edited[[distinct.index(i) for i in units]]
 
     def sample_branched_epoch(self, epoch: int) -> tuple[Trajectory, Tensor, dict[str, float], Tensor | None]:
         """``branch_at`` / ``tree``: sample this process's main paths or trees, score the images and compute the

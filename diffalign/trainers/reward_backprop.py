@@ -79,7 +79,7 @@ import rewards
 from diffalign.adapters.base import Conditioning, DiffusionAdapter, Schedule
 from diffalign.config import ConfigError, TrainerConfig
 from diffalign.config.groups import RewardSpec
-from diffalign.data.edits import has_source_images
+from diffalign.data.edits import refuse_source_images
 from diffalign.data.image_captions import load_real_image, load_real_pairs
 from diffalign.data.prompts import load_prompts_and_metadata
 from diffalign.eval.evaluator import Evaluator
@@ -481,12 +481,7 @@ class RewardBackpropTrainer:
             # The runtime turned on per-block checkpointing; per-call checkpointing alone keeps memory flat in K.
             self.adapter.enable_gradient_checkpointing(False)
         self.prompts, self.prompt_metadata = load_prompts_and_metadata(config.sampling.prompts)
-        if has_source_images(self.prompt_metadata):  # not silently sampled as text-to-image
-            raise ConfigError(
-                "sampling.prompts name source images ('image'): edits train with the grpo trainer; reward_backprop "
-                "samples from text only",
-                key="sampling.prompts",
-            )
+        refuse_source_images(self.prompt_metadata, "reward_backprop")
         eta = config.sampling.eta
         if config.backprop.mode == "direct_align" and eta is None:
             eta = 0.0  # SRPO's rollout is the ODE, for every family

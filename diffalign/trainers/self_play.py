@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from diffalign.config import ConfigError, TrainerConfig
-from diffalign.data.edits import has_source_images
+from diffalign.data.edits import refuse_source_images
 from diffalign.data.image_captions import load_real_image, load_real_pairs
 from diffalign.data.prompts import load_prompts_and_metadata
 from diffalign.eval.evaluator import Evaluator
@@ -258,12 +258,7 @@ class SelfPlayTrainer:
         self.adapter = self.run.adapter
         if config.method == "raft":
             prompts, metadata = load_prompts_and_metadata(config.sampling.prompts)
-            if has_source_images(metadata):  # not silently sampled as text-to-image
-                raise ConfigError(
-                    "sampling.prompts name source images ('image'): edits train with the grpo trainer; self-play "
-                    "samples from text only",
-                    key="sampling.prompts",
-                )
+            refuse_source_images(metadata, "self-play")
             self.items: list[Any] = prompts
         else:
             self.items = load_real_pairs(config.sampling.real_images, key="sampling.real_images")

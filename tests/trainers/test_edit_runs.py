@@ -180,3 +180,11 @@ def test_grid_command_shows_source_before_and_after(tiny_pipeline_dir, tmp_path)
     expected = redder_than_source(base, None, [{"image": p} for p in payload["settings"]["sources"]])
     got = torch.tensor([r["scores"]["redder_than_source"] for r in payload["records"] if r["column"] == "base"])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_trainers_that_sample_from_text_refuse_edit_records():
+    from diffalign.data.edits import refuse_source_images
+
+    refuse_source_images([{"prompt": "a cat", "tag": "x"}], "reward_backprop")  # no source: nothing to refuse
+    with pytest.raises(ConfigError, match="self-play samples from text only"):
+        refuse_source_images([{"prompt": "make it red", "image": "sources/0.png"}], "self-play")
